@@ -1,0 +1,73 @@
+# shellcheck shell=bash
+# Shared helpers for the mos scripts: sourced, never run.
+#
+# mos_libtorch_env: makes sure a libtorch 2.11.0 is available and exports
+# LIBTORCH (and LIBTORCH_LIB) for the tch build. Order of preference:
+#   1. LIBTORCH set by the user (their own libtorch 2.11.0, e.g. a CUDA build);
+#   2. PyPI torch==2.11.0 installed once into a cache shared by every clone:
+#      ${MOS_TORCH_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/mos/torch-2.11.0}.
+# A completed install is marked by the file .complete; a second call (or a
+# fresh clone on the same machine) downloads nothing.
+
+MOS_TORCH_VERSION=2.11.0
+
+mos_log() { printf '[mos] %s\n' "$*" >&2; }
+
+mos_torch_home() {
+    printf '%s\n' "${MOS_TORCH_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/mos/torch-$MOS_TORCH_VERSION}"
+}
+
+mos_check_libtorch_dir() {
+    local dir=$1
+    if [ ! -f "$dir/lib/libtorch_cpu.so" ] || [ ! -d "$dir/include/torch" ]; then
+        mos_log "error: $dir is not a libtorch directory (expected lib/libtorch_cpu.so and include/torch)"
+        return 1
+    fi
+}
+
+mos_install_torch() {
+    local home=$1
+    local python=${PYTHON:-python3}
+    if ! command -v "$python" >/dev/null 2>&1; then
+        mos_log "error: $python not found; install Python 3 with pip, or set LIBTORCH to a libtorch $MOS_TORCH_VERSION"
+        return 1
+    fi
+    mkdir -p "$(dirname "$home")"
+    local partial="$home.partial.$$"
+    rm -rf "$partial"
+    mos_log "installing PyPI torch==$MOS_TORCH_VERSION into $home (once per machine; about 5 GB)"
+    if ! "$python" -m pip install --disable-pip-version-check --no-cache-dir --quiet \
+        --target "$partial/site" "torch==$MOS_TORCH_VERSION"; then
+        rm -rf "$partial"
+        mos_log "error: pip install torch==$MOS_TORCH_VERSION failed"
+        return 1
+    fi
+    touch "$partial/.complete"
+    rm -rf "$home"
+    mv "$partial" "$home"
+}
+
+mos_libtorch_env() {
+    if [ -n "${LIBTORCH:-}" ]; then
+        mos_check_libtorch_dir "$LIBTORCH" || return 1
+        mos_log "using LIBTORCH=$LIBTORCH (set by the user)"
+    else
+        local home
+        home=$(mos_torch_home)
+        if [ ! -f "$home/.complete" ]; then
+            mkdir -p "$(dirname "$home")"
+            # One installer at a time per cache; the others wait and then reuse it.
+            exec 9>"$home.lock"
+            flock 9
+            if [ ! -f "$home/.complete" ]; then
+                mos_install_torch "$home" || { flock -u 9; return 1; }
+            fi
+            flock -u 9
+        fi
+        LIBTORCH="$home/site/torch"
+        mos_check_libtorch_dir "$LIBTORCH" || return 1
+        export LIBTORCH
+    fi
+    export LIBTORCH_LIB="$LIBTORCH"
+    export LIBTORCH_INCLUDE="$LIBTORCH"
+}

@@ -1,0 +1,10 @@
+//! mos: out-of-distribution detection at ImageNet scale.
+//!
+//! A faithful and fast Rust reimplementation of the code of *MOS: Towards Scaling
+//! Out-of-distribution Detection for Large Semantic Space* (Huang & Li, CVPR 2021):
+//! the BiT ResNetV2 backbone, group-softmax fine-tuning, the MOS score and the
+//! baselines it is compared with (MSP, ODIN, Energy, Mahalanobis, KL matching).
+pub mod cli;
+pub mod commands;
+pub mod device;
+pub mod runtime;

@@ -1,0 +1,86 @@
+//! The `mos` binary end to end: help, `mos env`, flag errors.
+use assert_cmd::Command;
+use predicates::prelude::*;
+
+fn mos() -> Command {
+    let mut cmd = Command::cargo_bin("mos").expect("mos binary is built");
+    // The binary must not depend on the caller's environment.
+    cmd.env_clear();
+    cmd
+}
+
+#[test]
+fn help_lists_commands() {
+    mos()
+        .arg("--help")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("env"));
+    mos()
+        .args(["env", "--help"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("--device <DEVICE>"))
+        .stdout(predicate::str::contains("--json"));
+}
+
+#[test]
+fn env_runs_without_environment_variables() {
+    mos()
+        .arg("env")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("libtorch:             2.11.0"))
+        .stdout(predicate::str::contains("library dir:"))
+        .stdout(predicate::str::contains("CUDA available:"))
+        .stdout(predicate::str::contains("CPU threads:"));
+}
+
+#[test]
+fn env_json_is_complete() {
+    let out = mos().args(["env", "--json"]).output().unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in [
+        "mos_version",
+        "libtorch_version",
+        "libtorch_lib_dir",
+        "cuda_available",
+        "cuda_device_count",
+        "cuda_devices",
+        "cudnn_version",
+        "cpu_threads",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key} in {v}");
+    }
+    assert_eq!(v["mos_version"], env!("CARGO_PKG_VERSION"));
+    let lib = v["libtorch_lib_dir"].as_str().unwrap();
+    assert!(std::path::Path::new(lib).join("libtorch_cpu.so").exists());
+    assert_eq!(v["cuda_available"], tch::Cuda::is_available());
+}
+
+#[test]
+fn bad_device_values_fail_with_the_flag_named() {
+    mos()
+        .args(["env", "--device", "gpu"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("--device"))
+        .stderr(predicate::str::contains(
+            "expected auto, cpu, cuda or cuda:N",
+        ));
+    if !tch::Cuda::is_available() {
+        mos()
+            .args(["env", "--device", "cuda:0"])
+            .assert()
+            .code(1)
+            .stderr(predicate::str::contains(
+                "--device cuda:0: CUDA is not available",
+            ));
+    }
+}
+
+#[test]
+fn unknown_command_fails() {
+    mos().arg("frobnicate").assert().code(2);
+}
