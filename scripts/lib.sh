@@ -23,6 +23,21 @@ mos_check_libtorch_dir() {
         mos_log "error: $dir is not a libtorch directory (expected lib/libtorch_cpu.so and include/torch)"
         return 1
     fi
+    # torch-sys checks build-version (libtorch zips) but not version.py (PyPI wheels).
+    local version=""
+    if [ -f "$dir/build-version" ]; then
+        version=$(cat "$dir/build-version")
+    elif [ -f "$dir/version.py" ]; then
+        version=$(sed -n "s/^__version__ = '\(.*\)'$/\1/p" "$dir/version.py")
+    fi
+    case "$version" in
+        "$MOS_TORCH_VERSION" | "$MOS_TORCH_VERSION"+*) ;;
+        "") mos_log "warning: cannot tell the libtorch version of $dir (mos needs $MOS_TORCH_VERSION)" ;;
+        *)
+            mos_log "error: $dir is libtorch $version; mos (tch 0.24) needs $MOS_TORCH_VERSION"
+            return 1
+            ;;
+    esac
 }
 
 mos_install_torch() {
@@ -68,6 +83,4 @@ mos_libtorch_env() {
         mos_check_libtorch_dir "$LIBTORCH" || return 1
         export LIBTORCH
     fi
-    export LIBTORCH_LIB="$LIBTORCH"
-    export LIBTORCH_INCLUDE="$LIBTORCH"
 }

@@ -7,4 +7,5 @@
 pub mod cli;
 pub mod commands;
 pub mod device;
+pub mod model;
 pub mod runtime;

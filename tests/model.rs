@@ -1,0 +1,130 @@
+//! The BiT ResNetV2 against the PyTorch reference of
+//! tests/fixtures/make_model_fixtures.py (same weights, same input).
+mod common;
+
+use common::{fill_hash_weights, fixture, read_named, rel_max_diff};
+use mos::model::{Freeze, ResNetV2, Variant};
+use tch::{nn, Device, Kind, Tensor};
+
+fn r14() -> (nn::VarStore, ResNetV2) {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let variant: Variant = "ResNetV2-R14x0.5".parse().unwrap();
+    let model = ResNetV2::new(&vs.root(), variant, 10);
+    fill_hash_weights(&vs);
+    (vs, model)
+}
+
+#[test]
+fn logits_and_features_match_pytorch() {
+    let (_vs, model) = r14();
+    let exp = fixture("model/r14_expected.safetensors");
+    let x = read_named(&exp, "x");
+    let feats = tch::no_grad(|| model.forward_features(&x));
+    assert_eq!(feats.len(), 5);
+    for (i, f) in feats.iter().enumerate() {
+        let want = read_named(&exp, &format!("feat{i}"));
+        let d = rel_max_diff(f, &want);
+        assert!(d < 1e-4, "feat{i}: relative difference {d}");
+    }
+    let logits = tch::no_grad(|| model.forward(&x));
+    assert_eq!(logits.size(), [2, 10]);
+    let d = rel_max_diff(&logits, &read_named(&exp, "logits"));
+    assert!(d < 1e-4, "logits: relative difference {d}");
+    // A non-square input goes through the same path.
+    let xr = read_named(&exp, "x_rect");
+    let lr = tch::no_grad(|| model.forward(&xr));
+    let d = rel_max_diff(&lr, &read_named(&exp, "logits_rect"));
+    assert!(d < 1e-4, "logits_rect: relative difference {d}");
+}
+
+#[test]
+fn forward_to_k_returns_that_stage() {
+    let (_vs, model) = r14();
+    let x = Tensor::randn([1, 3, 64, 64], (Kind::Float, Device::Cpu));
+    let feats = tch::no_grad(|| model.forward_features(&x));
+    let channels = model.variant.feature_channels();
+    for k in 0..5 {
+        let out = tch::no_grad(|| model.forward_to(&x, k));
+        assert_eq!(out.size(), feats[k].size());
+        assert_eq!(out.size()[1], channels[k]);
+        assert!(rel_max_diff(&out, &feats[k]) < 1e-6);
+    }
+}
+
+#[test]
+fn parameter_names_follow_the_paper_state_dict() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let variant: Variant = "BiT-S-R50x1".parse().unwrap();
+    let _m = ResNetV2::new(&vs.root(), variant, 1000);
+    let vars = vs.variables();
+    for name in [
+        "root.conv.weight",
+        "body.block1.unit01.gn1.weight",
+        "body.block1.unit01.downsample.weight",
+        "body.block1.unit03.conv3.weight",
+        "body.block4.unit03.gn3.bias",
+        "before_head.gn.weight",
+        "head.conv.weight",
+        "head.conv.bias",
+    ] {
+        assert!(vars.contains_key(name), "{name} missing");
+    }
+    assert!(!vars.contains_key("body.block1.unit02.downsample.weight"));
+    assert_eq!(vars["head.conv.weight"].size(), [1000, 2048, 1, 1]);
+    // ResNet-50 v2 with a 1000-way head: 25,549,352 parameters, the count of the
+    // PyTorch reference in make_model_fixtures.py for units 3,4,6,3, width 64.
+    let n: i64 = vars.values().map(|t| t.numel() as i64).sum();
+    assert_eq!(n, 25_549_352);
+    // Zero head.
+    assert_eq!(
+        vars["head.conv.weight"]
+            .abs()
+            .sum(Kind::Float)
+            .double_value(&[]),
+        0.0
+    );
+}
+
+#[test]
+fn freeze_policy_matches_num_block_open() {
+    let f = |n| Freeze::from_num_block_open(n).unwrap();
+    assert!(Freeze::from_num_block_open(5).is_err());
+    assert!(Freeze::from_num_block_open(-2).is_err());
+    let all = f(-1);
+    assert!(all.trainable("root.conv.weight"));
+    let head_only = f(0);
+    assert!(head_only.trainable("head.conv.bias"));
+    assert!(!head_only.trainable("before_head.gn.weight"));
+    assert!(!head_only.trainable("body.block4.unit03.conv3.weight"));
+    let one = f(1);
+    assert!(!one.trainable("body.block3.unit23.conv3.weight"));
+    assert!(!one.trainable("body.block4.unit01.gn1.weight"));
+    assert!(one.trainable("body.block4.unit01.gn2.weight"));
+    assert!(one.trainable("body.block4.unit02.gn1.weight"));
+    assert!(one.trainable("before_head.gn.bias"));
+    let two = f(2);
+    assert!(!two.trainable("body.block3.unit01.gn1.bias"));
+    assert!(two.trainable("body.block3.unit01.conv1.weight"));
+    assert!(two.trainable("body.block4.unit01.gn1.weight"));
+    assert!(!two.trainable("body.block2.unit04.conv2.weight"));
+    let four = f(4);
+    assert!(!four.trainable("root.conv.weight"));
+    assert!(!four.trainable("body.block1.unit01.gn1.weight"));
+    assert!(four.trainable("body.block1.unit02.gn1.weight"));
+    assert_eq!(f(0).frozen_stages(), 5);
+    assert_eq!(f(1).frozen_stages(), 4);
+    assert_eq!(f(4).frozen_stages(), 1);
+    assert_eq!(f(-1).frozen_stages(), 0);
+}
+
+#[test]
+fn frozen_stages_build_no_graph() {
+    let (vs, model) = r14();
+    let x = Tensor::randn([2, 3, 64, 64], (Kind::Float, Device::Cpu));
+    let logits = model.forward_train(&x, Freeze::AllButHead);
+    logits.sum(Kind::Float).backward();
+    let vars = vs.variables();
+    assert!(vars["head.conv.weight"].grad().defined());
+    assert!(!vars["body.block4.unit01.conv3.weight"].grad().defined());
+    assert!(!vars["root.conv.weight"].grad().defined());
+}
