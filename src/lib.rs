@@ -9,3 +9,4 @@ pub mod commands;
 pub mod device;
 pub mod model;
 pub mod runtime;
+pub mod weights;

@@ -2,6 +2,12 @@
 use clap::Parser;
 
 fn main() {
+    // Die quietly on a closed pipe (`mos inspect F | head`) like other Unix tools,
+    // instead of panicking in println!.
+    // SAFETY: setting a signal disposition to its default before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = mos::cli::Cli::parse();
     if let Err(e) = mos::commands::run(cli) {
         eprintln!("Error: {e:#}");

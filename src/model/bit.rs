@@ -13,6 +13,30 @@ const GN_EPS: f64 = 1e-5;
 /// Epsilon of weight standardization (added to the biased variance).
 const WS_EPS: f64 = 1e-10;
 
+/// Numeric precision of inference (`--precision`). Only CUDA is affected: on the
+/// CPU, fp32 and tf32 are the same, and bf16 runs the convolutions in bfloat16.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// IEEE float32 everywhere, TF32 disabled for convolutions (libtorch enables it
+    /// for cuDNN convolutions by default). Reproduces the paper code's numbers.
+    #[default]
+    Fp32,
+    /// float32 storage, TF32 tensor-core convolutions on GPUs that have them.
+    Tf32,
+    /// bfloat16 convolutions; GroupNorm, weight standardization and the head in float32.
+    Bf16,
+}
+
+impl Precision {
+    fn act_kind(self) -> Kind {
+        match self {
+            Self::Bf16 => Kind::BFloat16,
+            _ => Kind::Float,
+        }
+    }
+}
+
 /// A bias-free conv whose weight is standardized per output channel before use:
 /// `w' = (w - mean) / sqrt(var + 1e-10)` over (in, kh, kw), biased variance.
 #[derive(Debug)]
@@ -43,15 +67,50 @@ impl StdConv2d {
         (&self.weight - mean) / (var + WS_EPS).sqrt()
     }
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.conv2d::<Tensor>(
-            &self.standardized_weight(),
+    /// Convolution of `x` (float32, or bfloat16 under [`Precision::Bf16`]). A
+    /// channels-last `x` gets a channels-last weight, so the output stays NHWC.
+    pub fn forward(&self, x: &Tensor, precision: Precision) -> Tensor {
+        let mut w = self.standardized_weight().to_kind(precision.act_kind());
+        if is_channels_last(x) {
+            w = to_channels_last(&w);
+        }
+        // `_convolution` is what conv2d dispatches to, with TF32 made explicit.
+        x.internal_convolution::<Tensor>(
+            &w,
             None,
             [self.stride, self.stride],
             [self.padding, self.padding],
             [1, 1],
+            false,
+            [0, 0],
             1,
+            false,
+            false,
+            true,
+            precision == Precision::Tf32,
         )
+    }
+}
+
+/// The same values with NHWC strides (PyTorch's `channels_last` memory format).
+pub fn to_channels_last(t: &Tensor) -> Tensor {
+    t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+}
+
+/// Whether a 4-d tensor with more than one channel is laid out NHWC.
+fn is_channels_last(t: &Tensor) -> bool {
+    let size = t.size();
+    size.len() == 4 && size[1] > 1 && t.stride()[1] == 1
+}
+
+/// GroupNorm then ReLU, computed in float32 and returned in the activation kind.
+fn gn_relu(gn: &nn::GroupNorm, x: &Tensor, precision: Precision) -> Tensor {
+    match precision {
+        Precision::Bf16 => gn
+            .forward_t(&x.to_kind(Kind::Float), false)
+            .relu()
+            .to_kind(Kind::BFloat16),
+        _ => gn.forward_t(x, false).relu(),
     }
 }
 
@@ -91,15 +150,15 @@ impl PreActBottleneck {
         }
     }
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let out = self.gn1.forward_t(x, false).relu();
+    pub fn forward(&self, x: &Tensor, p: Precision) -> Tensor {
+        let out = gn_relu(&self.gn1, x, p);
         let residual = match &self.downsample {
-            Some(d) => d.forward(&out),
+            Some(d) => d.forward(&out, p),
             None => x.shallow_clone(),
         };
-        let out = self.conv1.forward(&out);
-        let out = self.conv2.forward(&self.gn2.forward_t(&out, false).relu());
-        let out = self.conv3.forward(&self.gn3.forward_t(&out, false).relu());
+        let out = self.conv1.forward(&out, p);
+        let out = self.conv2.forward(&gn_relu(&self.gn2, &out, p), p);
+        let out = self.conv3.forward(&gn_relu(&self.gn3, &out, p), p);
         out + residual
     }
 }
@@ -121,10 +180,10 @@ impl Block {
         Self { units }
     }
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let mut out = self.units[0].forward(x);
+    pub fn forward(&self, x: &Tensor, p: Precision) -> Tensor {
+        let mut out = self.units[0].forward(x, p);
         for unit in &self.units[1..] {
-            out = unit.forward(&out);
+            out = unit.forward(&out, p);
         }
         out
     }
@@ -202,6 +261,10 @@ pub struct ResNetV2 {
     pub before_head_gn: nn::GroupNorm,
     pub head_weight: Tensor,
     pub head_bias: Tensor,
+    /// Inference precision (fp32 unless changed).
+    pub precision: Precision,
+    /// Run activations channels-last (NHWC); same numbers, different speed.
+    pub channels_last: bool,
 }
 
 impl ResNetV2 {
@@ -227,18 +290,29 @@ impl ResNetV2 {
             before_head_gn: group_norm(p / "before_head" / "gn", variant.head_in()),
             head_weight: head.zeros("weight", &[head_size, variant.head_in(), 1, 1]),
             head_bias: head.zeros("bias", &[head_size]),
+            precision: Precision::Fp32,
+            channels_last: false,
         }
     }
 
     /// Runs stage `k` (0 = root: conv, zero-pad 1, max-pool 3x3/2; 1..=4 = block k).
+    /// Input and output are float32 (bfloat16 between stages under bf16).
     pub fn stage(&self, k: usize, x: &Tensor) -> Tensor {
+        let p = self.precision;
         match k {
-            0 => self
-                .root
-                .forward(x)
-                .constant_pad_nd([1i64, 1, 1, 1])
-                .max_pool2d([3, 3], [2, 2], [0, 0], [1, 1], false),
-            _ => self.blocks[k - 1].forward(x),
+            0 => {
+                let x = x.to_kind(p.act_kind());
+                let x = if self.channels_last {
+                    to_channels_last(&x)
+                } else {
+                    x
+                };
+                self.root
+                    .forward(&x, p)
+                    .constant_pad_nd([1i64, 1, 1, 1])
+                    .max_pool2d([3, 3], [2, 2], [0, 0], [1, 1], false)
+            }
+            _ => self.blocks[k - 1].forward(x, p),
         }
     }
 
@@ -267,7 +341,7 @@ impl ResNetV2 {
     pub fn head(&self, block4: &Tensor) -> Tensor {
         let pooled = self
             .before_head_gn
-            .forward_t(block4, false)
+            .forward_t(&block4.to_kind(Kind::Float), false)
             .relu()
             .adaptive_avg_pool2d([1, 1]);
         pooled

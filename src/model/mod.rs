@@ -1,6 +1,8 @@
 //! The BiT ResNetV2 backbone (SPEC §2) and its weight files.
 pub mod bit;
+pub mod checkpoint;
 pub mod variant;
+pub mod weights;
 
-pub use bit::{Freeze, ResNetV2};
+pub use bit::{Freeze, Precision, ResNetV2};
 pub use variant::{Variant, VARIANTS};
