@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# CUDA check, for a GPU machine whose python3 has torch 2.11.0 (+cu130) and no
+# Rust toolchain: runs the carried target/release/mos against that torch's
+# library directory, fails unless CUDA is available, and compares forward passes
+# on CUDA against the CPU and against PyTorch. Prints a report (keep it in
+# docs/GPU.md). Usage: scripts/gpu_check.sh [OUTPUT_DIR]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+out=${1:-$(mktemp -d)}
+mkdir -p "$out"
+mos=${MOS_BIN:-target/release/mos}
+py=scripts/gpu_check.py
+torch_lib=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
+export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fail=0
+
+echo "## mos GPU check, $(date -u '+%Y-%m-%d %H:%M UTC')"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+echo "python torch: $(python3 -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda)')"
+echo
+echo "### mos env"
+"$mos" env
+"$mos" env --json >"$out/env.json"
+python3 -c "import json,sys; e=json.load(open('$out/env.json')); sys.exit(0 if e['cuda_available'] else 1)" \
+    || { echo "FAIL: mos sees no CUDA device"; exit 1; }
+"$mos" env --device cuda:0 >/dev/null
+
+echo
+echo "### ResNetV2-R14x0.5 fixture: CUDA vs CPU vs the PyTorch reference"
+fx=tests/fixtures/model
+common=(forward --model ResNetV2-R14x0.5 --model-path "$fx/r14_bit.npz" --input "$fx/r14_expected.safetensors" --input-key x --features)
+"$mos" "${common[@]}" --device cpu --output "$out/r14_cpu.safetensors"
+for p in fp32 tf32 bf16; do
+    "$mos" "${common[@]}" --device cuda --precision "$p" --output "$out/r14_cuda_$p.safetensors"
+done
+python3 $py compare "$out/r14_cpu.safetensors" "$fx/r14_expected.safetensors" --keys logits --tol 1e-4 || fail=1
+# Across devices: features within 1e-4; logits within 1e-3 of the largest logit
+# (the fixture's head sums many terms of both signs, which magnifies differences).
+feats=features.0,features.1,features.2,features.3,features.4
+python3 $py compare "$out/r14_cuda_fp32.safetensors" "$out/r14_cpu.safetensors" --keys $feats --tol 1e-4 || fail=1
+python3 $py compare "$out/r14_cuda_fp32.safetensors" "$out/r14_cpu.safetensors" --keys logits --tol 1e-3 || fail=1
+python3 $py compare "$out/r14_cuda_tf32.safetensors" "$out/r14_cpu.safetensors" --tol 1e-1 || true
+python3 $py compare "$out/r14_cuda_bf16.safetensors" "$out/r14_cpu.safetensors" --tol 1e-1 || true
+
+echo
+echo "### BiT-S-R50x1 (random weights), 64 images at 480x480, batch 32: mos vs PyTorch on CUDA"
+python3 $py make-r50 "$out" 64 480
+python3 $py torch-forward "$out" 32 3
+r50=(forward --model BiT-S-R50x1 --model-path "$out/r50.pth.tar" --input "$out/r50_input.safetensors" --device cuda --batch 32 --repeat 3)
+"$mos" "${r50[@]}" --features --output "$out/r50_mos.safetensors"
+python3 $py compare "$out/r50_mos.safetensors" "$out/r50_torch.safetensors" --keys $feats --tol 1e-4 || fail=1
+python3 $py compare "$out/r50_mos.safetensors" "$out/r50_torch.safetensors" --keys logits --tol 1e-3 || fail=1
+"$mos" "${r50[@]}" --channels-last --output "$out/r50_mos_cl.safetensors"
+python3 $py compare "$out/r50_mos_cl.safetensors" "$out/r50_torch.safetensors" --keys logits --tol 1e-3 || fail=1
+"$mos" "${r50[@]}" --precision tf32 --output "$out/r50_mos_tf32.safetensors"
+"$mos" "${r50[@]}" --precision bf16 --channels-last --output "$out/r50_mos_bf16.safetensors"
+python3 $py compare "$out/r50_mos_bf16.safetensors" "$out/r50_torch.safetensors" --keys logits --tol 1 || true
+echo
+if [ "$fail" = 0 ]; then echo "RESULT: PASS"; else echo "RESULT: FAIL"; exit 1; fi
