@@ -7,6 +7,8 @@
 pub mod cli;
 pub mod commands;
 pub mod device;
+pub mod logistic;
+pub mod metrics;
 pub mod model;
 pub mod runtime;
 pub mod weights;
