@@ -6,6 +6,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=lib.sh
 . "$here/lib.sh"
+mos_system_deps
 mos_libtorch_env
 cd "$here/.."
 cargo build --release --locked "$@"

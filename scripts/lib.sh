@@ -62,6 +62,11 @@ mos_install_torch() {
     mv "$partial" "$home"
 }
 
+# Installs the system build tools (cmake, nasm) if they are missing.
+mos_system_deps() {
+    bash "$(dirname "${BASH_SOURCE[0]}")/system-deps.sh"
+}
+
 mos_libtorch_env() {
     if [ -n "${LIBTORCH:-}" ]; then
         mos_check_libtorch_dir "$LIBTORCH" || return 1

@@ -6,5 +6,6 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=lib.sh
 . "$here/lib.sh"
+mos_system_deps
 mos_libtorch_env
 mos_log "libtorch: $LIBTORCH"

@@ -5,6 +5,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=lib.sh
 . "$here/lib.sh"
+mos_system_deps
 mos_libtorch_env
 cd "$here/.."
 mos_log "cargo fmt --check"

@@ -1,0 +1,352 @@
+//! The original's image transforms (SPEC §3), on decoded RGB images:
+//!
+//! - eval: `Resize((crop, crop))`, `ToTensor()`, `Normalize(0.5, 0.5)`;
+//! - train: `Resize((precrop, precrop))`, `RandomCrop((crop, crop))`,
+//!   `RandomHorizontalFlip()`, `ToTensor()`, `Normalize(0.5, 0.5)`.
+//!
+//! Output tensors are `Vec<f32>` of length `3 * crop * crop` in CHW order, values
+//! `(x / 255 - 0.5) / 0.5` in [-1, 1], computed in f32 as torchvision does (so
+//! the same bits). The random draws come from [`Rng`], seeded by the caller:
+//! reproducible from the seed, though not torch's random stream.
+use super::resize::ResizePlan;
+use super::{DataError, RgbImage};
+
+/// Side of the square eval input and of the train crop in the original.
+pub const CROP: usize = 480;
+/// Side of the square the train transform resizes to before cropping.
+pub const PRECROP: usize = 512;
+/// Normalisation mean and standard deviation, the same for R, G and B.
+pub const MEAN: f32 = 0.5;
+pub const STD: f32 = 0.5;
+
+/// `ToTensor` + `Normalize(MEAN, STD)` of each 8-bit level, in f32 like torch.
+pub fn level_table() -> [f32; 256] {
+    std::array::from_fn(|v| (v as f32 / 255.0 - MEAN) / STD)
+}
+
+/// `ToTensor` + `Normalize` of the `width x height` window of `img` at
+/// (`left`, `top`), mirrored left-right when `flip`, written CHW into `out`
+/// (length `3 * width * height`).
+fn to_tensor(
+    img: &RgbImage,
+    (left, top, width, height): (usize, usize, usize, usize),
+    flip: bool,
+    out: &mut [f32],
+) {
+    let lut = level_table();
+    let plane = width * height;
+    let (r, rest) = out.split_at_mut(plane);
+    let (g, b) = rest.split_at_mut(plane);
+    for y in 0..height {
+        let start = 3 * ((top + y) * img.width + left);
+        let row = &img.data[start..start + 3 * width];
+        let dst = y * width..(y + 1) * width;
+        let (r, g, b) = (&mut r[dst.clone()], &mut g[dst.clone()], &mut b[dst]);
+        for (x, px) in row.chunks_exact(3).enumerate() {
+            let x = if flip { width - 1 - x } else { x };
+            r[x] = lut[px[0] as usize];
+            g[x] = lut[px[1] as usize];
+            b[x] = lut[px[2] as usize];
+        }
+    }
+}
+
+/// The eval transform: resize to exactly `size x size` (aspect ratio not kept),
+/// then normalise to CHW f32 in [-1, 1].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EvalTransform {
+    /// Output side in pixels (the original uses [`CROP`] = 480).
+    pub size: usize,
+}
+
+impl Default for EvalTransform {
+    fn default() -> Self {
+        EvalTransform { size: CROP }
+    }
+}
+
+impl EvalTransform {
+    /// Length of the output tensor: `3 * size * size`.
+    pub fn output_len(&self) -> usize {
+        3 * self.size * self.size
+    }
+
+    /// Applies the transform, returning a new CHW tensor.
+    pub fn apply(&self, img: &RgbImage) -> Result<Vec<f32>, DataError> {
+        let mut out = vec![0.0; self.output_len()];
+        self.apply_into(img, &mut out)?;
+        Ok(out)
+    }
+
+    /// Applies the transform into `out` (length [`Self::output_len`]), e.g. one
+    /// slot of a batch buffer.
+    pub fn apply_into(&self, img: &RgbImage, out: &mut [f32]) -> Result<(), DataError> {
+        check_len(out, self.output_len())?;
+        let resized = ResizePlan::new(img.width, img.height, self.size, self.size)?.run(img)?;
+        to_tensor(&resized, (0, 0, self.size, self.size), false, out);
+        Ok(())
+    }
+}
+
+/// One draw of the train transform's randomness.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CropFlip {
+    /// Top and left of the crop in the `precrop x precrop` image.
+    pub top: usize,
+    pub left: usize,
+    /// Whether the crop is mirrored left-right.
+    pub flip: bool,
+}
+
+/// The train transform: resize to `precrop x precrop`, take a uniformly random
+/// `crop x crop` window, mirror it with probability 1/2, normalise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrainTransform {
+    /// Side of the resized square ([`PRECROP`] = 512 in the original).
+    pub precrop: usize,
+    /// Side of the crop ([`CROP`] = 480 in the original); at most `precrop`.
+    pub crop: usize,
+}
+
+impl Default for TrainTransform {
+    fn default() -> Self {
+        TrainTransform {
+            precrop: PRECROP,
+            crop: CROP,
+        }
+    }
+}
+
+impl TrainTransform {
+    /// Length of the output tensor: `3 * crop * crop`.
+    pub fn output_len(&self) -> usize {
+        3 * self.crop * self.crop
+    }
+
+    /// Draws the crop position (each of `0..=precrop - crop`, uniform, top first)
+    /// and then the flip (`next_f64() < 0.5`), in torchvision's order.
+    pub fn sample(&self, rng: &mut Rng) -> CropFlip {
+        let span = (self.precrop.saturating_sub(self.crop) + 1) as u64;
+        let top = rng.below(span) as usize;
+        let left = rng.below(span) as usize;
+        let flip = rng.next_f64() < 0.5;
+        CropFlip { top, left, flip }
+    }
+
+    /// Draws the randomness from `rng` and applies the transform.
+    pub fn apply(&self, img: &RgbImage, rng: &mut Rng) -> Result<Vec<f32>, DataError> {
+        let mut out = vec![0.0; self.output_len()];
+        self.apply_into(img, self.sample(rng), &mut out)?;
+        Ok(out)
+    }
+
+    /// Applies the transform with a given draw into `out` (length
+    /// [`Self::output_len`]).
+    pub fn apply_into(
+        &self,
+        img: &RgbImage,
+        draw: CropFlip,
+        out: &mut [f32],
+    ) -> Result<(), DataError> {
+        check_len(out, self.output_len())?;
+        let last = self.precrop.checked_sub(self.crop);
+        if self.crop == 0 || last.is_none_or(|l| draw.top > l || draw.left > l) {
+            return Err(DataError::InvalidArgument(format!(
+                "crop {} at ({}, {}) does not fit in {}x{}",
+                self.crop, draw.top, draw.left, self.precrop, self.precrop
+            )));
+        }
+        let resized =
+            ResizePlan::new(img.width, img.height, self.precrop, self.precrop)?.run(img)?;
+        let window = (draw.left, draw.top, self.crop, self.crop);
+        to_tensor(&resized, window, draw.flip, out);
+        Ok(())
+    }
+}
+
+fn check_len(out: &[f32], want: usize) -> Result<(), DataError> {
+    if out.len() != want {
+        return Err(DataError::InvalidArgument(format!(
+            "output buffer holds {} floats, the transform writes {want}",
+            out.len()
+        )));
+    }
+    Ok(())
+}
+
+/// A small, fast, seedable random generator (SplitMix64). Streams derived with
+/// [`Rng::derive`] let parallel loaders give each sample its own reproducible
+/// randomness whatever the thread schedule.
+#[derive(Clone, Debug)]
+pub struct Rng {
+    state: u64,
+}
+
+impl Rng {
+    /// A generator seeded with `seed`.
+    pub fn new(seed: u64) -> Self {
+        Rng { state: seed }
+    }
+
+    /// An independent generator for stream `stream` of `seed` (e.g. a sample
+    /// index mixed with the epoch).
+    pub fn derive(seed: u64, stream: u64) -> Self {
+        let mut base = Rng::new(seed ^ 0x6a09_e667_f3bc_c909);
+        let mixed = base.next_u64() ^ stream.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        Rng::new(Rng::new(mixed).next_u64())
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1) with 53 random bits.
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+
+    /// Uniform in `0..n` without modulo bias (`n` >= 1; 0 for `n` = 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            return 0;
+        }
+        // Lemire's multiply-shift with rejection.
+        let threshold = n.wrapping_neg() % n;
+        loop {
+            let m = (self.next_u64() as u128) * (n as u128);
+            if (m as u64) >= threshold {
+                return (m >> 64) as u64;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::decode::decode_file;
+    use crate::data::fixtures;
+    use crate::data::resize::resize_bilinear;
+
+    #[test]
+    fn level_table_matches_torchvision_bit_for_bit() {
+        let want = fixtures::reference_f32("levels.f32");
+        let got = level_table();
+        assert_eq!(want.len(), 256);
+        for (v, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(a.to_bits(), b.to_bits(), "level {v}: {a} vs {b}");
+        }
+        assert_eq!((got[0], got[255]), (-1.0, 1.0));
+    }
+
+    #[test]
+    fn eval_tensors_match_torchvision() {
+        let (good, _) = fixtures::manifest();
+        let mut checked = 0;
+        for g in &good {
+            let img = decode_file(&fixtures::dir().join(&g.file)).expect("fixture decodes");
+            for &(h, w, _) in g.sizes.iter().filter(|s| s.2) {
+                let want = fixtures::reference_f32(&format!("{}.{h}x{w}.f32", g.file));
+                let got = if h == w {
+                    EvalTransform { size: h }.apply(&img).expect("eval")
+                } else {
+                    let resized = resize_bilinear(&img, w, h).expect("resize");
+                    let mut out = vec![0.0; 3 * h * w];
+                    to_tensor(&resized, (0, 0, w, h), false, &mut out);
+                    out
+                };
+                assert_eq!(got.len(), want.len(), "{}", g.file);
+                let diff = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
+                assert_eq!(diff, 0.0, "{} at {h}x{w}: max |diff| {diff}", g.file);
+                checked += 1;
+            }
+        }
+        assert!(checked >= 4, "only {checked} tensor references");
+    }
+
+    fn ramp(w: usize, h: usize) -> RgbImage {
+        let data = (0..3 * w * h).map(|i| (i * 7 % 251) as u8).collect();
+        RgbImage::new(w, h, data).expect("image")
+    }
+
+    #[test]
+    fn train_transform_crops_flips_and_is_reproducible() {
+        let t = TrainTransform {
+            precrop: 12,
+            crop: 8,
+        };
+        let img = ramp(30, 17);
+        let a = t.apply(&img, &mut Rng::new(7)).expect("train");
+        let b = t.apply(&img, &mut Rng::new(7)).expect("train");
+        assert_eq!(a, b);
+        assert_eq!(a.len(), 3 * 8 * 8);
+        // Against a crop of the resized image, done by hand.
+        let resized = resize_bilinear(&img, 12, 12).expect("resize");
+        let lut = level_table();
+        for flip in [false, true] {
+            let draw = CropFlip {
+                top: 3,
+                left: 1,
+                flip,
+            };
+            let mut out = vec![0.0; t.output_len()];
+            t.apply_into(&img, draw, &mut out).expect("train");
+            for (c, y, x) in [(0, 0, 0), (1, 7, 2), (2, 4, 7)] {
+                let sx = if flip { 1 + 7 - x } else { 1 + x };
+                let want = lut[resized.data[3 * ((3 + y) * 12 + sx) + c] as usize];
+                assert_eq!(out[c * 64 + y * 8 + x], want, "flip {flip} c{c} y{y} x{x}");
+            }
+        }
+        let bad = CropFlip {
+            top: 5,
+            left: 0,
+            flip: false,
+        };
+        assert!(t
+            .apply_into(&img, bad, &mut vec![0.0; t.output_len()])
+            .is_err());
+        assert!(TrainTransform {
+            precrop: 4,
+            crop: 8
+        }
+        .apply(&img, &mut Rng::new(1))
+        .is_err());
+    }
+
+    #[test]
+    fn draws_cover_every_crop_and_both_flips() {
+        let t = TrainTransform {
+            precrop: 10,
+            crop: 7,
+        };
+        let mut rng = Rng::derive(3, 11);
+        let (mut seen, mut flips) = ([[false; 4]; 4], 0);
+        for _ in 0..2000 {
+            let d = t.sample(&mut rng);
+            seen[d.top][d.left] = true;
+            flips += d.flip as usize;
+        }
+        assert!(seen.iter().flatten().all(|&s| s));
+        assert!((850..1150).contains(&flips), "{flips} flips in 2000");
+        assert_ne!(Rng::derive(3, 11).next_u64(), Rng::derive(3, 12).next_u64());
+        assert_eq!(Rng::new(5).below(1), 0);
+    }
+
+    #[test]
+    fn eval_checks_buffer_length() {
+        let img = ramp(5, 4);
+        let t = EvalTransform { size: 3 };
+        assert!(t.apply_into(&img, &mut [0.0; 26]).is_err());
+        assert_eq!(t.apply(&img).expect("eval").len(), 27);
+        assert_eq!(EvalTransform::default().size, 480);
+    }
+}
