@@ -1,0 +1,401 @@
+//! The baseline scores of `test_baselines.py` on a flat model with C logits
+//! (SPEC §5): MSP, ODIN (`iterate_data_odin`), Energy (`iterate_data_energy`) and
+//! KL matching (`iterate_data_kl_div`), each for a whole batch at once. Higher
+//! scores mean more in-distribution. Mahalanobis is with its tuning code.
+use tch::{Kind, Reduction, Tensor};
+
+use super::{check_matrix, is_integer, to_score_kind, OodError, Result};
+
+/// Checks that a temperature is a positive finite number.
+fn check_temperature(t: f64, what: &str) -> Result<()> {
+    if t.is_finite() && t > 0.0 {
+        Ok(())
+    } else {
+        Err(OodError::Invalid(format!(
+            "{what}: the temperature must be a positive number, got {t}"
+        )))
+    }
+}
+
+/// Maximum softmax probability: logits [N, C] -> [N] (float32 or float64).
+pub fn msp(logits: &Tensor) -> Result<Tensor> {
+    check_matrix(logits, "MSP logits")?;
+    Ok(to_score_kind(logits).softmax(1, None).amax(1, false))
+}
+
+/// Energy score `T * logsumexp(logits / T)`: logits [N, C] -> [N].
+pub fn energy(logits: &Tensor, temperature: f64) -> Result<Tensor> {
+    check_matrix(logits, "Energy logits")?;
+    check_temperature(temperature, "Energy")?;
+    Ok((to_score_kind(logits) / temperature).logsumexp(1, false) * temperature)
+}
+
+/// Runs `forward` and checks that it gives logits [N, C] for the N inputs.
+fn logits_of(forward: &dyn Fn(&Tensor) -> Tensor, x: &Tensor) -> Result<Tensor> {
+    let logits = forward(x);
+    let (n, _) = check_matrix(&logits, "ODIN: the model's output")?;
+    let batch = x.size().first().copied().unwrap_or(0);
+    if n != batch {
+        return Err(OodError::Shape(format!(
+            "ODIN: the model gave {n} rows of logits for a batch of {batch} inputs"
+        )));
+    }
+    Ok(to_score_kind(&logits))
+}
+
+/// ODIN's perturbed input `x - epsilon * sign(d loss / dx)` (the sign is +1 where
+/// the gradient is >= 0, else -1), with loss = batch-mean cross-entropy of
+/// `forward(x) / T` against its own argmax. x [N, ...] (any float shape the model
+/// takes) -> a detached tensor of the same shape. Only the input's gradient is
+/// computed; the model's parameters get no `.grad()`. Works inside `no_grad`.
+pub fn odin_perturb(
+    forward: &dyn Fn(&Tensor) -> Tensor,
+    x: &Tensor,
+    temperature: f64,
+    epsilon: f64,
+) -> Result<Tensor> {
+    check_temperature(temperature, "ODIN")?;
+    if !x.is_floating_point() || x.dim() == 0 {
+        return Err(OodError::Shape(format!(
+            "ODIN: expected a floating-point input batch [N, ...], got {:?} of shape {:?}",
+            x.kind(),
+            x.size()
+        )));
+    }
+    let input = x.detach().set_requires_grad(true);
+    let grad = tch::with_grad(|| -> Result<Tensor> {
+        let logits = logits_of(forward, &input)?;
+        let pseudo = logits.argmax(1, false);
+        let loss = (logits / temperature)
+            .log_softmax(1, None)
+            .g_nll_loss::<Tensor>(&pseudo, None, Reduction::Mean, -100);
+        // libtorch's engine crashes on a root without a graph: check first.
+        if !loss.requires_grad() {
+            return Err(OodError::Invalid(
+                "ODIN: cannot differentiate the loss with respect to the input: the model's \
+                 forward built no graph (it must not run under no_grad)"
+                    .into(),
+            ));
+        }
+        let mut grads = Tensor::f_run_backward(&[&loss], &[&input], false, false)?;
+        let grad = grads.remove(0);
+        if grad.defined() {
+            Ok(grad)
+        } else {
+            Err(OodError::Invalid(
+                "ODIN: the model's output does not depend on its input, so the input has no \
+                 gradient"
+                    .into(),
+            ))
+        }
+    })?;
+    let sign = grad.ge(0.0).to_kind(x.kind()) * 2.0 - 1.0;
+    Ok(x.detach() - sign * epsilon)
+}
+
+/// ODIN score (SPEC §5): `max softmax(forward(x') / T)` with x' =
+/// [`odin_perturb`]`(forward, x, T, epsilon)`; x [N, ...] -> [N]. With
+/// `epsilon == 0` x' = x, so no graph is built and no backward pass runs.
+/// The result never requires grad.
+pub fn odin(
+    forward: &dyn Fn(&Tensor) -> Tensor,
+    x: &Tensor,
+    temperature: f64,
+    epsilon: f64,
+) -> Result<Tensor> {
+    check_temperature(temperature, "ODIN")?;
+    if !(epsilon.is_finite() && epsilon >= 0.0) {
+        return Err(OodError::Invalid(format!(
+            "ODIN: epsilon must be a non-negative number, got {epsilon}"
+        )));
+    }
+    let input = if epsilon == 0.0 {
+        x.shallow_clone()
+    } else {
+        odin_perturb(forward, x, temperature, epsilon)?
+    };
+    tch::no_grad(|| {
+        let logits = logits_of(forward, &input)?;
+        Ok((logits / temperature).softmax(1, None).amax(1, false))
+    })
+}
+
+/// Checks an integer label vector [n] with values in 0..num_classes; returns it as
+/// int64 on `device`.
+fn check_labels(labels: &Tensor, n: i64, num_classes: i64, device: tch::Device) -> Result<Tensor> {
+    if labels.size() != [n] || !is_integer(labels) {
+        return Err(OodError::Shape(format!(
+            "KL matching: expected integer labels [{n}], got {:?} of shape {:?}",
+            labels.kind(),
+            labels.size()
+        )));
+    }
+    let labels = labels.to_device(device).to_kind(Kind::Int64);
+    let bad = labels.lt(0).logical_or(&labels.ge(num_classes));
+    if bad.any().int64_value(&[]) != 0 {
+        let i = bad.nonzero().int64_value(&[0, 0]);
+        return Err(OodError::Invalid(format!(
+            "KL matching: label {} of image {i} is outside 0..{num_classes}",
+            labels.int64_value(&[i])
+        )));
+    }
+    Ok(labels)
+}
+
+/// Checks softmax probabilities [N, C] (no negative or NaN entry); returns them as
+/// float64 and (N, C).
+fn probs_f64(probs: &Tensor, what: &str) -> Result<(Tensor, i64, i64)> {
+    let (n, c) = check_matrix(probs, what)?;
+    let p = probs.to_kind(Kind::Double);
+    if p.lt(0.0).logical_or(&p.isnan()).any().int64_value(&[]) != 0 {
+        return Err(OodError::Invalid(format!(
+            "{what}: probabilities must not be negative or NaN"
+        )));
+    }
+    Ok((p, n, c))
+}
+
+/// KL-matching templates: the mean softmax probabilities of the images of each
+/// class. probs [N, C] (softmax of the logits), labels [N] (integer, ImageFolder
+/// labels in 0..num_classes) -> [num_classes, C] float64. Errors if a class has
+/// no image.
+pub fn kl_templates(probs: &Tensor, labels: &Tensor, num_classes: i64) -> Result<Tensor> {
+    let (p, n, c) = probs_f64(probs, "KL matching: softmax probabilities")?;
+    if num_classes < 1 {
+        return Err(OodError::Invalid(format!(
+            "KL matching: the number of classes must be positive, got {num_classes}"
+        )));
+    }
+    let labels = check_labels(labels, n, num_classes, p.device())?;
+    let counts = labels.bincount::<Tensor>(None, num_classes);
+    let empty = counts.eq(0);
+    if empty.any().int64_value(&[]) != 0 {
+        return Err(OodError::EmptyClass {
+            class: empty.nonzero().int64_value(&[0, 0]),
+            num_classes,
+        });
+    }
+    let sums =
+        Tensor::zeros([num_classes, c], (Kind::Double, p.device())).index_add(0, &labels, &p);
+    Ok(sums / counts.to_kind(Kind::Double).unsqueeze(1))
+}
+
+/// KL-matching score `-min_c KL(p || d_c)` with `KL(p || q) = sum over p_i != 0 of
+/// p_i log(p_i / q_i)`, for all images and classes at once (one matrix product):
+/// probs [N, C], templates [K, C] -> [N] float64. A class with `q_i == 0` where
+/// `p_i > 0` is at KL = +inf; if every class is, the score is -inf (never NaN).
+pub fn kl_score(probs: &Tensor, templates: &Tensor) -> Result<Tensor> {
+    let (p, _, c) = probs_f64(probs, "KL matching: softmax probabilities")?;
+    let (d, k, ct) = probs_f64(templates, "KL matching: class templates")?;
+    if ct != c || k < 1 {
+        return Err(OodError::Shape(format!(
+            "KL matching: templates [{k}, {ct}] do not fit probabilities with {c} columns"
+        )));
+    }
+    let d = d.to_device(p.device());
+    // sum_i p_i log p_i, with 0 log 0 = 0: [N].
+    let self_term = p.xlogy(&p).sum_dim_intlist(1, false, None::<Kind>);
+    // sum_i p_i log d_ci over d_ci > 0 (p_i = 0 terms vanish): [N, K].
+    let positive = d.gt(0.0);
+    let log_d = d.log().where_self(&positive, &d.zeros_like());
+    let cross = p.matmul(&log_d.tr());
+    // Some i with p_i != 0 and d_ci == 0 makes KL(p || d_c) infinite.
+    let missing = p
+        .ne(0.0)
+        .to_kind(Kind::Double)
+        .matmul(&positive.logical_not().to_kind(Kind::Double).tr())
+        .gt(0.0);
+    let kl = (self_term.unsqueeze(1) - cross).masked_fill(&missing, f64::INFINITY);
+    Ok(-kl.amin(1, false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ood::testutil::{assert_close, fixture, get};
+    use tch::Device;
+
+    const F32: (Kind, Device) = (Kind::Float, Device::Cpu);
+
+    #[test]
+    fn msp_and_energy_match_pytorch() {
+        let t = fixture("scores.safetensors");
+        let logits = get(&t, "logits");
+        let m = msp(&logits).unwrap();
+        assert_eq!((m.size(), m.kind()), (vec![40], Kind::Float));
+        assert_close("msp", &m, &get(&t, "msp"), 1e-5, 0.0);
+        assert_close(
+            "energy T=1",
+            &energy(&logits, 1.0).unwrap(),
+            &get(&t, "energy_t1"),
+            1e-5,
+            0.0,
+        );
+        assert_close(
+            "energy T=2.5",
+            &energy(&logits, 2.5).unwrap(),
+            &get(&t, "energy_t2_5"),
+            1e-5,
+            0.0,
+        );
+        // Row 0 is all ties, row 34 a one-hot softmax.
+        assert!((m.double_value(&[0]) - 0.1).abs() < 1e-7);
+        assert_eq!(m.double_value(&[34]), 1.0);
+    }
+
+    #[test]
+    fn kl_matching_matches_the_per_sample_loop() {
+        let t = fixture("scores.safetensors");
+        let (probs, labels) = (get(&t, "probs"), get(&t, "labels"));
+        let templates = kl_templates(&probs, &labels, 6).unwrap();
+        assert_eq!(
+            (templates.size(), templates.kind()),
+            (vec![6, 10], Kind::Double)
+        );
+        assert_close(
+            "kl templates",
+            &templates,
+            &get(&t, "templates"),
+            1e-12,
+            0.0,
+        );
+        // Class 5's template has exact zeros: KL to it is +inf for most images.
+        assert_eq!(
+            templates.get(5).eq(0.0).sum(Kind::Int64).int64_value(&[]),
+            9
+        );
+        let score = kl_score(&probs, &templates).unwrap();
+        assert_eq!((score.size(), score.kind()), (vec![40], Kind::Double));
+        assert_close("kl score", &score, &get(&t, "kl"), 1e-9, 1e-12);
+        // float32 and float64 probabilities give the same.
+        let s64 = kl_score(&probs.to_kind(Kind::Double), &templates).unwrap();
+        assert_close("kl score f64 input", &s64, &score, 0.0, 0.0);
+    }
+
+    #[test]
+    fn kl_infinite_divergences_never_give_nan() {
+        let d = Tensor::from_slice(&[1.0f64, 0.0, 0.0, 1.0, 0.5, 0.0]).reshape([3, 2]);
+        let p = Tensor::from_slice(&[0.5f64, 0.5, 1.0, 0.0, 0.0, 1.0]).reshape([3, 2]);
+        let s = Vec::<f64>::try_from(kl_score(&p, &d).unwrap()).unwrap();
+        assert_eq!(s[0], f64::NEG_INFINITY); // every template misses a class of p
+        assert_eq!(s[1], 0.0); // exact match with template 0
+        assert_eq!(s[2], 0.0); // exact match with template 1
+                               // Hand value: p = [0.25, 0.75] against q = [0.5, 0.5] and [1, 0].
+        let p = Tensor::from_slice(&[0.25f64, 0.75]).reshape([1, 2]);
+        let d = Tensor::from_slice(&[0.5f64, 0.5, 1.0, 0.0]).reshape([2, 2]);
+        let want = 0.25 * (0.5f64).ln() + 0.75 * (1.5f64).ln();
+        let got = kl_score(&p, &d).unwrap().double_value(&[0]);
+        assert!((got + want).abs() < 1e-15, "{got} vs {}", -want);
+    }
+
+    #[test]
+    fn kl_input_errors() {
+        let probs = Tensor::full([4, 3], 1.0 / 3.0, F32);
+        let labels = Tensor::from_slice(&[0i64, 1, 1, 3]);
+        match kl_templates(&probs, &labels, 4) {
+            Err(OodError::EmptyClass {
+                class: 2,
+                num_classes: 4,
+            }) => {}
+            other => panic!("expected class 2 to be empty, got {other:?}"),
+        }
+        let err = kl_templates(&probs, &labels, 3).unwrap_err().to_string();
+        assert!(err.contains("label 3 of image 3 is outside 0..3"), "{err}");
+        let err = kl_templates(&probs, &labels.narrow(0, 0, 3), 3)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expected integer labels [4]"), "{err}");
+        let err = kl_templates(&probs, &labels.to_kind(Kind::Float), 4)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("integer labels"), "{err}");
+        let err = kl_score(&probs, &Tensor::ones([2, 4], F32))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("do not fit"), "{err}");
+        let err = kl_score(&(-probs), &Tensor::ones([2, 3], F32))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("negative"), "{err}");
+    }
+
+    #[test]
+    fn argument_errors() {
+        let logits = Tensor::zeros([2, 3], F32);
+        assert!(energy(&logits, 0.0).is_err());
+        assert!(energy(&logits, f64::NAN).is_err());
+        assert!(msp(&Tensor::zeros([2, 3, 1], F32)).is_err());
+        assert!(msp(&Tensor::zeros([2, 3], (Kind::Int64, Device::Cpu))).is_err());
+        let f = |x: &Tensor| x.shallow_clone();
+        assert!(odin(&f, &logits, 1000.0, -0.1).is_err());
+        assert!(odin(&f, &logits, -1.0, 0.0).is_err());
+    }
+
+    /// A linear model x [N, D] -> x W^T + b with trainable W and b.
+    fn linear() -> (Tensor, Tensor, Tensor) {
+        tch::manual_seed(7);
+        let w = Tensor::randn([5, 8], F32).set_requires_grad(true);
+        let b = Tensor::randn([5], F32).set_requires_grad(true);
+        let x = Tensor::randn([6, 8], F32);
+        (w, b, x)
+    }
+
+    #[test]
+    fn odin_without_perturbation_builds_no_graph() {
+        let (w, b, x) = linear();
+        let f = |x: &Tensor| x.matmul(&w.tr()) + &b;
+        let s = odin(&f, &x, 1000.0, 0.0).unwrap();
+        assert!(!s.requires_grad());
+        assert!(!w.grad().defined() && !b.grad().defined());
+        let logits = tch::no_grad(|| f(&x));
+        assert_close(
+            "odin eps=0",
+            &s,
+            &msp(&(logits / 1000.0)).unwrap(),
+            0.0,
+            0.0,
+        );
+    }
+
+    #[test]
+    fn odin_steps_against_the_input_gradient_sign() {
+        let (w, b, x) = linear();
+        let f = |x: &Tensor| x.matmul(&w.tr()) + &b;
+        let (t, eps) = (2.0, 0.05);
+        // Analytic input gradient of mean CE(f(x)/T, argmax): (softmax - onehot) W / (T N).
+        let (xp, manual) = tch::no_grad(|| {
+            let z = f(&x);
+            let onehot = z.argmax(1, false).one_hot(5).to_kind(Kind::Float);
+            let grad = ((z / t).softmax(1, None) - onehot).matmul(&w) / (t * 6.0);
+            let xp = &x - (grad.ge(0.0).to_kind(Kind::Float) * 2.0 - 1.0) * eps;
+            let score = msp(&(f(&xp) / t)).unwrap();
+            (xp, score)
+        });
+        // Inside no_grad too: the perturbation turns gradients back on.
+        let got_xp = tch::no_grad(|| odin_perturb(&f, &x, t, eps)).unwrap();
+        assert_close("odin x'", &got_xp, &xp, 0.0, 0.0);
+        let s = tch::no_grad(|| odin(&f, &x, t, eps)).unwrap();
+        assert!(!s.requires_grad());
+        assert!(!w.grad().defined() && !b.grad().defined());
+        assert_close("odin eps>0", &s, &manual, 1e-6, 0.0);
+        // The perturbation raises the confidence.
+        let s0 = odin(&f, &x, t, 0.0).unwrap();
+        assert!(bool::try_from(s.gt_tensor(&s0).all()).unwrap());
+    }
+
+    #[test]
+    fn odin_model_errors_are_results() {
+        let (w, b, x) = linear();
+        let detached = |x: &Tensor| x.detach().matmul(&w.tr()) + &b;
+        let err = odin(&detached, &x, 1000.0, 0.01).unwrap_err().to_string();
+        assert!(err.contains("does not depend on its input"), "{err}");
+        let graphless = |x: &Tensor| tch::no_grad(|| x.matmul(&w.tr()) + &b);
+        let err = odin(&graphless, &x, 1000.0, 0.01).unwrap_err().to_string();
+        assert!(err.contains("cannot differentiate"), "{err}");
+        let short = |x: &Tensor| x.narrow(0, 0, 2).matmul(&w.tr());
+        let err = odin(&short, &x, 1000.0, 0.0).unwrap_err().to_string();
+        assert!(err.contains("2 rows of logits for a batch of 6"), "{err}");
+        let err = odin(&short, &x, 1000.0, 0.01).unwrap_err().to_string();
+        assert!(err.contains("2 rows of logits for a batch of 6"), "{err}");
+    }
+}
