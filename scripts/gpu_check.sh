@@ -9,7 +9,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out=${1:-$(mktemp -d)}
 mkdir -p "$out"
 mos=${MOS_BIN:-target/release/mos}
-py=scripts/gpu_check.py
+py=scripts/torch_ref.py
 torch_lib=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fail=0
@@ -44,16 +44,16 @@ python3 $py compare "$out/r14_cuda_bf16.safetensors" "$out/r14_cpu.safetensors" 
 
 echo
 echo "### BiT-S-R50x1 (random weights), 64 images at 480x480, batch 32: mos vs PyTorch on CUDA"
-python3 $py make-r50 "$out" 64 480
-python3 $py torch-forward "$out" 32 3
-r50=(forward --model BiT-S-R50x1 --model-path "$out/r50.pth.tar" --input "$out/r50_input.safetensors" --device cuda --batch 32 --repeat 3)
+python3 $py make-model "$out" R50x1 64 480
+python3 $py torch-forward "$out" R50x1 cuda 32 3
+r50=(forward --model BiT-S-R50x1 --model-path "$out/R50x1.pth.tar" --input "$out/R50x1_input.safetensors" --device cuda --batch 32 --repeat 3)
 "$mos" "${r50[@]}" --features --output "$out/r50_mos.safetensors"
-python3 $py compare "$out/r50_mos.safetensors" "$out/r50_torch.safetensors" --keys $feats --tol 1e-4 || fail=1
-python3 $py compare "$out/r50_mos.safetensors" "$out/r50_torch.safetensors" --keys logits --tol 1e-3 || fail=1
+python3 $py compare "$out/r50_mos.safetensors" "$out/R50x1_torch.safetensors" --keys $feats --tol 1e-4 || fail=1
+python3 $py compare "$out/r50_mos.safetensors" "$out/R50x1_torch.safetensors" --keys logits --tol 1e-3 || fail=1
 "$mos" "${r50[@]}" --channels-last --output "$out/r50_mos_cl.safetensors"
-python3 $py compare "$out/r50_mos_cl.safetensors" "$out/r50_torch.safetensors" --keys logits --tol 1e-3 || fail=1
+python3 $py compare "$out/r50_mos_cl.safetensors" "$out/R50x1_torch.safetensors" --keys logits --tol 1e-3 || fail=1
 "$mos" "${r50[@]}" --precision tf32 --output "$out/r50_mos_tf32.safetensors"
 "$mos" "${r50[@]}" --precision bf16 --channels-last --output "$out/r50_mos_bf16.safetensors"
-python3 $py compare "$out/r50_mos_bf16.safetensors" "$out/r50_torch.safetensors" --keys logits --tol 1 || true
+python3 $py compare "$out/r50_mos_bf16.safetensors" "$out/R50x1_torch.safetensors" --keys logits --tol 1 || true
 echo
 if [ "$fail" = 0 ]; then echo "RESULT: PASS"; else echo "RESULT: FAIL"; exit 1; fi

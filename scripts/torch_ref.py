@@ -1,13 +1,21 @@
 #!/usr/bin/env python3
-"""GPU check helper (run by scripts/gpu_check.sh on a CUDA machine with torch 2.11).
+"""PyTorch side of scripts/gpu_check.sh and scripts/bench.sh (needs torch 2.11).
 
+The reference model is tests/fixtures/make_model_fixtures.py's ResNetV2 (SPEC §2).
 Subcommands:
   compare A B [--tol T] [--keys k1,k2]   max relative difference of same-named
                                           tensors in two safetensors files
-  make-r50 DIR N SIZE                     random BiT-S-R50x1 weights (torch.save,
-                                          paper naming) and an input batch
-  torch-forward DIR BATCH REPEAT          the PyTorch reference forward on CUDA
-                                          (TF32 off), logits + images/s
+  make-model DIR MODEL N SIZE [HEAD]      random weights for MODEL (R50x1, R101x1, R26x0.5;
+                                          torch.save, paper naming) in DIR/MODEL.pth.tar
+                                          and an input batch DIR/MODEL_input.safetensors
+  torch-forward DIR MODEL DEVICE BATCH REPEAT
+                                          the reference forward (TF32 off) on DEVICE:
+                                          logits + features, and images/s
+  make-jpegs DIR N [SEED]                 N real-photo JPEGs (crops of scikit-learn's
+                                          sample photos, re-encoded by PIL) in an
+                                          ImageFolder DIR/photos/
+  torch-loader DIR WORKERS BATCH SIZE     torchvision's ImageFolder + DataLoader with
+                                          the eval transform: images/s
 """
 import json
 import os
@@ -66,10 +74,14 @@ def compare(a, b, tol, keys):
     return worst <= tol
 
 
-def make_r50(d, n, size):
+UNITS = {"R50x1": ([3, 4, 6, 3], 64), "R101x1": ([3, 4, 23, 3], 64), "R26x0.5": ([2, 2, 2, 2], 32)}
+
+
+def make_model(d, model, n, size, head=1000):
     import make_model_fixtures as m
     torch.manual_seed(0)
-    net = m.ResNetV2([3, 4, 6, 3], 64, 1000)
+    units, base = UNITS[model]
+    net = m.ResNetV2(units, base, head)
     with torch.no_grad():
         net.head.conv.weight.normal_(0, 0.01)
         net.head.conv.bias.normal_(0, 0.01)
@@ -78,25 +90,26 @@ def make_r50(d, n, size):
                 mod.weight.uniform_(0.5, 1.5)
                 mod.bias.uniform_(-0.2, 0.2)
     sd = {"module." + k: v for k, v in net.state_dict().items()}
-    torch.save({"step": 0, "model": sd}, os.path.join(d, "r50.pth.tar"))
+    torch.save({"step": 0, "model": sd}, os.path.join(d, f"{model}.pth.tar"))
     x = torch.rand(n, 3, size, size) * 2 - 1
-    write_st(os.path.join(d, "r50_input.safetensors"), {"images": x})
+    write_st(os.path.join(d, f"{model}_input.safetensors"), {"images": x})
 
 
-def torch_forward(d, batch, repeat):
+def torch_forward(d, model, device, batch, repeat):
     import make_model_fixtures as m
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    net = m.ResNetV2([3, 4, 6, 3], 64, 1000)
-    ck = torch.load(os.path.join(d, "r50.pth.tar"), map_location="cpu")
+    units, base = UNITS[model]
+    net = m.ResNetV2(units, base, 1000)
+    ck = torch.load(os.path.join(d, f"{model}.pth.tar"), map_location="cpu")
     net.load_state_dict({k[len("module."):]: v for k, v in ck["model"].items()})
-    net = net.cuda().eval()
-    x = read_st(os.path.join(d, "r50_input.safetensors"))["images"]
+    net = net.to(device).eval()
+    x = read_st(os.path.join(d, f"{model}_input.safetensors"))["images"]
 
     def one_pass(features):
         outs, feats = [], [[] for _ in range(5)]
         for i in range(0, x.shape[0], batch):
-            xb = x[i:i + batch].cuda()
+            xb = x[i:i + batch].to(device)
             if features:
                 fs = net.features(xb)
                 for k, f in enumerate(fs):
@@ -115,8 +128,44 @@ def torch_forward(d, batch, repeat):
     out = {"logits": logits}
     for k, f in enumerate(feats):
         out[f"features.{k}"] = torch.cat(f)
-    write_st(os.path.join(d, "r50_torch.safetensors"), out)
-    print(f"pytorch forward: {x.shape[0] * repeat / secs:.2f} images/s ({repeat} passes over {x.shape[0]} images, batch {batch}, {secs:.2f} s)")
+    write_st(os.path.join(d, f"{model}_torch.safetensors"), out)
+    print(f"pytorch forward ({device}, {torch.get_num_threads()} threads): {x.shape[0] * repeat / secs:.2f} images/s ({repeat} passes over {x.shape[0]} images, batch {batch}, {secs:.2f} s)")
+
+
+def make_jpegs(d, n, seed=0):
+    import random
+
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    rng = random.Random(seed)
+    photos = [Image.fromarray(a) for a in load_sample_images().images]
+    out = os.path.join(d, "photos")
+    os.makedirs(out, exist_ok=True)
+    for i in range(n):
+        img = photos[i % len(photos)]
+        w, h = img.size
+        cw, ch = rng.randint(w // 2, w), rng.randint(h // 2, h)
+        x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        crop = img.crop((x, y, x + cw, y + ch))
+        if i % 3 == 0:
+            crop = crop.resize((cw * 3 // 2, ch * 3 // 2))
+        crop.save(os.path.join(out, f"{i:05d}.jpg"), quality=90)
+
+
+def torch_loader(d, workers, batch, size):
+    import torchvision.datasets as datasets
+    import torchvision.transforms as T
+
+    tf = T.Compose([T.Resize((size, size)), T.ToTensor(), T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+    ds = datasets.ImageFolder(d, tf)
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, shuffle=False)
+    t = time.time()
+    n = 0
+    for x, _ in dl:
+        n += x.shape[0]
+    secs = time.time() - t
+    print(f"torchvision loader: {n / secs:.1f} images/s ({n} images, {workers} workers, {secs:.2f} s)")
 
 
 if __name__ == "__main__":
@@ -125,9 +174,13 @@ if __name__ == "__main__":
         tol = float(args[args.index("--tol") + 1]) if "--tol" in args else 1e-4
         keys = args[args.index("--keys") + 1].split(",") if "--keys" in args else None
         sys.exit(0 if compare(args[0], args[1], tol, keys) else 1)
-    elif cmd == "make-r50":
-        make_r50(args[0], int(args[1]), int(args[2]))
+    elif cmd == "make-model":
+        make_model(args[0], args[1], int(args[2]), int(args[3]), *(int(a) for a in args[4:5]))
     elif cmd == "torch-forward":
-        torch_forward(args[0], int(args[1]), int(args[2]))
+        torch_forward(args[0], args[1], args[2], int(args[3]), int(args[4]))
+    elif cmd == "make-jpegs":
+        make_jpegs(args[0], int(args[1]), *(int(a) for a in args[2:3]))
+    elif cmd == "torch-loader":
+        torch_loader(args[0], int(args[1]), int(args[2]), int(args[3]))
     else:
         sys.exit(f"unknown subcommand {cmd}")

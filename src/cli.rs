@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use crate::device::DeviceSpec;
 use crate::model::{Precision, Variant};
+use crate::ood::Score;
 
 /// mos: out-of-distribution detection for large semantic spaces (MOS, Huang & Li, CVPR 2021).
 #[derive(Debug, Parser)]
@@ -28,6 +29,199 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Run the backbone on a tensor file; write logits (and features) as safetensors.
     Forward(ForwardArgs),
+    /// OOD detection with the MOS score of a group-softmax model (test_mos.py).
+    TestMos(TestMosArgs),
+    /// OOD detection with baseline scores of a flat-softmax model (test_baselines.py).
+    TestBaseline(TestBaselineArgs),
+    /// Check a data set: images per class, unreadable files, loader throughput; dump tensors.
+    DataCheck(DataCheckArgs),
+    /// Metrics of a saved score file (--save-scores), as JSON on stdout.
+    Metrics(MetricsArgs),
+    /// The paper's table (methods x OOD sets, AUROC / FPR95 in %) from results.json files.
+    Report(ReportArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DataCheckArgs {
+    /// Image folder (ImageFolder layout), or the root the --list paths are relative to.
+    #[arg(long, value_name = "DIR")]
+    pub datadir: PathBuf,
+    /// A list file (`path label`, or `path group class` with --group-config).
+    #[arg(long, value_name = "FILE")]
+    pub list: Option<PathBuf>,
+    /// Read --list as a group list checked against this group config (.npy or .json).
+    #[arg(long, alias = "group_config", value_name = "FILE")]
+    pub group_config: Option<PathBuf>,
+    /// Use the training transform (resize to --precrop, random crop, flip) and order.
+    #[arg(long)]
+    pub train: bool,
+    /// Seed of the training transform and order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write the first --limit preprocessed images (`images` [N,3,H,W] f32) and their
+    /// labels (`labels` [N] or [N,G] i64), in dataset order, to this safetensors file.
+    #[arg(long, value_name = "FILE.safetensors")]
+    pub dump: Option<PathBuf>,
+    /// Images to dump.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub limit: usize,
+    /// Image decoding threads.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub workers: usize,
+    /// Images per batch.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub batch: usize,
+    /// Side of the square images (eval resize, train crop).
+    #[arg(long, default_value_t = 480, value_name = "PIXELS")]
+    pub crop: usize,
+    /// Side of the training resize before the random crop.
+    #[arg(long, default_value_t = 512, value_name = "PIXELS")]
+    pub precrop: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MetricsArgs {
+    /// CSV written by --save-scores (split,path,score or one column per method).
+    #[arg(long, value_name = "FILE.csv")]
+    pub scores: PathBuf,
+    /// Score column to use when the file has several.
+    #[arg(long, value_name = "METHOD")]
+    pub method: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReportArgs {
+    /// results.json files (or run directories holding one).
+    #[arg(required = true, value_name = "RESULTS")]
+    pub results: Vec<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = crate::report::ReportFormat::Markdown)]
+    pub format: crate::report::ReportFormat,
+}
+
+/// Where the run's outputs go: `<logdir>/<name>/`.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Directory of runs; this run writes into <logdir>/<name>/.
+    #[arg(long, value_name = "DIR")]
+    pub logdir: PathBuf,
+    /// Name of this run.
+    #[arg(long, value_name = "NAME")]
+    pub name: String,
+}
+
+/// The in- and out-of-distribution image folders and how to read them.
+#[derive(Debug, Clone, Args)]
+pub struct EvalDataArgs {
+    /// In-distribution images (ImageFolder layout: one subfolder per class).
+    #[arg(long, alias = "in_datadir", value_name = "DIR")]
+    pub in_datadir: PathBuf,
+    /// Out-of-distribution images (ImageFolder layout).
+    #[arg(long, alias = "out_datadir", value_name = "DIR")]
+    pub out_datadir: PathBuf,
+    /// Image decoding threads.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub workers: usize,
+    /// Images per batch.
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    pub batch: usize,
+    /// Side of the square images the model sees (the paper: 480).
+    #[arg(long, default_value_t = 480, value_name = "PIXELS")]
+    pub crop: usize,
+    /// Skip unreadable images (listed in the log, counted in the results) instead of
+    /// stopping at the first one.
+    #[arg(long, alias = "skip_bad_images")]
+    pub skip_bad_images: bool,
+}
+
+/// Optional outputs of an evaluation.
+#[derive(Debug, Clone, Args)]
+pub struct EvalOutputArgs {
+    /// Also write every image's score(s) as CSV: split,path,score (one column per method).
+    #[arg(long, alias = "save_scores", value_name = "FILE.csv")]
+    pub save_scores: Option<PathBuf>,
+    /// Also write, per method, the ID-vs-OOD score histogram and the ROC curve (SVG).
+    #[arg(long)]
+    pub plot: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TestMosArgs {
+    #[command(flatten)]
+    pub data: EvalDataArgs,
+    #[command(flatten)]
+    pub run: RunArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The group-softmax model: the paper's .pth.tar or our checkpoint.
+    #[arg(long, alias = "model_path", value_name = "FILE")]
+    pub model_path: PathBuf,
+    /// Classes per group: the original's .npy (1-D int) or a JSON config.
+    #[arg(
+        long,
+        alias = "group_config",
+        default_value = "group_config/taxonomy_level0.npy",
+        value_name = "FILE"
+    )]
+    pub group_config: PathBuf,
+    #[command(flatten)]
+    pub output: EvalOutputArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TestBaselineArgs {
+    #[command(flatten)]
+    pub data: EvalDataArgs,
+    #[command(flatten)]
+    pub run: RunArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The flat-softmax model: the paper's .pth.tar or our checkpoint.
+    #[arg(long, alias = "model_path", value_name = "FILE")]
+    pub model_path: PathBuf,
+    /// Score(s), comma-separated: MSP, ODIN, Energy, Mahalanobis, KL_Div. Methods that
+    /// need only logits share one forward pass.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "MSP",
+        value_name = "METHODS"
+    )]
+    pub score: Vec<Score>,
+    /// ODIN temperature.
+    #[arg(
+        long,
+        alias = "temperature_odin",
+        default_value_t = 1000.0,
+        value_name = "T"
+    )]
+    pub temperature_odin: f64,
+    /// ODIN input-perturbation magnitude (0: no perturbation and no backward pass).
+    #[arg(
+        long,
+        alias = "epsilon_odin",
+        default_value_t = 0.0,
+        value_name = "EPS"
+    )]
+    pub epsilon_odin: f64,
+    /// Energy temperature.
+    #[arg(
+        long,
+        alias = "temperature_energy",
+        default_value_t = 1.0,
+        value_name = "T"
+    )]
+    pub temperature_energy: f64,
+    /// Tuned Mahalanobis parameters: the tune-mahalanobis run directory or its
+    /// mahalanobis.safetensors.
+    #[arg(long, alias = "mahalanobis_param_path", value_name = "PATH")]
+    pub mahalanobis_param_path: Option<PathBuf>,
+    #[command(flatten)]
+    pub output: EvalOutputArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 /// `--model`: the architecture.
@@ -112,4 +306,181 @@ pub struct ForwardArgs {
     pub channels_last: bool,
     #[command(flatten)]
     pub device: DeviceArgs,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Command {
+        Cli::try_parse_from(std::iter::once("mos").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+            .command
+    }
+
+    #[test]
+    fn test_mos_accepts_the_original_snake_case_flags_and_defaults() {
+        let Command::TestMos(a) = parse(&[
+            "test-mos",
+            "--name",
+            "n",
+            "--in_datadir",
+            "id",
+            "--out_datadir",
+            "ood",
+            "--logdir",
+            "log",
+            "--model_path",
+            "m.pth.tar",
+            "--group_config",
+            "g.npy",
+            "--skip_bad_images",
+            "--save_scores",
+            "s.csv",
+        ]) else {
+            panic!("not test-mos")
+        };
+        assert_eq!(a.data.in_datadir, PathBuf::from("id"));
+        assert_eq!(a.data.out_datadir, PathBuf::from("ood"));
+        assert_eq!(a.model_path, PathBuf::from("m.pth.tar"));
+        assert_eq!(a.group_config, PathBuf::from("g.npy"));
+        assert!(a.data.skip_bad_images);
+        assert_eq!(a.output.save_scores, Some(PathBuf::from("s.csv")));
+        // The original's defaults.
+        assert_eq!((a.data.workers, a.data.batch, a.data.crop), (8, 256, 480));
+        assert_eq!(a.model.model.name, "BiT-S-R101x1");
+        assert_eq!(a.device.device, DeviceSpec::Auto);
+        let Command::TestMos(b) = parse(&[
+            "test-mos",
+            "--name",
+            "n",
+            "--in-datadir",
+            "id",
+            "--out-datadir",
+            "ood",
+            "--logdir",
+            "log",
+            "--model-path",
+            "m",
+        ]) else {
+            panic!("not test-mos")
+        };
+        assert_eq!(
+            b.group_config,
+            PathBuf::from("group_config/taxonomy_level0.npy")
+        );
+    }
+
+    #[test]
+    fn test_baseline_accepts_the_original_snake_case_flags_and_defaults() {
+        let Command::TestBaseline(a) = parse(&[
+            "test-baseline",
+            "--name",
+            "n",
+            "--in_datadir",
+            "id",
+            "--out_datadir",
+            "ood",
+            "--logdir",
+            "log",
+            "--model_path",
+            "m",
+            "--score",
+            "ODIN",
+            "--temperature_odin",
+            "100",
+            "--epsilon_odin",
+            "0.0014",
+            "--temperature_energy",
+            "2",
+            "--mahalanobis_param_path",
+            "p",
+            "--batch",
+            "32",
+            "--device",
+            "cuda:1",
+        ]) else {
+            panic!("not test-baseline")
+        };
+        assert_eq!(a.score, vec![Score::Odin]);
+        assert_eq!(
+            (a.temperature_odin, a.epsilon_odin, a.temperature_energy),
+            (100.0, 0.0014, 2.0)
+        );
+        assert_eq!(a.mahalanobis_param_path, Some(PathBuf::from("p")));
+        assert_eq!(a.data.batch, 32);
+        assert_eq!(a.device.device, DeviceSpec::Cuda(1));
+        let Command::TestBaseline(b) = parse(&[
+            "test-baseline",
+            "--name",
+            "n",
+            "--in-datadir",
+            "id",
+            "--out-datadir",
+            "ood",
+            "--logdir",
+            "log",
+            "--model-path",
+            "m",
+            "--score",
+            "MSP,energy,KL_Div",
+        ]) else {
+            panic!("not test-baseline")
+        };
+        assert_eq!(b.score, vec![Score::Msp, Score::Energy, Score::KlDiv]);
+        assert_eq!(
+            (b.temperature_odin, b.epsilon_odin, b.temperature_energy),
+            (1000.0, 0.0, 1.0)
+        );
+        let Command::TestBaseline(c) = parse(&[
+            "test-baseline",
+            "--name",
+            "n",
+            "--in-datadir",
+            "id",
+            "--out-datadir",
+            "ood",
+            "--logdir",
+            "log",
+            "--model-path",
+            "m",
+        ]) else {
+            panic!("not test-baseline")
+        };
+        assert_eq!(c.score, vec![Score::Msp]);
+    }
+
+    #[test]
+    fn required_flags_and_bad_values_are_refused() {
+        let err = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("mos").chain(args.iter().copied()))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err(&[
+            "test-mos",
+            "--in-datadir",
+            "id",
+            "--out-datadir",
+            "ood",
+            "--model-path",
+            "m",
+        ]);
+        assert!(e.contains("--logdir") && e.contains("--name"), "{e}");
+        let e = err(&[
+            "forward",
+            "--model",
+            "R18",
+            "--model-path",
+            "m",
+            "--input",
+            "x",
+            "--output",
+            "y",
+        ]);
+        assert!(e.contains("unknown model 'R18'"), "{e}");
+        let e = err(&["env", "--device", "tpu"]);
+        assert!(e.contains("expected auto, cpu, cuda or cuda:N"), "{e}");
+    }
 }

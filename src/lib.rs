@@ -6,9 +6,17 @@
 //! baselines it is compared with (MSP, ODIN, Energy, Mahalanobis, KL matching).
 pub mod cli;
 pub mod commands;
+pub mod data;
 pub mod device;
+pub mod eval;
+pub mod groupconfig;
 pub mod logistic;
 pub mod metrics;
 pub mod model;
+pub mod ood;
+pub mod plot;
+pub mod progress;
+pub mod report;
+pub mod runlog;
 pub mod runtime;
 pub mod weights;

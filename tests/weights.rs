@@ -210,3 +210,19 @@ fn unreadable_files_are_clear_errors() {
     let e = format!("{:#}", read_state_dict(&missing).unwrap_err());
     assert!(e.contains("nope.npz"), "{e}");
 }
+
+#[test]
+fn run_directories_resolve_to_their_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("finetune_flat");
+    std::fs::create_dir_all(&run).unwrap();
+    let e = format!(
+        "{:#}",
+        load_model(&run, None, None, Device::Cpu).err().unwrap()
+    );
+    assert!(e.contains("checkpoint.safetensors, bit.pth.tar"), "{e}");
+    // The paper code's run directory holds bit.pth.tar.
+    let paper = paper_checkpoint(dir.path());
+    std::fs::rename(&paper, run.join("bit.pth.tar")).unwrap();
+    assert_reference_logits(&run);
+}

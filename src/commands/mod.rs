@@ -1,8 +1,14 @@
 //! One module per subcommand; `run` dispatches.
 pub mod convert;
+pub mod data_check;
 pub mod env;
+pub mod evaluate;
 pub mod forward;
 pub mod inspect;
+pub mod metrics;
+pub mod report;
+pub mod test_baseline;
+pub mod test_mos;
 
 use crate::cli::{Cli, Command};
 
@@ -13,5 +19,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Convert(args) => convert::run(&args),
         Command::Inspect(args) => inspect::run(&args),
         Command::Forward(args) => forward::run(&args),
+        Command::TestMos(args) => test_mos::run(&args),
+        Command::TestBaseline(args) => test_baseline::run(&args),
+        Command::DataCheck(args) => data_check::run(&args),
+        Command::Metrics(args) => metrics::run(&args),
+        Command::Report(args) => report::run(&args),
     }
 }

@@ -428,14 +428,39 @@ pub struct LoadedModel {
     pub state: StateDict,
 }
 
-/// Builds `variant` on `device` and loads `path` into it strictly; the head size
-/// comes from the file's `head.conv.bias`, and must equal `expected_head` if given.
+/// Checkpoint file names looked for when a run directory is given as the model.
+pub const RUN_DIR_CHECKPOINTS: [&str; 2] = ["checkpoint.safetensors", "bit.pth.tar"];
+
+/// A weight file, or the checkpoint inside a run directory (ours,
+/// `checkpoint.safetensors`, or the paper code's `bit.pth.tar`).
+pub fn resolve_weight_path(path: &Path) -> Result<std::path::PathBuf> {
+    if !path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    RUN_DIR_CHECKPOINTS
+        .iter()
+        .map(|name| path.join(name))
+        .find(|p| p.is_file())
+        .with_context(|| {
+            format!(
+                "{} is a directory without a checkpoint (looked for {})",
+                path.display(),
+                RUN_DIR_CHECKPOINTS.join(", ")
+            )
+        })
+}
+
+/// Builds `variant` on `device` and loads `path` (a file or a run directory) into
+/// it strictly; the head size comes from the file's `head.conv.bias`, and must
+/// equal `expected_head` if given.
 pub fn load_model(
     path: &Path,
     variant: Option<Variant>,
     expected_head: Option<i64>,
     device: tch::Device,
 ) -> Result<LoadedModel> {
+    let file = resolve_weight_path(path)?;
+    let path = file.as_path();
     let state = read_state_dict(path)?;
     let variant = resolve_variant(&state, path, variant)?;
     let head = state.head_size().with_context(|| {

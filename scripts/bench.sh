@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Benchmarks that print ratios against a baseline measured in the same run.
+# Usage: scripts/bench.sh [forward|loader|scores]... [--images N] [--size S]
+#   forward: BiT-S-R50x1 and BiT-S-R101x1 forward images/s, mos vs the PyTorch
+#            reference (tests/fixtures/make_model_fixtures.py) on the same threads
+#            and the same random weights and inputs (CPU).
+#   loader:  images/s of the eval loader (decode + resize to 480 + normalize) on
+#            real-photo JPEGs, mos data-check vs torchvision's DataLoader, same workers.
+#   scores:  wall time of test-baseline per method relative to MSP on the same data
+#            (ResNetV2-R26x0.5 with random weights at 128x128).
+# With no section, runs all three. Needs the PyTorch of the setup cache (or a
+# python3 with torch 2.11); loader and scores install torchvision 0.26, Pillow and
+# scikit-learn (for its sample photos) once into the cache.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=lib.sh
+. "$here/lib.sh"
+cd "$here/.."
+what=()
+images=4
+size=480
+while [ $# -gt 0 ]; do
+    case "$1" in
+        forward | loader | scores) what+=("$1") ;;
+        --images) images=$2; shift ;;
+        --size) size=$2; shift ;;
+        *) echo "unknown argument $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+[ ${#what[@]} -gt 0 ] || what=(forward loader scores)
+scripts/build.sh >/dev/null
+mos=target/release/mos
+if [ -z "${LIBTORCH:-}" ]; then
+    export PYTHONPATH="$(mos_torch_home)/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+bench_site="$(dirname "$(mos_torch_home)")/bench-site"
+if ! PYTHONPATH="$bench_site:$PYTHONPATH" python3 -c 'import torchvision, PIL, sklearn' 2>/dev/null; then
+    mos_log "installing torchvision 0.26, Pillow and scikit-learn for the benchmarks into $bench_site"
+    python3 -m pip install --disable-pip-version-check -q --target "$bench_site" --no-deps \
+        torchvision==0.26.0 pillow scikit-learn scipy joblib threadpoolctl narwhals
+fi
+export PYTHONPATH="$bench_site:$PYTHONPATH"
+python3 -c 'import torch' 2>/dev/null || { echo "bench needs python3 with torch 2.11 (the setup cache has one)" >&2; exit 1; }
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+threads=$(nproc)
+
+rate() { sed -n 's/.*forward[^:]*: \([0-9.]*\) images\/s.*/\1/p'; }
+
+has() { [[ " ${what[*]} " == *" $1 "* ]]; }
+now() { date +%s.%N; }
+
+if has forward; then
+    echo "forward, CPU, $threads threads, $images images of ${size}x${size}, batch $images, 2 timed passes after 1 warm-up"
+    printf '%-14s %12s %12s %8s %14s %8s\n' model "PyTorch i/s" "mos i/s" ratio "mos NHWC i/s" ratio
+    for m in R50x1 R101x1; do
+        python3 scripts/torch_ref.py make-model "$tmp" "$m" "$images" "$size"
+        base=$(OMP_NUM_THREADS=$threads python3 scripts/torch_ref.py torch-forward "$tmp" "$m" cpu "$images" 2 | rate)
+        args=(forward --model "BiT-S-$m" --model-path "$tmp/$m.pth.tar" --input "$tmp/${m}_input.safetensors"
+              --device cpu --batch "$images" --repeat 2)
+        ours=$("$mos" "${args[@]}" --output "$tmp/$m.mos.safetensors" | rate)
+        ours_cl=$("$mos" "${args[@]}" --channels-last --output "$tmp/$m.mos_cl.safetensors" | rate)
+        python3 scripts/torch_ref.py compare "$tmp/$m.mos.safetensors" "$tmp/${m}_torch.safetensors" --keys logits --tol 1e-4 >/dev/null \
+            || { echo "BiT-S-$m: mos and PyTorch logits differ" >&2; exit 1; }
+        # Channels-last runs other convolution kernels: same values up to rounding.
+        python3 scripts/torch_ref.py compare "$tmp/$m.mos_cl.safetensors" "$tmp/${m}_torch.safetensors" --keys logits --tol 1e-3 >/dev/null \
+            || { echo "BiT-S-$m: channels-last logits differ from PyTorch" >&2; exit 1; }
+        awk -v m="BiT-S-$m" -v b="$base" -v o="$ours" -v c="$ours_cl" \
+            'BEGIN { printf "%-14s %12.3f %12.3f %7.2fx %14.3f %7.2fx\n", m, b, o, o / b, c, c / b }'
+    done
+fi
+
+if has loader; then
+    python3 scripts/torch_ref.py make-jpegs "$tmp/jpegs" 256
+    echo
+    echo "eval loader, 256 real-photo JPEGs to 480x480, batch 32, $threads workers"
+    base=$(python3 scripts/torch_ref.py torch-loader "$tmp/jpegs" "$threads" 32 480 | sed -n 's/.*: \([0-9.]*\) images\/s.*/\1/p')
+    ours=$("$mos" data-check --datadir "$tmp/jpegs" --workers "$threads" --batch 32 | sed -n 's/^loader: .* \([0-9.]*\) images\/s.*/\1/p')
+    awk -v b="$base" -v o="$ours" 'BEGIN { printf "torchvision %.1f images/s, mos %.1f images/s: %.2fx\n", b, o, o / b }'
+fi
+
+if has scores; then
+    python3 scripts/torch_ref.py make-jpegs "$tmp/id/a" 48 1
+    python3 scripts/torch_ref.py make-jpegs "$tmp/id/b" 48 2
+    python3 scripts/torch_ref.py make-jpegs "$tmp/ood" 64 3
+    python3 scripts/torch_ref.py make-model "$tmp" R26x0.5 1 8 2
+    echo
+    echo "test-baseline wall time per method, ResNetV2-R26x0.5 (random weights), 96 ID + 64 OOD images at 128x128, CPU"
+    run_method() {
+        local start end
+        start=$(now)
+        "$mos" test-baseline --in-datadir "$tmp/id" --out-datadir "$tmp/ood" --logdir "$tmp/runs" --name "$1" \
+            --model ResNetV2-R26x0.5 --model-path "$tmp/R26x0.5.pth.tar" --crop 128 --batch 32 \
+            --workers "$threads" --device cpu --score "$@" >/dev/null
+        end=$(now)
+        awk -v s="$start" -v e="$end" 'BEGIN { printf "%.3f", e - s }'
+    }
+    run_method MSP >/dev/null # warm-up (page cache, libtorch start-up)
+    msp=$(run_method MSP)
+    printf '%-22s %8s %8s\n' method seconds "vs MSP"
+    for spec in "MSP" "Energy" "KL_Div" "ODIN --epsilon-odin 0" "ODIN --epsilon-odin 0.0014" "MSP,Energy,KL_Div,ODIN"; do
+        read -r -a words <<<"$spec"
+        # shellcheck disable=SC2068
+        t=$(run_method ${words[@]})
+        awk -v m="$spec" -v t="$t" -v b="$msp" 'BEGIN { printf "%-22s %8.2f %7.2fx\n", m, t, t / b }'
+    done
+fi

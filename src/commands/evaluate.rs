@@ -1,0 +1,195 @@
+//! The shared body of `mos test-mos` and `mos test-baseline`: open the sets, load
+//! the model strictly, score, and write results.json, the table, scores and plots.
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+use crate::cli::{DeviceArgs, EvalDataArgs, EvalOutputArgs, RunArgs};
+use crate::eval::{finish_kl, metrics_of, score_split, EvalOptions, EvalSet, Method, MethodResult};
+use crate::model::weights::load_model;
+use crate::model::Variant;
+use crate::report::{merge_results, table, write_scores_csv, ScoreColumns};
+use crate::runlog::RunLog;
+
+/// The head a checkpoint must have for this evaluation, and how to explain a mismatch.
+pub enum HeadCheck {
+    /// A group-softmax head: classes of the ID folder plus one "others" per group.
+    Group { groups: usize, config: PathBuf },
+    /// A flat head: one logit per ID class.
+    Flat,
+}
+
+/// What one evaluation command asks for.
+pub struct EvalJob<'a> {
+    pub command: &'a str,
+    pub data: &'a EvalDataArgs,
+    pub run: &'a RunArgs,
+    pub model: Variant,
+    pub model_path: &'a Path,
+    pub device: &'a DeviceArgs,
+    pub output: &'a EvalOutputArgs,
+    pub methods: Vec<Method>,
+    pub head: HeadCheck,
+    pub settings: serde_json::Value,
+}
+
+fn expected_head(job: &EvalJob, id_classes: usize) -> Result<i64> {
+    Ok(match &job.head {
+        HeadCheck::Flat => id_classes as i64,
+        HeadCheck::Group { groups, config } => {
+            let Some(Method::Mos(slices)) = job.methods.first() else {
+                bail!("internal: a group head needs the MOS method");
+            };
+            if slices.num_classes() != id_classes as i64 {
+                bail!(
+                    "group config {} covers {} classes but --in-datadir {} has {id_classes} class folders",
+                    config.display(),
+                    slices.num_classes(),
+                    job.data.in_datadir.display()
+                );
+            }
+            id_classes as i64 + *groups as i64
+        }
+    })
+}
+
+fn head_hint(job: &EvalJob, id_classes: usize) -> String {
+    match &job.head {
+        HeadCheck::Flat => format!(
+            "test-baseline needs a flat-softmax checkpoint with one logit per class of --in-datadir ({id_classes}); a group-softmax checkpoint belongs to test-mos"
+        ),
+        HeadCheck::Group { groups, config } => format!(
+            "test-mos needs a group-softmax checkpoint with {id_classes} classes + {groups} groups (one 'others' logit each, group config {}); a flat-softmax checkpoint belongs to test-baseline",
+            config.display()
+        ),
+    }
+}
+
+/// Runs the job end to end.
+pub fn run(job: EvalJob) -> Result<()> {
+    let dir = job.run.logdir.join(&job.run.name);
+    let log = RunLog::open(&dir, "test.log")?;
+    let started = Instant::now();
+    log.line(format!(
+        "mos {} {}",
+        job.command,
+        serde_json::to_string(&job.settings)?
+    ));
+    let device = job.device.device.resolve()?;
+    let id = EvalSet::open(&job.data.in_datadir, "--in-datadir")?;
+    let ood = EvalSet::open(&job.data.out_datadir, "--out-datadir")?;
+    let id_classes = id.folder.classes.len();
+    log.line(format!(
+        "in-distribution {}: {} images, {id_classes} classes; out-of-distribution {}: {} images",
+        id.name,
+        id.folder.len(),
+        ood.name,
+        ood.folder.len()
+    ));
+    let head = expected_head(&job, id_classes)?;
+    let loaded = load_model(job.model_path, Some(job.model), Some(head), device)
+        .with_context(|| head_hint(&job, id_classes))?;
+    log.line(format!(
+        "model {} from {} ({}), head {head}, on {device:?}",
+        job.model.name,
+        job.model_path.display(),
+        loaded.state.format
+    ));
+    let opts = EvalOptions {
+        batch: job.data.batch,
+        workers: job.data.workers,
+        crop: job.data.crop,
+        skip_bad: job.data.skip_bad_images,
+        device,
+    };
+    let mut id_scores = score_split(&loaded.model, &id, &job.methods, &opts, "in-dist")?;
+    let mut ood_scores = score_split(&loaded.model, &ood, &job.methods, &opts, "out-of-dist")?;
+    finish_kl(
+        &job.methods,
+        &mut id_scores,
+        &mut ood_scores,
+        id_classes as i64,
+    )?;
+    for s in id_scores.skipped.iter().chain(&ood_scores.skipped) {
+        log.line(format!(
+            "skipped unreadable image {}: {}",
+            s.path.display(),
+            s.reason
+        ));
+    }
+    let skipped = id_scores.skipped.len() + ood_scores.skipped.len();
+    let mut rows = Vec::new();
+    for (m, method) in job.methods.iter().enumerate() {
+        let metrics = metrics_of(&id_scores, &ood_scores, m)
+            .with_context(|| format!("metrics of {}", method.name()))?;
+        rows.push(MethodResult {
+            method: method.name().to_string(),
+            in_dataset: id.name.clone(),
+            out_dataset: ood.name.clone(),
+            num_in: id_scores.paths.len(),
+            num_out: ood_scores.paths.len(),
+            auroc: metrics.auroc,
+            aupr_in: metrics.aupr_in,
+            aupr_out: metrics.aupr_out,
+            fpr95: metrics.fpr95,
+            fpr95_ood_positive: metrics.fpr95_ood_positive,
+            seconds: id_scores.seconds[m] + ood_scores.seconds[m],
+            skipped,
+            model: job.model.name.to_string(),
+            model_path: job.model_path.display().to_string(),
+            settings: job.settings.clone(),
+        });
+    }
+    let results = dir.join("results.json");
+    merge_results(&results, &rows)?;
+    print!("{}", table(&rows));
+    for r in &rows {
+        log.line(format!(
+            "{} {} -> {}: AUROC {:.4} AUPR-In {:.4} AUPR-Out {:.4} FPR95 {:.4} FPR95(OOD+) {:.4} ({:.1} s)",
+            r.method, r.in_dataset, r.out_dataset, r.auroc, r.aupr_in, r.aupr_out, r.fpr95, r.fpr95_ood_positive, r.seconds
+        ));
+    }
+    let names: Vec<&str> = job.methods.iter().map(Method::name).collect();
+    if let Some(csv) = &job.output.save_scores {
+        let sets = [
+            ScoreColumns {
+                split: "in",
+                paths: &id_scores.paths,
+                scores: &id_scores.scores,
+            },
+            ScoreColumns {
+                split: "out",
+                paths: &ood_scores.paths,
+                scores: &ood_scores.scores,
+            },
+        ];
+        write_scores_csv(csv, &names, &sets)?;
+        log.line(format!("scores written to {}", csv.display()));
+    }
+    if job.output.plot {
+        for (m, name) in names.iter().enumerate() {
+            let stem = format!("{name}_{}_vs_{}", id.name, ood.name);
+            let (a, b) = (&id_scores.scores[m], &ood_scores.scores[m]);
+            crate::plot::histogram(
+                &dir.join(format!("{stem}_hist.svg")),
+                &format!("{name}: {} vs {}", id.name, ood.name),
+                a,
+                b,
+            )?;
+            crate::plot::roc(
+                &dir.join(format!("{stem}_roc.svg")),
+                &format!("{name} ROC, AUROC {:.2}%", 100.0 * rows[m].auroc),
+                a,
+                b,
+            )?;
+        }
+        log.line(format!("plots written to {}", dir.display()));
+    }
+    log.line(format!(
+        "results in {} ({:.1} s in all)",
+        results.display(),
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}

@@ -1,0 +1,40 @@
+//! `mos test-mos`: the MOS score of a group-softmax model (the original's test_mos.py).
+use anyhow::{Context, Result};
+
+use super::evaluate::{self, EvalJob, HeadCheck};
+use crate::cli::TestMosArgs;
+use crate::eval::Method;
+use crate::groupconfig::read_group_config;
+use crate::ood::GroupSlices;
+
+pub fn run(args: &TestMosArgs) -> Result<()> {
+    let cfg = read_group_config(&args.group_config).context("--group-config")?;
+    let slices = GroupSlices::new(&cfg.classes_per_group)
+        .with_context(|| format!("--group-config {}", args.group_config.display()))?;
+    let groups = slices.num_groups();
+    let settings = serde_json::json!({
+        "in_datadir": args.data.in_datadir,
+        "out_datadir": args.data.out_datadir,
+        "group_config": args.group_config,
+        "classes_per_group": cfg.classes_per_group,
+        "batch": args.data.batch,
+        "crop": args.data.crop,
+        "skip_bad_images": args.data.skip_bad_images,
+        "device": args.device.device.to_string(),
+    });
+    evaluate::run(EvalJob {
+        command: "test-mos",
+        data: &args.data,
+        run: &args.run,
+        model: args.model.model,
+        model_path: &args.model_path,
+        device: &args.device,
+        output: &args.output,
+        methods: vec![Method::Mos(slices)],
+        head: HeadCheck::Group {
+            groups,
+            config: args.group_config.clone(),
+        },
+        settings,
+    })
+}

@@ -1,0 +1,113 @@
+//! Group configurations (SPEC §4): the number of classes in each group, read
+//! from the original's `.npy` (a 1-D int64 or int32 array such as
+//! `taxonomy_level0.npy`) or from our JSON form
+//! `{"classes_per_group": [4, 2, 3, 1], "group_names": ["tops", ...]}`
+//! (`group_names` optional). Validation of the counts is `GroupSlices::new`'s.
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::weights::npz::read_npy;
+use crate::weights::raw::DType;
+
+/// A group configuration as read from a file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupConfig {
+    pub classes_per_group: Vec<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_names: Option<Vec<String>>,
+}
+
+/// Reads a `.npy` or `.json` group configuration.
+pub fn read_group_config(path: &Path) -> Result<GroupConfig> {
+    let is_json = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    let cfg = if is_json {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read group config {}", path.display()))?;
+        serde_json::from_str::<GroupConfig>(&text).with_context(|| {
+            format!(
+                "group config {}: expected {{\"classes_per_group\": [..]}}",
+                path.display()
+            )
+        })?
+    } else {
+        let raw = read_npy(path)
+            .with_context(|| format!("cannot read group config {}", path.display()))?;
+        if raw.shape.len() != 1 || !matches!(raw.dtype, DType::I64 | DType::I32) {
+            bail!(
+                "group config {}: expected a 1-D int64 or int32 array, found {} {:?}",
+                path.display(),
+                raw.dtype,
+                raw.shape
+            );
+        }
+        let counts = raw.to_i64_vec().context("integer array")?;
+        GroupConfig {
+            classes_per_group: counts,
+            group_names: None,
+        }
+    };
+    if cfg.classes_per_group.is_empty() || cfg.classes_per_group.iter().any(|&n| n < 1) {
+        bail!(
+            "group config {}: every group needs at least one class, got {:?}",
+            path.display(),
+            cfg.classes_per_group
+        );
+    }
+    if let Some(names) = &cfg.group_names {
+        if names.len() != cfg.classes_per_group.len() {
+            bail!(
+                "group config {}: {} group names for {} groups",
+                path.display(),
+                names.len(),
+                cfg.classes_per_group.len()
+            );
+        }
+    }
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_papers_taxonomy_npy() {
+        let p =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/original/taxonomy_level0.npy");
+        if !p.exists() {
+            eprintln!("skipped: {} is absent", p.display());
+            return;
+        }
+        let cfg = read_group_config(&p).unwrap();
+        assert_eq!(cfg.classes_per_group, vec![398, 521, 9, 7, 52, 8, 3, 2]);
+    }
+
+    #[test]
+    fn reads_json_and_rejects_bad_configs() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("g.json");
+        std::fs::write(
+            &p,
+            r#"{"classes_per_group": [4, 2], "group_names": ["a", "b"]}"#,
+        )
+        .unwrap();
+        assert_eq!(read_group_config(&p).unwrap().classes_per_group, vec![4, 2]);
+        std::fs::write(&p, r#"{"classes_per_group": [4, 0]}"#).unwrap();
+        let e = read_group_config(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("g.json") && e.contains("at least one class"),
+            "{e}"
+        );
+        std::fs::write(&p, r#"{"classes": [4]}"#).unwrap();
+        assert!(format!("{:#}", read_group_config(&p).unwrap_err()).contains("g.json"));
+        let e = format!(
+            "{:#}",
+            read_group_config(&dir.path().join("none.npy")).unwrap_err()
+        );
+        assert!(e.contains("none.npy"), "{e}");
+    }
+}

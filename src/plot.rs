@@ -1,0 +1,170 @@
+//! Plots people would rather look at than read: the ID-vs-OOD score histogram and
+//! the ROC curve of a method (SVG, drawn with plotters).
+use std::path::Path;
+
+use anyhow::{anyhow, Result};
+use plotters::prelude::*;
+
+const BINS: usize = 50;
+
+fn finite_range(a: &[f64], b: &[f64]) -> (f64, f64) {
+    let (lo, hi) = a
+        .iter()
+        .chain(b)
+        .filter(|v| v.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &v| {
+            (l.min(v), h.max(v))
+        });
+    if !lo.is_finite() {
+        (0.0, 1.0)
+    } else if hi - lo < 1e-12 {
+        (lo - 0.5, hi + 0.5)
+    } else {
+        (lo, hi)
+    }
+}
+
+/// Fraction of `values` in each of [`BINS`] equal bins over [lo, hi].
+fn density(values: &[f64], lo: f64, hi: f64) -> Vec<f64> {
+    let mut counts = vec![0.0; BINS];
+    let width = (hi - lo) / BINS as f64;
+    for &v in values.iter().filter(|v| v.is_finite()) {
+        let b = (((v - lo) / width) as usize).min(BINS - 1);
+        counts[b] += 1.0;
+    }
+    let n = values.len().max(1) as f64;
+    counts.iter().map(|c| c / n).collect()
+}
+
+/// Overlaid histograms of ID and OOD scores (fraction of each set per bin).
+pub fn histogram(path: &Path, title: &str, id: &[f64], ood: &[f64]) -> Result<()> {
+    let (lo, hi) = finite_range(id, ood);
+    let (hid, hood) = (density(id, lo, hi), density(ood, lo, hi));
+    let top = hid.iter().chain(&hood).cloned().fold(0.0, f64::max) * 1.1 + 1e-9;
+    let root = SVGBackend::new(path, (720, 440)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e:?}"))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(52)
+        .build_cartesian_2d(lo..hi, 0.0..top)
+        .map_err(|e| anyhow!("{e:?}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("score (higher = more in-distribution)")
+        .y_desc("fraction of images")
+        .draw()
+        .map_err(|e| anyhow!("{e:?}"))?;
+    let width = (hi - lo) / BINS as f64;
+    for (values, color, name) in [
+        (&hid, BLUE, "in-distribution"),
+        (&hood, RED, "out-of-distribution"),
+    ] {
+        chart
+            .draw_series(values.iter().enumerate().map(|(b, &h)| {
+                let x0 = lo + b as f64 * width;
+                Rectangle::new([(x0, 0.0), (x0 + width, h)], color.mix(0.35).filled())
+            }))
+            .map_err(|e| anyhow!("{e:?}"))?
+            .label(name)
+            .legend(move |(x, y)| {
+                Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.mix(0.5).filled())
+            });
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| anyhow!("{e:?}"))?;
+    root.present()
+        .map_err(|e| anyhow!("{}: {e:?}", path.display()))?;
+    Ok(())
+}
+
+/// ROC points (FPR, TPR) with ID positive, one per distinct score threshold.
+pub fn roc_points(id: &[f64], ood: &[f64]) -> Vec<(f64, f64)> {
+    let mut all: Vec<(f64, bool)> = id
+        .iter()
+        .map(|&s| (s, true))
+        .chain(ood.iter().map(|&s| (s, false)))
+        .collect();
+    all.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let (np, nn) = (id.len().max(1) as f64, ood.len().max(1) as f64);
+    let (mut tp, mut fp) = (0.0, 0.0);
+    let mut pts = vec![(0.0, 0.0)];
+    for (i, &(s, is_id)) in all.iter().enumerate() {
+        if is_id {
+            tp += 1.0;
+        } else {
+            fp += 1.0;
+        }
+        if all.get(i + 1).is_none_or(|next| next.0 != s) {
+            pts.push((fp / nn, tp / np));
+        }
+    }
+    pts
+}
+
+/// The ROC curve (ID positive) with its AUROC in the title.
+pub fn roc(path: &Path, title: &str, id: &[f64], ood: &[f64]) -> Result<()> {
+    let pts = roc_points(id, ood);
+    let root = SVGBackend::new(path, (520, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e:?}"))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(44)
+        .build_cartesian_2d(0.0..1.0, 0.0..1.0)
+        .map_err(|e| anyhow!("{e:?}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("false positive rate (OOD accepted)")
+        .y_desc("true positive rate (ID accepted)")
+        .draw()
+        .map_err(|e| anyhow!("{e:?}"))?;
+    chart
+        .draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], BLACK.mix(0.3)))
+        .map_err(|e| anyhow!("{e:?}"))?;
+    chart
+        .draw_series(LineSeries::new(pts, BLUE.stroke_width(2)))
+        .map_err(|e| anyhow!("{e:?}"))?;
+    root.present()
+        .map_err(|e| anyhow!("{}: {e:?}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roc_points_walk_thresholds_with_ties() {
+        let pts = roc_points(&[3.0, 2.0, 2.0], &[2.0, 1.0]);
+        assert_eq!(
+            pts,
+            vec![(0.0, 0.0), (0.0, 1.0 / 3.0), (0.5, 1.0), (1.0, 1.0)]
+        );
+    }
+
+    #[test]
+    fn writes_svg_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let id: Vec<f64> = (0..100).map(|i| i as f64 / 50.0).collect();
+        let ood: Vec<f64> = (0..80).map(|i| i as f64 / 80.0 - 0.5).collect();
+        let h = dir.path().join("h.svg");
+        let r = dir.path().join("r.svg");
+        histogram(&h, "MSP", &id, &ood).unwrap();
+        roc(&r, "MSP ROC", &id, &ood).unwrap();
+        for p in [h, r] {
+            let text = std::fs::read_to_string(&p).unwrap();
+            assert!(
+                text.starts_with("<svg") && text.contains("</svg>"),
+                "{}",
+                p.display()
+            );
+        }
+    }
+}
