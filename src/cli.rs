@@ -29,6 +29,10 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Run the backbone on a tensor file; write logits (and features) as safetensors.
     Forward(ForwardArgs),
+    /// Fine-tune with a group softmax: one softmax per group plus "others" (finetune.py).
+    FinetuneGroup(FinetuneArgs),
+    /// Fine-tune with a flat softmax over all classes (finetune.py, flat_softmax).
+    FinetuneFlat(FinetuneArgs),
     /// OOD detection with the MOS score of a group-softmax model (test_mos.py).
     TestMos(TestMosArgs),
     /// OOD detection with baseline scores of a flat-softmax model (test_baselines.py).
@@ -39,6 +43,95 @@ pub enum Command {
     Metrics(MetricsArgs),
     /// The paper's table (methods x OOD sets, AUROC / FPR95 in %) from results.json files.
     Report(ReportArgs),
+}
+
+/// Where fine-tuning starts from (`--init`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Init {
+    /// Google's BiT weights, `<bit-pretrained-dir>/<model>.npz` (the paper); zero head.
+    Bit,
+    /// Random weights (training from scratch, e.g. for small data); zero head.
+    None,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FinetuneArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Directory of Google's BiT weights, read as <dir>/<model>.npz with --init bit.
+    #[arg(
+        long,
+        alias = "bit_pretrained_dir",
+        default_value = "bit_pretrained_models",
+        value_name = "DIR"
+    )]
+    pub bit_pretrained_dir: PathBuf,
+    /// Where the weights start: bit (pretrained .npz) or none (random).
+    #[arg(long, value_enum, default_value_t = Init::Bit)]
+    pub init: Init,
+    /// Name of the dataset (recorded in the run's config, as the original's flag).
+    #[arg(long, default_value = "imagenet2012", value_name = "NAME")]
+    pub dataset: String,
+    /// Root that the list files' paths are relative to.
+    #[arg(long, value_name = "DIR")]
+    pub datadir: PathBuf,
+    /// Training list (`path label`, or `path group class` for finetune-group).
+    #[arg(long, alias = "train_list", value_name = "FILE")]
+    pub train_list: PathBuf,
+    /// Validation list, same format.
+    #[arg(long, alias = "val_list", value_name = "FILE")]
+    pub val_list: PathBuf,
+    /// Classes per group (.npy or .json); finetune-group only.
+    #[arg(long, alias = "group_config", value_name = "FILE")]
+    pub group_config: Option<PathBuf>,
+    /// Images per optimizer update.
+    #[arg(long, default_value_t = 512, value_name = "N")]
+    pub batch: usize,
+    /// Micro-batches per update (gradients accumulate; memory / batch_split).
+    #[arg(long, alias = "batch_split", default_value_t = 1, value_name = "N")]
+    pub batch_split: usize,
+    /// Peak learning rate of the BiT-HyperRule schedule.
+    #[arg(long, alias = "base_lr", default_value_t = 0.003, value_name = "LR")]
+    pub base_lr: f64,
+    /// Schedule supports s0,s1,...: warm-up to s0, lr / 10 after each later support,
+    /// stop at the last. Default: by training-set size (BiT-HyperRule).
+    #[arg(long, value_name = "STEPS")]
+    pub schedule: Option<String>,
+    /// Stop (with a checkpoint) after this step even if the schedule goes on; a rerun
+    /// resumes.
+    #[arg(long, value_name = "STEP")]
+    pub max_steps: Option<u64>,
+    /// Validate (and checkpoint) every N steps, besides at the end.
+    #[arg(long, alias = "eval_every", value_name = "N")]
+    pub eval_every: Option<u64>,
+    /// Image decoding threads.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub workers: usize,
+    /// Do not write checkpoints.
+    #[arg(long, alias = "no_save")]
+    pub no_save: bool,
+    /// Trainable blocks: -1 all, 0 head only, 1..4 the last k blocks (SPEC §2).
+    #[arg(
+        long,
+        alias = "num_block_open",
+        default_value_t = 0,
+        allow_negative_numbers = true,
+        value_name = "K"
+    )]
+    pub num_block_open: i64,
+    /// Side of the training crop and of validation images.
+    #[arg(long, default_value_t = 480, value_name = "PIXELS")]
+    pub crop: usize,
+    /// Side of the training resize before the random crop.
+    #[arg(long, default_value_t = 512, value_name = "PIXELS")]
+    pub precrop: usize,
+    /// Seed of the data order, crops, flips, mixup and random init.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -19,4 +19,5 @@ pub mod progress;
 pub mod report;
 pub mod runlog;
 pub mod runtime;
+pub mod train;
 pub mod weights;

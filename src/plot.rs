@@ -136,6 +136,86 @@ pub fn roc(path: &Path, title: &str, id: &[f64], ood: &[f64]) -> Result<()> {
     Ok(())
 }
 
+fn series(history: &[serde_json::Value], key: &str) -> Vec<(f64, f64)> {
+    history
+        .iter()
+        .filter_map(|v| Some((v.get("step")?.as_f64()?, v.get(key)?.as_f64()?)))
+        .filter(|(_, y)| y.is_finite())
+        .collect()
+}
+
+fn span(points: &[(f64, f64)]) -> (f64, f64) {
+    let (lo, hi) = points
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), p| {
+            (l.min(p.1), h.max(p.1))
+        });
+    if !lo.is_finite() {
+        (0.0, 1.0)
+    } else if hi - lo < 1e-12 {
+        (lo - 0.5, hi + 0.5)
+    } else {
+        (lo, hi + 0.05 * (hi - lo))
+    }
+}
+
+/// Training curves from `metrics.jsonl` records: loss (train and validation),
+/// learning rate and validation top-1, one panel each.
+pub fn training_curves(path: &Path, history: &[serde_json::Value]) -> Result<()> {
+    let panels = [
+        (
+            "loss",
+            vec![
+                ("train loss", series(history, "loss"), BLUE),
+                ("val loss", series(history, "val_loss"), RED),
+            ],
+        ),
+        ("learning rate", vec![("lr", series(history, "lr"), GREEN)]),
+        (
+            "val top-1",
+            vec![("val top-1", series(history, "val_top1"), MAGENTA)],
+        ),
+    ];
+    let last_step = history
+        .iter()
+        .filter_map(|v| v.get("step")?.as_f64())
+        .fold(1.0, f64::max);
+    let root = SVGBackend::new(path, (900, 780)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e:?}"))?;
+    for (area, (title, lines)) in root.split_evenly((3, 1)).iter().zip(panels) {
+        let all: Vec<(f64, f64)> = lines.iter().flat_map(|l| l.1.clone()).collect();
+        let (lo, hi) = span(&all);
+        let mut chart = ChartBuilder::on(area)
+            .caption(title, ("sans-serif", 16))
+            .margin(8)
+            .x_label_area_size(28)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0.0..last_step, lo..hi)
+            .map_err(|e| anyhow!("{e:?}"))?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .draw()
+            .map_err(|e| anyhow!("{e:?}"))?;
+        for (name, points, color) in lines {
+            chart
+                .draw_series(LineSeries::new(points, color.stroke_width(2)))
+                .map_err(|e| anyhow!("{e:?}"))?
+                .label(name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], color));
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| anyhow!("{e:?}"))?;
+    }
+    root.present()
+        .map_err(|e| anyhow!("{}: {e:?}", path.display()))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,7 @@ pub mod convert;
 pub mod data_check;
 pub mod env;
 pub mod evaluate;
+pub mod finetune;
 pub mod forward;
 pub mod inspect;
 pub mod metrics;
@@ -19,6 +20,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Convert(args) => convert::run(&args),
         Command::Inspect(args) => inspect::run(&args),
         Command::Forward(args) => forward::run(&args),
+        Command::FinetuneGroup(args) => finetune::run(&args, finetune::Head::Group),
+        Command::FinetuneFlat(args) => finetune::run(&args, finetune::Head::Flat),
         Command::TestMos(args) => test_mos::run(&args),
         Command::TestBaseline(args) => test_baseline::run(&args),
         Command::DataCheck(args) => data_check::run(&args),

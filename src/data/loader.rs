@@ -216,6 +216,17 @@ impl Loader {
         mode: Mode,
         opts: LoaderOptions,
     ) -> Result<Self, DataError> {
+        Self::starting_at(items, mode, opts, 0)
+    }
+
+    /// Like [`Loader::new`], but skips the first `start_batch` batches of the order
+    /// without reading them (resuming training in the middle of an epoch).
+    pub fn starting_at(
+        items: std::sync::Arc<Vec<Item>>,
+        mode: Mode,
+        opts: LoaderOptions,
+        start_batch: usize,
+    ) -> Result<Self, DataError> {
         if opts.batch == 0 || opts.workers == 0 {
             return Err(DataError::InvalidArgument(format!(
                 "batch ({}) and workers ({}) must be at least 1",
@@ -223,6 +234,10 @@ impl Loader {
             )));
         }
         let order = visit_order(items.len(), &mode);
+        let order: Vec<usize> = order
+            .into_iter()
+            .skip(start_batch.saturating_mul(opts.batch))
+            .collect();
         let num_batches = order.len().div_ceil(opts.batch);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(opts.workers)

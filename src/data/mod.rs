@@ -28,7 +28,7 @@ pub use transform::{EvalTransform, Rng, TrainTransform};
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     /// A file or directory could not be read.
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("cannot read {}", path.display())]
     Io {
         path: PathBuf,
         #[source]

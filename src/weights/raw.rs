@@ -172,7 +172,7 @@ fn f16_to_f32(h: u16) -> f32 {
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
     /// The file could not be opened or read.
-    #[error("cannot read weight file '{path}': {source}")]
+    #[error("cannot read weight file '{path}'")]
     Io {
         /// The file.
         path: PathBuf,

@@ -1,0 +1,491 @@
+//! `mos finetune-group` and `mos finetune-flat`: one code path (SPEC §8). BiT
+//! initialisation (or random), zero head, freezing by `--num-block-open`,
+//! BiT-HyperRule schedule, SGD with momentum and correct gradient accumulation,
+//! mixup, validation and atomic checkpoints, exact resume, Ctrl-C saves.
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use tch::{nn, Kind, Tensor};
+
+use crate::cli::{FinetuneArgs, Init};
+use crate::data::loader::{Item, Loader, LoaderOptions, Mode};
+use crate::data::transform::{EvalTransform, Rng, TrainTransform};
+use crate::data::{read_flat_list, read_group_list};
+use crate::groupconfig::read_group_config;
+use crate::model::checkpoint::{self, Checkpoint, CheckpointMeta};
+use crate::model::weights::{load_strict, read_state_dict};
+use crate::model::{Freeze, ResNetV2};
+use crate::ood::GroupSlices;
+use crate::runlog::RunLog;
+use crate::train::mixup::{mix, MixupSampler};
+use crate::train::schedule::{mixup_alpha, parse_supports, Schedule};
+use crate::train::sgd::Sgd;
+
+/// Which softmax the head has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Head {
+    Group,
+    Flat,
+}
+
+/// The checkpoint file of a fine-tuning run directory.
+pub const CHECKPOINT: &str = "checkpoint.safetensors";
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+struct Data {
+    train: Arc<Vec<Item>>,
+    val: Arc<Vec<Item>>,
+    head_size: i64,
+    slices: Option<GroupSlices>,
+}
+
+fn load_data(args: &FinetuneArgs, head: Head) -> Result<Data> {
+    let items = |list: &Path, slices: Option<&GroupSlices>| -> Result<Vec<Item>> {
+        Ok(match slices {
+            Some(s) => read_group_list(list, &args.datadir, s.classes_per_group())?
+                .into_iter()
+                .map(|e| Item {
+                    target: e.target(s.num_groups()),
+                    path: e.path,
+                })
+                .collect(),
+            None => read_flat_list(list, &args.datadir)?
+                .into_iter()
+                .map(|e| Item {
+                    path: e.path,
+                    target: vec![e.label as i64],
+                })
+                .collect(),
+        })
+    };
+    let slices = match (head, &args.group_config) {
+        (Head::Group, Some(cfg)) => {
+            let c = read_group_config(cfg).context("--group-config")?;
+            Some(
+                GroupSlices::new(&c.classes_per_group)
+                    .with_context(|| format!("--group-config {}", cfg.display()))?,
+            )
+        }
+        (Head::Group, None) => bail!("finetune-group needs --group-config"),
+        (Head::Flat, Some(_)) => {
+            bail!("finetune-flat takes no --group-config (that is finetune-group)")
+        }
+        (Head::Flat, None) => None,
+    };
+    let train = items(&args.train_list, slices.as_ref()).context("--train-list")?;
+    let val = items(&args.val_list, slices.as_ref()).context("--val-list")?;
+    let head_size = match &slices {
+        Some(s) => s.total_logits(),
+        None => {
+            1 + train
+                .iter()
+                .chain(&val)
+                .map(|i| i.target[0])
+                .max()
+                .unwrap_or(0)
+        }
+    };
+    Ok(Data {
+        train: Arc::new(train),
+        val: Arc::new(val),
+        head_size,
+        slices,
+    })
+}
+
+fn loss_of(logits: &Tensor, targets: &Tensor, slices: Option<&GroupSlices>) -> Result<Tensor> {
+    Ok(match slices {
+        Some(s) => s.group_loss(logits, targets)?,
+        None => logits.cross_entropy_for_logits(targets),
+    })
+}
+
+fn correct_of(logits: &Tensor, targets: &Tensor, slices: Option<&GroupSlices>) -> Result<Tensor> {
+    Ok(match slices {
+        Some(s) => s.group_accuracy(logits, targets)?,
+        None => logits.argmax(1, false).eq_tensor(targets),
+    })
+}
+
+/// Validation loss (mean over images) and top-1 accuracy.
+fn validate(
+    model: &ResNetV2,
+    data: &Data,
+    args: &FinetuneArgs,
+    device: tch::Device,
+    micro: usize,
+) -> Result<(f64, f64)> {
+    let loader = Loader::new(
+        data.val.clone(),
+        Mode::Eval(EvalTransform { size: args.crop }),
+        LoaderOptions {
+            batch: micro,
+            workers: args.workers,
+            prefetch: 2,
+            skip_bad: true,
+        },
+    )?;
+    let (mut loss_sum, mut correct, mut n) = (0.0, 0i64, 0usize);
+    for batch in loader {
+        let batch = batch?;
+        if batch.is_empty() {
+            continue;
+        }
+        let (x, y) = batch.to_tensors(device);
+        tch::no_grad(|| -> Result<()> {
+            let logits = model.forward(&x);
+            loss_sum +=
+                loss_of(&logits, &y, data.slices.as_ref())?.double_value(&[]) * batch.len() as f64;
+            correct += correct_of(&logits, &y, data.slices.as_ref())?
+                .sum(Kind::Int64)
+                .int64_value(&[]);
+            Ok(())
+        })?;
+        n += batch.len();
+    }
+    if n == 0 {
+        bail!("no readable validation image");
+    }
+    Ok((loss_sum / n as f64, correct as f64 / n as f64))
+}
+
+/// Where a run stands: optimizer steps, and the position in the data order.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+struct Position {
+    step: u64,
+    epoch: u64,
+    /// Micro-batches of `epoch` already consumed.
+    batch_in_epoch: usize,
+}
+
+struct Run<'a> {
+    args: &'a FinetuneArgs,
+    dir: PathBuf,
+    log: RunLog,
+    metrics: std::fs::File,
+    history: Vec<serde_json::Value>,
+    config: serde_json::Value,
+}
+
+impl Run<'_> {
+    fn record(&mut self, v: serde_json::Value) -> Result<()> {
+        writeln!(self.metrics, "{v}").context("metrics.jsonl")?;
+        self.history.push(v);
+        Ok(())
+    }
+
+    fn save(&self, vs: &nn::VarStore, sgd: &Sgd, meta: CheckpointMeta) -> Result<()> {
+        if self.args.no_save {
+            return Ok(());
+        }
+        let mut model: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        model.sort_by(|a, b| a.0.cmp(&b.0));
+        let path = self.dir.join(CHECKPOINT);
+        checkpoint::save(
+            &path,
+            &Checkpoint {
+                meta: Some(meta),
+                model,
+                momentum: sgd.buffers(),
+            },
+        )?;
+        self.log
+            .line(format!("checkpoint saved: {}", path.display()));
+        Ok(())
+    }
+}
+
+fn read_history(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .map(|t| {
+            t.lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn run(args: &FinetuneArgs, head: Head) -> Result<()> {
+    let command = match head {
+        Head::Group => "finetune-group",
+        Head::Flat => "finetune-flat",
+    };
+    let freeze = Freeze::from_num_block_open(args.num_block_open).map_err(anyhow::Error::msg)?;
+    if args.batch_split == 0 || args.batch == 0 || args.batch % args.batch_split != 0 {
+        bail!(
+            "--batch {} must be a positive multiple of --batch-split {}",
+            args.batch,
+            args.batch_split
+        );
+    }
+    let micro = args.batch / args.batch_split;
+    let device = args.device.device.resolve()?;
+    let dir = args.run.logdir.join(&args.run.name);
+    let log = RunLog::open(&dir, "train.log")?;
+    let data = load_data(args, head)?;
+    let supports = match &args.schedule {
+        Some(s) => parse_supports(s).context("--schedule")?,
+        None => crate::train::schedule::supports_for(data.train.len()).to_vec(),
+    };
+    let schedule = Schedule::new(supports, args.base_lr).context("--base-lr / --schedule")?;
+    let alpha = mixup_alpha(data.train.len());
+    let config = serde_json::json!({
+        "command": command, "model": args.model.model.name, "init": format!("{:?}", args.init),
+        "dataset": args.dataset, "datadir": args.datadir, "train_list": args.train_list, "val_list": args.val_list,
+        "group_config": args.group_config, "train_images": data.train.len(), "val_images": data.val.len(),
+        "head_size": data.head_size, "batch": args.batch, "batch_split": args.batch_split, "base_lr": args.base_lr,
+        "schedule": schedule.supports(), "mixup_alpha": alpha, "num_block_open": args.num_block_open,
+        "crop": args.crop, "precrop": args.precrop, "seed": args.seed, "device": args.device.device.to_string(),
+    });
+    checkpoint::write_atomic(
+        &dir.join("config.json"),
+        serde_json::to_string_pretty(&config)?.as_bytes(),
+    )?;
+    log.line(format!("mos {command} {config}"));
+
+    tch::manual_seed(args.seed as i64);
+    let vs = nn::VarStore::new(device);
+    let model = ResNetV2::new(&vs.root(), args.model.model, data.head_size);
+    let ckpt_path = dir.join(CHECKPOINT);
+    let mut pos = Position::default();
+    let mut momentum = Vec::new();
+    if ckpt_path.exists() {
+        let sd = read_state_dict(&ckpt_path)?;
+        let meta = sd
+            .meta
+            .as_ref()
+            .with_context(|| format!("{}: not a mos checkpoint", ckpt_path.display()))?;
+        if meta.model != args.model.model.name || meta.head_size != data.head_size {
+            bail!(
+                "{} holds {} with head {}, but this run asks for {} with head {}; use another --name",
+                ckpt_path.display(), meta.model, meta.head_size, args.model.model.name, data.head_size
+            );
+        }
+        pos = serde_json::from_value(meta.config["position"].clone())
+            .context("checkpoint position")?;
+        load_strict(&vs, &sd.tensors, &ckpt_path, args.model.model.name, &|_| {
+            false
+        })?;
+        momentum = sd.momentum;
+        log.line(format!(
+            "resuming from {} at step {}",
+            ckpt_path.display(),
+            pos.step
+        ));
+    } else if args.init == Init::Bit {
+        let npz = args
+            .bit_pretrained_dir
+            .join(format!("{}.npz", args.model.model.name));
+        if !npz.is_file() {
+            bail!(
+                "--init bit: {} not found (put Google's BiT weights there, or pass --init none)",
+                npz.display()
+            );
+        }
+        let sd = read_state_dict(&npz)?;
+        load_strict(&vs, &sd.tensors, &npz, args.model.model.name, &|n| {
+            n.starts_with("head.")
+        })?;
+        log.line(format!("initialised from {} (zero head)", npz.display()));
+    } else {
+        log.line("initialised randomly (--init none; zero head)");
+    }
+    let mut trainable = Vec::new();
+    for (name, var) in vs.variables() {
+        if freeze.trainable(&name) {
+            trainable.push((name, var));
+        } else {
+            let _ = var.set_requires_grad(false);
+        }
+    }
+    trainable.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut sgd = Sgd::new(trainable, args.batch_split)?;
+    if !momentum.is_empty() {
+        sgd.set_buffers(momentum)?;
+    }
+    let metrics_path = dir.join("metrics.jsonl");
+    let history = read_history(&metrics_path);
+    let metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .with_context(|| format!("cannot open {}", metrics_path.display()))?;
+    let mut run = Run {
+        args,
+        dir: dir.clone(),
+        log,
+        metrics,
+        history,
+        config,
+    };
+    let end = args
+        .max_steps
+        .map_or(schedule.total_steps(), |m| m.min(schedule.total_steps()));
+    if pos.step >= end {
+        run.log.line(format!(
+            "nothing to do: the run is at step {} of {end}",
+            pos.step
+        ));
+        return Ok(());
+    }
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
+    }
+    train_loop(
+        &mut run, &vs, &model, &mut sgd, &data, &schedule, alpha, freeze, micro, pos, end, device,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train_loop(
+    run: &mut Run,
+    vs: &nn::VarStore,
+    model: &ResNetV2,
+    sgd: &mut Sgd,
+    data: &Data,
+    schedule: &Schedule,
+    alpha: Option<f64>,
+    freeze: Freeze,
+    micro: usize,
+    mut pos: Position,
+    end: u64,
+    device: tch::Device,
+) -> Result<()> {
+    let args = run.args;
+    let slices = data.slices.as_ref();
+    let bar = crate::progress::bar(end, "training");
+    bar.set_position(pos.step);
+    let transform = TrainTransform {
+        precrop: args.precrop,
+        crop: args.crop,
+    };
+    let opts = LoaderOptions {
+        batch: micro,
+        workers: args.workers,
+        prefetch: 2,
+        skip_bad: true,
+    };
+    let meta = |pos: Position, run: &Run| CheckpointMeta {
+        model: args.model.model.name.to_string(),
+        head_size: data.head_size,
+        group_config: slices.map(|s| s.classes_per_group().to_vec()),
+        step: pos.step as i64,
+        config: serde_json::json!({ "position": pos, "run": run.config }),
+    };
+    let (mut loss_acc, mut images, mut last) = (0.0, 0usize, Instant::now());
+    let mut skipped = 0usize;
+    loop {
+        let loader = Loader::starting_at(
+            data.train.clone(),
+            Mode::Train {
+                transform,
+                seed: args.seed,
+                epoch: pos.epoch,
+            },
+            opts,
+            pos.batch_in_epoch,
+        )?;
+        for batch in loader {
+            let batch = batch?;
+            pos.batch_in_epoch += 1;
+            for s in &batch.skipped {
+                skipped += 1;
+                run.log.line(format!(
+                    "skipped unreadable training image {}: {}",
+                    s.path.display(),
+                    s.reason
+                ));
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            let lr = schedule.lr(pos.step).context("schedule ended")?;
+            let (x, y) = batch.to_tensors(device);
+            let micro_index = (pos.step * args.batch_split as u64) + sgd.accumulated() as u64;
+            let loss = match alpha {
+                Some(a) => {
+                    let mut sampler =
+                        MixupSampler::new(a, Rng::derive(args.seed, micro_index).next_u64())?;
+                    let lambda = sampler.sample_lambda();
+                    let perm = sampler.sample_permutation(batch.len(), device);
+                    let logits = model.forward_train(&mix(&x, lambda, &perm)?, freeze);
+                    let y_perm = y.index_select(0, &perm);
+                    loss_of(&logits, &y, slices)? * lambda
+                        + loss_of(&logits, &y_perm, slices)? * (1.0 - lambda)
+                }
+                None => loss_of(&model.forward_train(&x, freeze), &y, slices)?,
+            };
+            let value = loss.double_value(&[]);
+            if !value.is_finite() {
+                bail!(
+                    "the loss is {value} at step {} (lr {lr}): stopping; the last checkpoint in {} is intact",
+                    pos.step,
+                    run.dir.display()
+                );
+            }
+            sgd.backward(&loss)?;
+            loss_acc += value;
+            images += batch.len();
+            if sgd.accumulated() < args.batch_split {
+                continue;
+            }
+            sgd.step(lr)?;
+            pos.step += 1;
+            let train_loss = loss_acc / args.batch_split as f64;
+            run.record(serde_json::json!({ "step": pos.step, "lr": lr, "loss": train_loss }))?;
+            let secs = last.elapsed().as_secs_f64();
+            bar.set_position(pos.step);
+            bar.set_message(format!(
+                "loss {train_loss:.4} lr {lr:.2e} {:.1} img/s",
+                images as f64 / secs.max(1e-9)
+            ));
+            (loss_acc, images, last) = (0.0, 0, Instant::now());
+            let done = pos.step >= end;
+            let interrupted = INTERRUPTED.load(Ordering::SeqCst);
+            if done || args.eval_every.is_some_and(|e| e > 0 && pos.step % e == 0) {
+                let (val_loss, val_top1) = validate(model, data, args, device, micro)?;
+                if !val_loss.is_finite() {
+                    bail!(
+                        "the validation loss is {val_loss} at step {}: stopping without saving; the last checkpoint in {} is intact",
+                        pos.step,
+                        run.dir.display()
+                    );
+                }
+                run.log.line(format!(
+                    "step {}: train loss {train_loss:.5}, val loss {val_loss:.5}, val top-1 {:.2}%",
+                    pos.step,
+                    100.0 * val_top1
+                ));
+                run.record(serde_json::json!({ "step": pos.step, "val_loss": val_loss, "val_top1": val_top1 }))?;
+                run.save(vs, sgd, meta(pos, run))?;
+                crate::plot::training_curves(&run.dir.join("training.svg"), &run.history)?;
+            } else if interrupted {
+                run.save(vs, sgd, meta(pos, run))?;
+            }
+            if done {
+                bar.finish_and_clear();
+                run.log.line(format!(
+                    "done at step {} ({skipped} unreadable training images skipped)",
+                    pos.step
+                ));
+                return Ok(());
+            }
+            if interrupted {
+                bar.abandon();
+                bail!("interrupted at step {}; the checkpoint is saved, rerun the same command to resume", pos.step);
+            }
+        }
+        pos.epoch += 1;
+        pos.batch_in_epoch = 0;
+    }
+}

@@ -1,0 +1,300 @@
+//! finetune-flat / finetune-group end to end on tiny images: outputs, exact
+//! resume, freezing, NaN stop, argument errors.
+use std::path::{Path, PathBuf};
+
+use assert_cmd::Command;
+use mos::model::checkpoint;
+use predicates::prelude::*;
+
+struct Data {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+}
+
+/// 3 classes x 6 solid-ish colour images; flat and group lists (groups [2, 1]).
+fn data() -> Data {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let (mut flat, mut group) = (String::new(), String::new());
+    for c in 0..3u32 {
+        let d = root.join(format!("data/class {c}"));
+        std::fs::create_dir_all(&d).unwrap();
+        for i in 0..6u32 {
+            let img = image::RgbImage::from_fn(18 + i, 16, |x, y| {
+                let base = [[200u32, 40, 40], [40, 200, 40], [40, 40, 200]][c as usize];
+                let n = (x * 13 + y * 7 + i * 29) % 40;
+                image::Rgb([
+                    (base[0] + n) as u8,
+                    (base[1] + n) as u8,
+                    (base[2] + n) as u8,
+                ])
+            });
+            img.save(d.join(format!("{i}.png"))).unwrap();
+            flat.push_str(&format!("class {c}/{i}.png {c}\n"));
+            let (g, k) = if c < 2 { (0, c) } else { (1, 0) };
+            group.push_str(&format!("class {c}/{i}.png {g} {k}\n"));
+        }
+    }
+    std::fs::write(root.join("flat.txt"), flat).unwrap();
+    std::fs::write(root.join("group.txt"), group).unwrap();
+    std::fs::write(root.join("groups.json"), r#"{"classes_per_group": [2, 1]}"#).unwrap();
+    Data { _dir: dir, root }
+}
+
+fn finetune(d: &Data, kind: &str, name: &str, extra: &[&str]) -> Command {
+    let mut cmd = Command::cargo_bin("mos").unwrap();
+    let list = if kind == "finetune-group" {
+        "group.txt"
+    } else {
+        "flat.txt"
+    };
+    cmd.arg(kind).args([
+        "--name",
+        name,
+        "--model",
+        "ResNetV2-R14x0.5",
+    ]);
+    cmd.arg("--logdir")
+        .arg(d.root.join("runs"))
+        .arg("--datadir")
+        .arg(d.root.join("data"));
+    cmd.arg("--train-list")
+        .arg(d.root.join(list))
+        .arg("--val_list")
+        .arg(d.root.join(list));
+    let defaults = [
+        ("--batch", "6"),
+        ("--batch-split", "2"),
+        ("--crop", "24"),
+        ("--precrop", "28"),
+        ("--workers", "2"),
+        ("--device", "cpu"),
+        ("--base-lr", "0.01"),
+        ("--seed", "3"),
+        ("--init", "none"),
+    ];
+    for (flag, value) in defaults {
+        if !extra.contains(&flag) {
+            cmd.args([flag, value]);
+        }
+    }
+    if kind == "finetune-group" {
+        cmd.arg("--group-config").arg(d.root.join("groups.json"));
+    }
+    cmd.args(extra);
+    cmd
+}
+
+fn tensors(path: &Path) -> checkpoint::Checkpoint {
+    checkpoint::load(path).unwrap()
+}
+
+fn same(a: &[(String, tch::Tensor)], b: &[(String, tch::Tensor)]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.0 == y.0 && x.1.equal(&y.1))
+}
+
+#[test]
+fn flat_run_writes_metrics_checkpoint_log_and_plot() {
+    let d = data();
+    finetune(
+        &d,
+        "finetune-flat",
+        "flat",
+        &[
+            "--schedule",
+            "2,4,6",
+            "--eval-every",
+            "3",
+            "--num-block-open",
+            "-1",
+        ],
+    )
+    .assert()
+    .success()
+    .stderr(predicate::str::contains("val top-1"));
+    let run = d.root.join("runs/flat");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let steps: Vec<_> = lines.iter().filter(|v| v.get("loss").is_some()).collect();
+    let vals: Vec<_> = lines
+        .iter()
+        .filter(|v| v.get("val_top1").is_some())
+        .collect();
+    assert_eq!(steps.len(), 6);
+    assert_eq!(steps[0]["lr"], 0.0, "warm-up starts at 0");
+    assert_eq!(steps[1]["lr"], 0.005);
+    assert_eq!(
+        vals.iter()
+            .map(|v| v["step"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![3, 6]
+    );
+    let ckpt = tensors(&run.join("checkpoint.safetensors"));
+    let meta = ckpt.meta.unwrap();
+    assert_eq!((meta.step, meta.head_size), (6, 3));
+    assert!(!ckpt.momentum.is_empty());
+    assert!(std::fs::read_to_string(run.join("train.log"))
+        .unwrap()
+        .contains("done at step 6"));
+    assert!(std::fs::read_to_string(run.join("training.svg"))
+        .unwrap()
+        .contains("</svg>"));
+    assert!(run.join("config.json").exists());
+    // The checkpoint serves test-baseline's loader (right head for 3 classes).
+    let loaded = mos::model::weights::load_model(&run, None, Some(3), tch::Device::Cpu).unwrap();
+    assert_eq!(loaded.model.head_size, 3);
+}
+
+#[test]
+fn stopping_and_resuming_gives_the_same_weights_as_one_run() {
+    let d = data();
+    let args = ["--schedule", "2,4,7", "--num-block-open", "-1"];
+    finetune(&d, "finetune-flat", "whole", &args)
+        .assert()
+        .success();
+    let mut stop = args.to_vec();
+    stop.extend(["--max-steps", "3"]);
+    finetune(&d, "finetune-flat", "split", &stop)
+        .assert()
+        .success();
+    assert_eq!(
+        tensors(&d.root.join("runs/split/checkpoint.safetensors"))
+            .meta
+            .unwrap()
+            .step,
+        3
+    );
+    finetune(&d, "finetune-flat", "split", &args)
+        .assert()
+        .success()
+        .stderr(predicate::str::contains("resuming"));
+    let a = tensors(&d.root.join("runs/whole/checkpoint.safetensors"));
+    let b = tensors(&d.root.join("runs/split/checkpoint.safetensors"));
+    assert_eq!(b.meta.as_ref().unwrap().step, 7);
+    assert!(same(&a.model, &b.model), "weights differ after resume");
+    assert!(
+        same(&a.momentum, &b.momentum),
+        "momentum differs after resume"
+    );
+    // A finished run has nothing left to do.
+    finetune(&d, "finetune-flat", "split", &args)
+        .assert()
+        .success()
+        .stderr(predicate::str::contains("nothing to do"));
+}
+
+#[test]
+fn head_only_training_leaves_the_body_unchanged() {
+    let d = data();
+    let args = [
+        "--schedule",
+        "1,3",
+        "--eval-every",
+        "1",
+        "--num-block-open",
+        "0",
+    ];
+    finetune(
+        &d,
+        "finetune-group",
+        "frozen",
+        &[&args[..], &["--max-steps", "1"]].concat(),
+    )
+    .assert()
+    .success();
+    let first = tensors(&d.root.join("runs/frozen/checkpoint.safetensors"));
+    finetune(&d, "finetune-group", "frozen", &args)
+        .assert()
+        .success();
+    let last = tensors(&d.root.join("runs/frozen/checkpoint.safetensors"));
+    assert_eq!(last.meta.as_ref().unwrap().head_size, 3 + 2);
+    for ((n, a), (_, b)) in first.model.iter().zip(&last.model) {
+        if n.starts_with("head.") {
+            assert!(!a.equal(b), "{n} did not train");
+        } else {
+            assert!(a.equal(b), "{n} changed although frozen");
+        }
+    }
+    let names: Vec<_> = last.momentum.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["head.conv.bias", "head.conv.weight"]);
+}
+
+#[test]
+fn a_diverging_loss_stops_with_the_last_checkpoint_intact() {
+    let d = data();
+    finetune(
+        &d,
+        "finetune-flat",
+        "nan",
+        &[
+            "--schedule",
+            "1,20",
+            "--eval-every",
+            "1",
+            "--base-lr",
+            "1e38",
+            "--num-block-open",
+            "-1",
+        ],
+    )
+    .assert()
+    .code(1)
+    .stderr(predicate::str::contains("loss is NaN"))
+    .stderr(predicate::str::contains("the last checkpoint"));
+    let ckpt = tensors(&d.root.join("runs/nan/checkpoint.safetensors"));
+    let step = ckpt.meta.unwrap().step;
+    assert!((1..20).contains(&step), "{step}");
+    let finite = ckpt
+        .model
+        .iter()
+        .all(|(_, t)| t.isfinite().all().int64_value(&[]) == 1);
+    assert!(finite, "a checkpoint with non-finite weights was written");
+}
+
+#[test]
+fn argument_errors_name_the_flag() {
+    let d = data();
+    let mut cmd = finetune(&d, "finetune-flat", "e1", &["--batch-split", "4"]);
+    cmd.assert().code(1).stderr(predicate::str::contains(
+        "--batch 6 must be a positive multiple of --batch-split 4",
+    ));
+    let mut cmd = Command::cargo_bin("mos").unwrap();
+    cmd.args([
+        "finetune-group",
+        "--name",
+        "x",
+        "--model",
+        "ResNetV2-R14x0.5",
+        "--init",
+        "none",
+    ]);
+    cmd.arg("--logdir")
+        .arg(d.root.join("runs"))
+        .arg("--datadir")
+        .arg(d.root.join("data"));
+    cmd.arg("--train-list")
+        .arg(d.root.join("group.txt"))
+        .arg("--val-list")
+        .arg(d.root.join("group.txt"));
+    cmd.assert().code(1).stderr(predicate::str::contains(
+        "finetune-group needs --group-config",
+    ));
+    finetune(&d, "finetune-flat", "e2", &["--num-block-open", "7"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("--num-block-open 7"));
+    finetune(
+        &d,
+        "finetune-flat",
+        "e3",
+        &["--init", "bit", "--bit-pretrained-dir", "/nonexistent"],
+    )
+    .assert()
+    .code(1)
+    .stderr(predicate::str::contains(
+        "/nonexistent/ResNetV2-R14x0.5.npz not found",
+    ));
+}
