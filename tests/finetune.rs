@@ -48,12 +48,8 @@ fn finetune(d: &Data, kind: &str, name: &str, extra: &[&str]) -> Command {
     } else {
         "flat.txt"
     };
-    cmd.arg(kind).args([
-        "--name",
-        name,
-        "--model",
-        "ResNetV2-R14x0.5",
-    ]);
+    cmd.arg(kind)
+        .args(["--name", name, "--model", "ResNetV2-R14x0.5"]);
     cmd.arg("--logdir")
         .arg(d.root.join("runs"))
         .arg("--datadir")
