@@ -33,6 +33,8 @@ pub enum Command {
     FinetuneGroup(FinetuneArgs),
     /// Fine-tune with a flat softmax over all classes (finetune.py, flat_softmax).
     FinetuneFlat(FinetuneArgs),
+    /// Tune the Mahalanobis detector (tune_mahalanobis_hyperparameter.py).
+    TuneMahalanobis(TuneMahalanobisArgs),
     /// OOD detection with the MOS score of a group-softmax model (test_mos.py).
     TestMos(TestMosArgs),
     /// OOD detection with baseline scores of a flat-softmax model (test_baselines.py).
@@ -130,6 +132,49 @@ pub struct FinetuneArgs {
     /// Seed of the data order, crops, flips, mixup and random init.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TuneMahalanobisArgs {
+    /// Root that the list files' paths are relative to.
+    #[arg(long, value_name = "DIR")]
+    pub datadir: PathBuf,
+    /// Training list (`path label`): class means and the tied covariance.
+    #[arg(long, alias = "train_list", value_name = "FILE")]
+    pub train_list: PathBuf,
+    /// Validation list (`path label`): its first 2 x --num-lr-samples images, in file
+    /// order, train and validate the logistic regression.
+    #[arg(long, alias = "val_list", value_name = "FILE")]
+    pub val_list: PathBuf,
+    /// Image decoding threads.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub workers: usize,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The flat-softmax model: the paper's .pth.tar, our checkpoint, or a run directory.
+    #[arg(long, alias = "model_path", value_name = "FILE")]
+    pub model_path: PathBuf,
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Images per batch.
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    pub batch: usize,
+    /// Side of the square images the model sees.
+    #[arg(long, default_value_t = 480, value_name = "PIXELS")]
+    pub crop: usize,
+    /// Images of the validation list for each half of the regression data.
+    #[arg(long, default_value_t = 500, value_name = "N")]
+    pub num_lr_samples: usize,
+    /// Noise magnitudes to search, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0.0,0.01,0.005,0.002,0.0014,0.001,0.0005",
+        value_name = "LIST"
+    )]
+    pub magnitudes: Vec<f64>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }

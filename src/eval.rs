@@ -29,6 +29,8 @@ pub enum Method {
         temperature: f64,
     },
     KlDiv,
+    /// Tuned parameters of `tune-mahalanobis`.
+    Mahalanobis(Arc<crate::commands::tune_mahalanobis::MahalanobisParams>),
 }
 
 impl Method {
@@ -40,12 +42,17 @@ impl Method {
             Method::Odin { .. } => "ODIN",
             Method::Energy { .. } => "Energy",
             Method::KlDiv => "KL_Div",
+            Method::Mahalanobis(_) => "Mahalanobis",
         }
     }
 
     /// Whether the method is a function of the shared forward pass's logits.
     fn uses_shared_logits(&self) -> bool {
-        !matches!(self, Method::Odin { epsilon, .. } if *epsilon != 0.0)
+        match self {
+            Method::Odin { epsilon, .. } => *epsilon == 0.0,
+            Method::Mahalanobis(_) => false,
+            _ => true,
+        }
     }
 }
 
@@ -192,6 +199,7 @@ fn score_batch(
             temperature,
             epsilon,
         } => ood::odin(&|t: &Tensor| model.forward(t), x, *temperature, *epsilon)?,
+        Method::Mahalanobis(p) => crate::commands::tune_mahalanobis::score(model, p, x)?,
         Method::KlDiv => {
             // Scored once both sets are seen (the templates come from the ID set).
             probs.push(shared()?.softmax(1, Kind::Float).to_device(Device::Cpu));

@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod report;
 pub mod test_baseline;
 pub mod test_mos;
+pub mod tune_mahalanobis;
 
 use crate::cli::{Cli, Command};
 
@@ -22,6 +23,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Forward(args) => forward::run(&args),
         Command::FinetuneGroup(args) => finetune::run(&args, finetune::Head::Group),
         Command::FinetuneFlat(args) => finetune::run(&args, finetune::Head::Flat),
+        Command::TuneMahalanobis(args) => tune_mahalanobis::run(&args),
         Command::TestMos(args) => test_mos::run(&args),
         Command::TestBaseline(args) => test_baseline::run(&args),
         Command::DataCheck(args) => data_check::run(&args),

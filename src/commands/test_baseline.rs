@@ -4,6 +4,7 @@ use anyhow::{bail, Result};
 
 use super::evaluate::{self, EvalJob, HeadCheck};
 use crate::cli::TestBaselineArgs;
+use crate::commands::tune_mahalanobis::read_params;
 use crate::eval::Method;
 use crate::ood::Score;
 
@@ -20,9 +21,13 @@ pub fn run(args: &TestBaselineArgs) -> Result<()> {
                 temperature: args.temperature_energy,
             },
             Score::KlDiv => Method::KlDiv,
-            Score::Mahalanobis => bail!(
-                "--score Mahalanobis needs tuned parameters from tune-mahalanobis, which this build does not have yet"
-            ),
+            Score::Mahalanobis => {
+                let Some(path) = &args.mahalanobis_param_path else {
+                    bail!("--score Mahalanobis needs --mahalanobis-param-path (the output of tune-mahalanobis)");
+                };
+                let device = args.device.device.resolve()?;
+                Method::Mahalanobis(std::sync::Arc::new(read_params(path, device)?))
+            }
         };
         if methods.iter().any(|m: &Method| m.name() == method.name()) {
             bail!("--score lists {} twice", method.name());

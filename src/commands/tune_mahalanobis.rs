@@ -1,0 +1,330 @@
+//! `mos tune-mahalanobis` (the original's tune_mahalanobis_hyperparameter.py, SPEC
+//! §6): class means and tied precisions from the training list in one streaming
+//! pass (saved before the search, so a rerun resumes after it), FGSM fake OOD from
+//! the validation list, the magnitude search with a cross-validated logistic
+//! regression, and the parameters `test-baseline --score Mahalanobis` reads.
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use tch::{Device, Kind, Tensor};
+
+use crate::cli::TuneMahalanobisArgs;
+use crate::data::loader::{Item, Loader, LoaderOptions, Mode};
+use crate::data::read_flat_list;
+use crate::data::transform::EvalTransform;
+use crate::logistic::fit_logistic_cv;
+use crate::metrics::fpr95;
+use crate::model::bit::spatial_mean;
+use crate::model::checkpoint::{self, serialize, write_atomic};
+use crate::model::weights::load_model;
+use crate::model::ResNetV2;
+use crate::ood::mahalanobis::{
+    fgsm_adversarial, mahalanobis_features, score_from_regression, ClassStats, GaussianLayer,
+    LayerParams, FGSM_STEP,
+};
+use crate::runlog::RunLog;
+
+/// Feature layers: root and block1..block4.
+pub const LAYERS: usize = 5;
+/// The parameter file in the run directory.
+pub const PARAMS: &str = "mahalanobis.safetensors";
+/// Class statistics, saved after the first pass.
+const STATS: &str = "mahalanobis_stats.safetensors";
+
+/// Tuned Mahalanobis parameters as `test-baseline` uses them.
+#[derive(Debug)]
+pub struct MahalanobisParams {
+    pub layers: Vec<GaussianLayer>,
+    pub lr_weight: Vec<f64>,
+    pub lr_bias: f64,
+    pub magnitude: f64,
+}
+
+fn named(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    Ok(checkpoint::load(path)?.model)
+}
+
+fn get<'a>(t: &'a [(String, Tensor)], name: &str, path: &Path) -> Result<&'a Tensor> {
+    t.iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, t)| t)
+        .with_context(|| format!("{}: no tensor '{name}'", path.display()))
+}
+
+fn read_layers(t: &[(String, Tensor)], path: &Path) -> Result<Vec<LayerParams>> {
+    (0..LAYERS)
+        .map(|l| {
+            Ok(LayerParams {
+                mean: get(t, &format!("mean.{l}"), path)?.to_kind(Kind::Double),
+                precision: get(t, &format!("precision.{l}"), path)?.to_kind(Kind::Double),
+            })
+        })
+        .collect()
+}
+
+/// Reads `mahalanobis.safetensors` (or the run directory holding it) onto `device`.
+pub fn read_params(path: &Path, device: Device) -> Result<MahalanobisParams> {
+    let file: PathBuf = if path.is_dir() {
+        path.join(PARAMS)
+    } else {
+        path.to_path_buf()
+    };
+    let t = named(&file).context("--mahalanobis-param-path")?;
+    let layers = read_layers(&t, &file)?
+        .iter()
+        .map(|p| GaussianLayer::new(&p.mean.to_device(device), &p.precision.to_device(device)))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let lr_weight = Vec::<f64>::try_from(get(&t, "lr_weight", &file)?.to_kind(Kind::Double))?;
+    let lr_bias = get(&t, "lr_bias", &file)?.double_value(&[0]);
+    let magnitude = get(&t, "magnitude", &file)?.double_value(&[0]);
+    if lr_weight.len() != LAYERS {
+        bail!(
+            "{}: lr_weight has {} entries, expected {LAYERS}",
+            file.display(),
+            lr_weight.len()
+        );
+    }
+    Ok(MahalanobisParams {
+        layers,
+        lr_weight,
+        lr_bias,
+        magnitude,
+    })
+}
+
+/// Layer-l features (spatial means, [N, D_l]) of `x`.
+pub fn layer_features(model: &ResNetV2, l: usize, x: &Tensor) -> Tensor {
+    spatial_mean(&model.forward_to(x, l)).to_kind(Kind::Float)
+}
+
+/// The Mahalanobis score of a batch (SPEC §5): M from the perturbed inputs, then
+/// -P(OOD) of the logistic regression. [N] float64.
+pub fn score(model: &ResNetV2, p: &MahalanobisParams, x: &Tensor) -> Result<Tensor> {
+    let m = regression_inputs(model, &p.layers, x, p.magnitude)?;
+    Ok(score_from_regression(&m, &p.lr_weight, p.lr_bias)?)
+}
+
+/// M [N, 5], rounded through float32 as the original feeds the regression.
+fn regression_inputs(
+    model: &ResNetV2,
+    layers: &[GaussianLayer],
+    x: &Tensor,
+    magnitude: f64,
+) -> Result<Tensor> {
+    let m = mahalanobis_features(
+        &|l, x: &Tensor| layer_features(model, l, x),
+        x,
+        layers,
+        magnitude,
+    )?;
+    Ok(m.to_kind(Kind::Float).to_kind(Kind::Double))
+}
+
+fn items(list: &Path, datadir: &Path, flag: &str) -> Result<Vec<Item>> {
+    Ok(read_flat_list(list, datadir)
+        .with_context(|| flag.to_string())?
+        .into_iter()
+        .map(|e| Item {
+            path: e.path,
+            target: vec![e.label as i64],
+        })
+        .collect())
+}
+
+fn class_statistics(
+    model: &ResNetV2,
+    train: Vec<Item>,
+    classes: i64,
+    opts: LoaderOptions,
+    crop: usize,
+    device: Device,
+    log: &RunLog,
+) -> Result<Vec<LayerParams>> {
+    let n = train.len() as u64;
+    let loader = Loader::new(
+        Arc::new(train),
+        Mode::Eval(EvalTransform { size: crop }),
+        opts,
+    )?;
+    let bar = crate::progress::bar(n, "statistics");
+    let mut stats = ClassStats::new(LAYERS, classes)?;
+    for batch in loader {
+        let batch = batch?;
+        bar.inc((batch.len() + batch.skipped.len()) as u64);
+        for s in &batch.skipped {
+            log.line(format!(
+                "skipped unreadable image {}: {}",
+                s.path.display(),
+                s.reason
+            ));
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let (x, y) = batch.to_tensors(device);
+        let feats: Vec<Tensor> = tch::no_grad(|| model.forward_features(&x))
+            .iter()
+            .map(|f| spatial_mean(f).to_kind(Kind::Float))
+            .collect();
+        stats.add_layers(&feats, &y)?;
+    }
+    bar.finish_and_clear();
+    Ok(stats.finish()?)
+}
+
+pub fn run(args: &TuneMahalanobisArgs) -> Result<()> {
+    let dir = args.run.logdir.join(&args.run.name);
+    let log = RunLog::open(&dir, "tune.log")?;
+    let device = args.device.device.resolve()?;
+    let m = args.num_lr_samples;
+    if m == 0 {
+        bail!("--num-lr-samples must be at least 1");
+    }
+    let magnitudes = &args.magnitudes;
+    if magnitudes.is_empty() || magnitudes.iter().any(|v| !(v.is_finite() && *v >= 0.0)) {
+        bail!("--magnitudes: expected non-negative numbers, got {magnitudes:?}");
+    }
+    let train = items(&args.train_list, &args.datadir, "--train-list")?;
+    let val = items(&args.val_list, &args.datadir, "--val-list")?;
+    if val.len() < 2 * m {
+        bail!(
+            "--val-list has {} images; the regression needs 2 x --num-lr-samples = {}",
+            val.len(),
+            2 * m
+        );
+    }
+    let classes = 1 + train
+        .iter()
+        .chain(&val)
+        .map(|i| i.target[0])
+        .max()
+        .unwrap_or(0);
+    let loaded = load_model(
+        &args.model_path,
+        Some(args.model.model),
+        Some(classes),
+        device,
+    )
+    .context(
+        "tune-mahalanobis needs the flat-softmax checkpoint, one logit per class of the lists",
+    )?;
+    let model = &loaded.model;
+    log.line(format!(
+        "mos tune-mahalanobis: model {} from {}, {} training and {} validation images, {classes} classes",
+        args.model.model.name,
+        args.model_path.display(),
+        train.len(),
+        val.len()
+    ));
+    let opts = LoaderOptions {
+        batch: args.batch,
+        workers: args.workers,
+        prefetch: 2,
+        skip_bad: false,
+    };
+    let stats_path = dir.join(STATS);
+    let params = if stats_path.exists() {
+        log.line(format!(
+            "class statistics from {} (delete it to recompute)",
+            stats_path.display()
+        ));
+        read_layers(&named(&stats_path)?, &stats_path)?
+    } else {
+        let params = class_statistics(model, train, classes, opts, args.crop, device, &log)?;
+        let mut t = Vec::new();
+        for (l, p) in params.iter().enumerate() {
+            t.push((format!("mean.{l}"), p.mean.shallow_clone()));
+            t.push((format!("precision.{l}"), p.precision.shallow_clone()));
+        }
+        write_atomic(&stats_path, &serialize(&t, Default::default())?)?;
+        log.line(format!(
+            "class statistics saved to {}",
+            stats_path.display()
+        ));
+        params
+    };
+    let layers = params
+        .iter()
+        .map(|p| GaussianLayer::new(&p.mean.to_device(device), &p.precision.to_device(device)))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+
+    // M of the first 2m validation images and of their FGSM versions, per magnitude.
+    let lr_items: Vec<Item> = val.into_iter().take(2 * m).collect();
+    let loader = Loader::new(
+        Arc::new(lr_items),
+        Mode::Eval(EvalTransform { size: args.crop }),
+        opts,
+    )?;
+    let bar = crate::progress::bar((2 * m) as u64, "magnitudes");
+    let (mut id_m, mut adv_m): (Vec<Vec<Tensor>>, Vec<Vec<Tensor>>) = (
+        magnitudes.iter().map(|_| Vec::new()).collect(),
+        magnitudes.iter().map(|_| Vec::new()).collect(),
+    );
+    for batch in loader {
+        let batch = batch?;
+        bar.inc(batch.len() as u64);
+        let (x, y) = batch.to_tensors(device);
+        let adv = fgsm_adversarial(&|t: &Tensor| model.forward(t), &x, &y, FGSM_STEP)?;
+        for (k, &mag) in magnitudes.iter().enumerate() {
+            id_m[k].push(regression_inputs(model, &layers, &x, mag)?.to_device(Device::Cpu));
+            adv_m[k].push(regression_inputs(model, &layers, &adv, mag)?.to_device(Device::Cpu));
+        }
+    }
+    bar.finish_and_clear();
+    let rows = |t: &Tensor| -> Result<Vec<Vec<f64>>> {
+        let flat = Vec::<f64>::try_from(t.flatten(0, -1))?;
+        Ok(flat.chunks(LAYERS).map(<[f64]>::to_vec).collect())
+    };
+    let mut best: Option<(usize, f64, crate::logistic::LogisticCv)> = None;
+    let mut summary = Vec::new();
+    for (k, &mag) in magnitudes.iter().enumerate() {
+        let id = rows(&Tensor::cat(&id_m[k], 0))?;
+        let adv = rows(&Tensor::cat(&adv_m[k], 0))?;
+        let x: Vec<Vec<f64>> = id[..m].iter().chain(&adv[..m]).cloned().collect();
+        let y: Vec<u8> = std::iter::repeat_n(0u8, m)
+            .chain(std::iter::repeat_n(1u8, m))
+            .collect();
+        let lr = fit_logistic_cv(&x, &y)
+            .with_context(|| format!("logistic regression at magnitude {mag}"))?;
+        let score = |r: &[Vec<f64>]| -> Vec<f64> {
+            r.iter()
+                .map(|row| -lr.predict_proba_positive(row))
+                .collect()
+        };
+        let fpr = fpr95(&score(&id[m..]), &score(&adv[m..]))?;
+        log.line(format!(
+            "magnitude {mag}: FPR95 {:.4} (C = {:.4e})",
+            fpr, lr.best_c
+        ));
+        summary.push(serde_json::json!({"magnitude": mag, "fpr95": fpr, "C": lr.best_c, "fold_scores": lr.fold_scores}));
+        if best.as_ref().is_none_or(|(_, f, _)| fpr < *f) {
+            best = Some((k, fpr, lr));
+        }
+    }
+    let (k, fpr, lr) = best.context("no magnitude tried")?;
+    let magnitude = magnitudes[k];
+    let mut t = Vec::new();
+    for (l, p) in params.iter().enumerate() {
+        t.push((format!("mean.{l}"), p.mean.shallow_clone()));
+        t.push((format!("precision.{l}"), p.precision.shallow_clone()));
+    }
+    t.push(("lr_weight".into(), Tensor::from_slice(&lr.coef)));
+    t.push(("lr_bias".into(), Tensor::from_slice(&[lr.intercept])));
+    t.push(("magnitude".into(), Tensor::from_slice(&[magnitude])));
+    let path = dir.join(PARAMS);
+    write_atomic(&path, &serialize(&t, Default::default())?)?;
+    let json = serde_json::json!({
+        "magnitude": magnitude, "fpr95": fpr, "C": lr.best_c, "lr_weight": lr.coef, "lr_bias": lr.intercept,
+        "num_lr_samples": m, "magnitudes": summary, "model": args.model.model.name, "model_path": args.model_path,
+    });
+    write_atomic(
+        &dir.join("mahalanobis.json"),
+        serde_json::to_string_pretty(&json)?.as_bytes(),
+    )?;
+    log.line(format!(
+        "chose magnitude {magnitude} (FPR95 {fpr:.4}); parameters in {}",
+        path.display()
+    ));
+    Ok(())
+}
