@@ -30,7 +30,7 @@ pub enum Method {
     },
     KlDiv,
     /// Tuned parameters of `tune-mahalanobis`.
-    Mahalanobis(Arc<crate::commands::tune_mahalanobis::MahalanobisParams>),
+    Mahalanobis(std::rc::Rc<crate::commands::tune_mahalanobis::MahalanobisParams>),
 }
 
 impl Method {

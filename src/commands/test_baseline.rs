@@ -26,7 +26,7 @@ pub fn run(args: &TestBaselineArgs) -> Result<()> {
                     bail!("--score Mahalanobis needs --mahalanobis-param-path (the output of tune-mahalanobis)");
                 };
                 let device = args.device.device.resolve()?;
-                Method::Mahalanobis(std::sync::Arc::new(read_params(path, device)?))
+                Method::Mahalanobis(std::rc::Rc::new(read_params(path, device)?))
             }
         };
         if methods.iter().any(|m: &Method| m.name() == method.name()) {
