@@ -41,6 +41,8 @@ pub enum Command {
     TestBaseline(TestBaselineArgs),
     /// Check a data set: images per class, unreadable files, loader throughput; dump tensors.
     DataCheck(DataCheckArgs),
+    /// Materialise the Fashion-MNIST / MNIST demo data (ImageFolder trees and list files).
+    DemoData(DemoDataArgs),
     /// Metrics of a saved score file (--save-scores), as JSON on stdout.
     Metrics(MetricsArgs),
     /// The paper's table (methods x OOD sets, AUROC / FPR95 in %) from results.json files.
@@ -177,6 +179,29 @@ pub struct TuneMahalanobisArgs {
     pub magnitudes: Vec<f64>,
     #[command(flatten)]
     pub device: DeviceArgs,
+}
+
+/// Arguments of `mos demo-data`.
+#[derive(Debug, Clone, Args)]
+pub struct DemoDataArgs {
+    /// Folder of the compact demo files (t10k-*-ubyte.gz, mnist_5k.csv.gz).
+    #[arg(long, default_value = "dataset/demo", value_name = "DIR")]
+    pub src: PathBuf,
+    /// Output folder: fashion/{train,test}/<class>/, mnist/digits/, lists/ (reused if complete).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Training images: the first N of Fashion-MNIST's 10,000 test images.
+    #[arg(long, default_value_t = crate::demo::DEFAULT_TRAIN, value_name = "N")]
+    pub train: usize,
+    /// Validation images: the N after the training images.
+    #[arg(long, default_value_t = crate::demo::DEFAULT_VAL, value_name = "N")]
+    pub val: usize,
+    /// In-distribution test images: the last N of the file.
+    #[arg(long, default_value_t = crate::demo::DEFAULT_TEST, value_name = "N")]
+    pub test: usize,
+    /// OOD images: MNIST digits, equally many of each digit (at most 5,000).
+    #[arg(long, default_value_t = crate::demo::DEFAULT_OOD, value_name = "N")]
+    pub ood: usize,
 }
 
 #[derive(Debug, Clone, Args)]

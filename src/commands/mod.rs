@@ -27,6 +27,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::TestMos(args) => test_mos::run(&args),
         Command::TestBaseline(args) => test_baseline::run(&args),
         Command::DataCheck(args) => data_check::run(&args),
+        Command::DemoData(a) => crate::demo::run(
+            &a.src,
+            &a.out,
+            &crate::demo::DemoOptions {
+                train: a.train,
+                val: a.val,
+                test: a.test,
+                ood: a.ood,
+            },
+        ),
         Command::Metrics(args) => metrics::run(&args),
         Command::Report(args) => report::run(&args),
     }
