@@ -56,4 +56,36 @@ python3 $py compare "$out/r50_mos_cl.safetensors" "$out/R50x1_torch.safetensors"
 "$mos" "${r50[@]}" --precision bf16 --channels-last --output "$out/r50_mos_bf16.safetensors"
 python3 $py compare "$out/r50_mos_bf16.safetensors" "$out/R50x1_torch.safetensors" --keys logits --tol 1 || true
 echo
+echo "### The pipeline on CUDA (demo data): fine-tuning, tune-mahalanobis, test-mos, test-baseline"
+d="$out/demo"
+"$mos" demo-data --out "$d/data" --train 3000 --val 500 --test 1000 --ood 1000 >/dev/null
+groups=configs/fashion_mnist_groups.json
+m=(--model ResNetV2-R14x0.5 --crop 32)
+t=(--init none --datadir "$d/data/fashion/train" --batch 64 --schedule 20,150,250,300 --precrop 32
+   --num-block-open -1 --base-lr 0.03 --logdir "$d" --workers 8 --device cuda)
+s=$(date +%s.%N)
+"$mos" finetune-group --name group "${m[@]}" "${t[@]}" --group-config "$groups" \
+    --train-list "$d/data/lists/train_group.txt" --val-list "$d/data/lists/val_group.txt" 2>&1 | grep -E "val top-1|done" || fail=1
+"$mos" finetune-flat --name flat "${m[@]}" "${t[@]}" \
+    --train-list "$d/data/lists/train_flat.txt" --val-list "$d/data/lists/val_flat.txt" 2>&1 | grep -E "val top-1|done" || fail=1
+echo "two fine-tuning runs of 300 steps, batch 64, on CUDA: $(awk -v s="$s" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }') s"
+"$mos" tune-mahalanobis --name maha "${m[@]}" --logdir "$d" --batch 64 --device cuda --num-lr-samples 100 \
+    --datadir "$d/data/fashion/train" --train-list "$d/data/lists/train_flat.txt" --val-list "$d/data/lists/val_flat.txt" \
+    --model-path "$d/flat" 2>&1 | grep -E "magnitude" || fail=1
+for dev in cuda cpu; do
+    ev=(--in-datadir "$d/data/fashion/test" --out-datadir "$d/data/mnist" --logdir "$d" --batch 128 --workers 8 "${m[@]}" --device "$dev")
+    "$mos" test-mos "${ev[@]}" --name "mos_$dev" --model-path "$d/group" --group-config "$groups" \
+        --save-scores "$d/mos_$dev.csv" 2>/dev/null | grep -E "^MOS" || fail=1
+    "$mos" test-baseline "${ev[@]}" --name "base_$dev" --model-path "$d/flat" --epsilon-odin 0.0014 \
+        --score MSP,ODIN,Energy,KL_Div,Mahalanobis --mahalanobis-param-path "$d/maha" \
+        --save-scores "$d/base_$dev.csv" 2>/dev/null | grep -vE "^(method|FPR95)" || fail=1
+done
+echo "per-image scores, CUDA vs CPU (same checkpoints):"
+python3 $py compare-scores "$d/mos_cuda.csv" "$d/mos_cpu.csv" 1e-3 || fail=1
+# ODIN steps by the sign of a gradient: a near-zero component may flip between
+# devices, hence the looser bound. Mahalanobis is reported only: pinvh keeps
+# covariance eigenvalues just above its cutoff, so the precision has eigenvalues
+# up to ~1e14 and magnifies 1e-6 feature differences (docs/GPU.md).
+python3 $py compare-scores "$d/base_cuda.csv" "$d/base_cpu.csv" 1e-2 Mahalanobis || fail=1
+echo
 if [ "$fail" = 0 ]; then echo "RESULT: PASS"; else echo "RESULT: FAIL"; exit 1; fi

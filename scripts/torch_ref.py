@@ -16,6 +16,10 @@ Subcommands:
                                           ImageFolder DIR/photos/
   torch-loader DIR WORKERS BATCH SIZE     torchvision's ImageFolder + DataLoader with
                                           the eval transform: images/s
+  compare-scores A.csv B.csv TOL [NAMES]  per-image score CSVs (--save-scores) of two
+                                          runs: same images, max |difference| per
+                                          method relative to that method's score range
+                                          (methods in NAMES: reported, not checked)
 """
 import json
 import os
@@ -168,6 +172,34 @@ def torch_loader(d, workers, batch, size):
     print(f"torchvision loader: {n / secs:.1f} images/s ({n} images, {workers} workers, {secs:.2f} s)")
 
 
+def compare_scores(a, b, tol, report_only=()):
+    import csv
+
+    def load(p):
+        with open(p, newline="") as f:
+            rows = list(csv.reader(f))
+        return rows[0], rows[1:]
+
+    ha, ra = load(a)
+    hb, rb = load(b)
+    if ha != hb or [r[:2] for r in ra] != [r[:2] for r in rb]:
+        print(f"  {a} and {b} do not list the same images/methods")
+        return False
+    worst = 0.0
+    for j, name in enumerate(ha[2:], start=2):
+        xa = [float(r[j]) for r in ra]
+        xb = [float(r[j]) for r in rb]
+        span = (max(xb) - min(xb)) or 1.0
+        d = max(abs(x - y) for x, y in zip(xa, xb)) / span
+        if name in report_only:
+            print(f"  {name:12s} max |diff| / range {d:.3e} (reported, not checked)")
+            continue
+        worst = max(worst, d)
+        print(f"  {name:12s} max |diff| / range {d:.3e}")
+    print(f"  worst {worst:.3e} (tolerance {tol:g}) {'ok' if worst <= tol else 'FAIL'}")
+    return worst <= tol
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "compare":
@@ -178,6 +210,9 @@ if __name__ == "__main__":
         make_model(args[0], args[1], int(args[2]), int(args[3]), *(int(a) for a in args[4:5]))
     elif cmd == "torch-forward":
         torch_forward(args[0], args[1], args[2], int(args[3]), int(args[4]))
+    elif cmd == "compare-scores":
+        only = args[3].split(",") if len(args) > 3 else ()
+        sys.exit(0 if compare_scores(args[0], args[1], float(args[2]), only) else 1)
     elif cmd == "make-jpegs":
         make_jpegs(args[0], int(args[1]), *(int(a) for a in args[2:3]))
     elif cmd == "torch-loader":
