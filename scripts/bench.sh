@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmarks that print ratios against a baseline measured in the same run.
-# Usage: scripts/bench.sh [forward|loader|scores]... [--images N] [--size S]
+# Usage: scripts/bench.sh [forward|loader|scores|train]... [--images N] [--size S]
 #   forward: BiT-S-R50x1 and BiT-S-R101x1 forward images/s, mos vs the PyTorch
 #            reference (tests/fixtures/make_model_fixtures.py) on the same threads
 #            and the same random weights and inputs (CPU).
@@ -8,7 +8,10 @@
 #            real-photo JPEGs, mos data-check vs torchvision's DataLoader, same workers.
 #   scores:  wall time of test-baseline per method relative to MSP on the same data
 #            (ResNetV2-R26x0.5 with random weights at 128x128).
-# With no section, runs all three. Needs the PyTorch of the setup cache (or a
+#   train:   fine-tuning step images/s (forward, backward, SGD) of BiT-S-R50x1 at
+#            224x224, num_block_open 0 and -1, mos bench-train vs the same step in
+#            PyTorch, random data in memory, same threads.
+# With no section, runs all four. Needs the PyTorch of the setup cache (or a
 # python3 with torch 2.11); loader and scores install torchvision 0.26, Pillow and
 # scikit-learn (for its sample photos) once into the cache.
 set -euo pipefail
@@ -21,14 +24,14 @@ images=4
 size=480
 while [ $# -gt 0 ]; do
     case "$1" in
-        forward | loader | scores) what+=("$1") ;;
+        forward | loader | scores | train) what+=("$1") ;;
         --images) images=$2; shift ;;
         --size) size=$2; shift ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
     shift
 done
-[ ${#what[@]} -gt 0 ] || what=(forward loader scores)
+[ ${#what[@]} -gt 0 ] || what=(forward loader scores train)
 scripts/build.sh >/dev/null
 mos=target/release/mos
 if [ -z "${LIBTORCH:-}" ]; then
@@ -92,17 +95,34 @@ if has scores; then
         start=$(now)
         "$mos" test-baseline --in-datadir "$tmp/id" --out-datadir "$tmp/ood" --logdir "$tmp/runs" --name "$1" \
             --model ResNetV2-R26x0.5 --model-path "$tmp/R26x0.5.pth.tar" --crop 128 --batch 32 \
-            --workers "$threads" --device cpu --score "$@" >/dev/null
+            --workers "$threads" --device cpu --score "$@" >/dev/null 2>&1
         end=$(now)
         awk -v s="$start" -v e="$end" 'BEGIN { printf "%.3f", e - s }'
     }
+    # Mahalanobis parameters: tuned on the ID images (lists written here).
+    find "$tmp/id" -name '*.jpg' | sort | awk -F/ '{ print $(NF-1) "/" $NF " " ($(NF-1) == "a" ? 0 : 1) }' >"$tmp/id_list.txt"
+    "$mos" tune-mahalanobis --datadir "$tmp/id" --train-list "$tmp/id_list.txt" --val-list "$tmp/id_list.txt" \
+        --model ResNetV2-R26x0.5 --model-path "$tmp/R26x0.5.pth.tar" --logdir "$tmp/runs" --name maha \
+        --crop 128 --batch 32 --num-lr-samples 20 --workers "$threads" --device cpu >/dev/null 2>&1
     run_method MSP >/dev/null # warm-up (page cache, libtorch start-up)
     msp=$(run_method MSP)
-    printf '%-22s %8s %8s\n' method seconds "vs MSP"
-    for spec in "MSP" "Energy" "KL_Div" "ODIN --epsilon-odin 0" "ODIN --epsilon-odin 0.0014" "MSP,Energy,KL_Div,ODIN"; do
+    printf '%-26s %8s %8s\n' method seconds "vs MSP"
+    maha="Mahalanobis --mahalanobis-param-path $tmp/runs/maha"
+    for spec in "MSP" "Energy" "KL_Div" "ODIN --epsilon-odin 0" "ODIN --epsilon-odin 0.0014" "$maha" "MSP,Energy,KL_Div,ODIN"; do
         read -r -a words <<<"$spec"
         # shellcheck disable=SC2068
         t=$(run_method ${words[@]})
-        awk -v m="$spec" -v t="$t" -v b="$msp" 'BEGIN { printf "%-22s %8.2f %7.2fx\n", m, t, t / b }'
+        awk -v m="${spec%% --mahalanobis*}" -v t="$t" -v b="$msp" 'BEGIN { printf "%-26s %8.2f %7.2fx\n", m, t, t / b }'
+    done
+fi
+
+if has train; then
+    echo
+    echo "fine-tuning step, BiT-S-R50x1, batch 8 at 224x224, CPU, $threads threads, 3 timed steps after 1 warm-up"
+    printf '%-16s %12s %12s %8s\n' num_block_open "PyTorch i/s" "mos i/s" ratio
+    for nbo in 0 -1; do
+        base=$(OMP_NUM_THREADS=$threads python3 scripts/torch_ref.py torch-train R50x1 8 224 "$nbo" 3 | sed -n 's/.*: \([0-9.]*\) images\/s.*/\1/p')
+        ours=$("$mos" bench-train --model BiT-S-R50x1 --batch 8 --size 224 --num-block-open "$nbo" --steps 3 --device cpu | sed -n 's/.*: \([0-9.]*\) images\/s.*/\1/p')
+        awk -v n="$nbo" -v b="$base" -v o="$ours" 'BEGIN { printf "%-16s %12.2f %12.2f %7.2fx\n", n, b, o, o / b }'
     done
 fi

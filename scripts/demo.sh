@@ -18,7 +18,7 @@ echo "[demo] run directory: $run"
 "$mos" demo-data --out "$data"
 groups=configs/fashion_mnist_groups.json
 model=(--model ResNetV2-R14x0.5 --crop 32 --device "${MOS_DEVICE:-auto}")
-train=(--init none --datadir "$data/fashion/train" --batch 64 --schedule 50,600,850,1000 --eval-every 500
+train=(--init none --dataset fashion-mnist --datadir "$data/fashion/train" --batch 64 --schedule 50,600,850,1000 --eval-every 500
        --precrop 32 --num-block-open -1 --base-lr 0.03 --workers "$(nproc)" --logdir "$run")
 
 "$mos" finetune-group --name finetune_group "${model[@]}" "${train[@]}" --group-config "$groups" \

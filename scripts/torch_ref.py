@@ -11,6 +11,9 @@ Subcommands:
   torch-forward DIR MODEL DEVICE BATCH REPEAT
                                           the reference forward (TF32 off) on DEVICE:
                                           logits + features, and images/s
+  torch-train MODEL BATCH SIZE NBO STEPS   fine-tuning's step in PyTorch (frozen parts
+                                          under no_grad as the original, CE, backward,
+                                          SGD momentum 0.9) on random data: images/s
   make-jpegs DIR N [SEED]                 N real-photo JPEGs (crops of scikit-learn's
                                           sample photos, re-encoded by PIL) in an
                                           ImageFolder DIR/photos/
@@ -136,6 +139,48 @@ def torch_forward(d, model, device, batch, repeat):
     print(f"pytorch forward ({device}, {torch.get_num_threads()} threads): {x.shape[0] * repeat / secs:.2f} images/s ({repeat} passes over {x.shape[0]} images, batch {batch}, {secs:.2f} s)")
 
 
+def torch_train(model, batch, size, nbo, steps):
+    import make_model_fixtures as m
+
+    torch.manual_seed(0)
+    units, base = UNITS[model]
+    net = m.ResNetV2(units, base, 1000)
+    stages = [net.root] + list(net.body)
+    frozen = {-1: 0, 0: 5}.get(nbo, 5 - nbo)
+    for s in stages[:frozen]:
+        for p in s.parameters():
+            p.requires_grad_(False)
+    if nbo == 0:
+        for p in net.before_head.parameters():
+            p.requires_grad_(False)
+    elif nbo > 0:
+        stages[frozen].unit01.gn1.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.003, momentum=0.9)
+    x = torch.rand(batch, 3, size, size) * 2 - 1
+    y = torch.randint(1000, (batch,))
+
+    def step():
+        with torch.no_grad():
+            h = x
+            for s in stages[:frozen]:
+                h = s(h)
+        for s in stages[frozen:]:
+            h = s(h)
+        logits = net.head(net.before_head(h))[..., 0, 0]
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        loss.item()
+
+    step()
+    t = time.time()
+    for _ in range(steps):
+        step()
+    secs = time.time() - t
+    print(f"pytorch train: {steps * batch / secs:.2f} images/s ({steps} steps of {batch} images at {size}x{size}, num_block_open {nbo}, {secs:.2f} s)")
+
+
 def make_jpegs(d, n, seed=0):
     import random
 
@@ -213,6 +258,8 @@ if __name__ == "__main__":
     elif cmd == "compare-scores":
         only = args[3].split(",") if len(args) > 3 else ()
         sys.exit(0 if compare_scores(args[0], args[1], float(args[2]), only) else 1)
+    elif cmd == "torch-train":
+        torch_train(args[0], int(args[1]), int(args[2]), int(args[3]), int(args[4]))
     elif cmd == "make-jpegs":
         make_jpegs(args[0], int(args[1]), *(int(a) for a in args[2:3]))
     elif cmd == "torch-loader":

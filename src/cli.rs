@@ -43,6 +43,8 @@ pub enum Command {
     DataCheck(DataCheckArgs),
     /// Materialise the Fashion-MNIST / MNIST demo data (ImageFolder trees and list files).
     DemoData(DemoDataArgs),
+    /// Benchmark training steps (forward, backward, SGD) on random data in memory.
+    BenchTrain(BenchTrainArgs),
     /// Metrics of a saved score file (--save-scores), as JSON on stdout.
     Metrics(MetricsArgs),
     /// The paper's table (methods x OOD sets, AUROC / FPR95 in %) from results.json files.
@@ -240,6 +242,34 @@ pub struct DataCheckArgs {
     /// Side of the training resize before the random crop.
     #[arg(long, default_value_t = 512, value_name = "PIXELS")]
     pub precrop: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchTrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Images per step.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub batch: i64,
+    /// Side of the square random images.
+    #[arg(long, default_value_t = 224, value_name = "PIXELS")]
+    pub size: i64,
+    /// Logits of the (flat) head.
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    pub head: i64,
+    /// Trainable blocks, as fine-tuning's flag.
+    #[arg(
+        long,
+        default_value_t = 0,
+        allow_negative_numbers = true,
+        value_name = "K"
+    )]
+    pub num_block_open: i64,
+    /// Timed steps (after one warm-up step).
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub steps: usize,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -612,6 +642,103 @@ mod tests {
             panic!("not test-baseline")
         };
         assert_eq!(c.score, vec![Score::Msp]);
+    }
+
+    #[test]
+    fn finetune_and_tune_mahalanobis_accept_the_original_scripts_flags() {
+        let Command::FinetuneGroup(a) = parse(&[
+            "finetune-group",
+            "--name",
+            "g",
+            "--model",
+            "BiT-S-R101x1",
+            "--logdir",
+            "ck",
+            "--dataset",
+            "imagenet2012",
+            "--eval_every",
+            "200",
+            "--datadir",
+            "d",
+            "--train_list",
+            "t.txt",
+            "--val_list",
+            "v.txt",
+            "--num_block_open",
+            "0",
+            "--group_config",
+            "g.npy",
+            "--batch_split",
+            "4",
+            "--base_lr",
+            "0.001",
+            "--bit_pretrained_dir",
+            "bp",
+            "--no_save",
+        ]) else {
+            panic!("not finetune-group")
+        };
+        assert_eq!(
+            (a.eval_every, a.num_block_open, a.batch_split, a.base_lr),
+            (Some(200), 0, 4, 0.001)
+        );
+        assert_eq!(a.group_config, Some(PathBuf::from("g.npy")));
+        assert_eq!(a.bit_pretrained_dir, PathBuf::from("bp"));
+        assert!(a.no_save);
+        let Command::FinetuneFlat(b) = parse(&[
+            "finetune-flat",
+            "--name",
+            "f",
+            "--logdir",
+            "ck",
+            "--datadir",
+            "d",
+            "--train-list",
+            "t",
+            "--val-list",
+            "v",
+            "--num-block-open",
+            "-1",
+        ]) else {
+            panic!("not finetune-flat")
+        };
+        // The original's defaults.
+        assert_eq!(
+            (b.batch, b.batch_split, b.base_lr, b.workers),
+            (512, 1, 0.003, 8)
+        );
+        assert_eq!(
+            (b.eval_every, b.num_block_open, b.no_save),
+            (None, -1, false)
+        );
+        assert_eq!(b.bit_pretrained_dir, PathBuf::from("bit_pretrained_models"));
+        assert_eq!(b.dataset, "imagenet2012");
+        assert_eq!(b.model.model.name, "BiT-S-R101x1");
+        let Command::TuneMahalanobis(c) = parse(&[
+            "tune-mahalanobis",
+            "--name",
+            "m",
+            "--model",
+            "BiT-S-R101x1",
+            "--model_path",
+            "ck/bit.pth.tar",
+            "--logdir",
+            "ck",
+            "--datadir",
+            "d",
+            "--train_list",
+            "t",
+            "--val_list",
+            "v",
+        ]) else {
+            panic!("not tune-mahalanobis")
+        };
+        assert_eq!((c.batch, c.workers, c.num_lr_samples), (32, 8, 500));
+        assert_eq!(
+            c.magnitudes,
+            vec![0.0, 0.01, 0.005, 0.002, 0.0014, 0.001, 0.0005]
+        );
+        assert_eq!(c.model_path, PathBuf::from("ck/bit.pth.tar"));
     }
 
     #[test]

@@ -1,4 +1,5 @@
 //! One module per subcommand; `run` dispatches.
+pub mod bench_train;
 pub mod convert;
 pub mod data_check;
 pub mod env;
@@ -37,6 +38,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 ood: a.ood,
             },
         ),
+        Command::BenchTrain(args) => bench_train::run(&args),
         Command::Metrics(args) => metrics::run(&args),
         Command::Report(args) => report::run(&args),
     }

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The original scripts/finetune_flat_softmax.sh, ported (same paths and arguments).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+MODEL=BiT-S-R101x1
+MOS=${MOS:-target/release/mos}
+[ -x "$MOS" ] || scripts/build.sh
+
+"$MOS" finetune-flat \
+--name finetune_flat_softmax_${MODEL} \
+--model ${MODEL} \
+--logdir checkpoints/finetune \
+--dataset imagenet2012 \
+--eval_every 200 \
+--datadir dataset/id_data/ILSVRC-2012 \
+--train_list data_lists/imagenet2012_train_list.txt \
+--val_list data_lists/imagenet2012_val_list.txt \
+--num_block_open 0

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The original scripts/tune_mahalanobis.sh, ported (same paths and arguments).
+# --model_path may also be the run directory (checkpoints/finetune/finetune_flat_softmax_MODEL).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+MODEL=BiT-S-R101x1
+MOS=${MOS:-target/release/mos}
+[ -x "$MOS" ] || scripts/build.sh
+CKPT=checkpoints/finetune/finetune_flat_softmax_${MODEL}
+[ -e "$CKPT/bit.pth.tar" ] && CKPT=$CKPT/bit.pth.tar
+
+"$MOS" tune-mahalanobis \
+--name tune_mahalanobis_${MODEL} \
+--model ${MODEL} \
+--model_path "$CKPT" \
+--logdir checkpoints/tune_mahalanobis \
+--datadir dataset/id_data/ILSVRC-2012 \
+--train_list data_lists/imagenet2012_train_list.txt \
+--val_list data_lists/imagenet2012_val_list.txt
