@@ -100,7 +100,7 @@ if has scores; then
         awk -v s="$start" -v e="$end" 'BEGIN { printf "%.3f", e - s }'
     }
     # Mahalanobis parameters: tuned on the ID images (lists written here).
-    find "$tmp/id" -name '*.jpg' | sort | awk -F/ '{ print $(NF-1) "/" $NF " " ($(NF-1) == "a" ? 0 : 1) }' >"$tmp/id_list.txt"
+    find "$tmp/id" -name '*.jpg' | sort | awk -F/ '{ print $(NF-2) "/" $(NF-1) "/" $NF " " ($(NF-2) == "a" ? 0 : 1) }' >"$tmp/id_list.txt"
     "$mos" tune-mahalanobis --datadir "$tmp/id" --train-list "$tmp/id_list.txt" --val-list "$tmp/id_list.txt" \
         --model ResNetV2-R26x0.5 --model-path "$tmp/R26x0.5.pth.tar" --logdir "$tmp/runs" --name maha \
         --crop 128 --batch 32 --num-lr-samples 20 --workers "$threads" --device cpu >/dev/null 2>&1

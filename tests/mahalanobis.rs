@@ -5,9 +5,8 @@
 //! the FGSM images of the tuning.
 mod common;
 
-use common::{fill_hash_weights, fixture, read_named};
+use common::{fixture, r14, read_named};
 use mos::model::bit::spatial_mean;
-use mos::model::{ResNetV2, Variant};
 use mos::ood::mahalanobis::{
     fgsm_adversarial, mahalanobis_features, perturb_input, regressor_features,
     score_from_regression, GaussianLayer, FGSM_STEP,
@@ -15,14 +14,6 @@ use mos::ood::mahalanobis::{
 use tch::{nn, Device, Kind, Tensor};
 
 const MAGNITUDES: [(f64, &str); 3] = [(0.0, "0"), (0.0014, "0.0014"), (0.01, "0.01")];
-
-fn r14() -> (nn::VarStore, ResNetV2) {
-    let vs = nn::VarStore::new(Device::Cpu);
-    let variant: Variant = "ResNetV2-R14x0.5".parse().unwrap();
-    let model = ResNetV2::new(&vs.root(), variant, 10);
-    fill_hash_weights(&vs);
-    (vs, model)
-}
 
 fn expected() -> std::path::PathBuf {
     fixture("ood/mahalanobis_model.safetensors")

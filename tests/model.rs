@@ -2,17 +2,9 @@
 //! tests/fixtures/make_model_fixtures.py (same weights, same input).
 mod common;
 
-use common::{fill_hash_weights, fixture, read_named, rel_max_diff};
+use common::{fixture, r14, read_named, rel_max_diff};
 use mos::model::{Freeze, ResNetV2, Variant};
 use tch::{nn, Device, Kind, Tensor};
-
-fn r14() -> (nn::VarStore, ResNetV2) {
-    let vs = nn::VarStore::new(Device::Cpu);
-    let variant: Variant = "ResNetV2-R14x0.5".parse().unwrap();
-    let model = ResNetV2::new(&vs.root(), variant, 10);
-    fill_hash_weights(&vs);
-    (vs, model)
-}
 
 #[test]
 fn logits_and_features_match_pytorch() {

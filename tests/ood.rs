@@ -3,20 +3,11 @@
 //! same input, T = 1000 and 1, epsilon 0 and 0.0014.
 mod common;
 
-use common::{fill_hash_weights, fixture, read_named};
-use mos::model::{ResNetV2, Variant};
+use common::{fixture, r14, read_named};
 use mos::ood::{odin, scores::odin_perturb};
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Kind, Tensor};
 
 const EPS: f64 = 0.0014;
-
-fn r14() -> (nn::VarStore, ResNetV2) {
-    let vs = nn::VarStore::new(Device::Cpu);
-    let variant: Variant = "ResNetV2-R14x0.5".parse().unwrap();
-    let model = ResNetV2::new(&vs.root(), variant, 10);
-    fill_hash_weights(&vs);
-    (vs, model)
-}
 
 /// Element-wise `|got - want| <= rtol |want|`; returns the largest relative difference.
 fn assert_close(what: &str, got: &Tensor, want: &Tensor, rtol: f64) -> f64 {

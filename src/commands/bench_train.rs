@@ -16,14 +16,7 @@ pub fn run(args: &BenchTrainArgs) -> Result<()> {
     tch::manual_seed(0);
     let vs = nn::VarStore::new(device);
     let model = ResNetV2::new(&vs.root(), args.model.model, args.head);
-    let mut trainable = Vec::new();
-    for (name, var) in vs.variables() {
-        if freeze.trainable(&name) {
-            trainable.push((name, var));
-        } else {
-            let _ = var.set_requires_grad(false);
-        }
-    }
+    let trainable = crate::model::bit::apply_freeze(&vs, freeze);
     let mut sgd = Sgd::new(trainable, 1)?;
     let x = Tensor::rand([args.batch, 3, args.size, args.size], (Kind::Float, device)) * 2.0 - 1.0;
     let y = Tensor::randint(args.head, [args.batch], (Kind::Int64, device));

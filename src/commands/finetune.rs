@@ -299,15 +299,7 @@ pub fn run(args: &FinetuneArgs, head: Head) -> Result<()> {
     } else {
         log.line("initialised randomly (--init none; zero head)");
     }
-    let mut trainable = Vec::new();
-    for (name, var) in vs.variables() {
-        if freeze.trainable(&name) {
-            trainable.push((name, var));
-        } else {
-            let _ = var.set_requires_grad(false);
-        }
-    }
-    trainable.sort_by(|a, b| a.0.cmp(&b.0));
+    let trainable = crate::model::bit::apply_freeze(&vs, freeze);
     let mut sgd = Sgd::new(trainable, args.batch_split)?;
     if !momentum.is_empty() {
         sgd.set_buffers(momentum)?;

@@ -251,6 +251,21 @@ impl Freeze {
     }
 }
 
+/// Applies `freeze` to the variables of `vs`: frozen ones stop requiring grad.
+/// Returns the trainable ones, sorted by name (the optimizer's parameters).
+pub fn apply_freeze(vs: &nn::VarStore, freeze: Freeze) -> Vec<(String, Tensor)> {
+    let mut trainable = Vec::new();
+    for (name, var) in vs.variables() {
+        if freeze.trainable(&name) {
+            trainable.push((name, var));
+        } else {
+            let _ = var.set_requires_grad(false);
+        }
+    }
+    trainable.sort_by(|a, b| a.0.cmp(&b.0));
+    trainable
+}
+
 /// The whole network. `forward` gives logits [N, head_size].
 #[derive(Debug)]
 pub struct ResNetV2 {

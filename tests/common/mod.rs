@@ -83,3 +83,12 @@ pub fn read_named(path: &std::path::Path, name: &str) -> Tensor {
         .unwrap_or_else(|| panic!("{name} not in {}", path.display()))
         .1
 }
+
+/// ResNetV2-R14x0.5 with a 10-way head and the hash weights of the fixtures.
+pub fn r14() -> (nn::VarStore, mos::model::ResNetV2) {
+    let vs = nn::VarStore::new(tch::Device::Cpu);
+    let variant: mos::model::Variant = "ResNetV2-R14x0.5".parse().expect("known variant");
+    let model = mos::model::ResNetV2::new(&vs.root(), variant, 10);
+    fill_hash_weights(&vs);
+    (vs, model)
+}
