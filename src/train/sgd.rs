@@ -43,6 +43,9 @@ struct Slot {
     name: String,
     param: Tensor,
     buf: Option<Tensor>,
+    /// The gradient accumulated since the last update (owned by the optimizer;
+    /// the parameter's `.grad()` is never used, so nothing has to be zeroed).
+    grad: Option<Tensor>,
 }
 
 /// SGD with momentum on the trainable parameters of a model, updating once per
@@ -76,6 +79,7 @@ impl Sgd {
                     name,
                     param,
                     buf: None,
+                    grad: None,
                 });
             }
         }
@@ -111,7 +115,31 @@ impl Sgd {
                 self.batch_split
             )));
         }
-        loss.f_div_scalar(self.batch_split as f64)?.f_backward()?;
+        let scaled = loss.f_div_scalar(self.batch_split as f64)?;
+        // tch's run_backward crashes on a loss without a graph: refuse it here.
+        if !scaled.requires_grad() {
+            return Err(SgdError::Invalid(
+                "the loss does not depend on any trainable parameter".into(),
+            ));
+        }
+        // Gradients as fresh tensors (torch.autograd.grad), accumulated here: no
+        // zeroing pass and no read-modify-write of `.grad` per micro-batch.
+        let params: Vec<&Tensor> = self.slots.iter().map(|s| &s.param).collect();
+        let grads = Tensor::f_run_backward(&[&scaled], &params, false, false)?;
+        tch::no_grad(|| -> Result<()> {
+            for (slot, g) in self.slots.iter_mut().zip(grads) {
+                if !g.defined() {
+                    continue;
+                }
+                match &mut slot.grad {
+                    Some(acc) => {
+                        let _ = acc.f_add_(&g)?;
+                    }
+                    None => slot.grad = Some(g),
+                }
+            }
+            Ok(())
+        })?;
         self.accumulated += 1;
         Ok(self.accumulated)
     }
@@ -133,16 +161,16 @@ impl Sgd {
         }
         tch::no_grad(|| -> Result<()> {
             for slot in &mut self.slots {
-                let grad = slot.param.grad();
-                if !grad.defined() {
+                let Some(grad) = slot.grad.take() else {
                     continue;
-                }
+                };
                 match &mut slot.buf {
                     Some(buf) => {
                         let _ = buf.f_mul_scalar_(MOMENTUM)?;
                         let _ = buf.f_add_(&grad)?;
                     }
-                    None => slot.buf = Some(grad.f_detach_copy()?),
+                    // The first update's buffer is the gradient itself (owned).
+                    None => slot.buf = Some(grad),
                 }
                 if let Some(buf) = &slot.buf {
                     let _ = slot.param.f_sub_(&buf.f_mul_scalar(lr)?)?;
@@ -158,7 +186,7 @@ impl Sgd {
     /// accumulated update.
     pub fn zero_grad(&mut self) {
         for slot in &mut self.slots {
-            slot.param.zero_grad();
+            slot.grad = None;
         }
         self.accumulated = 0;
     }
