@@ -63,6 +63,24 @@ fn read_layers(t: &[(String, Tensor)], path: &Path) -> Result<Vec<LayerParams>> 
         .collect()
 }
 
+/// The tensors `mean.{l}` and `precision.{l}` of the layers, as saved.
+fn layer_tensors(params: &[LayerParams]) -> Vec<(String, Tensor)> {
+    let mut t = Vec::with_capacity(2 * params.len());
+    for (l, p) in params.iter().enumerate() {
+        t.push((format!("mean.{l}"), p.mean.shallow_clone()));
+        t.push((format!("precision.{l}"), p.precision.shallow_clone()));
+    }
+    t
+}
+
+/// The layers prepared for scoring on `device`.
+fn gaussian_layers(params: &[LayerParams], device: Device) -> Result<Vec<GaussianLayer>> {
+    Ok(params
+        .iter()
+        .map(|p| GaussianLayer::new(&p.mean.to_device(device), &p.precision.to_device(device)))
+        .collect::<std::result::Result<Vec<_>, _>>()?)
+}
+
 /// Reads `mahalanobis.safetensors` (or the run directory holding it) onto `device`.
 pub fn read_params(path: &Path, device: Device) -> Result<MahalanobisParams> {
     let file: PathBuf = if path.is_dir() {
@@ -71,10 +89,7 @@ pub fn read_params(path: &Path, device: Device) -> Result<MahalanobisParams> {
         path.to_path_buf()
     };
     let t = named(&file).context("--mahalanobis-param-path")?;
-    let layers = read_layers(&t, &file)?
-        .iter()
-        .map(|p| GaussianLayer::new(&p.mean.to_device(device), &p.precision.to_device(device)))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let layers = gaussian_layers(&read_layers(&t, &file)?, device)?;
     let lr_weight = Vec::<f64>::try_from(get(&t, "lr_weight", &file)?.to_kind(Kind::Double))?;
     let lr_bias = get(&t, "lr_bias", &file)?.double_value(&[0]);
     let magnitude = get(&t, "magnitude", &file)?.double_value(&[0]);
@@ -232,22 +247,17 @@ pub fn run(args: &TuneMahalanobisArgs) -> Result<()> {
         read_layers(&named(&stats_path)?, &stats_path)?
     } else {
         let params = class_statistics(model, train, classes, opts, args.crop, device, &log)?;
-        let mut t = Vec::new();
-        for (l, p) in params.iter().enumerate() {
-            t.push((format!("mean.{l}"), p.mean.shallow_clone()));
-            t.push((format!("precision.{l}"), p.precision.shallow_clone()));
-        }
-        write_atomic(&stats_path, &serialize(&t, Default::default())?)?;
+        write_atomic(
+            &stats_path,
+            &serialize(&layer_tensors(&params), Default::default())?,
+        )?;
         log.line(format!(
             "class statistics saved to {}",
             stats_path.display()
         ));
         params
     };
-    let layers = params
-        .iter()
-        .map(|p| GaussianLayer::new(&p.mean.to_device(device), &p.precision.to_device(device)))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let layers = gaussian_layers(&params, device)?;
 
     // M of the first 2m validation images and of their FGSM versions, per magnitude.
     let lr_items: Vec<Item> = val.into_iter().take(2 * m).collect();
@@ -304,11 +314,7 @@ pub fn run(args: &TuneMahalanobisArgs) -> Result<()> {
     }
     let (k, fpr, lr) = best.context("no magnitude tried")?;
     let magnitude = magnitudes[k];
-    let mut t = Vec::new();
-    for (l, p) in params.iter().enumerate() {
-        t.push((format!("mean.{l}"), p.mean.shallow_clone()));
-        t.push((format!("precision.{l}"), p.precision.shallow_clone()));
-    }
+    let mut t = layer_tensors(&params);
     t.push(("lr_weight".into(), Tensor::from_slice(&lr.coef)));
     t.push(("lr_bias".into(), Tensor::from_slice(&[lr.intercept])));
     t.push(("magnitude".into(), Tensor::from_slice(&[magnitude])));
