@@ -2,11 +2,10 @@
 //! and a small random model, plus the errors users hit most.
 use std::path::{Path, PathBuf};
 
+mod common;
+
 use assert_cmd::Command;
-use mos::model::checkpoint::{self, Checkpoint, CheckpointMeta};
-use mos::model::{ResNetV2, Variant};
 use predicates::prelude::*;
-use tch::{nn, Device};
 
 fn mos() -> Command {
     Command::cargo_bin("mos").unwrap()
@@ -27,36 +26,8 @@ fn images(dir: &Path, class: &str, n: usize, seed: u32) {
 
 /// A random ResNetV2-R14x0.5 with `head` outputs, saved as our checkpoint.
 fn checkpoint(dir: &Path, head: i64, group_config: Option<Vec<i64>>) -> PathBuf {
-    tch::manual_seed(7);
-    let vs = nn::VarStore::new(Device::Cpu);
-    let variant: Variant = "ResNetV2-R14x0.5".parse().unwrap();
-    let _m = ResNetV2::new(&vs.root(), variant, head);
-    // A non-zero head so that scores differ between images.
-    tch::no_grad(|| {
-        for (name, mut t) in vs.variables() {
-            if name.starts_with("head.") {
-                t.copy_(&(t.randn_like() * 0.5));
-            }
-        }
-    });
     let path = dir.join(format!("model_{head}.safetensors"));
-    let model = vs.variables().into_iter().collect();
-    let meta = CheckpointMeta {
-        model: variant.name.into(),
-        head_size: head,
-        group_config,
-        step: 0,
-        config: serde_json::Value::Null,
-    };
-    checkpoint::save(
-        &path,
-        &Checkpoint {
-            meta: Some(meta),
-            model,
-            momentum: vec![],
-        },
-    )
-    .unwrap();
+    common::random_checkpoint(&path, head, group_config, 7, 0.5);
     path
 }
 

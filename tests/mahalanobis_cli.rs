@@ -2,11 +2,10 @@
 //! parameters read by test-baseline --score Mahalanobis.
 use std::path::Path;
 
+mod common;
+
 use assert_cmd::Command;
-use mos::model::checkpoint::{self, Checkpoint, CheckpointMeta};
-use mos::model::{ResNetV2, Variant};
 use predicates::prelude::*;
-use tch::{nn, Device};
 
 fn write_images(root: &Path) -> String {
     let mut list = String::new();
@@ -25,37 +24,6 @@ fn write_images(root: &Path) -> String {
     list
 }
 
-fn flat_checkpoint(path: &Path) {
-    tch::manual_seed(11);
-    let vs = nn::VarStore::new(Device::Cpu);
-    let variant: Variant = "ResNetV2-R14x0.5".parse().unwrap();
-    let _m = ResNetV2::new(&vs.root(), variant, 3);
-    tch::no_grad(|| {
-        for (name, mut t) in vs.variables() {
-            if name.starts_with("head.") {
-                t.copy_(&(t.randn_like() * 0.3));
-            }
-        }
-    });
-    let meta = CheckpointMeta {
-        model: variant.name.into(),
-        head_size: 3,
-        group_config: None,
-        step: 0,
-        config: serde_json::Value::Null,
-    };
-    let model = vs.variables().into_iter().collect();
-    checkpoint::save(
-        path,
-        &Checkpoint {
-            meta: Some(meta),
-            model,
-            momentum: vec![],
-        },
-    )
-    .unwrap();
-}
-
 #[test]
 fn tunes_saves_resumes_and_scores() {
     let dir = tempfile::tempdir().unwrap();
@@ -63,7 +31,7 @@ fn tunes_saves_resumes_and_scores() {
     let list = write_images(root);
     std::fs::write(root.join("list.txt"), &list).unwrap();
     let ckpt = root.join("flat.safetensors");
-    flat_checkpoint(&ckpt);
+    common::random_checkpoint(&ckpt, 3, None, 11, 0.3);
     let tune = || {
         let mut cmd = Command::cargo_bin("mos").unwrap();
         cmd.arg("tune-mahalanobis")

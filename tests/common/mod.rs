@@ -92,3 +92,41 @@ pub fn r14() -> (nn::VarStore, mos::model::ResNetV2) {
     fill_hash_weights(&vs);
     (vs, model)
 }
+
+/// Saves a random ResNetV2-R14x0.5 with `head` outputs as our checkpoint at `path`:
+/// libtorch's init from `seed`, and a non-zero head (normal, std `head_std`) so that
+/// scores differ between images.
+pub fn random_checkpoint(
+    path: &std::path::Path,
+    head: i64,
+    group_config: Option<Vec<i64>>,
+    seed: i64,
+    head_std: f64,
+) {
+    use mos::model::checkpoint::{self, Checkpoint, CheckpointMeta};
+    tch::manual_seed(seed);
+    let vs = nn::VarStore::new(tch::Device::Cpu);
+    let variant: mos::model::Variant = "ResNetV2-R14x0.5".parse().expect("known variant");
+    let _m = mos::model::ResNetV2::new(&vs.root(), variant, head);
+    tch::no_grad(|| {
+        for (name, mut t) in vs.variables() {
+            if name.starts_with("head.") {
+                t.copy_(&(t.randn_like() * head_std));
+            }
+        }
+    });
+    let meta = CheckpointMeta {
+        model: variant.name.into(),
+        head_size: head,
+        group_config,
+        step: 0,
+        config: serde_json::Value::Null,
+    };
+    let model = vs.variables().into_iter().collect();
+    let ckpt = Checkpoint {
+        meta: Some(meta),
+        model,
+        momentum: vec![],
+    };
+    checkpoint::save(path, &ckpt).expect("checkpoint written");
+}
