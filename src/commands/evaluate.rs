@@ -31,6 +31,8 @@ pub struct EvalJob<'a> {
     pub output: &'a EvalOutputArgs,
     pub methods: Vec<Method>,
     pub head: HeadCheck,
+    /// The command's own settings (an object); the data and device flags are added
+    /// by [`run`].
     pub settings: serde_json::Value,
 }
 
@@ -67,7 +69,16 @@ fn head_hint(job: &EvalJob, id_classes: usize) -> String {
 }
 
 /// Runs the job end to end.
-pub fn run(job: EvalJob) -> Result<()> {
+pub fn run(mut job: EvalJob) -> Result<()> {
+    if let Some(map) = job.settings.as_object_mut() {
+        let d = job.data;
+        map.insert("in_datadir".into(), serde_json::json!(d.in_datadir));
+        map.insert("out_datadir".into(), serde_json::json!(d.out_datadir));
+        map.insert("batch".into(), d.batch.into());
+        map.insert("crop".into(), d.crop.into());
+        map.insert("skip_bad_images".into(), d.skip_bad_images.into());
+        map.insert("device".into(), job.device.device.to_string().into());
+    }
     let dir = job.run.logdir.join(&job.run.name);
     let log = RunLog::open(&dir, "test.log")?;
     let started = Instant::now();

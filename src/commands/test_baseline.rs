@@ -49,16 +49,10 @@ pub fn run(args: &TestBaselineArgs) -> Result<()> {
         }
     }
     let settings = serde_json::json!({
-        "in_datadir": args.data.in_datadir,
-        "out_datadir": args.data.out_datadir,
         "score": args.score.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
         "temperature_odin": args.temperature_odin,
         "epsilon_odin": args.epsilon_odin,
         "temperature_energy": args.temperature_energy,
-        "batch": args.data.batch,
-        "crop": args.data.crop,
-        "skip_bad_images": args.data.skip_bad_images,
-        "device": args.device.device.to_string(),
     });
     evaluate::run(EvalJob {
         command: "test-baseline",

@@ -13,14 +13,8 @@ pub fn run(args: &TestMosArgs) -> Result<()> {
         .with_context(|| format!("--group-config {}", args.group_config.display()))?;
     let groups = slices.num_groups();
     let settings = serde_json::json!({
-        "in_datadir": args.data.in_datadir,
-        "out_datadir": args.data.out_datadir,
         "group_config": args.group_config,
         "classes_per_group": cfg.classes_per_group,
-        "batch": args.data.batch,
-        "crop": args.data.crop,
-        "skip_bad_images": args.data.skip_bad_images,
-        "device": args.device.device.to_string(),
     });
     evaluate::run(EvalJob {
         command: "test-mos",
