@@ -8,6 +8,7 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    mos::runtime::tune_malloc();
     let cli = mos::cli::Cli::parse();
     if let Err(e) = mos::commands::run(cli) {
         eprintln!("Error: {e:#}");

@@ -5,6 +5,65 @@ use std::path::{Path, PathBuf};
 /// The libtorch version this build of mos was compiled for (tch 0.24).
 pub const EXPECTED_LIBTORCH: &str = "2.11.0";
 
+/// glibc malloc settings made by [`tune_malloc`]: blocks up to 32 MiB (the most
+/// glibc allows) come from the heap instead of fresh `mmap`s, and up to 1 GiB of
+/// freed heap stays with the process.
+const MMAP_THRESHOLD: i32 = 32 << 20;
+const TRIM_THRESHOLD: i32 = 1 << 30;
+
+/// The environment variables with which a user sets glibc's malloc; when one is
+/// set, [`tune_malloc`] leaves malloc alone.
+pub const MALLOC_ENV: [&str; 4] = [
+    "GLIBC_TUNABLES",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+];
+
+/// What [`tune_malloc`] did, for `mos env`.
+static MALLOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Keeps freed tensor memory in the process (glibc only). libtorch allocates
+/// every CPU tensor with malloc; by default glibc serves the large ones with
+/// `mmap` and unmaps them on free, so each training step or batch faults in and
+/// zeroes its activations again. Leaves malloc alone when the user set it through
+/// the environment ([`MALLOC_ENV`]) and on other C libraries. Call it first in
+/// `main`, before threads start; [`malloc_setting`] says what it did.
+pub fn tune_malloc() {
+    let state = if let Some(var) = MALLOC_ENV.iter().find(|v| std::env::var_os(v).is_some()) {
+        format!("as set by the environment ({var})")
+    } else if set_malloc_thresholds() {
+        "tuned (heap up to 32 MiB blocks, 1 GiB kept on free)".to_string()
+    } else {
+        "C library default".to_string()
+    };
+    let _ = MALLOC.set(state);
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn set_malloc_thresholds() -> bool {
+    // SAFETY: mallopt only changes glibc's parameters; called before any other
+    // thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+            && libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn set_malloc_thresholds() -> bool {
+    false
+}
+
+/// What [`tune_malloc`] did in this process ("C library default" if it was not
+/// called, as in a library user's program).
+pub fn malloc_setting() -> String {
+    MALLOC
+        .get()
+        .cloned()
+        .unwrap_or_else(|| "C library default".to_string())
+}
+
 /// The directory of the `libtorch_cpu.so` mapped into this process (Linux), else the
 /// directory the binary was built against.
 pub fn libtorch_lib_dir() -> Option<PathBuf> {

@@ -50,6 +50,7 @@ fn env_json_is_complete() {
         "cuda_devices",
         "cudnn_version",
         "cpu_threads",
+        "malloc",
     ] {
         assert!(v.get(key).is_some(), "missing {key} in {v}");
     }
@@ -57,6 +58,32 @@ fn env_json_is_complete() {
     let lib = v["libtorch_lib_dir"].as_str().unwrap();
     assert!(std::path::Path::new(lib).join("libtorch_cpu.so").exists());
     assert_eq!(v["cuda_available"], tch::Cuda::is_available());
+}
+
+#[test]
+fn env_reports_the_malloc_setting() {
+    let malloc = |set: Option<(&str, &str)>| {
+        let mut cmd = mos();
+        for var in mos::runtime::MALLOC_ENV {
+            cmd.env_remove(var);
+        }
+        if let Some((k, v)) = set {
+            cmd.env(k, v);
+        }
+        let out = cmd.args(["env", "--json"]).output().unwrap();
+        assert!(out.status.success());
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["malloc"].as_str().unwrap().to_string()
+    };
+    assert!(malloc(None).starts_with("tuned"), "{}", malloc(None));
+    // A user's own malloc setting wins, and mos says so.
+    let own = malloc(Some(("MALLOC_TRIM_THRESHOLD_", "131072")));
+    assert_eq!(own, "as set by the environment (MALLOC_TRIM_THRESHOLD_)");
+    let own = malloc(Some((
+        "GLIBC_TUNABLES",
+        "glibc.malloc.mmap_threshold=131072",
+    )));
+    assert_eq!(own, "as set by the environment (GLIBC_TUNABLES)");
 }
 
 #[test]

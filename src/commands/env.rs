@@ -17,6 +17,8 @@ pub struct EnvReport {
     pub cudnn_available: bool,
     pub cudnn_version: Option<i64>,
     pub cpu_threads: i32,
+    /// How CPU memory is allocated: see `runtime::tune_malloc`.
+    pub malloc: String,
     pub selected_device: String,
 }
 
@@ -37,6 +39,7 @@ pub fn collect(args: &EnvArgs) -> anyhow::Result<EnvReport> {
         cudnn_available,
         cudnn_version: cudnn_available.then(tch::utils::version_cudnn),
         cpu_threads: tch::get_num_threads(),
+        malloc: runtime::malloc_setting(),
         selected_device: format!("{selected:?}"),
     })
 }
@@ -77,6 +80,7 @@ pub fn render(r: &EnvReport) -> String {
             },
         ),
         ("CPU threads", r.cpu_threads.to_string()),
+        ("malloc", r.malloc.clone()),
         ("--device resolves to", r.selected_device.clone()),
     ];
     let mut out = String::new();
