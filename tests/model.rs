@@ -120,3 +120,39 @@ fn frozen_stages_build_no_graph() {
     assert!(!vars["body.block4.unit01.conv3.weight"].grad().defined());
     assert!(!vars["root.conv.weight"].grad().defined());
 }
+
+/// Logits and the trainable parameters' gradients of one training forward.
+fn train_pass(vs: &nn::VarStore, model: &ResNetV2, x: &Tensor, freeze: Freeze) -> Vec<Tensor> {
+    let trainable = mos::model::bit::apply_freeze(vs, freeze);
+    let logits = model.forward_train(x, freeze);
+    let params: Vec<&Tensor> = trainable.iter().map(|(_, t)| t).collect();
+    let mut out = Tensor::run_backward(&[logits.sum(Kind::Float)], &params, false, false);
+    out.push(logits.detach());
+    out
+}
+
+#[test]
+fn fixed_frozen_weights_give_the_same_numbers() {
+    let (vs, mut model) = r14();
+    let x = Tensor::randn([2, 3, 64, 64], (Kind::Float, Device::Cpu));
+    let freeze = Freeze::OpenBlocks(2);
+    let live = train_pass(&vs, &model, &x, freeze);
+    model.fix_frozen_weights(freeze);
+    let fixed = train_pass(&vs, &model, &x, freeze);
+    assert_eq!(live.len(), fixed.len());
+    for (a, b) in live.iter().zip(&fixed) {
+        assert!(a.equal(b), "fixing the frozen weights changed a number");
+    }
+    // The copies are what the frozen stages use until they are dropped.
+    let root = vs.variables()["root.conv.weight"].shallow_clone();
+    let _ = tch::no_grad(|| root.shallow_clone().g_mul_scalar_(2.0).g_add_scalar_(0.01));
+    let stale = tch::no_grad(|| model.forward_train(&x, freeze));
+    assert!(stale.equal(&fixed[fixed.len() - 1]));
+    model.unfix_weights();
+    let changed = tch::no_grad(|| model.forward_train(&x, freeze));
+    assert!(!changed.equal(&stale));
+    // An open stage never uses a copy: fixing for -1 changes nothing.
+    model.fix_frozen_weights(Freeze::None);
+    let open = tch::no_grad(|| model.forward_train(&x, freeze));
+    assert!(open.equal(&changed));
+}

@@ -15,8 +15,9 @@ pub fn run(args: &BenchTrainArgs) -> Result<()> {
     let freeze = Freeze::from_num_block_open(args.num_block_open).map_err(anyhow::Error::msg)?;
     tch::manual_seed(0);
     let vs = nn::VarStore::new(device);
-    let model = ResNetV2::new(&vs.root(), args.model.model, args.head);
+    let mut model = ResNetV2::new(&vs.root(), args.model.model, args.head);
     let trainable = crate::model::bit::apply_freeze(&vs, freeze);
+    model.fix_frozen_weights(freeze);
     let mut sgd = Sgd::new(trainable, 1)?;
     let x = Tensor::rand([args.batch, 3, args.size, args.size], (Kind::Float, device)) * 2.0 - 1.0;
     let y = Tensor::randint(args.head, [args.batch], (Kind::Int64, device));

@@ -254,7 +254,7 @@ pub fn run(args: &FinetuneArgs, head: Head) -> Result<()> {
 
     tch::manual_seed(args.seed as i64);
     let vs = nn::VarStore::new(device);
-    let model = ResNetV2::new(&vs.root(), args.model.model, data.head_size);
+    let mut model = ResNetV2::new(&vs.root(), args.model.model, data.head_size);
     let ckpt_path = dir.join(CHECKPOINT);
     let mut pos = Position::default();
     let mut momentum = Vec::new();
@@ -300,6 +300,8 @@ pub fn run(args: &FinetuneArgs, head: Head) -> Result<()> {
         log.line("initialised randomly (--init none; zero head)");
     }
     let trainable = crate::model::bit::apply_freeze(&vs, freeze);
+    // The weights are final (initialised or resumed): frozen stages keep theirs.
+    model.fix_frozen_weights(freeze);
     let mut sgd = Sgd::new(trainable, args.batch_split)?;
     if !momentum.is_empty() {
         sgd.set_buffers(momentum)?;

@@ -44,6 +44,9 @@ pub struct StdConv2d {
     pub weight: Tensor,
     stride: i64,
     padding: i64,
+    /// The standardized weight computed once, for a conv whose weight no longer
+    /// changes (a frozen stage during fine-tuning); see [`ResNetV2::fix_frozen_weights`].
+    fixed: Option<Tensor>,
 }
 
 impl StdConv2d {
@@ -58,6 +61,7 @@ impl StdConv2d {
             weight,
             stride,
             padding,
+            fixed: None,
         }
     }
 
@@ -70,7 +74,11 @@ impl StdConv2d {
     /// Convolution of `x` (float32, or bfloat16 under [`Precision::Bf16`]). A
     /// channels-last `x` gets a channels-last weight, so the output stays NHWC.
     pub fn forward(&self, x: &Tensor, precision: Precision) -> Tensor {
-        let mut w = self.standardized_weight().to_kind(precision.act_kind());
+        let w = match &self.fixed {
+            Some(w) => w.shallow_clone(),
+            None => self.standardized_weight(),
+        };
+        let mut w = w.to_kind(precision.act_kind());
         if is_channels_last(x) {
             w = to_channels_last(&w);
         }
@@ -104,13 +112,15 @@ fn is_channels_last(t: &Tensor) -> bool {
 }
 
 /// GroupNorm then ReLU, computed in float32 and returned in the activation kind.
+/// The ReLU is in place, as the paper code's `nn.ReLU(inplace=True)`: GroupNorm's
+/// backward needs its input, not its output, so no copy is kept for autograd.
 fn gn_relu(gn: &nn::GroupNorm, x: &Tensor, precision: Precision) -> Tensor {
     match precision {
         Precision::Bf16 => gn
             .forward_t(&x.to_kind(Kind::Float), false)
-            .relu()
+            .relu_()
             .to_kind(Kind::BFloat16),
-        _ => gn.forward_t(x, false).relu(),
+        _ => gn.forward_t(x, false).relu_(),
     }
 }
 
@@ -158,8 +168,15 @@ impl PreActBottleneck {
         };
         let out = self.conv1.forward(&out, p);
         let out = self.conv2.forward(&gn_relu(&self.gn2, &out, p), p);
-        let out = self.conv3.forward(&gn_relu(&self.gn3, &out, p), p);
-        out + residual
+        // In place: a convolution's backward needs its input, not its output.
+        let mut out = self.conv3.forward(&gn_relu(&self.gn3, &out, p), p);
+        let _ = out.g_add_(&residual);
+        out
+    }
+
+    fn convs_mut(&mut self) -> impl Iterator<Item = &mut StdConv2d> {
+        let main = [&mut self.conv1, &mut self.conv2, &mut self.conv3];
+        main.into_iter().chain(self.downsample.as_mut())
     }
 }
 
@@ -357,7 +374,7 @@ impl ResNetV2 {
         let pooled = self
             .before_head_gn
             .forward_t(&block4.to_kind(Kind::Float), false)
-            .relu()
+            .relu_()
             .adaptive_avg_pool2d([1, 1]);
         pooled
             .conv2d(
@@ -374,6 +391,38 @@ impl ResNetV2 {
     /// Logits [N, head_size] for input [N, 3, H, W] in [-1, 1].
     pub fn forward(&self, x: &Tensor) -> Tensor {
         self.head(&self.forward_to(x, 4))
+    }
+
+    /// Standardizes the conv weights of the `freeze`'s frozen stages once, for
+    /// [`ResNetV2::forward_train`]: they no longer change, and the original
+    /// recomputes them at every step (for `--num-block-open 0`, a tenth of the
+    /// step on a CPU). The same operations on the same values, so the same
+    /// numbers. Call it after the weights are loaded; [`ResNetV2::unfix_weights`]
+    /// drops the copies (needed before those weights are changed).
+    pub fn fix_frozen_weights(&mut self, freeze: Freeze) {
+        self.unfix_weights();
+        let frozen = freeze.frozen_stages();
+        for conv in self.stage_convs_mut().filter(|(s, _)| *s < frozen) {
+            let conv = conv.1;
+            conv.fixed = Some(tch::no_grad(|| conv.standardized_weight()));
+        }
+    }
+
+    /// Drops the standardized weights of [`ResNetV2::fix_frozen_weights`].
+    pub fn unfix_weights(&mut self) {
+        for (_, conv) in self.stage_convs_mut() {
+            conv.fixed = None;
+        }
+    }
+
+    /// Every conv with its stage (0 = root, 1..=4 = blocks).
+    fn stage_convs_mut(&mut self) -> impl Iterator<Item = (usize, &mut StdConv2d)> {
+        let root = std::iter::once((0, &mut self.root));
+        let blocks = self.blocks.iter_mut().enumerate().flat_map(|(i, b)| {
+            let units = b.units.iter_mut();
+            units.flat_map(move |u| u.convs_mut().map(move |c| (i + 1, c)))
+        });
+        root.chain(blocks)
     }
 
     /// Forward for training with `freeze`: the frozen leading stages run under

@@ -115,7 +115,11 @@ impl Sgd {
                 self.batch_split
             )));
         }
-        let scaled = loss.f_div_scalar(self.batch_split as f64)?;
+        // x / 1 is x: no division node for the usual single micro-batch.
+        let scaled = match self.batch_split {
+            1 => loss.shallow_clone(),
+            n => loss.f_div_scalar(n as f64)?,
+        };
         // tch's run_backward crashes on a loss without a graph: refuse it here.
         if !scaled.requires_grad() {
             return Err(SgdError::Invalid(
