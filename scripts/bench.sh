@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks that print ratios against a baseline measured in the same run.
 # Usage: scripts/bench.sh [forward|loader|scores|train]... [--images N] [--size S]
+#                         [--rounds N] [--steps N]
 #   forward: BiT-S-R50x1 and BiT-S-R101x1 forward images/s, mos vs the PyTorch
 #            reference (tests/fixtures/make_model_fixtures.py) on the same threads
 #            and the same random weights and inputs (CPU).
@@ -10,7 +11,9 @@
 #            (ResNetV2-R26x0.5 with random weights at 128x128).
 #   train:   fine-tuning step images/s (forward, backward, SGD) of BiT-S-R50x1 at
 #            224x224, num_block_open 0 and -1, mos bench-train vs the same step in
-#            PyTorch, random data in memory, same threads.
+#            PyTorch (the paper code's model, in-place ReLU), random data in memory,
+#            same threads; --rounds interleaved rounds of --steps timed steps each,
+#            medians printed with every round's ratio.
 # With no section, runs all four. Needs the PyTorch of the setup cache (or a
 # python3 with torch 2.11); loader and scores install torchvision 0.26, Pillow and
 # scikit-learn (for its sample photos) once into the cache.
@@ -22,11 +25,15 @@ cd "$here/.."
 what=()
 images=4
 size=480
+rounds=3
+steps=4
 while [ $# -gt 0 ]; do
     case "$1" in
         forward | loader | scores | train) what+=("$1") ;;
         --images) images=$2; shift ;;
         --size) size=$2; shift ;;
+        --rounds) rounds=$2; shift ;;
+        --steps) steps=$2; shift ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -52,6 +59,8 @@ threads=$(nproc)
 rate() { sed -n 's/.*forward[^:]*: \([0-9.]*\) images\/s.*/\1/p'; }
 
 has() { [[ " ${what[*]} " == *" $1 "* ]]; }
+# The median of numbers (the mean of the middle two for an even count).
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 now() { date +%s.%N; }
 
 if has forward; then
@@ -118,11 +127,17 @@ fi
 
 if has train; then
     echo
-    echo "fine-tuning step, BiT-S-R50x1, batch 8 at 224x224, CPU, $threads threads, 3 timed steps after 1 warm-up"
-    printf '%-16s %12s %12s %8s\n' num_block_open "PyTorch i/s" "mos i/s" ratio
+    echo "fine-tuning step, BiT-S-R50x1, batch 8 at 224x224, CPU, $threads threads;"
+    echo "each round: PyTorch then mos, $steps timed steps after 1 warm-up; medians of $rounds rounds"
+    printf '%-16s %12s %12s %8s   %s\n' num_block_open "PyTorch i/s" "mos i/s" ratio "ratio per round"
     for nbo in 0 -1; do
-        base=$(OMP_NUM_THREADS=$threads python3 scripts/torch_ref.py torch-train R50x1 8 224 "$nbo" 3 | sed -n 's/.*: \([0-9.]*\) images\/s.*/\1/p')
-        ours=$("$mos" bench-train --model BiT-S-R50x1 --batch 8 --size 224 --num-block-open "$nbo" --steps 3 --device cpu | sed -n 's/.*: \([0-9.]*\) images\/s.*/\1/p')
-        awk -v n="$nbo" -v b="$base" -v o="$ours" 'BEGIN { printf "%-16s %12.2f %12.2f %7.2fx\n", n, b, o, o / b }'
+        bases=() ours=() ratios=()
+        for _ in $(seq "$rounds"); do
+            b=$(OMP_NUM_THREADS=$threads python3 scripts/torch_ref.py torch-train R50x1 8 224 "$nbo" "$steps" | sed -n 's/.*: \([0-9.]*\) images\/s.*/\1/p')
+            o=$("$mos" bench-train --model BiT-S-R50x1 --batch 8 --size 224 --num-block-open "$nbo" --steps "$steps" --device cpu | sed -n 's/.*: \([0-9.]*\) images\/s.*/\1/p')
+            bases+=("$b") ours+=("$o") ratios+=("$(awk -v b="$b" -v o="$o" 'BEGIN { printf "%.2f", o / b }')")
+        done
+        awk -v n="$nbo" -v b="$(median "${bases[@]}")" -v o="$(median "${ours[@]}")" -v r="$(median "${ratios[@]}")" -v all="${ratios[*]}" \
+            'BEGIN { printf "%-16s %12.2f %12.2f %7.2fx   %s\n", n, b, o, r, all }'
     done
 fi

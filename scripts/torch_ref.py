@@ -106,6 +106,7 @@ def torch_forward(d, model, device, batch, repeat):
     import make_model_fixtures as m
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
+    m.RELU_INPLACE = True  # as the paper code's units (nn.ReLU(inplace=True))
     units, base = UNITS[model]
     net = m.ResNetV2(units, base, 1000)
     ck = torch.load(os.path.join(d, f"{model}.pth.tar"), map_location="cpu")
@@ -143,6 +144,7 @@ def torch_train(model, batch, size, nbo, steps):
     import make_model_fixtures as m
 
     torch.manual_seed(0)
+    m.RELU_INPLACE = True  # as the paper code's units (nn.ReLU(inplace=True))
     units, base = UNITS[model]
     net = m.ResNetV2(units, base, 1000)
     stages = [net.root] + list(net.body)
