@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks that print ratios against a baseline measured in the same run.
 # Usage: scripts/bench.sh [forward|loader|scores|train]... [--images N] [--size S]
-#                         [--rounds N] [--steps N]
+#                         [--rounds N] [--steps N] [--same-malloc]
 #   forward: BiT-S-R50x1 and BiT-S-R101x1 forward images/s, mos vs the PyTorch
 #            reference (tests/fixtures/make_model_fixtures.py) on the same threads
 #            and the same random weights and inputs (CPU).
@@ -13,7 +13,9 @@
 #            224x224, num_block_open 0 and -1, mos bench-train vs the same step in
 #            PyTorch (the paper code's model, in-place ReLU), random data in memory,
 #            same threads; --rounds interleaved rounds of --steps timed steps each,
-#            medians printed with every round's ratio.
+#            medians printed with every round's ratio. --same-malloc gives the
+#            PyTorch process the glibc malloc settings mos makes for itself
+#            (src/runtime.rs), to separate that gain from the rest.
 # With no section, runs all four. Needs the PyTorch of the setup cache (or a
 # python3 with torch 2.11); loader and scores install torchvision 0.26, Pillow and
 # scikit-learn (for its sample photos) once into the cache.
@@ -27,6 +29,7 @@ images=4
 size=480
 rounds=3
 steps=4
+torch_env=()
 while [ $# -gt 0 ]; do
     case "$1" in
         forward | loader | scores | train) what+=("$1") ;;
@@ -34,6 +37,7 @@ while [ $# -gt 0 ]; do
         --size) size=$2; shift ;;
         --rounds) rounds=$2; shift ;;
         --steps) steps=$2; shift ;;
+        --same-malloc) torch_env=(MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824) ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -129,11 +133,12 @@ if has train; then
     echo
     echo "fine-tuning step, BiT-S-R50x1, batch 8 at 224x224, CPU, $threads threads;"
     echo "each round: PyTorch then mos, $steps timed steps after 1 warm-up; medians of $rounds rounds"
+    [ ${#torch_env[@]} -eq 0 ] || echo "PyTorch runs with mos's malloc settings: ${torch_env[*]}"
     printf '%-16s %12s %12s %8s   %s\n' num_block_open "PyTorch i/s" "mos i/s" ratio "ratio per round"
     for nbo in 0 -1; do
         bases=() ours=() ratios=()
         for _ in $(seq "$rounds"); do
-            b=$(OMP_NUM_THREADS=$threads python3 scripts/torch_ref.py torch-train R50x1 8 224 "$nbo" "$steps" | sed -n 's/.*: \([0-9.]*\) images\/s.*/\1/p')
+            b=$(env "${torch_env[@]}" OMP_NUM_THREADS="$threads" python3 scripts/torch_ref.py torch-train R50x1 8 224 "$nbo" "$steps" | sed -n 's/.*: \([0-9.]*\) images\/s.*/\1/p')
             o=$("$mos" bench-train --model BiT-S-R50x1 --batch 8 --size 224 --num-block-open "$nbo" --steps "$steps" --device cpu | sed -n 's/.*: \([0-9.]*\) images\/s.*/\1/p')
             bases+=("$b") ours+=("$o") ratios+=("$(awk -v b="$b" -v o="$o" 'BEGIN { printf "%.2f", o / b }')")
         done
