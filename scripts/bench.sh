@@ -61,6 +61,7 @@ trap 'rm -rf "$tmp"' EXIT
 threads=$(nproc)
 
 rate() { sed -n 's/.*forward[^:]*: \([0-9.]*\) images\/s.*/\1/p'; }
+train_rate() { sed -n 's/.*: \([0-9.]*\) images\/s.*/\1/p'; }
 
 has() { [[ " ${what[*]} " == *" $1 "* ]]; }
 # The median of numbers (the mean of the middle two for an even count).
@@ -138,8 +139,8 @@ if has train; then
     for nbo in 0 -1; do
         bases=() ours=() ratios=()
         for _ in $(seq "$rounds"); do
-            b=$(env "${torch_env[@]}" OMP_NUM_THREADS="$threads" python3 scripts/torch_ref.py torch-train R50x1 8 224 "$nbo" "$steps" | sed -n 's/.*: \([0-9.]*\) images\/s.*/\1/p')
-            o=$("$mos" bench-train --model BiT-S-R50x1 --batch 8 --size 224 --num-block-open "$nbo" --steps "$steps" --device cpu | sed -n 's/.*: \([0-9.]*\) images\/s.*/\1/p')
+            b=$(env "${torch_env[@]}" OMP_NUM_THREADS="$threads" python3 scripts/torch_ref.py torch-train R50x1 8 224 "$nbo" "$steps" | train_rate)
+            o=$("$mos" bench-train --model BiT-S-R50x1 --batch 8 --size 224 --num-block-open "$nbo" --steps "$steps" --device cpu | train_rate)
             bases+=("$b") ours+=("$o") ratios+=("$(awk -v b="$b" -v o="$o" 'BEGIN { printf "%.2f", o / b }')")
         done
         awk -v n="$nbo" -v b="$(median "${bases[@]}")" -v o="$(median "${ours[@]}")" -v r="$(median "${ratios[@]}")" -v all="${ratios[*]}" \

@@ -20,6 +20,9 @@ pub const MALLOC_ENV: [&str; 4] = [
     "MALLOC_TOP_PAD_",
 ];
 
+/// [`malloc_setting`] when malloc keeps glibc's (or another C library's) defaults.
+const MALLOC_DEFAULT: &str = "C library default";
+
 /// What [`tune_malloc`] did, for `mos env`.
 static MALLOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
@@ -35,7 +38,7 @@ pub fn tune_malloc() {
     } else if set_malloc_thresholds() {
         "tuned (heap up to 32 MiB blocks, 1 GiB kept on free)".to_string()
     } else {
-        "C library default".to_string()
+        MALLOC_DEFAULT.to_string()
     };
     let _ = MALLOC.set(state);
 }
@@ -61,7 +64,7 @@ pub fn malloc_setting() -> String {
     MALLOC
         .get()
         .cloned()
-        .unwrap_or_else(|| "C library default".to_string())
+        .unwrap_or_else(|| MALLOC_DEFAULT.to_string())
 }
 
 /// The directory of the `libtorch_cpu.so` mapped into this process (Linux), else the

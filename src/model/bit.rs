@@ -395,15 +395,14 @@ impl ResNetV2 {
 
     /// Standardizes the conv weights of the `freeze`'s frozen stages once, for
     /// [`ResNetV2::forward_train`]: they no longer change, and the original
-    /// recomputes them at every step (for `--num-block-open 0`, a tenth of the
-    /// step on a CPU). The same operations on the same values, so the same
+    /// recomputes them at every step (0.11-0.12 s for BiT-S-R50x1 on 2 CPU
+    /// threads, measured in PyTorch). The same operations on the same values, so the same
     /// numbers. Call it after the weights are loaded; [`ResNetV2::unfix_weights`]
     /// drops the copies (needed before those weights are changed).
     pub fn fix_frozen_weights(&mut self, freeze: Freeze) {
         self.unfix_weights();
         let frozen = freeze.frozen_stages();
-        for conv in self.stage_convs_mut().filter(|(s, _)| *s < frozen) {
-            let conv = conv.1;
+        for (_, conv) in self.stage_convs_mut().filter(|(s, _)| *s < frozen) {
             conv.fixed = Some(tch::no_grad(|| conv.standardized_weight()));
         }
     }

@@ -516,20 +516,10 @@ mod tests {
 
     const CPU64: (Kind, Device) = (Kind::Double, Device::Cpu);
 
-    fn fixture() -> Vec<(String, Tensor)> {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/ood/mahalanobis_stats.safetensors"
-        );
-        Tensor::read_safetensors(path).unwrap_or_else(|e| panic!("{path}: {e}"))
-    }
+    use crate::ood::testutil::get;
 
-    fn get(t: &[(String, Tensor)], name: &str) -> Tensor {
-        let found = t.iter().find(|(n, _)| n == name);
-        found
-            .unwrap_or_else(|| panic!("{name} not in the fixture"))
-            .1
-            .shallow_clone()
+    fn fixture() -> Vec<(String, Tensor)> {
+        crate::ood::testutil::fixture("mahalanobis_stats.safetensors")
     }
 
     /// max |got - want| / max |want|, asserted <= tol; returns it.
