@@ -89,3 +89,51 @@ mos_libtorch_env() {
         export LIBTORCH
     fi
 }
+
+# The Python packages of the references (tests/fixtures/make_*.py) and of the
+# benchmarks, pinned to the versions the committed fixtures were written with.
+MOS_PY_REQUIREMENTS="numpy==2.4.6 scipy==1.17.1 scikit-learn==1.9.1 pillow==13.0.0 safetensors==0.8.0"
+MOS_PY_NODEPS="torchvision==0.26.0"
+
+# mos_python_env: makes sure a virtual environment with the reference packages
+# and the setup cache's torch exists, and prints its python. It is created with
+# `python3 -m venv` (nothing from the machine's own site-packages is used), sees
+# torch through a .pth file, and is rebuilt when the pinned versions change.
+# Needs mos_libtorch_env's torch install (not a user's LIBTORCH: torch's Python
+# package is needed too). Override the location with MOS_PYENV.
+mos_python_env() {
+    local python=${PYTHON:-python3}
+    local torch_site
+    torch_site="$(mos_torch_home)/site"
+    if [ ! -f "$torch_site/torch/__init__.py" ]; then
+        mos_log "error: no torch Python package in $torch_site (run scripts/setup.sh without LIBTORCH once)"
+        return 1
+    fi
+    local env=${MOS_PYENV:-$(dirname "$(mos_torch_home)")/pyenv}
+    local stamp="$MOS_PY_REQUIREMENTS $MOS_PY_NODEPS $torch_site"
+    if [ ! -f "$env/.complete" ] || [ "$(cat "$env/.complete")" != "$stamp" ]; then
+        mkdir -p "$(dirname "$env")"
+        exec 8>"$env.lock"
+        flock 8
+        if [ ! -f "$env/.complete" ] || [ "$(cat "$env/.complete")" != "$stamp" ]; then
+            mos_log "creating the reference Python environment $env"
+            rm -rf "$env"
+            "$python" -m venv "$env" >&2 || { flock -u 8; return 1; }
+            local pip=("$env/bin/python" -m pip install --disable-pip-version-check --no-cache-dir --quiet)
+            # shellcheck disable=SC2086
+            if ! "${pip[@]}" $MOS_PY_REQUIREMENTS >&2 || ! "${pip[@]}" --no-deps $MOS_PY_NODEPS >&2; then
+                mos_log "error: pip could not install the reference packages into $env"
+                flock -u 8
+                return 1
+            fi
+            local site
+            site=$("$env/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+            printf '%s\n' "$torch_site" >"$site/mos-torch.pth"
+            "$env/bin/python" -c 'import numpy, scipy, sklearn, PIL, safetensors, torch, torchvision' >&2 ||
+                { mos_log "error: the reference environment $env does not import"; flock -u 8; return 1; }
+            printf '%s' "$stamp" >"$env/.complete"
+        fi
+        flock -u 8
+    fi
+    printf '%s\n' "$env/bin/python"
+}
