@@ -5,6 +5,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 MODEL=BiT-S-R101x1
 MOS=${MOS:-target/release/mos}
 [ -x "$MOS" ] || scripts/build.sh
+# The original's path; without it, the same file as committed in configs/imagenet/.
+VAL_LIST=data_lists/imagenet2012_val_list.txt
+[ -e "$VAL_LIST" ] || VAL_LIST=configs/imagenet/imagenet2012_val_list.txt
 
 "$MOS" finetune-flat \
 --name finetune_flat_softmax_${MODEL} \
@@ -14,5 +17,5 @@ MOS=${MOS:-target/release/mos}
 --eval_every 200 \
 --datadir dataset/id_data/ILSVRC-2012 \
 --train_list data_lists/imagenet2012_train_list.txt \
---val_list data_lists/imagenet2012_val_list.txt \
+--val_list "$VAL_LIST" \
 --num_block_open 0

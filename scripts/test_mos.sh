@@ -8,6 +8,9 @@ OUT_DATA=${1:?usage: scripts/test_mos.sh OOD_NAME}
 MODEL=BiT-S-R101x1
 MOS=${MOS:-target/release/mos}
 [ -x "$MOS" ] || scripts/build.sh
+# The original's path; without it, the same file as committed in configs/imagenet/.
+GROUP_CONFIG=group_config/taxonomy_level0.npy
+[ -e "$GROUP_CONFIG" ] || GROUP_CONFIG=configs/imagenet/taxonomy_level0.npy
 
 "$MOS" test-mos \
 --name test_${MODEL}_mos_${OUT_DATA} \
@@ -16,4 +19,4 @@ MOS=${MOS:-target/release/mos}
 --model ${MODEL} \
 --model_path checkpoints/finetune/finetune_group_softmax_${MODEL} \
 --logdir checkpoints/test_log \
---group_config group_config/taxonomy_level0.npy
+--group_config "$GROUP_CONFIG"

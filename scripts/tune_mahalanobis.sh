@@ -8,6 +8,9 @@ MOS=${MOS:-target/release/mos}
 [ -x "$MOS" ] || scripts/build.sh
 CKPT=checkpoints/finetune/finetune_flat_softmax_${MODEL}
 [ -e "$CKPT/bit.pth.tar" ] && CKPT=$CKPT/bit.pth.tar
+# The original's path; without it, the same file as committed in configs/imagenet/.
+VAL_LIST=data_lists/imagenet2012_val_list.txt
+[ -e "$VAL_LIST" ] || VAL_LIST=configs/imagenet/imagenet2012_val_list.txt
 
 "$MOS" tune-mahalanobis \
 --name tune_mahalanobis_${MODEL} \
@@ -16,4 +19,4 @@ CKPT=checkpoints/finetune/finetune_flat_softmax_${MODEL}
 --logdir checkpoints/tune_mahalanobis \
 --datadir dataset/id_data/ILSVRC-2012 \
 --train_list data_lists/imagenet2012_train_list.txt \
---val_list data_lists/imagenet2012_val_list.txt
+--val_list "$VAL_LIST"

@@ -118,7 +118,7 @@ pub struct FinetuneArgs {
     /// Do not write checkpoints.
     #[arg(long, alias = "no_save")]
     pub no_save: bool,
-    /// Trainable blocks: -1 all, 0 head only, 1..4 the last k blocks (SPEC §2).
+    /// Trainable blocks: -1 all, 0 head only, 1..4 the last k blocks (docs/model.md#freezing).
     #[arg(
         long,
         alias = "num_block_open",
@@ -349,7 +349,9 @@ pub struct TestMosArgs {
     /// The group-softmax model: the paper's .pth.tar or our checkpoint.
     #[arg(long, alias = "model_path", value_name = "FILE")]
     pub model_path: PathBuf,
-    /// Classes per group: the original's .npy (1-D int) or a JSON config.
+    /// Classes per group: the original's .npy (1-D int) or a JSON config. The paper's
+    /// ImageNet taxonomy is configs/imagenet/taxonomy_level0.npy (the default is the
+    /// original's path).
     #[arg(
         long,
         alias = "group_config",
