@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """PyTorch side of scripts/gpu_check.sh and scripts/bench.sh (needs torch 2.11).
 
-The reference model is tests/fixtures/make_model_fixtures.py's ResNetV2 (SPEC §2).
+The reference model is tests/fixtures/make_model_fixtures.py's ResNetV2
+(docs/model.md#architecture).
 Subcommands:
   compare A B [--tol T] [--keys k1,k2]   max relative difference of same-named
                                           tensors in two safetensors files

@@ -1,7 +1,7 @@
 //! The one evaluation loop behind `test-mos` and `test-baseline`: every method
 //! asked for is scored over the in- and the out-of-distribution set, methods that
-//! need only logits sharing one forward pass per batch (SPEC §4-5), then the
-//! metrics of SPEC §7 are computed once per method.
+//! need only logits sharing one forward pass per batch (docs/scores.md), then the
+//! metrics of docs/metrics.md are computed once per method.
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -209,7 +209,8 @@ fn score_batch(
 }
 
 /// Fills in the KL-matching scores of both sets: templates from the ID set's
-/// probabilities by ImageFolder label (SPEC §5), then one matrix product per set.
+/// probabilities by ImageFolder label (docs/scores.md#kl-matching), then one matrix
+/// product per set.
 pub fn finish_kl(
     methods: &[Method],
     id: &mut SplitScores,

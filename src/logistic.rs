@@ -1,7 +1,7 @@
 //! Binary logistic regression with a cross-validated L2 strength, as
 //! scikit-learn's `LogisticRegressionCV()` with default arguments fits it in
 //! the original's Mahalanobis tuning (`tune_mahalanobis_hyperparameter.py`:
-//! `LogisticRegressionCV(n_jobs=-1).fit(features, labels)`; SPEC section 6).
+//! `LogisticRegressionCV(n_jobs=-1).fit(features, labels)`; docs/mahalanobis.md#tuning).
 //!
 //! Behaviour checked against scikit-learn 1.9.1 (source and fixtures):
 //!

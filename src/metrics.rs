@@ -1,6 +1,6 @@
 //! OOD detection metrics: AUROC, AUPR-In, AUPR-Out and FPR at 95% recall.
 //!
-//! Conventions (SPEC section 7): scores are "higher = more in-distribution",
+//! Conventions (docs/metrics.md): scores are "higher = more in-distribution",
 //! the in-distribution (ID) set is the positive class, values are fractions in
 //! `[0, 1]`.
 //!
@@ -138,7 +138,7 @@ pub fn fpr95(in_scores: &[f64], out_scores: &[f64]) -> Result<f64, MetricsError>
 }
 
 /// The original's `fpr_and_fdr_at_recall(labels, scores, recall_level)`
-/// (SPEC section 7), first return value:
+/// (docs/metrics.md#fpr95), first return value:
 ///
 /// 1. thresholds at the distinct score values, in descending order;
 /// 2. `tps`, `fps` = ID / OOD counts at or above each threshold,

@@ -1,4 +1,4 @@
-//! ODIN (SPEC §5) on the small BiT model (ResNetV2-R14x0.5, hash weights) against
+//! ODIN (docs/scores.md#odin) on the small BiT model (ResNetV2-R14x0.5, hash weights) against
 //! the PyTorch reference of tests/fixtures/make_ood_fixtures.py: same weights,
 //! same input, T = 1000 and 1, epsilon 0 and 0.0014.
 mod common;

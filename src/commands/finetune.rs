@@ -1,4 +1,4 @@
-//! `mos finetune-group` and `mos finetune-flat`: one code path (SPEC §8). BiT
+//! `mos finetune-group` and `mos finetune-flat`: one code path (docs/finetuning.md). BiT
 //! initialisation (or random), zero head, freezing by `--num-block-open`,
 //! BiT-HyperRule schedule, SGD with momentum and correct gradient accumulation,
 //! mixup, validation and atomic checkpoints, exact resume, Ctrl-C saves.

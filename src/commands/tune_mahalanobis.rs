@@ -1,5 +1,5 @@
-//! `mos tune-mahalanobis` (the original's tune_mahalanobis_hyperparameter.py, SPEC
-//! §6): class means and tied precisions from the training list in one streaming
+//! `mos tune-mahalanobis` (the original's tune_mahalanobis_hyperparameter.py,
+//! docs/mahalanobis.md): class means and tied precisions from the training list in one streaming
 //! pass (saved before the search, so a rerun resumes after it), FGSM fake OOD from
 //! the validation list, the magnitude search with a cross-validated logistic
 //! regression, and the parameters `test-baseline --score Mahalanobis` reads.
@@ -113,7 +113,7 @@ pub fn layer_features(model: &ResNetV2, l: usize, x: &Tensor) -> Tensor {
     spatial_mean(&model.forward_to(x, l)).to_kind(Kind::Float)
 }
 
-/// The Mahalanobis score of a batch (SPEC §5): M from the perturbed inputs, then
+/// The Mahalanobis score of a batch (docs/scores.md#mahalanobis): M from the perturbed inputs, then
 /// -P(OOD) of the logistic regression. [N] float64.
 pub fn score(model: &ResNetV2, p: &MahalanobisParams, x: &Tensor) -> Result<Tensor> {
     let m = regression_inputs(model, &p.layers, x, p.magnitude)?;

@@ -1,5 +1,5 @@
 //! Decoding an image file to 8-bit RGB exactly as PIL's
-//! `Image.open(path).convert("RGB")` does (Pillow 13; SPEC §3).
+//! `Image.open(path).convert("RGB")` does (Pillow 13; docs/data.md#decoding).
 //!
 //! The format is chosen from the file's first bytes, never from its name.
 //! - JPEG: libjpeg-turbo (the library inside PIL) through the TurboJPEG API:

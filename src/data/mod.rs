@@ -1,5 +1,5 @@
 //! Image data: decoding, resizing and transforms that reproduce PIL/torchvision
-//! bit for bit, plus the two ways the original names its images (SPEC §3).
+//! bit for bit, plus the two ways the original names its images (docs/data.md).
 //!
 //! - [`decode`]: a file to 8-bit RGB, as PIL's `Image.open(p).convert("RGB")`.
 //! - [`resize`]: Pillow's antialiased bilinear resize (torchvision's `Resize`).

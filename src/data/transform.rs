@@ -1,4 +1,4 @@
-//! The original's image transforms (SPEC §3), on decoded RGB images:
+//! The original's image transforms (docs/data.md#transforms), on decoded RGB images:
 //!
 //! - eval: `Resize((crop, crop))`, `ToTensor()`, `Normalize(0.5, 0.5)`;
 //! - train: `Resize((precrop, precrop))`, `RandomCrop((crop, crop))`,

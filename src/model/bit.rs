@@ -1,6 +1,6 @@
 //! BiT ResNetV2: pre-activation ResNet with GroupNorm and Weight Standardization
 //! (Kolesnikov et al., "Big Transfer", ECCV 2020), as the paper code's
-//! `resnetv2.py` builds it (SPEC §2). Tensor names equal the paper code's
+//! `resnetv2.py` builds it (docs/model.md). Tensor names equal the paper code's
 //! state-dict names without `module.` (`body.block1.unit01.gn1.weight`).
 use tch::nn::{self, Init, ModuleT};
 use tch::{Kind, Tensor};
@@ -206,7 +206,7 @@ impl Block {
     }
 }
 
-/// Which parts train during fine-tuning (`--num-block-open`, SPEC §2).
+/// Which parts train during fine-tuning (`--num-block-open`, docs/model.md#freezing).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Freeze {
     /// `-1`: everything trains.

@@ -1,4 +1,4 @@
-//! The BiT ResNetV2 backbone (SPEC §2) and its weight files.
+//! The BiT ResNetV2 backbone (docs/model.md) and its weight files.
 pub mod bit;
 pub mod checkpoint;
 pub mod variant;

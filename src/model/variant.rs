@@ -1,5 +1,5 @@
 //! The ResNetV2 variants: the 12 BiT models of the paper code's `KNOWN_MODELS`
-//! (SPEC §2) and small ones for small images and tests.
+//! (docs/model.md#variants) and small ones for small images and tests.
 use std::fmt;
 use std::str::FromStr;
 

@@ -130,7 +130,7 @@ pub fn raw_to_tensor(raw: &RawTensor) -> Result<Tensor> {
     )?)
 }
 
-/// Our name -> the Google BiT `.npz` key (SPEC §2), `None` for names BiT lacks.
+/// Our name -> the Google BiT `.npz` key (docs/model.md#weight-files), `None` for names BiT lacks.
 pub fn bit_npz_key(ours: &str) -> Option<String> {
     let p: Vec<&str> = ours.split('.').collect();
     let gn = |k: &str| match k {

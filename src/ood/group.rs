@@ -1,4 +1,4 @@
-//! The group softmax of MOS (SPEC §4): the logit layout of a group config
+//! The group softmax of MOS (docs/method.md): the logit layout of a group config
 //! (the original's `get_group_slices`), the MOS score (`test_mos.py`), the
 //! fine-tuning loss and the group accuracy (`finetune.py::calc_group_softmax_acc`).
 //!

@@ -1,17 +1,19 @@
-//! The Mahalanobis score (Lee et al. 2018) as the original runs it (SPEC §5-6).
+//! The Mahalanobis score (Lee et al. 2018) as the original runs it
+//! (docs/scores.md#mahalanobis, docs/mahalanobis.md).
 //!
 //! - [`ClassStats`] -> [`LayerParams`]: class means and the tied precision per
 //!   feature layer, the original's `utils/mahalanobis_lib.py::sample_estimator`
-//!   (SPEC §6.1), with [`pinvh`] as `scipy.linalg.pinvh`.
+//!   (docs/mahalanobis.md#class-statistics), with [`pinvh`] as `scipy.linalg.pinvh`.
 //! - [`GaussianLayer`], [`class_scores`], [`mahalanobis_layer_score`],
-//!   [`mahalanobis_features`]: `get_Mahalanobis_score` (SPEC §5): per layer, input
-//!   pre-processing x~ = x - magnitude * sign(d loss / dx) with loss = batch mean of
-//!   1/2 (f - mu_c*)^T P (f - mu_c*) (the original's `torch.mean(-pure_gau)`, so the
-//!   step lowers the distance and raises the score), then m_l = max_c s_c(f(x~)).
+//!   [`mahalanobis_features`]: `get_Mahalanobis_score` (docs/scores.md#mahalanobis):
+//!   per layer, input pre-processing x~ = x - magnitude * sign(d loss / dx) with
+//!   loss = batch mean of 1/2 (f - mu_c*)^T P (f - mu_c*) (the original's
+//!   `torch.mean(-pure_gau)`, so the step lowers the distance and raises the
+//!   score), then m_l = max_c s_c(f(x~)).
 //! - [`regressor_features`], [`score_from_regression`]: M = (m_0..m_4) and
 //!   -P(OOD) of the logistic regression (ID labelled 0, adversarial 1).
 //! - [`fgsm_adversarial`]: the fake OOD images of `tune_mahalanobis_hyperparameter.py`
-//!   (SPEC §6.3).
+//!   (docs/mahalanobis.md#tuning).
 //!
 //! Differences from the original, all numerical: everything is float64 (the
 //! original scores in float32 and returns M as float32; its covariance is float64);
@@ -49,10 +51,10 @@ pub enum MahalanobisError {
 /// Result of this module's functions.
 pub type Result<T> = std::result::Result<T, MahalanobisError>;
 
-/// FGSM step of the fake OOD images (`adv_noise` in the original; SPEC §6.3).
+/// FGSM step of the fake OOD images (`adv_noise` in the original; docs/mahalanobis.md#tuning).
 pub const FGSM_STEP: f64 = 0.05;
 
-/// Noise magnitudes tried by the tuning, in the original's order (SPEC §6.4).
+/// Noise magnitudes tried by the tuning, in the original's order (docs/mahalanobis.md#tuning).
 pub const TUNING_MAGNITUDES: [f64; 7] = [0.0, 0.01, 0.005, 0.002, 0.0014, 0.001, 0.0005];
 
 const F64: Kind = Kind::Double;
@@ -399,7 +401,7 @@ fn check_batch(out: &Tensor, x: &Tensor, what: &str) -> Result<()> {
 /// `get_Mahalanobis_score` for one layer (loss: [`GaussianLayer`]'s, on
 /// `forward_layer(x)` [N, D]). The original steps by the plain sign; Lee et al.'s
 /// deep_Mahalanobis_detector also divides the gradient by the normalisation std
-/// per channel, which MOS's copy dropped (SPEC §5). Returns a detached tensor.
+/// per channel, which MOS's copy dropped (docs/scores.md#mahalanobis). Returns a detached tensor.
 pub fn perturb_input(
     forward_layer: &dyn Fn(&Tensor) -> Tensor,
     x: &Tensor,
@@ -488,7 +490,7 @@ pub fn score_from_regression(m: &Tensor, w: &[f64], b: f64) -> Result<Tensor> {
     Ok(-(m.to_kind(F64).matmul(&w) + b).sigmoid())
 }
 
-/// FGSM fake-OOD images of the tuning (SPEC §6.3): loss = batch-mean
+/// FGSM fake-OOD images of the tuning (docs/mahalanobis.md#tuning): loss = batch-mean
 /// cross-entropy of `forward_logits(x)` [N, K] against the labels `[N]`;
 /// x_adv = clamp(x + step * sign(d loss / dx), 0, 1). The clamp to [0, 1] though
 /// inputs lie in [-1, 1] is the original's. Returns a detached tensor like x.

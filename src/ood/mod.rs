@@ -1,4 +1,4 @@
-//! Out-of-distribution scores as pure, batched tensor functions (SPEC §4–5).
+//! Out-of-distribution scores as pure, batched tensor functions (docs/scores.md).
 //!
 //! - [`group`]: the group softmax of MOS: [`GroupSlices`] (the original's
 //!   `get_group_slices`), the MOS score (`test_mos.py`), the group loss and the
@@ -44,7 +44,7 @@ pub enum OodError {
 /// Result of this module's functions.
 pub type Result<T> = std::result::Result<T, OodError>;
 
-/// The baseline scores of `test_baselines.py --score` (SPEC §5).
+/// The baseline scores of `test_baselines.py --score` (docs/scores.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Score {
     /// Maximum softmax probability.

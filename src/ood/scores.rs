@@ -1,5 +1,5 @@
 //! The baseline scores of `test_baselines.py` on a flat model with C logits
-//! (SPEC §5): MSP, ODIN (`iterate_data_odin`), Energy (`iterate_data_energy`) and
+//! (docs/scores.md): MSP, ODIN (`iterate_data_odin`), Energy (`iterate_data_energy`) and
 //! KL matching (`iterate_data_kl_div`), each for a whole batch at once. Higher
 //! scores mean more in-distribution. Mahalanobis is with its tuning code.
 use tch::{Kind, Reduction, Tensor};
@@ -93,7 +93,7 @@ pub fn odin_perturb(
     Ok(x.detach() - sign * epsilon)
 }
 
-/// ODIN score (SPEC §5): `max softmax(forward(x') / T)` with x' =
+/// ODIN score (docs/scores.md#odin): `max softmax(forward(x') / T)` with x' =
 /// [`odin_perturb`]`(forward, x, T, epsilon)`; x [N, ...] -> [N]. With
 /// `epsilon == 0` x' = x, so no graph is built and no backward pass runs.
 /// The result never requires grad.

@@ -1,4 +1,4 @@
-//! Mixup for fine-tuning (SPEC §8; the original's `mixup_data`,
+//! Mixup for fine-tuning (docs/finetuning.md#mixup; the original's `mixup_data`,
 //! `mixup_criterion_flat` and `mixup_criterion_group` in `finetune.py`).
 //!
 //! Per update, lambda ~ Beta(alpha, alpha) and a random permutation `perm` of the
@@ -185,7 +185,7 @@ pub fn mix(x: &Tensor, lambda: f64, perm: &Tensor) -> Result<Tensor, MixupError>
 
 /// The mixed loss `lambda * L(y) + (1 - lambda) * L(y_perm)` for a loss
 /// `loss_fn(targets)` of the (mixed-input) logits, e.g. a batch-mean
-/// cross-entropy, or the group loss of SPEC §4 for group softmax.
+/// cross-entropy, or the group loss of docs/method.md#loss for group softmax.
 pub fn mixed_loss(
     loss_fn: &dyn Fn(&Tensor) -> Tensor,
     y: &Tensor,

@@ -1,4 +1,4 @@
-//! The pure parts of fine-tuning (SPEC §8, the original's `finetune.py` with the
+//! The pure parts of fine-tuning (docs/finetuning.md, the original's `finetune.py` with the
 //! BiT-HyperRule of `utils/finetune_utils.py`): the learning-rate schedule, mixup
 //! and SGD with momentum over accumulated micro-batches.
 //!

@@ -1,4 +1,4 @@
-//! The BiT-HyperRule learning-rate schedule and mixup switch (SPEC §8; the
+//! The BiT-HyperRule learning-rate schedule and mixup switch (docs/finetuning.md; the
 //! original's `get_schedule`, `get_lr` and `get_mixup` in
 //! `utils/finetune_utils.py`, copies of Google's `bit_hyperrule.py`).
 //!

@@ -1,4 +1,4 @@
-//! SGD with momentum over accumulated micro-batches (SPEC §8; the original's
+//! SGD with momentum over accumulated micro-batches (docs/finetuning.md; the original's
 //! `torch.optim.SGD(trainable_params, lr=base_lr, momentum=0.9)` and its
 //! accumulation loop in `finetune.py`).
 //!
