@@ -2,7 +2,7 @@
 //! the ROC curve of a method (SVG, drawn with plotters).
 use std::path::Path;
 
-use anyhow::{anyhow, Result};
+use anyhow::{Context, Result};
 use plotters::prelude::*;
 
 const BINS: usize = 50;
@@ -38,24 +38,30 @@ fn density(values: &[f64], lo: f64, hi: f64) -> Vec<f64> {
 
 /// Overlaid histograms of ID and OOD scores (fraction of each set per bin).
 pub fn histogram(path: &Path, title: &str, id: &[f64], ood: &[f64]) -> Result<()> {
+    draw_histogram(path, title, id, ood).with_context(|| cannot_write(path))
+}
+
+fn cannot_write(path: &Path) -> String {
+    format!("cannot write the plot {}", path.display())
+}
+
+fn draw_histogram(path: &Path, title: &str, id: &[f64], ood: &[f64]) -> Result<()> {
     let (lo, hi) = finite_range(id, ood);
     let (hid, hood) = (density(id, lo, hi), density(ood, lo, hi));
     let top = hid.iter().chain(&hood).cloned().fold(0.0, f64::max) * 1.1 + 1e-9;
     let root = SVGBackend::new(path, (720, 440)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow!("{e:?}"))?;
+    root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(52)
-        .build_cartesian_2d(lo..hi, 0.0..top)
-        .map_err(|e| anyhow!("{e:?}"))?;
+        .build_cartesian_2d(lo..hi, 0.0..top)?;
     chart
         .configure_mesh()
         .x_desc("score (higher = more in-distribution)")
         .y_desc("fraction of images")
-        .draw()
-        .map_err(|e| anyhow!("{e:?}"))?;
+        .draw()?;
     let width = (hi - lo) / BINS as f64;
     for (values, color, name) in [
         (&hid, BLUE, "in-distribution"),
@@ -65,8 +71,7 @@ pub fn histogram(path: &Path, title: &str, id: &[f64], ood: &[f64]) -> Result<()
             .draw_series(values.iter().enumerate().map(|(b, &h)| {
                 let x0 = lo + b as f64 * width;
                 Rectangle::new([(x0, 0.0), (x0 + width, h)], color.mix(0.35).filled())
-            }))
-            .map_err(|e| anyhow!("{e:?}"))?
+            }))?
             .label(name)
             .legend(move |(x, y)| {
                 Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.mix(0.5).filled())
@@ -76,10 +81,8 @@ pub fn histogram(path: &Path, title: &str, id: &[f64], ood: &[f64]) -> Result<()
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
-        .draw()
-        .map_err(|e| anyhow!("{e:?}"))?;
-    root.present()
-        .map_err(|e| anyhow!("{}: {e:?}", path.display()))?;
+        .draw()?;
+    root.present()?;
     Ok(())
 }
 
@@ -109,30 +112,27 @@ pub fn roc_points(id: &[f64], ood: &[f64]) -> Vec<(f64, f64)> {
 
 /// The ROC curve (ID positive) with its AUROC in the title.
 pub fn roc(path: &Path, title: &str, id: &[f64], ood: &[f64]) -> Result<()> {
+    draw_roc(path, title, id, ood).with_context(|| cannot_write(path))
+}
+
+fn draw_roc(path: &Path, title: &str, id: &[f64], ood: &[f64]) -> Result<()> {
     let pts = roc_points(id, ood);
     let root = SVGBackend::new(path, (520, 520)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow!("{e:?}"))?;
+    root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(44)
-        .build_cartesian_2d(0.0..1.0, 0.0..1.0)
-        .map_err(|e| anyhow!("{e:?}"))?;
+        .build_cartesian_2d(0.0..1.0, 0.0..1.0)?;
     chart
         .configure_mesh()
         .x_desc("false positive rate (OOD accepted)")
         .y_desc("true positive rate (ID accepted)")
-        .draw()
-        .map_err(|e| anyhow!("{e:?}"))?;
-    chart
-        .draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], BLACK.mix(0.3)))
-        .map_err(|e| anyhow!("{e:?}"))?;
-    chart
-        .draw_series(LineSeries::new(pts, BLUE.stroke_width(2)))
-        .map_err(|e| anyhow!("{e:?}"))?;
-    root.present()
-        .map_err(|e| anyhow!("{}: {e:?}", path.display()))?;
+        .draw()?;
+    chart.draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], BLACK.mix(0.3)))?;
+    chart.draw_series(LineSeries::new(pts, BLUE.stroke_width(2)))?;
+    root.present()?;
     Ok(())
 }
 
@@ -162,6 +162,10 @@ fn span(points: &[(f64, f64)]) -> (f64, f64) {
 /// Training curves from `metrics.jsonl` records: loss (train and validation),
 /// learning rate and validation top-1, one panel each.
 pub fn training_curves(path: &Path, history: &[serde_json::Value]) -> Result<()> {
+    draw_training_curves(path, history).with_context(|| cannot_write(path))
+}
+
+fn draw_training_curves(path: &Path, history: &[serde_json::Value]) -> Result<()> {
     let panels = [
         (
             "loss",
@@ -181,7 +185,7 @@ pub fn training_curves(path: &Path, history: &[serde_json::Value]) -> Result<()>
         .filter_map(|v| v.get("step")?.as_f64())
         .fold(1.0, f64::max);
     let root = SVGBackend::new(path, (900, 780)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow!("{e:?}"))?;
+    root.fill(&WHITE)?;
     for (area, (title, lines)) in root.split_evenly((3, 1)).iter().zip(panels) {
         let all: Vec<(f64, f64)> = lines.iter().flat_map(|l| l.1.clone()).collect();
         let (lo, hi) = span(&all);
@@ -190,17 +194,11 @@ pub fn training_curves(path: &Path, history: &[serde_json::Value]) -> Result<()>
             .margin(8)
             .x_label_area_size(28)
             .y_label_area_size(60)
-            .build_cartesian_2d(0.0..last_step, lo..hi)
-            .map_err(|e| anyhow!("{e:?}"))?;
-        chart
-            .configure_mesh()
-            .x_desc("step")
-            .draw()
-            .map_err(|e| anyhow!("{e:?}"))?;
+            .build_cartesian_2d(0.0..last_step, lo..hi)?;
+        chart.configure_mesh().x_desc("step").draw()?;
         for (name, points, color) in lines {
             chart
-                .draw_series(LineSeries::new(points, color.stroke_width(2)))
-                .map_err(|e| anyhow!("{e:?}"))?
+                .draw_series(LineSeries::new(points, color.stroke_width(2)))?
                 .label(name)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], color));
         }
@@ -208,11 +206,9 @@ pub fn training_curves(path: &Path, history: &[serde_json::Value]) -> Result<()>
             .configure_series_labels()
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
-            .draw()
-            .map_err(|e| anyhow!("{e:?}"))?;
+            .draw()?;
     }
-    root.present()
-        .map_err(|e| anyhow!("{}: {e:?}", path.display()))?;
+    root.present()?;
     Ok(())
 }
 
@@ -227,6 +223,17 @@ mod tests {
             pts,
             vec![(0.0, 0.0), (0.0, 1.0 / 3.0), (0.5, 1.0), (1.0, 1.0)]
         );
+    }
+
+    #[test]
+    fn an_unwritable_path_is_named_in_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missing/h.svg");
+        let e = format!("{:#}", histogram(&path, "MSP", &[1.0], &[0.0]).unwrap_err());
+        assert!(e.starts_with("cannot write the plot "), "{e}");
+        assert!(e.contains("missing/h.svg"), "{e}");
+        // Display, not Debug: no `Os { code: .. }` or `kind: NotFound`.
+        assert!(!e.contains("kind:") && !e.contains("Os {"), "{e}");
     }
 
     #[test]

@@ -103,6 +103,24 @@ pub fn libtorch_version(lib_dir: &Path) -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
+/// A device as `--device` spells it (`cpu`, `cuda:0`), for logs and messages.
+pub fn device_name(device: tch::Device) -> String {
+    match device {
+        tch::Device::Cpu => "cpu".into(),
+        tch::Device::Cuda(n) => format!("cuda:{n}"),
+        tch::Device::Mps => "mps".into(),
+        tch::Device::Vulkan => "vulkan".into(),
+    }
+}
+
+/// The command-line spelling of a `clap::ValueEnum` value (e.g. `--precision fp32`).
+pub fn value_name<T: clap::ValueEnum>(value: &T) -> String {
+    value
+        .to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
+}
+
 /// Number of CUDA devices libtorch can use (0 when CUDA is unavailable).
 pub fn cuda_device_count() -> usize {
     if tch::Cuda::is_available() {

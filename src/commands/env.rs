@@ -40,7 +40,7 @@ pub fn collect(args: &EnvArgs) -> anyhow::Result<EnvReport> {
         cudnn_version: cudnn_available.then(tch::utils::version_cudnn),
         cpu_threads: tch::get_num_threads(),
         malloc: runtime::malloc_setting(),
-        selected_device: format!("{selected:?}"),
+        selected_device: runtime::device_name(selected),
     })
 }
 

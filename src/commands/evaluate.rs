@@ -102,10 +102,11 @@ pub fn run(mut job: EvalJob) -> Result<()> {
     let loaded = load_model(job.model_path, Some(job.model), Some(head), device)
         .with_context(|| head_hint(&job, id_classes))?;
     log.line(format!(
-        "model {} from {} ({}), head {head}, on {device:?}",
+        "model {} from {} ({}), head {head}, on {}",
         job.model.name,
         job.model_path.display(),
-        loaded.state.format
+        loaded.state.format,
+        crate::runtime::device_name(device)
     ));
     let opts = EvalOptions {
         batch: job.data.batch,

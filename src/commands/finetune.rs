@@ -239,7 +239,7 @@ pub fn run(args: &FinetuneArgs, head: Head) -> Result<()> {
     let schedule = Schedule::new(supports, args.base_lr).context("--base-lr / --schedule")?;
     let alpha = mixup_alpha(data.train.len());
     let config = serde_json::json!({
-        "command": command, "model": args.model.model.name, "init": format!("{:?}", args.init),
+        "command": command, "model": args.model.model.name, "init": crate::runtime::value_name(&args.init),
         "dataset": args.dataset, "datadir": args.datadir, "train_list": args.train_list, "val_list": args.val_list,
         "group_config": args.group_config, "train_images": data.train.len(), "val_images": data.val.len(),
         "head_size": data.head_size, "batch": args.batch, "batch_split": args.batch_split, "base_lr": args.base_lr,

@@ -6,8 +6,9 @@ use tch::{Kind, Tensor};
 
 use crate::cli::ForwardArgs;
 use crate::model::bit::spatial_mean;
-use crate::model::checkpoint;
+use crate::model::checkpoint::{self, shape};
 use crate::model::weights::load_model;
+use crate::runtime::{device_name, value_name};
 
 pub fn run(args: &ForwardArgs) -> Result<()> {
     let device = args.device.device.resolve()?;
@@ -49,11 +50,12 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
     let bytes = checkpoint::serialize(&out, Default::default())?;
     checkpoint::write_atomic(&args.output, &bytes)?;
     println!(
-        "wrote {} (logits {:?}{}) on {device:?}, precision {:?}",
+        "wrote {} (logits {}{}) on {}, precision {}",
         args.output.display(),
-        out[0].1.size(),
+        shape(&out[0].1),
         if args.features { ", features.0..4" } else { "" },
-        args.precision
+        device_name(device),
+        value_name(&args.precision)
     );
     if args.repeat > 0 {
         let start = std::time::Instant::now();

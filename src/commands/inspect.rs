@@ -3,6 +3,7 @@
 use anyhow::Result;
 
 use crate::cli::InspectArgs;
+use crate::model::checkpoint::{kind_name, shape};
 use crate::model::weights::{matching_variants, read_state_dict};
 
 pub fn run(args: &InspectArgs) -> Result<()> {
@@ -36,18 +37,14 @@ pub fn run(args: &InspectArgs) -> Result<()> {
     let mut total: i64 = 0;
     for (name, t) in &sd.tensors {
         total += t.numel() as i64;
-        println!(
-            "{name:<width$}  {:<20} {:?}",
-            format!("{:?}", t.size()),
-            t.kind()
-        );
+        println!("{name:<width$}  {:<20} {}", shape(t), kind_name(t.kind()));
     }
     for (name, t) in &sd.momentum {
         println!(
-            "{:<width$}  {:<20} {:?}",
+            "{:<width$}  {:<20} {}",
             format!("(momentum) {name}"),
-            format!("{:?}", t.size()),
-            t.kind()
+            shape(t),
+            kind_name(t.kind())
         );
     }
     println!("\n{} tensors, {total} values", sd.tensors.len());

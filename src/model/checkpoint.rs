@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use safetensors::tensor::{Dtype, SafeTensors, View};
+use safetensors::tensor::{Dtype, SafeTensorError, SafeTensors, View};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -78,8 +78,32 @@ fn kind_to_dtype(kind: Kind) -> Result<Dtype> {
         Kind::Int8 => Dtype::I8,
         Kind::Uint8 => Dtype::U8,
         Kind::Bool => Dtype::BOOL,
-        k => bail!("cannot store tensors of kind {k:?}"),
+        k => bail!("cannot store tensors of kind {}", kind_name(k)),
     })
+}
+
+/// A tensor's shape as `[2, 3]` (`[]` for a scalar), for messages.
+pub fn shape(t: &Tensor) -> String {
+    let dims: Vec<String> = t.size().iter().map(i64::to_string).collect();
+    format!("[{}]", dims.join(", "))
+}
+
+/// A tensor kind as PyTorch names its dtype (`float32`, `int64`, ...).
+pub fn kind_name(kind: Kind) -> String {
+    match kind {
+        Kind::Float => "float32".into(),
+        Kind::Double => "float64".into(),
+        Kind::Half => "float16".into(),
+        Kind::BFloat16 => "bfloat16".into(),
+        Kind::Int64 => "int64".into(),
+        Kind::Int => "int32".into(),
+        Kind::Int16 => "int16".into(),
+        Kind::Int8 => "int8".into(),
+        Kind::Uint8 => "uint8".into(),
+        Kind::Bool => "bool".into(),
+        // The remaining kinds (complex, quantized, float8) by their tch names.
+        k => format!("{k:?}"),
+    }
 }
 
 fn dtype_to_kind(dtype: Dtype) -> Result<Kind> {
@@ -94,7 +118,7 @@ fn dtype_to_kind(dtype: Dtype) -> Result<Kind> {
         Dtype::I8 => Kind::Int8,
         Dtype::U8 => Kind::Uint8,
         Dtype::BOOL => Kind::Bool,
-        d => bail!("unsupported safetensors dtype {d:?}"),
+        d => bail!("unsupported safetensors dtype {}", dtype_name(d)),
     })
 }
 
@@ -185,20 +209,61 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         .with_context(|| format!("{}: not a readable safetensors file", path.display()))
 }
 
+/// The safetensors crate's error in words (its `Display` is its `Debug`).
+fn describe(e: SafeTensorError) -> anyhow::Error {
+    let text = match e {
+        SafeTensorError::InvalidHeader => "the header is not valid UTF-8".to_string(),
+        SafeTensorError::InvalidHeaderStart => "the header does not start with '{'".into(),
+        SafeTensorError::InvalidHeaderDeserialization => "the header is not valid JSON".into(),
+        SafeTensorError::HeaderTooLarge => "the header is larger than 100 MB".into(),
+        SafeTensorError::HeaderTooSmall => "the file is shorter than the 8-byte header size".into(),
+        SafeTensorError::InvalidHeaderLength => "the header size is larger than the file".into(),
+        SafeTensorError::TensorNotFound(n) => format!("no tensor '{n}'"),
+        SafeTensorError::TensorInvalidInfo => {
+            "a tensor's dtype, shape and data offsets disagree".into()
+        }
+        SafeTensorError::InvalidOffset(n) => format!("tensor '{n}' has invalid data offsets"),
+        SafeTensorError::IoError(e) => e.to_string(),
+        SafeTensorError::JsonError(e) => format!("bad header JSON: {e}"),
+        SafeTensorError::InvalidTensorView(d, shape, len) => format!(
+            "{} bytes of data cannot hold a {} tensor of shape [{}]",
+            len,
+            dtype_name(d),
+            shape
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        SafeTensorError::MetadataIncompleteBuffer => {
+            "the tensors do not cover the data part of the file exactly (truncated or padded)"
+                .into()
+        }
+        SafeTensorError::ValidationOverflow => "a tensor's shape or size overflows".into(),
+    };
+    anyhow::anyhow!(text)
+}
+
+/// The dtype's name as safetensors headers write it (F32, I64, ...).
+fn dtype_name(d: Dtype) -> String {
+    // Dtype's Debug is the header spelling (its serde name).
+    format!("{d:?}")
+}
+
 /// [`load`] on bytes already in memory.
 pub fn load_bytes(bytes: &[u8]) -> Result<Checkpoint> {
-    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(describe)?;
     let meta = match header.metadata().as_ref().and_then(|m| m.get(META_KEY)) {
         Some(json) => Some(serde_json::from_str(json).context("bad mos metadata")?),
         None => None,
     };
-    let st = SafeTensors::deserialize(bytes).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let st = SafeTensors::deserialize(bytes).map_err(describe)?;
     let mut model = Vec::new();
     let mut momentum = Vec::new();
     let mut names: Vec<String> = st.names().into_iter().cloned().collect();
     names.sort();
     for name in names {
-        let view = st.tensor(&name).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let view = st.tensor(&name).map_err(describe)?;
         let kind = dtype_to_kind(view.dtype()).with_context(|| format!("tensor {name}"))?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         let t = Tensor::f_from_data_size(view.data(), &shape, kind)?;
@@ -254,5 +319,19 @@ mod tests {
         fs::write(&path, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json").unwrap();
         let e = format!("{:#}", load(&path).unwrap_err());
         assert!(e.contains("bad.safetensors"), "{e}");
+        // In words, not the safetensors crate's Debug (`InvalidHeaderLength`).
+        assert!(
+            e.ends_with("the header size is larger than the file"),
+            "{e}"
+        );
+        // Data that does not fill its tensor's shape.
+        let header = br#"{"w":{"dtype":"F32","shape":[2,3],"data_offsets":[0,8]}}"#;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header);
+        bytes.extend_from_slice(&[0; 8]);
+        fs::write(&path, &bytes).unwrap();
+        let e = format!("{:#}", load(&path).unwrap_err());
+        assert!(e.contains("bad.safetensors"), "{e}");
+        assert!(!e.contains("TensorInvalidInfo"), "{e}");
     }
 }
