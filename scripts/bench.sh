@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks that print ratios against a baseline measured in the same run.
 # Usage: scripts/bench.sh [forward|loader|scores|train]... [--images N] [--size S]
-#                         [--rounds N] [--steps N] [--same-malloc]
+#                         [--rounds N] [--steps N] [--same-malloc] [--smoke]
 #   forward: BiT-S-R50x1 and BiT-S-R101x1 forward images/s, mos vs the PyTorch
 #            reference (tests/fixtures/make_model_fixtures.py) on the same threads
 #            and the same random weights and inputs (CPU).
@@ -12,13 +12,16 @@
 #   train:   fine-tuning step images/s (forward, backward, SGD) of BiT-S-R50x1 at
 #            224x224, num_block_open 0 and -1, mos bench-train vs the same step in
 #            PyTorch (the paper code's model, in-place ReLU), random data in memory,
-#            same threads; --rounds interleaved rounds of --steps timed steps each,
-#            medians printed with every round's ratio. --same-malloc gives the
-#            PyTorch process the glibc malloc settings mos makes for itself
-#            (src/runtime.rs), to separate that gain from the rest.
-# With no section, runs all four. Needs the PyTorch of the setup cache (or a
-# python3 with torch 2.11); loader and scores install torchvision 0.26, Pillow and
-# scikit-learn (for its sample photos) once into the cache.
+#            same threads. --same-malloc gives the PyTorch process the glibc malloc
+#            settings mos makes for itself (src/runtime.rs), to separate that gain.
+# Every section runs --rounds interleaved rounds (baseline then mos, so that a
+# machine-wide slowdown hits both) and prints the median of each side and of the
+# per-round ratios, with every round's ratio. --smoke runs every section on tiny
+# inputs, one round (CI uses it to check that the script works; its numbers mean
+# nothing).
+# With no section, runs all four. The Python side runs in the pinned reference
+# environment of scripts/lib.sh (mos_python_env: a venv with numpy, scipy,
+# scikit-learn, Pillow, torchvision and the setup cache's torch), made on first use.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=lib.sh
@@ -29,6 +32,7 @@ images=4
 size=480
 rounds=3
 steps=4
+smoke=0
 torch_env=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -38,78 +42,95 @@ while [ $# -gt 0 ]; do
         --rounds) rounds=$2; shift ;;
         --steps) steps=$2; shift ;;
         --same-malloc) torch_env=(MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824) ;;
+        --smoke) smoke=1 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
     shift
 done
 [ ${#what[@]} -gt 0 ] || what=(forward loader scores train)
+# Sizes of the loader, scores and train sections (--smoke shrinks them all).
+jpegs=256 loader_size=480 score_size=128 score_id=48 score_ood=64 train_size=224 train_batch=8
+if [ "$smoke" = 1 ]; then
+    images=1 size=64 rounds=1 steps=1
+    jpegs=16 loader_size=64 score_size=32 score_id=6 score_ood=4 train_size=64 train_batch=2
+fi
 scripts/build.sh >/dev/null
 mos=target/release/mos
-if [ -z "${LIBTORCH:-}" ]; then
-    export PYTHONPATH="$(mos_torch_home)/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-bench_site="$(dirname "$(mos_torch_home)")/bench-site"
-if ! PYTHONPATH="$bench_site:$PYTHONPATH" python3 -c 'import torchvision, PIL, sklearn' 2>/dev/null; then
-    mos_log "installing torchvision 0.26, Pillow and scikit-learn for the benchmarks into $bench_site"
-    python3 -m pip install --disable-pip-version-check -q --target "$bench_site" --no-deps \
-        torchvision==0.26.0 pillow scikit-learn scipy joblib threadpoolctl narwhals
-fi
-export PYTHONPATH="$bench_site:$PYTHONPATH"
-python3 -c 'import torch' 2>/dev/null || { echo "bench needs python3 with torch 2.11 (the setup cache has one)" >&2; exit 1; }
+py=$(mos_python_env)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 threads=$(nproc)
+ref() { "$py" scripts/torch_ref.py "$@"; }
 
-rate() { sed -n 's/.*forward[^:]*: \([0-9.]*\) images\/s.*/\1/p'; }
-train_rate() { sed -n 's/.*: \([0-9.]*\) images\/s.*/\1/p'; }
-
+rate() { sed -n 's/.*: \([0-9.]*\) images\/s.*/\1/p'; }
 has() { [[ " ${what[*]} " == *" $1 "* ]]; }
 # The median of numbers (the mean of the middle two for an even count).
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 now() { date +%s.%N; }
+# A rate that is not a positive number means the command's output changed.
+check_rate() {
+    awk -v r="$2" 'BEGIN { exit !(r + 0 > 0) }' || { echo "bench: no rate from $1 (got '$2')" >&2; exit 1; }
+}
 
 if has forward; then
-    echo "forward, CPU, $threads threads, $images images of ${size}x${size}, batch $images, 2 timed passes after 1 warm-up"
-    printf '%-14s %12s %12s %8s %14s %8s\n' model "PyTorch i/s" "mos i/s" ratio "mos NHWC i/s" ratio
+    echo "forward, CPU, $threads threads, $images images of ${size}x${size}, batch $images, 2 timed passes after 1 warm-up;"
+    echo "each round: PyTorch, mos, mos channels-last; medians of $rounds rounds"
+    printf '%-14s %12s %12s %8s %14s %8s   %s\n' model "PyTorch i/s" "mos i/s" ratio "mos NHWC i/s" ratio "ratios per round (NCHW)"
     for m in R50x1 R101x1; do
-        python3 scripts/torch_ref.py make-model "$tmp" "$m" "$images" "$size"
-        base=$(OMP_NUM_THREADS=$threads python3 scripts/torch_ref.py torch-forward "$tmp" "$m" cpu "$images" 2 | rate)
+        ref make-model "$tmp" "$m" "$images" "$size"
         args=(forward --model "BiT-S-$m" --model-path "$tmp/$m.pth.tar" --input "$tmp/${m}_input.safetensors"
               --device cpu --batch "$images" --repeat 2)
-        ours=$("$mos" "${args[@]}" --output "$tmp/$m.mos.safetensors" | rate)
-        ours_cl=$("$mos" "${args[@]}" --channels-last --output "$tmp/$m.mos_cl.safetensors" | rate)
-        python3 scripts/torch_ref.py compare "$tmp/$m.mos.safetensors" "$tmp/${m}_torch.safetensors" --keys logits --tol 1e-4 >/dev/null \
+        bases=() ours=() ours_cl=() ratios=() ratios_cl=()
+        for _ in $(seq "$rounds"); do
+            b=$(OMP_NUM_THREADS=$threads ref torch-forward "$tmp" "$m" cpu "$images" 2 | rate)
+            o=$("$mos" "${args[@]}" --output "$tmp/$m.mos.safetensors" | rate)
+            c=$("$mos" "${args[@]}" --channels-last --output "$tmp/$m.mos_cl.safetensors" | rate)
+            check_rate "PyTorch forward" "$b"; check_rate "mos forward" "$o"; check_rate "mos forward --channels-last" "$c"
+            bases+=("$b") ours+=("$o") ours_cl+=("$c") ratios+=("$(ratio "$o" "$b")") ratios_cl+=("$(ratio "$c" "$b")")
+        done
+        ref compare "$tmp/$m.mos.safetensors" "$tmp/${m}_torch.safetensors" --keys logits --tol 1e-4 >/dev/null \
             || { echo "BiT-S-$m: mos and PyTorch logits differ" >&2; exit 1; }
         # Channels-last runs other convolution kernels: same values up to rounding.
-        python3 scripts/torch_ref.py compare "$tmp/$m.mos_cl.safetensors" "$tmp/${m}_torch.safetensors" --keys logits --tol 1e-3 >/dev/null \
+        ref compare "$tmp/$m.mos_cl.safetensors" "$tmp/${m}_torch.safetensors" --keys logits --tol 1e-3 >/dev/null \
             || { echo "BiT-S-$m: channels-last logits differ from PyTorch" >&2; exit 1; }
-        awk -v m="BiT-S-$m" -v b="$base" -v o="$ours" -v c="$ours_cl" \
-            'BEGIN { printf "%-14s %12.3f %12.3f %7.2fx %14.3f %7.2fx\n", m, b, o, o / b, c, c / b }'
+        awk -v m="BiT-S-$m" -v b="$(median "${bases[@]}")" -v o="$(median "${ours[@]}")" -v r="$(median "${ratios[@]}")" \
+            -v c="$(median "${ours_cl[@]}")" -v rc="$(median "${ratios_cl[@]}")" -v all="${ratios[*]}" \
+            'BEGIN { printf "%-14s %12.3f %12.3f %7.2fx %14.3f %7.2fx   %s\n", m, b, o, r, c, rc, all }'
     done
 fi
 
 if has loader; then
-    python3 scripts/torch_ref.py make-jpegs "$tmp/jpegs" 256
+    ref make-jpegs "$tmp/jpegs" "$jpegs"
     echo
-    echo "eval loader, 256 real-photo JPEGs to 480x480, batch 32, $threads workers"
-    base=$(python3 scripts/torch_ref.py torch-loader "$tmp/jpegs" "$threads" 32 480 | sed -n 's/.*: \([0-9.]*\) images\/s.*/\1/p')
-    ours=$("$mos" data-check --datadir "$tmp/jpegs" --workers "$threads" --batch 32 | sed -n 's/^loader: .* \([0-9.]*\) images\/s.*/\1/p')
-    awk -v b="$base" -v o="$ours" 'BEGIN { printf "torchvision %.1f images/s, mos %.1f images/s: %.2fx\n", b, o, o / b }'
+    echo "eval loader, $jpegs real-photo JPEGs to ${loader_size}x${loader_size}, batch 32, $threads workers;"
+    echo "each round: torchvision then mos; medians of $rounds rounds"
+    bases=() ours=() ratios=()
+    for _ in $(seq "$rounds"); do
+        b=$(ref torch-loader "$tmp/jpegs" "$threads" 32 "$loader_size" | rate)
+        o=$("$mos" data-check --datadir "$tmp/jpegs" --workers "$threads" --batch 32 --crop "$loader_size" | sed -n 's/^loader: .* \([0-9.]*\) images\/s.*/\1/p')
+        check_rate "torchvision loader" "$b"; check_rate "mos data-check" "$o"
+        bases+=("$b") ours+=("$o") ratios+=("$(ratio "$o" "$b")")
+    done
+    awk -v b="$(median "${bases[@]}")" -v o="$(median "${ours[@]}")" -v r="$(median "${ratios[@]}")" -v all="${ratios[*]}" \
+        'BEGIN { printf "torchvision %.1f images/s, mos %.1f images/s: %.2fx (per round: %s)\n", b, o, r, all }'
 fi
 
 if has scores; then
-    python3 scripts/torch_ref.py make-jpegs "$tmp/id/a" 48 1
-    python3 scripts/torch_ref.py make-jpegs "$tmp/id/b" 48 2
-    python3 scripts/torch_ref.py make-jpegs "$tmp/ood" 64 3
-    python3 scripts/torch_ref.py make-model "$tmp" R26x0.5 1 8 2
+    ref make-jpegs "$tmp/id/a" "$score_id" 1
+    ref make-jpegs "$tmp/id/b" "$score_id" 2
+    ref make-jpegs "$tmp/ood" "$score_ood" 3
+    ref make-model "$tmp" R26x0.5 1 8 2
     echo
-    echo "test-baseline wall time per method, ResNetV2-R26x0.5 (random weights), 96 ID + 64 OOD images at 128x128, CPU"
+    echo "test-baseline wall time per method, ResNetV2-R26x0.5 (random weights), $((2 * score_id)) ID + $score_ood OOD images at ${score_size}x${score_size}, CPU;"
+    echo "each round runs every row once, MSP first; a row's ratio is its time over that round's MSP; medians of $rounds rounds"
     run_method() {
         local start end
         start=$(now)
         "$mos" test-baseline --in-datadir "$tmp/id" --out-datadir "$tmp/ood" --logdir "$tmp/runs" --name "$1" \
-            --model ResNetV2-R26x0.5 --model-path "$tmp/R26x0.5.pth.tar" --crop 128 --batch 32 \
-            --workers "$threads" --device cpu --score "$@" >/dev/null 2>&1
+            --model ResNetV2-R26x0.5 --model-path "$tmp/R26x0.5.pth.tar" --crop "$score_size" --batch 32 \
+            --workers "$threads" --device cpu --score "$@" >"$tmp/score.log" 2>&1 ||
+            { cat "$tmp/score.log" >&2; echo "bench: test-baseline --score $* failed" >&2; exit 1; }
         end=$(now)
         awk -v s="$start" -v e="$end" 'BEGIN { printf "%.3f", e - s }'
     }
@@ -117,31 +138,43 @@ if has scores; then
     find "$tmp/id" -name '*.jpg' | sort | awk -F/ '{ print $(NF-2) "/" $(NF-1) "/" $NF " " ($(NF-2) == "a" ? 0 : 1) }' >"$tmp/id_list.txt"
     "$mos" tune-mahalanobis --datadir "$tmp/id" --train-list "$tmp/id_list.txt" --val-list "$tmp/id_list.txt" \
         --model ResNetV2-R26x0.5 --model-path "$tmp/R26x0.5.pth.tar" --logdir "$tmp/runs" --name maha \
-        --crop 128 --batch 32 --num-lr-samples 20 --workers "$threads" --device cpu >/dev/null 2>&1
-    run_method MSP >/dev/null # warm-up (page cache, libtorch start-up)
-    msp=$(run_method MSP)
-    printf '%-26s %8s %8s\n' method seconds "vs MSP"
+        --crop "$score_size" --batch 32 --num-lr-samples "$(( score_id < 20 ? score_id : 20 ))" \
+        --workers "$threads" --device cpu >"$tmp/maha.log" 2>&1 ||
+        { cat "$tmp/maha.log" >&2; echo "bench: tune-mahalanobis failed" >&2; exit 1; }
     maha="Mahalanobis --mahalanobis-param-path $tmp/runs/maha"
-    for spec in "MSP" "Energy" "KL_Div" "ODIN --epsilon-odin 0" "ODIN --epsilon-odin 0.0014" "$maha" "MSP,Energy,KL_Div,ODIN"; do
-        read -r -a words <<<"$spec"
-        # shellcheck disable=SC2068
-        t=$(run_method ${words[@]})
-        awk -v m="${spec%% --mahalanobis*}" -v t="$t" -v b="$msp" 'BEGIN { printf "%-26s %8.2f %7.2fx\n", m, t, t / b }'
+    specs=("MSP" "Energy" "KL_Div" "ODIN --epsilon-odin 0" "ODIN --epsilon-odin 0.0014" "$maha" "MSP,Energy,KL_Div,ODIN")
+    run_method MSP >/dev/null # warm-up (page cache, libtorch start-up)
+    declare -A row_times=() row_ratios=()
+    for _ in $(seq "$rounds"); do
+        msp=""
+        for i in "${!specs[@]}"; do
+            read -r -a words <<<"${specs[$i]}"
+            t=$(run_method "${words[@]}")
+            [ -n "$msp" ] || msp=$t
+            row_times[$i]+="$t " row_ratios[$i]+="$(ratio "$t" "$msp") "
+        done
+    done
+    printf '%-26s %8s %8s   %s\n' method seconds "vs MSP" "ratio per round"
+    for i in "${!specs[@]}"; do
+        # shellcheck disable=SC2086
+        awk -v m="${specs[$i]%% --mahalanobis*}" -v t="$(median ${row_times[$i]})" -v r="$(median ${row_ratios[$i]})" -v all="${row_ratios[$i]}" \
+            'BEGIN { printf "%-26s %8.2f %7.2fx   %s\n", m, t, r, all }'
     done
 fi
 
 if has train; then
     echo
-    echo "fine-tuning step, BiT-S-R50x1, batch 8 at 224x224, CPU, $threads threads;"
+    echo "fine-tuning step, BiT-S-R50x1, batch $train_batch at ${train_size}x${train_size}, CPU, $threads threads;"
     echo "each round: PyTorch then mos, $steps timed steps after 1 warm-up; medians of $rounds rounds"
     [ ${#torch_env[@]} -eq 0 ] || echo "PyTorch runs with mos's malloc settings: ${torch_env[*]}"
     printf '%-16s %12s %12s %8s   %s\n' num_block_open "PyTorch i/s" "mos i/s" ratio "ratio per round"
     for nbo in 0 -1; do
         bases=() ours=() ratios=()
         for _ in $(seq "$rounds"); do
-            b=$(env "${torch_env[@]}" OMP_NUM_THREADS="$threads" python3 scripts/torch_ref.py torch-train R50x1 8 224 "$nbo" "$steps" | train_rate)
-            o=$("$mos" bench-train --model BiT-S-R50x1 --batch 8 --size 224 --num-block-open "$nbo" --steps "$steps" --device cpu | train_rate)
-            bases+=("$b") ours+=("$o") ratios+=("$(awk -v b="$b" -v o="$o" 'BEGIN { printf "%.2f", o / b }')")
+            b=$(env "${torch_env[@]}" OMP_NUM_THREADS="$threads" "$py" scripts/torch_ref.py torch-train R50x1 "$train_batch" "$train_size" "$nbo" "$steps" | rate)
+            o=$("$mos" bench-train --model BiT-S-R50x1 --batch "$train_batch" --size "$train_size" --num-block-open "$nbo" --steps "$steps" --device cpu | rate)
+            check_rate "PyTorch training step" "$b"; check_rate "mos bench-train" "$o"
+            bases+=("$b") ours+=("$o") ratios+=("$(ratio "$o" "$b")")
         done
         awk -v n="$nbo" -v b="$(median "${bases[@]}")" -v o="$(median "${ours[@]}")" -v r="$(median "${ratios[@]}")" -v all="${ratios[*]}" \
             'BEGIN { printf "%-16s %12.2f %12.2f %7.2fx   %s\n", n, b, o, r, all }'

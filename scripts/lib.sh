@@ -137,3 +137,24 @@ mos_python_env() {
     fi
     printf '%s\n' "$env/bin/python"
 }
+
+# mos_kernel_check MOS_BINARY: prints which CPU kernels libtorch picks in the
+# current environment, as "ATen CPU capability: X; oneDNN ISA: Y". ATen's comes
+# from the setup cache's torch Python package (the same libtorch_cpu.so; "unknown"
+# when LIBTORCH is the user's own), oneDNN's from its verbose report while mos runs
+# the test fixture model once.
+mos_kernel_check() {
+    local mos=$1 aten="unknown" isa out
+    local torch_site
+    torch_site="$(mos_torch_home)/site"
+    if [ -z "${LIBTORCH:-}" ] || [ "$LIBTORCH" = "$torch_site/torch" ]; then
+        aten=$(PYTHONPATH="$torch_site" "${PYTHON:-python3}" -W ignore -c \
+            'import torch; print(torch.backends.cpu.get_cpu_capability())' 2>/dev/null) || aten="unknown"
+    fi
+    out=$(mktemp -d)
+    isa=$(ONEDNN_VERBOSE=1 "$mos" forward --model ResNetV2-R14x0.5 --model-path tests/fixtures/model/r14_bit.npz \
+        --input tests/fixtures/model/r14_expected.safetensors --input-key x --output "$out/o.safetensors" \
+        --device cpu 2>/dev/null | sed -n 's/^onednn_verbose,.*,info,cpu,isa:\(.*\)$/\1/p' | head -n 1)
+    rm -rf "$out"
+    printf 'ATen CPU capability: %s; oneDNN ISA: %s\n' "$aten" "${isa:-unknown}"
+}
