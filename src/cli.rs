@@ -49,6 +49,125 @@ pub enum Command {
     Metrics(MetricsArgs),
     /// The paper's table (methods x OOD sets, AUROC / FPR95 in %) from results.json files.
     Report(ReportArgs),
+    /// Forward a data set once and keep logits/features in a feature store (one shard of an array job).
+    Extract(ExtractArgs),
+    /// Check that every shard of a feature store is there and consistent; mark it complete.
+    Merge(MergeArgs),
+    /// OOD scores, metrics, table and plots from feature stores (no images, no model).
+    Score(ScoreArgs),
+}
+
+/// Arguments of `mos extract` (docs/cluster.md).
+#[derive(Debug, Clone, Args)]
+pub struct ExtractArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The model: the paper's .pth.tar, our checkpoint, or a run directory.
+    #[arg(long, alias = "model_path", value_name = "FILE")]
+    pub model_path: PathBuf,
+    /// Image folder (ImageFolder layout), or the root the --list paths are relative to.
+    #[arg(long, value_name = "DIR")]
+    pub datadir: PathBuf,
+    /// A flat list file (`path label`) instead of the folder's classes.
+    #[arg(long, value_name = "FILE")]
+    pub list: Option<PathBuf>,
+    /// The store (a directory; created if needed, shared by all shards).
+    #[arg(long, value_name = "STORE")]
+    pub output: PathBuf,
+    /// What to keep, comma-separated: logits (always), features (the pre-logits),
+    /// mahalanobis (the 5 feature layers' spatial means).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "logits,features",
+        value_name = "LAYERS"
+    )]
+    pub layers: Vec<String>,
+    /// Side of the square images the model sees (the paper: 480).
+    #[arg(long, default_value_t = 480, value_name = "PIXELS")]
+    pub crop: usize,
+    /// Images per batch (as the test commands' --batch: the same batches give the same bits).
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    pub batch: usize,
+    /// Image decoding threads.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub workers: usize,
+    /// Inference precision on CUDA: fp32 (reproduces the paper), tf32, or bf16.
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    pub precision: Precision,
+    /// Skip unreadable images (listed in the shard's index) instead of stopping.
+    #[arg(long, alias = "skip_bad_images")]
+    pub skip_bad_images: bool,
+    /// Number of shards; default from SLURM_ARRAY_TASK_COUNT, else 1.
+    #[arg(long, value_name = "N")]
+    pub num_shards: Option<usize>,
+    /// This process's shard, 0-based; default from SLURM_ARRAY_TASK_ID -
+    /// SLURM_ARRAY_TASK_MIN or JOB_COMPLETION_INDEX.
+    #[arg(long, value_name = "K")]
+    pub shard_index: Option<usize>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// Arguments of `mos merge`.
+#[derive(Debug, Clone, Args)]
+pub struct MergeArgs {
+    /// The store written by mos extract.
+    #[arg(value_name = "STORE")]
+    pub store: PathBuf,
+}
+
+/// Arguments of `mos score`.
+#[derive(Debug, Clone, Args)]
+pub struct ScoreArgs {
+    /// The in-distribution store.
+    #[arg(long, value_name = "STORE")]
+    pub id: PathBuf,
+    /// Out-of-distribution stores (repeat the flag), each scored against --id.
+    #[arg(long, required = true, value_name = "STORE")]
+    pub ood: Vec<PathBuf>,
+    /// Score(s), comma-separated: MOS, MSP, ODIN, Energy, KL_Div, Mahalanobis.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "MSP",
+        value_name = "METHODS"
+    )]
+    pub score: Vec<String>,
+    /// Classes per group (.npy or .json), for MOS.
+    #[arg(long, alias = "group_config", value_name = "FILE")]
+    pub group_config: Option<PathBuf>,
+    /// ODIN temperature.
+    #[arg(
+        long,
+        alias = "temperature_odin",
+        default_value_t = 1000.0,
+        value_name = "T"
+    )]
+    pub temperature_odin: f64,
+    /// ODIN input perturbation: only 0 can be computed from a store.
+    #[arg(
+        long,
+        alias = "epsilon_odin",
+        default_value_t = 0.0,
+        value_name = "EPS"
+    )]
+    pub epsilon_odin: f64,
+    /// Energy temperature.
+    #[arg(
+        long,
+        alias = "temperature_energy",
+        default_value_t = 1.0,
+        value_name = "T"
+    )]
+    pub temperature_energy: f64,
+    /// Tuned Mahalanobis parameters with magnitude 0 (needs stores with --layers mahalanobis).
+    #[arg(long, alias = "mahalanobis_param_path", value_name = "PATH")]
+    pub mahalanobis_param_path: Option<PathBuf>,
+    #[command(flatten)]
+    pub run: RunArgs,
+    #[command(flatten)]
+    pub output: EvalOutputArgs,
 }
 
 /// Where fine-tuning starts from (`--init`).

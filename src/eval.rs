@@ -1,7 +1,9 @@
 //! The one evaluation loop behind `test-mos` and `test-baseline`: every method
 //! asked for is scored over the in- and the out-of-distribution set, methods that
 //! need only logits sharing one forward pass per batch (docs/scores.md), then the
-//! metrics of docs/metrics.md are computed once per method.
+//! metrics of docs/metrics.md are computed once per method. Each batch goes
+//! through the pipeline's extract and score stages ([`crate::pipeline`]), the
+//! functions `mos extract` and `mos score` use.
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -9,52 +11,15 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
-use crate::data::loader::{Item, Loader, LoaderOptions, Mode, Skipped};
-use crate::data::{EvalTransform, ImageFolder};
+use crate::data::loader::{Item, Skipped};
+use crate::data::ImageFolder;
 use crate::metrics::{ood_metrics, OodMetrics};
 use crate::model::ResNetV2;
-use crate::ood::{self, GroupSlices};
+use crate::ood;
+use crate::pipeline::score::to_f64_vec;
+use crate::pipeline::{extract, score};
 
-/// A scoring method with its settings.
-#[derive(Debug, Clone)]
-pub enum Method {
-    /// MOS: `-min_g p_g(others)` of a group-softmax head.
-    Mos(GroupSlices),
-    Msp,
-    Odin {
-        temperature: f64,
-        epsilon: f64,
-    },
-    Energy {
-        temperature: f64,
-    },
-    KlDiv,
-    /// Tuned parameters of `tune-mahalanobis`.
-    Mahalanobis(std::rc::Rc<crate::commands::tune_mahalanobis::MahalanobisParams>),
-}
-
-impl Method {
-    /// The name used in results (`MOS`, `MSP`, `ODIN`, `Energy`, `KL_Div`).
-    pub fn name(&self) -> &'static str {
-        match self {
-            Method::Mos(_) => "MOS",
-            Method::Msp => "MSP",
-            Method::Odin { .. } => "ODIN",
-            Method::Energy { .. } => "Energy",
-            Method::KlDiv => "KL_Div",
-            Method::Mahalanobis(_) => "Mahalanobis",
-        }
-    }
-
-    /// Whether the method is a function of the shared forward pass's logits.
-    fn uses_shared_logits(&self) -> bool {
-        match self {
-            Method::Odin { epsilon, .. } => *epsilon == 0.0,
-            Method::Mahalanobis(_) => false,
-            _ => true,
-        }
-    }
-}
+pub use crate::pipeline::score::Method;
 
 /// One evaluation set: an ImageFolder and its name (the folder's base name).
 pub struct EvalSet {
@@ -107,14 +72,6 @@ pub struct EvalOptions {
     pub device: Device,
 }
 
-fn to_f64_vec(t: &Tensor) -> Result<Vec<f64>> {
-    Ok(Vec::<f64>::try_from(
-        t.to_kind(Kind::Double)
-            .to_device(Device::Cpu)
-            .flatten(0, -1),
-    )?)
-}
-
 /// Scores every image of `set` with every method.
 pub fn score_split(
     model: &ResNetV2,
@@ -124,14 +81,15 @@ pub fn score_split(
     label: &str,
 ) -> Result<SplitScores> {
     let items = set.items();
-    let loader = Loader::new(
+    let loader = extract::eval_loader(
         items.clone(),
-        Mode::Eval(EvalTransform { size: opts.crop }),
-        LoaderOptions {
+        &extract::ExtractOptions {
             batch: opts.batch,
             workers: opts.workers,
-            prefetch: 2,
+            crop: opts.crop,
             skip_bad: opts.skip_bad,
+            device: opts.device,
+            layers: extract::Layers::LOGITS,
         },
     )?;
     let bar = crate::progress::bar(items.len() as u64, label);
@@ -153,7 +111,8 @@ pub fn score_split(
             continue;
         }
         let (x, y) = batch.to_tensors(opts.device);
-        let logits = need_shared.then(|| tch::no_grad(|| model.forward(&x)));
+        let logits =
+            need_shared.then(|| extract::forward_batch(model, &x, extract::Layers::LOGITS).logits);
         if let Some(l) = &logits {
             // Wait for the device so the timing below is per method.
             let _ = l.to_device(Device::Cpu);
@@ -187,24 +146,19 @@ fn score_batch(
 ) -> Result<Tensor> {
     let shared = || logits.context("shared logits were not computed");
     Ok(match method {
-        Method::Mos(groups) => groups.mos_score(shared()?)?,
-        Method::Msp => ood::msp(shared()?)?,
-        Method::Energy { temperature } => ood::energy(shared()?, *temperature)?,
-        // With epsilon 0 the input is unchanged: the shared logits are ODIN's.
         Method::Odin {
             temperature,
             epsilon,
-        } if *epsilon == 0.0 => ood::msp(&(shared()? / *temperature))?,
-        Method::Odin {
-            temperature,
-            epsilon,
-        } => ood::odin(&|t: &Tensor| model.forward(t), x, *temperature, *epsilon)?,
+        } if *epsilon != 0.0 => {
+            ood::odin(&|t: &Tensor| model.forward(t), x, *temperature, *epsilon)?
+        }
         Method::Mahalanobis(p) => crate::commands::tune_mahalanobis::score(model, p, x)?,
         Method::KlDiv => {
             // Scored once both sets are seen (the templates come from the ID set).
-            probs.push(shared()?.softmax(1, Kind::Float).to_device(Device::Cpu));
+            probs.push(score::kl_probs(shared()?));
             Tensor::zeros([x.size()[0]], (Kind::Double, Device::Cpu))
         }
+        _ => score::from_outputs(method, shared()?, &[])?,
     })
 }
 
@@ -222,17 +176,13 @@ pub fn finish_kl(
     };
     let start = Instant::now();
     let id_probs = Tensor::cat(&id.probs, 0);
-    let labels = Tensor::from_slice(&id.labels);
-    let templates = ood::kl_templates(&id_probs, &labels, num_classes)?;
     let ood_probs = Tensor::cat(&ood_set.probs, 0);
-    for (split, probs) in [(&mut *id, id_probs), (&mut *ood_set, ood_probs)] {
-        let mut scores = Vec::with_capacity(split.paths.len());
-        for chunk in probs.split(4096, 0) {
-            scores.extend(to_f64_vec(&ood::kl_score(&chunk, &templates)?)?);
-        }
-        split.scores[m] = scores;
-        split.probs.clear();
-    }
+    let mut scores =
+        score::kl_scores(&id_probs, &id.labels, num_classes, &[&id_probs, &ood_probs])?;
+    ood_set.scores[m] = scores.pop().context("KL scores")?;
+    id.scores[m] = scores.pop().context("KL scores")?;
+    id.probs.clear();
+    ood_set.probs.clear();
     let secs = start.elapsed().as_secs_f64() / 2.0;
     id.seconds[m] += secs;
     ood_set.seconds[m] += secs;

@@ -15,6 +15,7 @@ pub mod logistic;
 pub mod metrics;
 pub mod model;
 pub mod ood;
+pub mod pipeline;
 pub mod plot;
 pub mod progress;
 pub mod report;

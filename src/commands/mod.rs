@@ -4,11 +4,14 @@ pub mod convert;
 pub mod data_check;
 pub mod env;
 pub mod evaluate;
+pub mod extract;
 pub mod finetune;
 pub mod forward;
 pub mod inspect;
+pub mod merge;
 pub mod metrics;
 pub mod report;
+pub mod score;
 pub mod test_baseline;
 pub mod test_mos;
 pub mod tune_mahalanobis;
@@ -41,5 +44,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::BenchTrain(args) => bench_train::run(&args),
         Command::Metrics(args) => metrics::run(&args),
         Command::Report(args) => report::run(&args),
+        Command::Extract(args) => extract::run(&args),
+        Command::Merge(args) => merge::run(&args),
+        Command::Score(args) => score::run(&args),
     }
 }

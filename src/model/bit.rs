@@ -371,11 +371,20 @@ impl ResNetV2 {
 
     /// before_head + head on block4's output: logits [N, head_size].
     pub fn head(&self, block4: &Tensor) -> Tensor {
-        let pooled = self
-            .before_head_gn
+        self.head_of_pooled(&self.pre_logits(block4))
+    }
+
+    /// before_head on block4's output: the final GroupNorm and ReLU, pooled, the
+    /// head's input [N, 2048 wf, 1, 1] (float32).
+    pub fn pre_logits(&self, block4: &Tensor) -> Tensor {
+        self.before_head_gn
             .forward_t(&block4.to_kind(Kind::Float), false)
             .relu_()
-            .adaptive_avg_pool2d([1, 1]);
+            .adaptive_avg_pool2d([1, 1])
+    }
+
+    /// The head (a 1x1 convolution) on [`ResNetV2::pre_logits`]: logits [N, head_size].
+    pub fn head_of_pooled(&self, pooled: &Tensor) -> Tensor {
         pooled
             .conv2d(
                 &self.head_weight,

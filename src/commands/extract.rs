@@ -1,0 +1,191 @@
+//! `mos extract`: one shard of a feature store (docs/cluster.md): the images of
+//! the shard through the network once, their outputs written to the store.
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+
+use crate::cli::ExtractArgs;
+use crate::data::loader::Item;
+use crate::data::{read_flat_list, ImageFolder};
+use crate::model::weights::{load_model, resolve_weight_path};
+use crate::pipeline::extract::{extract_range, ExtractOptions, Layers};
+use crate::pipeline::store::{self, Manifest};
+use crate::runlog::RunLog;
+use crate::runtime::{device_name, value_name};
+
+/// The data set: items in dataset order, paths relative to the data directory,
+/// the number of classes.
+fn read_data(args: &ExtractArgs) -> Result<(Vec<Item>, Vec<String>, i64)> {
+    let rel = |p: &std::path::Path| -> String {
+        p.strip_prefix(&args.datadir)
+            .unwrap_or(p)
+            .to_string_lossy()
+            .into_owned()
+    };
+    let (items, classes): (Vec<Item>, i64) = match &args.list {
+        Some(list) => {
+            let entries = read_flat_list(list, &args.datadir).context("--list")?;
+            let classes = 1 + entries.iter().map(|e| e.label as i64).max().unwrap_or(-1);
+            let items = entries
+                .into_iter()
+                .map(|e| Item {
+                    path: e.path,
+                    target: vec![e.label as i64],
+                })
+                .collect();
+            (items, classes)
+        }
+        None => {
+            let folder = ImageFolder::new(&args.datadir)
+                .with_context(|| format!("--datadir {}", args.datadir.display()))?;
+            let items = folder
+                .samples
+                .iter()
+                .map(|(p, l)| Item {
+                    path: p.clone(),
+                    target: vec![*l as i64],
+                })
+                .collect();
+            (items, folder.classes.len() as i64)
+        }
+    };
+    let paths = items.iter().map(|i| rel(&i.path)).collect();
+    Ok((items, paths, classes))
+}
+
+/// The command line without the shard flags, for the store's messages.
+fn command_without_shard_flags() -> Vec<String> {
+    let mut out = Vec::new();
+    let mut args = std::env::args();
+    out.push("mos".to_string());
+    args.next();
+    while let Some(a) = args.next() {
+        if a == "--num-shards" || a == "--shard-index" {
+            args.next();
+        } else if !(a.starts_with("--num-shards=") || a.starts_with("--shard-index=")) {
+            out.push(a);
+        }
+    }
+    out
+}
+
+pub fn run(args: &ExtractArgs) -> Result<()> {
+    let shard = store::resolve_shard(args.num_shards, args.shard_index, &|k| {
+        std::env::var(k).ok()
+    })?;
+    let layers = Layers::parse(&args.layers)?;
+    if args.batch == 0 || args.workers == 0 {
+        anyhow::bail!(
+            "--batch ({}) and --workers ({}) must be at least 1",
+            args.batch,
+            args.workers
+        );
+    }
+    let device = args.device.device.resolve()?;
+    let (items, rel_paths, num_classes) = read_data(args)?;
+    let labelled: Vec<(String, i64)> = rel_paths
+        .iter()
+        .zip(&items)
+        .map(|(p, i)| (p.clone(), i.target[0]))
+        .collect();
+    let data_fingerprint = store::data_fingerprint(&args.datadir, &labelled)?;
+    let weights = resolve_weight_path(&args.model_path)?;
+    let checkpoint_sha256 = store::sha256_file(&weights)?;
+    let mut loaded = load_model(&weights, Some(args.model.model), None, device)?;
+    loaded.model.precision = args.precision;
+    let dataset = args
+        .datadir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| args.datadir.display().to_string());
+    let mut manifest = Manifest {
+        format: store::FORMAT.into(),
+        mos_version: env!("CARGO_PKG_VERSION").into(),
+        model: args.model.model.name.into(),
+        checkpoint: args.model_path.display().to_string(),
+        checkpoint_sha256,
+        checkpoint_format: loaded.state.format.to_string(),
+        head_size: loaded.model.head_size,
+        num_classes,
+        crop: args.crop,
+        batch: args.batch,
+        precision: value_name(&args.precision),
+        skip_bad_images: args.skip_bad_images,
+        layers: layers.names(),
+        datadir: args.datadir.display().to_string(),
+        list: args.list.as_ref().map(|l| l.display().to_string()),
+        dataset,
+        images: items.len(),
+        data_fingerprint,
+        num_shards: shard.count,
+        fingerprint: String::new(),
+        command: command_without_shard_flags(),
+        complete: false,
+    };
+    manifest.fingerprint = manifest.compute_fingerprint();
+    let manifest = store::prepare(&args.output, &manifest)?;
+    let log = RunLog::open(&args.output, store::LOG)?;
+    let (k, n) = (shard.index, shard.count);
+    let stem = store::shard_stem(k, n);
+    if let Some(idx) = store::complete_shard(&args.output, &manifest, k)? {
+        log.line(format!(
+            "shard {k} of {n} ({stem}, {} images) is already complete: skipped",
+            idx.rows
+        ));
+        return Ok(());
+    }
+    let range = store::shard_range(items.len(), n, k);
+    log.line(format!(
+        "mos extract: shard {k} of {n} ({}), images {}..{} of {} in {}, model {} from {} ({}), head {}, layers {}, crop {}, batch {}, on {}",
+        shard.source,
+        range.start,
+        range.end,
+        items.len(),
+        args.datadir.display(),
+        args.model.model.name,
+        args.model_path.display(),
+        manifest.checkpoint_format,
+        manifest.head_size,
+        manifest.layers.join(","),
+        args.crop,
+        args.batch,
+        device_name(device)
+    ));
+    let started = Instant::now();
+    let bar = crate::progress::bar(range.len() as u64, "extract");
+    let opts = ExtractOptions {
+        batch: args.batch,
+        workers: args.workers,
+        crop: args.crop,
+        skip_bad: args.skip_bad_images,
+        device,
+        layers,
+    };
+    let extracted = extract_range(&loaded.model, &items, range.clone(), &opts, &|n| bar.inc(n))?;
+    bar.finish_and_clear();
+    for (i, s) in &extracted.skipped {
+        log.line(format!(
+            "skipped unreadable image {} (index {i}): {}",
+            s.path.display(),
+            s.reason
+        ));
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let idx = store::write_shard(
+        &args.output,
+        &manifest,
+        k,
+        &extracted,
+        &rel_paths,
+        &device_name(device),
+    )?;
+    log.line(format!(
+        "wrote {} ({} rows, {} skipped, {} bytes) in {secs:.1} s ({:.1} images/s)",
+        args.output.join(&idx.file).display(),
+        idx.rows,
+        idx.skipped.len(),
+        idx.bytes,
+        range.len() as f64 / secs.max(1e-9)
+    ));
+    Ok(())
+}

@@ -1,0 +1,332 @@
+//! `mos score`: OOD scores, metrics, results.json, the table, score CSVs and
+//! plots from feature stores alone (docs/cluster.md): no image, no model. The
+//! in-distribution set is scored once for all out-of-distribution stores.
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+use crate::cli::ScoreArgs;
+use crate::commands::tune_mahalanobis::read_params;
+use crate::eval::MethodResult;
+use crate::groupconfig::read_group_config;
+use crate::metrics::ood_metrics;
+use crate::ood::{GroupSlices, Score};
+use crate::pipeline::score::{kl_scores, score_rows, Method, RowScores};
+use crate::pipeline::store::{self, StoreData, MANIFEST};
+use crate::report::{merge_results, table, write_scores_csv, ScoreColumns};
+use crate::runlog::RunLog;
+
+/// The methods of `--score`, with their settings.
+fn methods(args: &ScoreArgs) -> Result<Vec<Method>> {
+    for (flag, t) in [
+        ("--temperature-odin", args.temperature_odin),
+        ("--temperature-energy", args.temperature_energy),
+    ] {
+        if !(t > 0.0 && t.is_finite()) {
+            bail!("{flag} {t}: must be a positive number");
+        }
+    }
+    if args.epsilon_odin < 0.0 || !args.epsilon_odin.is_finite() {
+        bail!(
+            "--epsilon-odin {}: must be a non-negative number",
+            args.epsilon_odin
+        );
+    }
+    let mut out: Vec<Method> = Vec::new();
+    for name in &args.score {
+        let method = if name.trim().eq_ignore_ascii_case("mos") {
+            let Some(path) = &args.group_config else {
+                bail!("--score MOS needs --group-config (the classes per group of the model)");
+            };
+            let cfg = read_group_config(path).context("--group-config")?;
+            Method::Mos(
+                GroupSlices::new(&cfg.classes_per_group)
+                    .with_context(|| format!("--group-config {}", path.display()))?,
+            )
+        } else {
+            let score: Score = name
+                .trim()
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("--score: {e}, or MOS"))?;
+            match score {
+                Score::Msp => Method::Msp,
+                Score::Odin => Method::Odin {
+                    temperature: args.temperature_odin,
+                    epsilon: args.epsilon_odin,
+                },
+                Score::Energy => Method::Energy {
+                    temperature: args.temperature_energy,
+                },
+                Score::KlDiv => Method::KlDiv,
+                Score::Mahalanobis => {
+                    let Some(path) = &args.mahalanobis_param_path else {
+                        bail!("--score Mahalanobis needs --mahalanobis-param-path (the output of tune-mahalanobis)");
+                    };
+                    Method::Mahalanobis(std::rc::Rc::new(read_params(path, tch::Device::Cpu)?))
+                }
+            }
+        };
+        if out.iter().any(|m| m.name() == method.name()) {
+            bail!("--score lists {} twice", method.name());
+        }
+        if let Some(why) = method.needs_images() {
+            bail!("--score {}: {why}", method.name());
+        }
+        out.push(method);
+    }
+    Ok(out)
+}
+
+/// Checks that the in-distribution store fits the methods: its classes and head
+/// size for the kind of model, the Mahalanobis layers.
+fn check_store(s: &StoreData, methods: &[Method], group_config: Option<&Path>) -> Result<()> {
+    let m = &s.manifest;
+    let manifest = s.dir.join(MANIFEST);
+    for method in methods {
+        match method {
+            Method::Mos(slices) => {
+                if slices.num_classes() != m.num_classes {
+                    bail!(
+                        "{}: the store's data has {} classes, but the group config {} covers {}",
+                        manifest.display(),
+                        m.num_classes,
+                        group_config.map_or(String::new(), |p| p.display().to_string()),
+                        slices.num_classes()
+                    );
+                }
+                if slices.total_logits() != m.head_size {
+                    bail!(
+                        "{}: the model's head has {} logits, but MOS with this group config needs {} ({} classes + {} groups)",
+                        manifest.display(),
+                        m.head_size,
+                        slices.total_logits(),
+                        slices.num_classes(),
+                        slices.num_groups()
+                    );
+                }
+            }
+            _ => {
+                if m.head_size != m.num_classes {
+                    bail!(
+                        "{}: the model's head has {} logits for {} classes; {} needs a flat-softmax model's store, one logit per class (a group-softmax store is scored with --score MOS)",
+                        manifest.display(),
+                        m.head_size,
+                        m.num_classes,
+                        method.name()
+                    );
+                }
+                if matches!(method, Method::Mahalanobis(_)) && s.layers.is_empty() {
+                    bail!(
+                        "{}: no Mahalanobis feature layers; extract with --layers mahalanobis",
+                        manifest.display()
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Scores of one store, timed.
+fn score_store(s: &StoreData, methods: &[Method]) -> Result<RowScores> {
+    score_rows(methods, &s.logits, &s.layers, &s.batches())
+        .with_context(|| format!("store {}", s.dir.display()))
+}
+
+pub fn run(args: &ScoreArgs) -> Result<()> {
+    let methods = methods(args)?;
+    let dir = args.run.logdir.join(&args.run.name);
+    let log = RunLog::open(&dir, "score.log")?;
+    let started = Instant::now();
+    let names: Vec<&str> = methods.iter().map(Method::name).collect();
+    let id = store::load(&args.id).with_context(|| format!("--id {}", args.id.display()))?;
+    check_store(&id, &methods, args.group_config.as_deref())?;
+    let mut oods = Vec::new();
+    for path in &args.ood {
+        let s = store::load(path).with_context(|| format!("--ood {}", path.display()))?;
+        if methods.iter().any(|m| matches!(m, Method::Mahalanobis(_))) && s.layers.is_empty() {
+            bail!(
+                "{}: no Mahalanobis feature layers; extract with --layers mahalanobis",
+                path.join(MANIFEST).display()
+            );
+        }
+        let (a, b) = (&id.manifest, &s.manifest);
+        for (what, x, y) in [
+            ("model", a.model.clone(), b.model.clone()),
+            (
+                "head size",
+                a.head_size.to_string(),
+                b.head_size.to_string(),
+            ),
+            (
+                "checkpoint SHA-256",
+                a.checkpoint_sha256.clone(),
+                b.checkpoint_sha256.clone(),
+            ),
+            ("crop", a.crop.to_string(), b.crop.to_string()),
+            ("precision", a.precision.clone(), b.precision.clone()),
+        ] {
+            if x != y {
+                bail!(
+                    "{} and {}: extracted with another {what} ({x} vs {y}); ID and OOD stores must come from the same model and settings",
+                    args.id.join(MANIFEST).display(),
+                    path.join(MANIFEST).display()
+                );
+            }
+        }
+        oods.push(s);
+    }
+    let settings = serde_json::json!({
+        "id_store": args.id,
+        "score": names,
+        "temperature_odin": args.temperature_odin,
+        "epsilon_odin": args.epsilon_odin,
+        "temperature_energy": args.temperature_energy,
+        "group_config": args.group_config,
+        "mahalanobis_param_path": args.mahalanobis_param_path,
+        "batch": id.manifest.batch,
+        "crop": id.manifest.crop,
+        "precision": id.manifest.precision,
+        "skip_bad_images": id.manifest.skip_bad_images,
+        "checkpoint_sha256": id.manifest.checkpoint_sha256,
+    });
+    log.line(format!("mos score {}", serde_json::to_string(&settings)?));
+    log.line(format!(
+        "in-distribution {} ({}): {} images, {} classes; out-of-distribution: {}",
+        id.manifest.dataset,
+        args.id.display(),
+        id.paths.len(),
+        id.manifest.num_classes,
+        oods.iter()
+            .map(|s| format!("{} ({} images)", s.manifest.dataset, s.paths.len()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    let mut id_scores = score_store(&id, &methods)?;
+    let mut ood_scores = oods
+        .iter()
+        .map(|s| score_store(s, &methods))
+        .collect::<Result<Vec<_>>>()?;
+    if let Some(m) = methods.iter().position(|m| matches!(m, Method::KlDiv)) {
+        let t0 = Instant::now();
+        let id_probs = id_scores.probs.take().context("KL probabilities")?;
+        let mut sets = vec![&id_probs];
+        sets.extend(ood_scores.iter().filter_map(|s| s.probs.as_ref()));
+        let mut kl = kl_scores(&id_probs, &id.labels, id.manifest.num_classes, &sets)
+            .with_context(|| format!("KL matching with the templates of {}", args.id.display()))?
+            .into_iter();
+        id_scores.scores[m] = kl.next().context("KL scores")?;
+        for s in &mut ood_scores {
+            s.scores[m] = kl.next().context("KL scores")?;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        id_scores.seconds[m] += secs;
+    }
+    let mut rows = Vec::new();
+    for (s, sc) in oods.iter().zip(&ood_scores) {
+        let skipped = id.skipped.len() + s.skipped.len();
+        for (m, method) in methods.iter().enumerate() {
+            let metrics = ood_metrics(&id_scores.scores[m], &sc.scores[m])
+                .map_err(|e| anyhow::anyhow!("{e}"))
+                .with_context(|| {
+                    format!("metrics of {} on {}", method.name(), s.manifest.dataset)
+                })?;
+            let mut settings = settings.clone();
+            settings["ood_store"] = serde_json::json!(s.dir);
+            rows.push(MethodResult {
+                method: method.name().to_string(),
+                in_dataset: id.manifest.dataset.clone(),
+                out_dataset: s.manifest.dataset.clone(),
+                num_in: id.paths.len(),
+                num_out: s.paths.len(),
+                auroc: metrics.auroc,
+                aupr_in: metrics.aupr_in,
+                aupr_out: metrics.aupr_out,
+                fpr95: metrics.fpr95,
+                fpr95_ood_positive: metrics.fpr95_ood_positive,
+                seconds: id_scores.seconds[m] + sc.seconds[m],
+                skipped,
+                model: id.manifest.model.clone(),
+                model_path: id.manifest.checkpoint.clone(),
+                settings,
+            });
+        }
+    }
+    let results = dir.join("results.json");
+    merge_results(&results, &rows)?;
+    print!("{}", table(&rows));
+    for r in &rows {
+        log.line(format!(
+            "{} {} -> {}: AUROC {:.4} AUPR-In {:.4} AUPR-Out {:.4} FPR95 {:.4} FPR95(OOD+) {:.4} ({:.3} s)",
+            r.method, r.in_dataset, r.out_dataset, r.auroc, r.aupr_in, r.aupr_out, r.fpr95, r.fpr95_ood_positive, r.seconds
+        ));
+    }
+    let id_paths = id.full_paths();
+    for (o, (s, sc)) in oods.iter().zip(&ood_scores).enumerate() {
+        if let Some(csv) = &args.output.save_scores {
+            let csv = csv_path(csv, oods.len(), &s.manifest.dataset);
+            let ood_paths = s.full_paths();
+            let sets = [
+                ScoreColumns {
+                    split: "in",
+                    paths: &id_paths,
+                    scores: &id_scores.scores,
+                },
+                ScoreColumns {
+                    split: "out",
+                    paths: &ood_paths,
+                    scores: &sc.scores,
+                },
+            ];
+            write_scores_csv(&csv, &names, &sets)?;
+            log.line(format!("scores written to {}", csv.display()));
+        }
+        if args.output.plot {
+            for (m, name) in names.iter().enumerate() {
+                let (a, b) = (&id_scores.scores[m], &sc.scores[m]);
+                let (idn, oodn) = (&id.manifest.dataset, &s.manifest.dataset);
+                let stem = format!("{name}_{idn}_vs_{oodn}");
+                crate::plot::histogram(
+                    &dir.join(format!("{stem}_hist.svg")),
+                    &format!("{name}: {idn} vs {oodn}"),
+                    a,
+                    b,
+                )?;
+                let row = &rows[o * methods.len() + m];
+                crate::plot::roc(
+                    &dir.join(format!("{stem}_roc.svg")),
+                    &format!("{name} ROC, AUROC {:.2}%", 100.0 * row.auroc),
+                    a,
+                    b,
+                )?;
+            }
+        }
+    }
+    if args.output.plot {
+        log.line(format!("plots written to {}", dir.display()));
+    }
+    log.line(format!(
+        "results in {} ({:.2} s in all)",
+        results.display(),
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
+/// The score CSV of one OOD store: `--save-scores` itself with one OOD store,
+/// else `<stem>_<OOD set>.csv` beside it.
+fn csv_path(csv: &Path, num_ood: usize, ood_name: &str) -> PathBuf {
+    if num_ood == 1 {
+        return csv.to_path_buf();
+    }
+    let stem = csv
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ext = csv
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()))
+        .unwrap_or_default();
+    csv.with_file_name(format!("{stem}_{ood_name}{ext}"))
+}

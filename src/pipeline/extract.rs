@@ -1,0 +1,254 @@
+//! Stage 1 of the pipeline: images -> the network's outputs.
+//!
+//! [`forward_batch`] runs one batch and keeps what [`Layers`] asks for; the test
+//! commands call it with logits only, once per batch ([`crate::eval`]).
+//! [`extract_range`] runs the rows `[start, end)` of a data set (a shard) in the
+//! batches the test commands use: batch j holds the images `[j B, (j + 1) B)`
+//! (B = `--batch`), minus unreadable ones that are skipped. A shard whose edges
+//! fall inside a batch reads that whole batch and keeps only its own rows, so every
+//! image is forwarded together with the same images whatever the sharding.
+//! libtorch's CPU convolutions pick their kernels by the batch's shape (a batch of
+//! one small image takes another path than a larger batch, measured on this
+//! machine), so this is what makes sharded stores bit-identical to an unsharded
+//! one and to the test commands' scores. The cost: at most 2 (B - 1) images read
+//! twice per shard, none when the shard's edges are multiples of B.
+use std::ops::Range;
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use tch::{Device, Kind, Tensor};
+
+use crate::data::loader::{Item, Loader, LoaderOptions, Mode, Skipped};
+use crate::data::EvalTransform;
+use crate::model::bit::spatial_mean;
+use crate::model::ResNetV2;
+
+/// The feature layers of the Mahalanobis detector: root and block1..block4.
+pub const FEATURE_LAYERS: usize = 5;
+
+/// Which outputs to keep (`--layers logits,features,mahalanobis`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Layers {
+    /// `logits` [N, head].
+    pub logits: bool,
+    /// `features` [N, 2048 wf]: the pre-logits (the head's input).
+    pub features: bool,
+    /// `layer0`..`layer4` [N, C_l]: spatial means of root and block1..4.
+    pub mahalanobis: bool,
+}
+
+impl Layers {
+    /// Logits only (the test commands).
+    pub const LOGITS: Layers = Layers {
+        logits: true,
+        features: false,
+        mahalanobis: false,
+    };
+
+    /// From `--layers` names (case-insensitive); logits are always kept.
+    pub fn parse(names: &[String]) -> Result<Self> {
+        let mut l = Layers::LOGITS;
+        for n in names {
+            match n.trim().to_ascii_lowercase().as_str() {
+                "logits" => l.logits = true,
+                "features" => l.features = true,
+                "mahalanobis" => l.mahalanobis = true,
+                other => bail!(
+                    "--layers: unknown layer '{other}'; expected logits, features or mahalanobis"
+                ),
+            }
+        }
+        Ok(l)
+    }
+
+    /// The names, in a fixed order (as the manifest records them).
+    pub fn names(&self) -> Vec<String> {
+        let mut v = vec!["logits".to_string()];
+        if self.features {
+            v.push("features".into());
+        }
+        if self.mahalanobis {
+            v.push("mahalanobis".into());
+        }
+        v
+    }
+}
+
+/// The outputs of one batch, on the model's device.
+pub struct Outputs {
+    pub logits: Tensor,
+    pub features: Option<Tensor>,
+    /// `layer0`..`layer4` (empty unless asked for).
+    pub layers: Vec<Tensor>,
+}
+
+/// One forward pass of `x` (no gradient). With logits only this is
+/// `model.forward(x)`; the other outputs come from the same operations on the same
+/// values, so the logits are the same bits either way.
+pub fn forward_batch(model: &ResNetV2, x: &Tensor, layers: Layers) -> Outputs {
+    tch::no_grad(|| {
+        if !layers.features && !layers.mahalanobis {
+            return Outputs {
+                logits: model.forward(x),
+                features: None,
+                layers: Vec::new(),
+            };
+        }
+        // As ResNetV2::forward_to and the Mahalanobis layer features compute them.
+        let mut means = Vec::new();
+        let mut out = model.stage(0, x);
+        for s in 1..=4 {
+            if layers.mahalanobis {
+                means.push(spatial_mean(&out).to_kind(Kind::Float));
+            }
+            out = model.stage(s, &out);
+        }
+        if layers.mahalanobis {
+            means.push(spatial_mean(&out).to_kind(Kind::Float));
+        }
+        let pooled = model.pre_logits(&out);
+        let logits = model.head_of_pooled(&pooled);
+        Outputs {
+            logits,
+            features: layers.features.then(|| pooled.flatten(1, -1)),
+            layers: means,
+        }
+    })
+}
+
+/// The loader of evaluation images in dataset order.
+pub fn eval_loader(items: Arc<Vec<Item>>, opts: &ExtractOptions) -> Result<Loader> {
+    Ok(Loader::new(
+        items,
+        Mode::Eval(EvalTransform { size: opts.crop }),
+        LoaderOptions {
+            batch: opts.batch,
+            workers: opts.workers,
+            prefetch: 2,
+            skip_bad: opts.skip_bad,
+        },
+    )?)
+}
+
+/// Loader and device settings of an extraction.
+#[derive(Clone, Copy, Debug)]
+pub struct ExtractOptions {
+    pub batch: usize,
+    pub workers: usize,
+    pub crop: usize,
+    pub skip_bad: bool,
+    pub device: Device,
+    pub layers: Layers,
+}
+
+/// The outputs of a range of images, on the CPU, one row per kept image.
+pub struct Extracted {
+    /// Dataset index of each row.
+    pub indices: Vec<usize>,
+    pub labels: Vec<i64>,
+    pub logits: Tensor,
+    pub features: Option<Tensor>,
+    pub layers: Vec<Tensor>,
+    /// Skipped images of the range, with their dataset index.
+    pub skipped: Vec<(usize, Skipped)>,
+}
+
+/// Extracts the images `range` of `items` in the global batches of
+/// `opts.batch` (see the module's documentation); `on_batch` is told how many of the
+/// range's images each batch settled (for a progress bar).
+pub fn extract_range(
+    model: &ResNetV2,
+    items: &[Item],
+    range: Range<usize>,
+    opts: &ExtractOptions,
+    on_batch: &dyn Fn(u64),
+) -> Result<Extracted> {
+    let b = opts.batch.max(1);
+    let first = range.start / b * b;
+    let last = range.end.div_ceil(b) * b;
+    let last = last.min(items.len());
+    let window: Arc<Vec<Item>> = Arc::new(items[first..last.max(first)].to_vec());
+    let loader = eval_loader(window.clone(), opts)?;
+    let (mut indices, mut labels, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut logits, mut features) = (Vec::new(), Vec::new());
+    let mut layers: Vec<Vec<Tensor>> = (0..FEATURE_LAYERS).map(|_| Vec::new()).collect();
+    let cpu = |t: &Tensor| t.to_device(Device::Cpu);
+    for batch in loader {
+        let batch = batch?;
+        let own = |i: usize| range.contains(&(first + i));
+        let mut settled = 0;
+        for s in &batch.skipped {
+            if let Some(i) = window.iter().position(|it| it.path == s.path) {
+                if own(i) {
+                    skipped.push((first + i, s.clone()));
+                    settled += 1;
+                }
+            }
+        }
+        let keep: Vec<usize> = (0..batch.len())
+            .filter(|&r| own(batch.indices[r]))
+            .collect();
+        on_batch((keep.len() + settled) as u64);
+        if keep.is_empty() {
+            continue;
+        }
+        let (x, _) = batch.to_tensors(opts.device);
+        let out = forward_batch(model, &x, opts.layers);
+        // Kept rows are contiguous: the range is an interval of the batch's order.
+        let (start, len) = (keep[0] as i64, keep.len() as i64);
+        logits.push(cpu(&out.logits.narrow(0, start, len)));
+        if let Some(f) = &out.features {
+            features.push(cpu(&f.narrow(0, start, len)));
+        }
+        for (l, t) in out.layers.iter().enumerate() {
+            layers[l].push(cpu(&t.narrow(0, start, len)));
+        }
+        for &r in &keep {
+            indices.push(first + batch.indices[r]);
+            labels.push(batch.targets[r][0]);
+        }
+    }
+    let cat = |v: &[Tensor]| -> Option<Tensor> { (!v.is_empty()).then(|| Tensor::cat(v, 0)) };
+    let head = model.head_size;
+    Ok(Extracted {
+        indices,
+        labels,
+        logits: cat(&logits)
+            .unwrap_or_else(|| Tensor::zeros([0, head], (Kind::Float, Device::Cpu))),
+        features: if opts.layers.features {
+            Some(cat(&features).unwrap_or_else(|| {
+                Tensor::zeros([0, model.variant.head_in()], (Kind::Float, Device::Cpu))
+            }))
+        } else {
+            None
+        },
+        layers: if opts.layers.mahalanobis {
+            let ch = model.variant.feature_channels();
+            layers
+                .iter()
+                .enumerate()
+                .map(|(l, v)| {
+                    cat(v).unwrap_or_else(|| Tensor::zeros([0, ch[l]], (Kind::Float, Device::Cpu)))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        },
+        skipped,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_names_parse() {
+        let l = Layers::parse(&["Features".into(), "mahalanobis".into()]).unwrap();
+        assert!(l.logits && l.features && l.mahalanobis);
+        assert_eq!(l.names(), ["logits", "features", "mahalanobis"]);
+        assert_eq!(Layers::parse(&[]).unwrap(), Layers::LOGITS);
+        let e = Layers::parse(&["pixels".into()]).unwrap_err().to_string();
+        assert!(e.contains("unknown layer 'pixels'"), "{e}");
+    }
+}

@@ -1,0 +1,189 @@
+//! Stage 3 of the pipeline: the network's outputs -> OOD scores (docs/scores.md).
+//!
+//! [`Method`] is a scoring method with its settings. [`from_outputs`] scores one
+//! batch of outputs with a method that needs only the outputs (MOS, MSP, Energy,
+//! ODIN with epsilon 0, Mahalanobis with magnitude 0); KL matching needs the whole
+//! in-distribution set first ([`kl_probs`], [`kl_scores`]). The test commands call
+//! these on each batch of their forward pass ([`crate::eval`]); `mos score` calls
+//! them on the same rows read back from a store ([`score_rows`]).
+use std::ops::Range;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use tch::{Device, Kind, Tensor};
+
+use crate::ood::{self, GroupSlices};
+
+/// Tuned Mahalanobis parameters (`tune-mahalanobis`).
+pub type MahalanobisParams = crate::commands::tune_mahalanobis::MahalanobisParams;
+
+/// A scoring method with its settings.
+#[derive(Debug, Clone)]
+pub enum Method {
+    /// MOS: `-min_g p_g(others)` of a group-softmax head.
+    Mos(GroupSlices),
+    Msp,
+    Odin {
+        temperature: f64,
+        epsilon: f64,
+    },
+    Energy {
+        temperature: f64,
+    },
+    KlDiv,
+    /// Tuned parameters of `tune-mahalanobis`.
+    Mahalanobis(std::rc::Rc<MahalanobisParams>),
+}
+
+impl Method {
+    /// The name used in results (`MOS`, `MSP`, `ODIN`, `Energy`, `KL_Div`, `Mahalanobis`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Method::Mos(_) => "MOS",
+            Method::Msp => "MSP",
+            Method::Odin { .. } => "ODIN",
+            Method::Energy { .. } => "Energy",
+            Method::KlDiv => "KL_Div",
+            Method::Mahalanobis(_) => "Mahalanobis",
+        }
+    }
+
+    /// Whether the method is a function of the shared forward pass's logits.
+    pub fn uses_shared_logits(&self) -> bool {
+        match self {
+            Method::Odin { epsilon, .. } => *epsilon == 0.0,
+            Method::Mahalanobis(_) => false,
+            _ => true,
+        }
+    }
+
+    /// Why the method cannot be computed from stored outputs, if it cannot: it
+    /// perturbs the input, so it needs the images and the model.
+    pub fn needs_images(&self) -> Option<String> {
+        match self {
+            Method::Odin { epsilon, .. } if *epsilon != 0.0 => Some(format!(
+                "ODIN with --epsilon-odin {epsilon} perturbs the input images, so it needs the images and the model: run mos test-baseline --score ODIN (a store gives ODIN only with --epsilon-odin 0)"
+            )),
+            Method::Mahalanobis(p) if p.magnitude != 0.0 => Some(format!(
+                "these Mahalanobis parameters have noise magnitude {}, which perturbs the input images, so they need the images and the model: run mos test-baseline --score Mahalanobis (a store gives Mahalanobis only with magnitude 0, e.g. tune-mahalanobis --magnitudes 0)",
+                p.magnitude
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// The scores of one batch from its outputs: `logits` [N, head] and, for
+/// Mahalanobis, `layers` (the five spatial-mean feature layers [N, C_l]). [N],
+/// float32 or float64. KL matching is scored by [`kl_scores`]; ODIN with epsilon > 0
+/// and Mahalanobis with a magnitude > 0 need the images ([`Method::needs_images`]).
+pub fn from_outputs(method: &Method, logits: &Tensor, layers: &[Tensor]) -> Result<Tensor> {
+    if let Some(why) = method.needs_images() {
+        bail!(why);
+    }
+    Ok(match method {
+        Method::Mos(groups) => groups.mos_score(logits)?,
+        Method::Msp => ood::msp(logits)?,
+        Method::Energy { temperature } => ood::energy(logits, *temperature)?,
+        // With epsilon 0 the input is unchanged: the logits are ODIN's.
+        Method::Odin { temperature, .. } => ood::msp(&(logits / *temperature))?,
+        Method::Mahalanobis(p) => {
+            if layers.len() != p.layers.len() {
+                bail!(
+                    "Mahalanobis needs the {} feature layers (extract with --layers mahalanobis)",
+                    p.layers.len()
+                );
+            }
+            let m = crate::ood::mahalanobis::regressor_features(layers, &p.layers)?;
+            // Rounded through float32 as the original feeds the regression.
+            let m = m.to_kind(Kind::Float).to_kind(Kind::Double);
+            crate::ood::mahalanobis::score_from_regression(&m, &p.lr_weight, p.lr_bias)?
+        }
+        Method::KlDiv => bail!("internal: KL matching is scored by kl_scores"),
+    })
+}
+
+/// The softmax probabilities KL matching keeps of a batch (float32, CPU).
+pub fn kl_probs(logits: &Tensor) -> Tensor {
+    logits.softmax(1, Kind::Float).to_device(Device::Cpu)
+}
+
+/// KL-matching scores (docs/scores.md#kl-matching) of `sets` (probabilities [n, C]
+/// of [`kl_probs`]) against the templates of the in-distribution probabilities
+/// `id_probs` by their labels.
+pub fn kl_scores(
+    id_probs: &Tensor,
+    id_labels: &[i64],
+    num_classes: i64,
+    sets: &[&Tensor],
+) -> Result<Vec<Vec<f64>>> {
+    let labels = Tensor::from_slice(id_labels);
+    let templates = ood::kl_templates(id_probs, &labels, num_classes)?;
+    let mut out = Vec::with_capacity(sets.len());
+    for probs in sets {
+        let mut scores = Vec::with_capacity(probs.size()[0] as usize);
+        for chunk in probs.split(4096, 0) {
+            scores.extend(to_f64_vec(&ood::kl_score(&chunk, &templates)?)?);
+        }
+        out.push(scores);
+    }
+    Ok(out)
+}
+
+/// A tensor's values as f64, on the CPU.
+pub fn to_f64_vec(t: &Tensor) -> Result<Vec<f64>> {
+    Ok(Vec::<f64>::try_from(
+        t.to_kind(Kind::Double)
+            .to_device(Device::Cpu)
+            .flatten(0, -1),
+    )?)
+}
+
+/// Scores of stored rows: per method, per row; seconds per method; and, when KL
+/// matching is among the methods, the rows' probabilities for [`kl_scores`].
+pub struct RowScores {
+    pub scores: Vec<Vec<f64>>,
+    pub seconds: Vec<f64>,
+    pub probs: Option<Tensor>,
+}
+
+/// Scores the rows of a store batch by batch (`batches`: the row ranges of the
+/// test commands' batches), as the test commands score each forward pass.
+pub fn score_rows(
+    methods: &[Method],
+    logits: &Tensor,
+    layers: &[Tensor],
+    batches: &[Range<usize>],
+) -> Result<RowScores> {
+    let n = logits.size()[0] as usize;
+    let mut out = RowScores {
+        scores: vec![Vec::with_capacity(n); methods.len()],
+        seconds: vec![0.0; methods.len()],
+        probs: None,
+    };
+    let mut probs = Vec::new();
+    for r in batches {
+        let (start, len) = (r.start as i64, r.len() as i64);
+        let l = logits.narrow(0, start, len);
+        let f: Vec<Tensor> = layers.iter().map(|t| t.narrow(0, start, len)).collect();
+        for (m, method) in methods.iter().enumerate() {
+            let t0 = Instant::now();
+            if let Method::KlDiv = method {
+                probs.push(kl_probs(&l));
+            } else {
+                let s = from_outputs(method, &l, &f)
+                    .with_context(|| format!("scoring {}", method.name()))?;
+                out.scores[m].extend(to_f64_vec(&s)?);
+            }
+            out.seconds[m] += t0.elapsed().as_secs_f64();
+        }
+    }
+    if methods.iter().any(|m| matches!(m, Method::KlDiv)) {
+        out.probs = Some(if probs.is_empty() {
+            Tensor::zeros([0, logits.size()[1]], (Kind::Float, Device::Cpu))
+        } else {
+            Tensor::cat(&probs, 0)
+        });
+    }
+    Ok(out)
+}

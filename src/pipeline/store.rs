@@ -1,0 +1,847 @@
+//! Stage 2 of the pipeline: feature stores (docs/formats.md#feature-stores).
+//!
+//! A store is a directory: `manifest.json` (what was extracted, from which model
+//! and data, with which settings) and, per shard k of n, the tensors
+//! `shard-0000k-of-0000n.safetensors` and their index `shard-0000k-of-0000n.json`
+//! (each row's image, the shard's range of the data set, the skipped images, the
+//! tensor file's size and SHA-256). Shards are contiguous and unpadded: with N
+//! images and n shards, N = q n + r, shard k covers `[k q + min(k, r), (k + 1) q +
+//! min(k + 1, r))` ([`shard_range`]).
+//!
+//! Every file is written atomically (a temporary file in the store, renamed); a
+//! shard's index is written after its tensors, so a shard is complete exactly when
+//! its index exists and describes the tensor file beside it. An interrupted
+//! extraction leaves at most a tensor file without an index (recomputed by a
+//! rerun) or a dot-file temporary (ignored).
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tch::{Kind, Tensor};
+
+use super::extract::{Extracted, FEATURE_LAYERS};
+use crate::model::checkpoint::{self, write_atomic};
+
+/// `format` of `manifest.json`.
+pub const FORMAT: &str = "mos-store-v1";
+/// `format` of a shard's index and of its tensor file's metadata.
+pub const SHARD_FORMAT: &str = "mos-store-shard-v1";
+/// The manifest's file name.
+pub const MANIFEST: &str = "manifest.json";
+/// The log of `mos extract` and `mos merge`, in the store.
+pub const LOG: &str = "store.log";
+
+/// The images `[start, end)` of shard `k` of `n` over `images` images.
+pub fn shard_range(images: usize, n: usize, k: usize) -> Range<usize> {
+    let (q, r) = (images / n, images % n);
+    k * q + k.min(r)..(k + 1) * q + (k + 1).min(r)
+}
+
+/// `shard-0000k-of-0000n`.
+pub fn shard_stem(k: usize, n: usize) -> String {
+    format!("shard-{k:05}-of-{n:05}")
+}
+
+/// (k, n) of a file named `shard-K-of-N.safetensors` or `.json`.
+fn parse_shard_name(name: &str) -> Option<(usize, usize)> {
+    let stem = name
+        .strip_suffix(".safetensors")
+        .or_else(|| name.strip_suffix(".json"))?;
+    let (k, n) = stem.strip_prefix("shard-")?.split_once("-of-")?;
+    Some((k.parse().ok()?, n.parse().ok()?))
+}
+
+/// Which shard this process extracts, and where that came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardSpec {
+    pub index: usize,
+    pub count: usize,
+    pub source: String,
+}
+
+/// The shard from `--shard-index`/`--num-shards`, else from a Slurm array
+/// (`SLURM_ARRAY_TASK_ID` - `SLURM_ARRAY_TASK_MIN` of `SLURM_ARRAY_TASK_COUNT`) or a
+/// Kubernetes Indexed Job (`JOB_COMPLETION_INDEX`, with `--num-shards`); flags win
+/// over the environment. Neither: the whole data set (shard 0 of 1).
+pub fn resolve_shard(
+    num_shards: Option<usize>,
+    shard_index: Option<usize>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<ShardSpec> {
+    let int = |var: &str| -> Result<Option<usize>> {
+        match env(var) {
+            None => Ok(None),
+            Some(v) if v.trim().is_empty() => Ok(None),
+            Some(v) => v
+                .trim()
+                .parse()
+                .map(Some)
+                .with_context(|| format!("{var}={v}: not a non-negative integer")),
+        }
+    };
+    let slurm = match int("SLURM_ARRAY_TASK_ID")? {
+        None => None,
+        Some(id) => {
+            if let Some(step) = int("SLURM_ARRAY_TASK_STEP")? {
+                if step != 1 {
+                    bail!("SLURM_ARRAY_TASK_STEP={step}: shards need a contiguous array (--array=0-N or 1-N, step 1)");
+                }
+            }
+            let min = int("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
+            let count = int("SLURM_ARRAY_TASK_COUNT")?
+                .context("SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not")?;
+            let index = id.checked_sub(min).with_context(|| {
+                format!("SLURM_ARRAY_TASK_ID={id} is below SLURM_ARRAY_TASK_MIN={min}")
+            })?;
+            Some((index, count))
+        }
+    };
+    let k8s = int("JOB_COMPLETION_INDEX")?;
+    let (index, count, source) = match (shard_index, num_shards, slurm, k8s) {
+        (Some(k), Some(n), ..) => (k, n, "--shard-index/--num-shards".to_string()),
+        (Some(_), None, ..) => bail!("--shard-index needs --num-shards"),
+        (None, n, Some((k, count)), _) => (
+            k,
+            n.unwrap_or(count),
+            format!("SLURM_ARRAY_TASK_ID (task {k} of {count})"),
+        ),
+        (None, Some(n), None, Some(k)) => (k, n, format!("JOB_COMPLETION_INDEX={k}")),
+        (None, None, None, Some(k)) => bail!(
+            "JOB_COMPLETION_INDEX={k} is set: give the number of shards (the Job's completions) with --num-shards"
+        ),
+        (None, Some(1), None, None) | (None, None, None, None) => {
+            (0, 1, "whole data set".to_string())
+        }
+        (None, Some(n), None, None) => bail!(
+            "--num-shards {n} needs --shard-index K, or SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX from an array job"
+        ),
+    };
+    if count == 0 {
+        bail!("--num-shards must be at least 1");
+    }
+    if index >= count {
+        bail!("shard index {index} (from {source}) is not below the number of shards {count}");
+    }
+    Ok(ShardSpec {
+        index,
+        count,
+        source,
+    })
+}
+
+/// What a store holds and how it was made (`manifest.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub mos_version: String,
+    /// `--model`.
+    pub model: String,
+    /// `--model-path` as given.
+    pub checkpoint: String,
+    pub checkpoint_sha256: String,
+    pub checkpoint_format: String,
+    pub head_size: i64,
+    /// Classes of the data (class folders, or 1 + the largest label of `--list`).
+    pub num_classes: i64,
+    pub crop: usize,
+    pub batch: usize,
+    pub precision: String,
+    pub skip_bad_images: bool,
+    pub layers: Vec<String>,
+    /// `--datadir` and `--list` as given; `dataset` is the data directory's base name.
+    pub datadir: String,
+    pub list: Option<String>,
+    pub dataset: String,
+    pub images: usize,
+    /// SHA-256 of the sorted `relative path, file size, label` lines.
+    pub data_fingerprint: String,
+    pub num_shards: usize,
+    /// SHA-256 of [`Manifest::settings`]: every shard carries it.
+    pub fingerprint: String,
+    /// The `mos extract` command line without the shard flags (for messages).
+    pub command: Vec<String>,
+    /// Set by `mos merge` once every shard is there and checked.
+    #[serde(default)]
+    pub complete: bool,
+}
+
+impl Manifest {
+    /// The settings that decide the stored numbers (paths as given are not among
+    /// them: the checkpoint and the data are identified by their content).
+    pub fn settings(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("format", self.format.clone()),
+            ("mos version", self.mos_version.clone()),
+            ("model", self.model.clone()),
+            ("checkpoint SHA-256", self.checkpoint_sha256.clone()),
+            ("checkpoint format", self.checkpoint_format.clone()),
+            ("head size", self.head_size.to_string()),
+            ("classes", self.num_classes.to_string()),
+            ("crop", self.crop.to_string()),
+            ("batch", self.batch.to_string()),
+            ("precision", self.precision.clone()),
+            ("skip bad images", self.skip_bad_images.to_string()),
+            ("layers", self.layers.join(",")),
+            ("images", self.images.to_string()),
+            ("data fingerprint", self.data_fingerprint.clone()),
+            ("shards", self.num_shards.to_string()),
+        ]
+    }
+
+    /// SHA-256 of the settings.
+    pub fn compute_fingerprint(&self) -> String {
+        let mut h = Sha256::new();
+        for (k, v) in self.settings() {
+            h.update(format!("{k}={v}\n"));
+        }
+        hex(&h.finalize())
+    }
+
+    /// The settings in which `other` (this run) differs from `self` (the store).
+    pub fn differences(&self, other: &Manifest) -> Vec<String> {
+        self.settings()
+            .into_iter()
+            .zip(other.settings())
+            .filter(|(a, b)| a.1 != b.1)
+            .map(|((k, a), (_, b))| format!("{k}: the store has {a}, this run {b}"))
+            .collect()
+    }
+
+    /// The command that extracts shard `k`.
+    pub fn shard_command(&self, k: usize) -> String {
+        let mut words: Vec<String> = self.command.iter().map(|w| shell_quote(w)).collect();
+        words.push(format!(
+            "--num-shards {} --shard-index {k}",
+            self.num_shards
+        ));
+        words.join(" ")
+    }
+}
+
+fn shell_quote(w: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c);
+    if !w.is_empty() && w.chars().all(plain) {
+        w.to_string()
+    } else {
+        format!("'{}'", w.replace('\'', "'\\''"))
+    }
+}
+
+/// Lower-case hexadecimal.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// SHA-256 of a file's content.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
+}
+
+/// The data fingerprint: SHA-256 of the lines `relative path \t size \t label`
+/// sorted by path (bytes), over every image of the data set.
+pub fn data_fingerprint(datadir: &Path, images: &[(String, i64)]) -> Result<String> {
+    let mut lines = Vec::with_capacity(images.len());
+    for (rel, label) in images {
+        let p = datadir.join(rel);
+        let size = std::fs::metadata(&p)
+            .with_context(|| format!("cannot read {}", p.display()))?
+            .len();
+        lines.push(format!("{rel}\t{size}\t{label}\n"));
+    }
+    lines.sort();
+    let mut h = Sha256::new();
+    for l in &lines {
+        h.update(l.as_bytes());
+    }
+    Ok(hex(&h.finalize()))
+}
+
+/// Reads a store's manifest, checking its format.
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let path = dir.join(MANIFEST);
+    if !path.is_file() {
+        bail!(
+            "{}: no {MANIFEST}: not a mos feature store (made by mos extract)",
+            dir.display()
+        );
+    }
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a mos store manifest (bad JSON)", path.display()))?;
+    let format = value.get("format").and_then(|f| f.as_str()).unwrap_or("");
+    if format != FORMAT {
+        let by = value
+            .get("mos_version")
+            .and_then(|v| v.as_str())
+            .unwrap_or("?");
+        bail!(
+            "{}: a store of format '{format}' (written by mos {by}); this mos ({}) reads {FORMAT}",
+            path.display(),
+            env!("CARGO_PKG_VERSION")
+        );
+    }
+    serde_json::from_value(value)
+        .with_context(|| format!("{}: not a mos store manifest", path.display()))
+}
+
+/// Creates the store with `m` as its manifest, or checks that the existing one
+/// has the same settings (else an error naming every difference; nothing is
+/// written). Returns the store's manifest. Safe when several shards start at once.
+pub fn prepare(dir: &Path, m: &Manifest) -> Result<Manifest> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create store {}", dir.display()))?;
+    let path = dir.join(MANIFEST);
+    if !path.exists() {
+        // Create-if-absent: a hard link fails when another shard won the race.
+        let tmp = dir.join(format!(".{MANIFEST}.tmp-{}", std::process::id()));
+        write_atomic(&tmp, (serde_json::to_string_pretty(m)? + "\n").as_bytes())?;
+        let linked = std::fs::hard_link(&tmp, &path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => return Ok(m.clone()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot write {}", path.display())),
+        }
+    }
+    let existing = read_manifest(dir)?;
+    let diffs = existing.differences(m);
+    if !diffs.is_empty() {
+        bail!(
+            "{}: the store was extracted with other settings; refusing to mix them (nothing was written):\n  {}\nUse another --output, or delete the store to start over",
+            path.display(),
+            diffs.join("\n  ")
+        );
+    }
+    Ok(existing)
+}
+
+/// An image left out of a shard (`--skip-bad-images`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SkippedImage {
+    /// Dataset index.
+    pub index: usize,
+    /// Path relative to the data directory.
+    pub path: String,
+    pub reason: String,
+}
+
+/// A shard's index (`shard-K-of-N.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardIndex {
+    pub format: String,
+    pub fingerprint: String,
+    pub shard: usize,
+    pub num_shards: usize,
+    /// The shard's images `[start, end)` of the data set.
+    pub start: usize,
+    pub end: usize,
+    pub rows: usize,
+    /// Per row: the image's path relative to the data directory, its dataset index.
+    pub paths: Vec<String>,
+    pub indices: Vec<usize>,
+    pub skipped: Vec<SkippedImage>,
+    /// The tensor file: name, size in bytes, SHA-256.
+    pub file: String,
+    pub bytes: u64,
+    pub sha256: String,
+    /// Where it was computed and by which mos (informative).
+    pub device: String,
+    pub mos_version: String,
+}
+
+/// Writes shard `k`'s tensors, then its index. `rel_paths[i]`: the path of
+/// dataset image i relative to the data directory.
+pub fn write_shard(
+    dir: &Path,
+    m: &Manifest,
+    k: usize,
+    ex: &Extracted,
+    rel_paths: &[String],
+    device: &str,
+) -> Result<ShardIndex> {
+    let range = shard_range(m.images, m.num_shards, k);
+    let mut tensors = vec![("logits".to_string(), ex.logits.shallow_clone())];
+    if let Some(f) = &ex.features {
+        tensors.push(("features".into(), f.shallow_clone()));
+    }
+    for (l, t) in ex.layers.iter().enumerate() {
+        tensors.push((format!("layer{l}"), t.shallow_clone()));
+    }
+    tensors.push(("labels".into(), Tensor::from_slice(&ex.labels)));
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("format".to_string(), SHARD_FORMAT.to_string());
+    meta.insert("fingerprint".to_string(), m.fingerprint.clone());
+    meta.insert("shard".to_string(), k.to_string());
+    meta.insert("num_shards".to_string(), m.num_shards.to_string());
+    let bytes = checkpoint::serialize(&tensors, meta)?;
+    let stem = shard_stem(k, m.num_shards);
+    let file = format!("{stem}.safetensors");
+    write_atomic(&dir.join(&file), &bytes)?;
+    let index = ShardIndex {
+        format: SHARD_FORMAT.into(),
+        fingerprint: m.fingerprint.clone(),
+        shard: k,
+        num_shards: m.num_shards,
+        start: range.start,
+        end: range.end,
+        rows: ex.indices.len(),
+        paths: ex.indices.iter().map(|&i| rel_paths[i].clone()).collect(),
+        indices: ex.indices.clone(),
+        skipped: ex
+            .skipped
+            .iter()
+            .map(|(i, s)| SkippedImage {
+                index: *i,
+                path: rel_paths[*i].clone(),
+                reason: s.reason.clone(),
+            })
+            .collect(),
+        file,
+        bytes: bytes.len() as u64,
+        sha256: hex(&Sha256::digest(&bytes)),
+        device: device.to_string(),
+        mos_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    write_atomic(
+        &dir.join(format!("{stem}.json")),
+        (serde_json::to_string(&index)? + "\n").as_bytes(),
+    )?;
+    Ok(index)
+}
+
+/// Reads and checks shard `k`'s index against the manifest: format, fingerprint,
+/// range, rows and skipped images covering the range exactly once.
+fn read_index(dir: &Path, m: &Manifest, k: usize) -> Result<ShardIndex> {
+    let path = dir.join(format!("{}.json", shard_stem(k, m.num_shards)));
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let idx: ShardIndex = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a mos store shard index", path.display()))?;
+    let p = path.display();
+    if idx.format != SHARD_FORMAT {
+        bail!("{p}: format '{}', expected {SHARD_FORMAT}", idx.format);
+    }
+    if idx.fingerprint != m.fingerprint {
+        bail!(
+            "{p}: this shard was extracted with other settings than {} (another model, checkpoint, data or mos version): its fingerprint is {}, the manifest's {}",
+            dir.join(MANIFEST).display(),
+            idx.fingerprint,
+            m.fingerprint
+        );
+    }
+    let range = shard_range(m.images, m.num_shards, k);
+    if (idx.shard, idx.num_shards, idx.start, idx.end) != (k, m.num_shards, range.start, range.end)
+    {
+        bail!(
+            "{p}: describes shard {} of {} over images {}..{}, expected shard {k} of {} over {}..{}",
+            idx.shard,
+            idx.num_shards,
+            idx.start,
+            idx.end,
+            m.num_shards,
+            range.start,
+            range.end
+        );
+    }
+    if idx.paths.len() != idx.rows || idx.indices.len() != idx.rows {
+        bail!(
+            "{p}: {} rows but {} paths and {} indices",
+            idx.rows,
+            idx.paths.len(),
+            idx.indices.len()
+        );
+    }
+    let mut seen: Vec<usize> = idx
+        .indices
+        .iter()
+        .copied()
+        .chain(idx.skipped.iter().map(|s| s.index))
+        .collect();
+    seen.sort_unstable();
+    if seen != range.clone().collect::<Vec<_>>() || !idx.indices.windows(2).all(|w| w[0] < w[1]) {
+        bail!(
+            "{p}: its rows and skipped images do not cover the images {}..{} exactly once, in order",
+            range.start,
+            range.end
+        );
+    }
+    Ok(idx)
+}
+
+/// Whether shard `k` is complete: its index is there, fits the manifest and
+/// describes the tensor file beside it (same size). `Ok(None)` when it must be
+/// (re)computed; an error when an index belongs to another extraction.
+pub fn complete_shard(dir: &Path, m: &Manifest, k: usize) -> Result<Option<ShardIndex>> {
+    let json = dir.join(format!("{}.json", shard_stem(k, m.num_shards)));
+    if !json.exists() {
+        return Ok(None);
+    }
+    let idx = read_index(dir, m, k)?;
+    let size = std::fs::metadata(dir.join(&idx.file))
+        .map(|md| md.len())
+        .ok();
+    Ok((size == Some(idx.bytes)).then_some(idx))
+}
+
+/// A store whose shards are all there and consistent.
+pub struct StoreIndex {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub shards: Vec<ShardIndex>,
+}
+
+/// Checks a whole store: the manifest, no shard of another extraction, every
+/// shard present with an index that fits and a tensor file of the recorded size
+/// (and, with `verify_hash`, content). Missing shards are named with the command
+/// that computes them.
+pub fn open(dir: &Path, verify_hash: bool) -> Result<StoreIndex> {
+    let m = read_manifest(dir)?;
+    let n = m.num_shards;
+    let mut present = vec![false; n];
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("cannot read store {}", dir.display()))?;
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for name in &names {
+        let Some((k, nn)) = parse_shard_name(name) else {
+            continue;
+        };
+        if nn != n || k >= n {
+            bail!(
+                "{}: a shard of a {nn}-shard extraction, but {} says {n} shards: the store mixes two extractions (move the file away)",
+                dir.join(name).display(),
+                dir.join(MANIFEST).display()
+            );
+        }
+        if name.ends_with(".json") {
+            present[k] = true;
+        }
+    }
+    let missing: Vec<usize> = (0..n).filter(|&k| !present[k]).collect();
+    if !missing.is_empty() {
+        bail!(missing_message(dir, &m, &missing));
+    }
+    let mut shards = Vec::with_capacity(n);
+    for k in 0..n {
+        let idx = read_index(dir, &m, k)?;
+        let file = dir.join(&idx.file);
+        let size = std::fs::metadata(&file)
+            .with_context(|| {
+                format!(
+                    "{}: missing, but its index {} is there (rerun the extraction of shard {k}: {})",
+                    file.display(),
+                    shard_stem(k, n) + ".json",
+                    m.shard_command(k)
+                )
+            })?
+            .len();
+        if size != idx.bytes {
+            bail!(
+                "{}: {size} bytes, but its index records {} (truncated or replaced); delete {} and rerun: {}",
+                file.display(),
+                idx.bytes,
+                shard_stem(k, n) + ".json",
+                m.shard_command(k)
+            );
+        }
+        if verify_hash {
+            let sha = sha256_file(&file)?;
+            if sha != idx.sha256 {
+                bail!(
+                    "{}: its SHA-256 is {sha}, but its index records {} (the file was changed); delete {} and rerun: {}",
+                    file.display(),
+                    idx.sha256,
+                    shard_stem(k, n) + ".json",
+                    m.shard_command(k)
+                );
+            }
+        }
+        shards.push(idx);
+    }
+    Ok(StoreIndex {
+        dir: dir.to_path_buf(),
+        manifest: m,
+        shards,
+    })
+}
+
+fn missing_message(dir: &Path, m: &Manifest, missing: &[usize]) -> String {
+    let list: Vec<String> = missing.iter().map(usize::to_string).collect();
+    let mut msg = format!(
+        "{}: {} of {} shards missing or incomplete (shard {}); compute them with:",
+        dir.display(),
+        missing.len(),
+        m.num_shards,
+        list.join(", ")
+    );
+    for &k in missing.iter().take(5) {
+        msg.push_str(&format!("\n  {}", m.shard_command(k)));
+    }
+    if missing.len() > 5 {
+        msg.push_str(&format!("\n  ... ({} more)", missing.len() - 5));
+    }
+    msg.push_str(&format!(
+        "\nor, as a Slurm array with task ids from 0: sbatch --array={} ...",
+        list.join(",")
+    ));
+    msg
+}
+
+/// Marks a checked store complete (rewrites its manifest with `complete: true`).
+pub fn mark_complete(store: &StoreIndex) -> Result<()> {
+    let mut m = store.manifest.clone();
+    m.complete = true;
+    write_atomic(
+        &store.dir.join(MANIFEST),
+        (serde_json::to_string_pretty(&m)? + "\n").as_bytes(),
+    )
+}
+
+/// The rows of a whole store, in dataset order, on the CPU.
+pub struct StoreData {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    /// Per row: path relative to the data directory, dataset index, label.
+    pub paths: Vec<String>,
+    pub indices: Vec<usize>,
+    pub labels: Vec<i64>,
+    pub logits: Tensor,
+    pub features: Option<Tensor>,
+    /// `layer0`..`layer4` when the store has the Mahalanobis layers.
+    pub layers: Vec<Tensor>,
+    pub skipped: Vec<SkippedImage>,
+}
+
+impl StoreData {
+    /// Row ranges of the test commands' batches: rows whose images fell in the
+    /// same batch `[j B, (j + 1) B)` of the data set.
+    pub fn batches(&self) -> Vec<Range<usize>> {
+        let b = self.manifest.batch.max(1);
+        let mut out: Vec<Range<usize>> = Vec::new();
+        for (row, &i) in self.indices.iter().enumerate() {
+            match out.last_mut() {
+                Some(r) if self.indices[r.start] / b == i / b => r.end = row + 1,
+                _ => out.push(row..row + 1),
+            }
+        }
+        out
+    }
+
+    /// Each row's path as the test commands write it: `--datadir` joined with it.
+    pub fn full_paths(&self) -> Vec<PathBuf> {
+        let root = Path::new(&self.manifest.datadir);
+        self.paths.iter().map(|p| root.join(p)).collect()
+    }
+}
+
+/// Reads every shard of a checked store ([`open`]) and concatenates the rows.
+pub fn load(dir: &Path) -> Result<StoreData> {
+    let store = open(dir, false)?;
+    let m = &store.manifest;
+    let variant: crate::model::Variant = m
+        .model
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("{}: {e}", dir.join(MANIFEST).display()))?;
+    let features = m.layers.iter().any(|l| l == "features");
+    let mahalanobis = m.layers.iter().any(|l| l == "mahalanobis");
+    let mut parts: BTreeMap<String, Vec<Tensor>> = BTreeMap::new();
+    let (mut paths, mut indices, mut labels, mut skipped) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for idx in &store.shards {
+        let file = dir.join(&idx.file);
+        let bytes =
+            std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+        let ckpt = checkpoint::load_bytes(&bytes)
+            .with_context(|| format!("{}: not a readable safetensors file", file.display()))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|_| anyhow::anyhow!("{}: unreadable header", file.display()))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        if meta.get("format").map(String::as_str) != Some(SHARD_FORMAT) {
+            bail!(
+                "{}: not a mos store shard (its metadata has no format {SHARD_FORMAT})",
+                file.display()
+            );
+        }
+        if meta.get("fingerprint") != Some(&m.fingerprint) {
+            bail!(
+                "{}: extracted with other settings than {} (another model, checkpoint or data): fingerprint {}, expected {}",
+                file.display(),
+                dir.join(MANIFEST).display(),
+                meta.get("fingerprint").map_or("none", String::as_str),
+                m.fingerprint
+            );
+        }
+        let rows = idx.rows as i64;
+        let get = |name: &str, kind: Kind, width: Option<i64>| -> Result<Tensor> {
+            let t = ckpt
+                .model
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t.shallow_clone())
+                .with_context(|| format!("{}: no tensor '{name}'", file.display()))?;
+            let want: Vec<i64> = match width {
+                Some(w) => vec![rows, w],
+                None => vec![rows],
+            };
+            if t.size() != want || t.kind() != kind {
+                bail!(
+                    "{}: '{name}' is {:?} {:?}, expected {kind:?} {want:?}",
+                    file.display(),
+                    t.kind(),
+                    t.size()
+                );
+            }
+            Ok(t)
+        };
+        parts.entry("logits".into()).or_default().push(get(
+            "logits",
+            Kind::Float,
+            Some(m.head_size),
+        )?);
+        labels.extend(Vec::<i64>::try_from(get("labels", Kind::Int64, None)?)?);
+        if features {
+            parts.entry("features".into()).or_default().push(get(
+                "features",
+                Kind::Float,
+                Some(variant.head_in()),
+            )?);
+        }
+        if mahalanobis {
+            let ch = variant.feature_channels();
+            for (l, c) in ch.iter().enumerate().take(FEATURE_LAYERS) {
+                let name = format!("layer{l}");
+                let t = get(&name, Kind::Float, Some(*c))?;
+                parts.entry(name).or_default().push(t);
+            }
+        }
+        paths.extend(idx.paths.iter().cloned());
+        indices.extend(idx.indices.iter().copied());
+        skipped.extend(idx.skipped.iter().cloned());
+    }
+    let mut cat = |name: &str| parts.remove(name).map(|v| Tensor::cat(&v, 0));
+    let logits = cat("logits").context("store without shards")?;
+    let features = cat("features");
+    let layers = (0..FEATURE_LAYERS)
+        .filter_map(|l| cat(&format!("layer{l}")))
+        .collect();
+    Ok(StoreData {
+        dir: dir.to_path_buf(),
+        manifest: store.manifest,
+        paths,
+        indices,
+        labels,
+        logits,
+        features,
+        layers,
+        skipped,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_cover_the_data_once_without_padding() {
+        for images in [0usize, 1, 5, 7, 16, 50_000] {
+            for n in 1..=17 {
+                let mut next = 0;
+                for k in 0..n {
+                    let r = shard_range(images, n, k);
+                    assert_eq!(r.start, next, "{images} images, shard {k} of {n}");
+                    let len = r.len();
+                    assert!(len == images / n || len == images / n + 1);
+                    next = r.end;
+                }
+                assert_eq!(next, images);
+            }
+        }
+        // The example: N = q n + r, the first r shards one longer.
+        assert_eq!(shard_range(10, 4, 0), 0..3);
+        assert_eq!(shard_range(10, 4, 1), 3..6);
+        assert_eq!(shard_range(10, 4, 2), 6..8);
+        assert_eq!(shard_range(10, 4, 3), 8..10);
+    }
+
+    #[test]
+    fn shard_names_round_trip() {
+        assert_eq!(shard_stem(3, 16), "shard-00003-of-00016");
+        assert_eq!(
+            parse_shard_name("shard-00003-of-00016.safetensors"),
+            Some((3, 16))
+        );
+        assert_eq!(parse_shard_name("shard-00003-of-00016.json"), Some((3, 16)));
+        assert_eq!(parse_shard_name(".shard-00003-of-00016.json.tmp-1"), None);
+        assert_eq!(parse_shard_name("manifest.json"), None);
+    }
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn shard_from_flags_slurm_and_kubernetes() {
+        let none = env(&[]);
+        let s = resolve_shard(None, None, &none).unwrap();
+        assert_eq!((s.index, s.count), (0, 1));
+        let s = resolve_shard(Some(4), Some(3), &none).unwrap();
+        assert_eq!((s.index, s.count), (3, 4));
+        let slurm = env(&[
+            ("SLURM_ARRAY_TASK_ID", "5"),
+            ("SLURM_ARRAY_TASK_MIN", "1"),
+            ("SLURM_ARRAY_TASK_COUNT", "8"),
+        ]);
+        let s = resolve_shard(None, None, &slurm).unwrap();
+        assert_eq!((s.index, s.count), (4, 8));
+        // Flags win over the environment.
+        let s = resolve_shard(Some(2), Some(1), &slurm).unwrap();
+        assert_eq!((s.index, s.count), (1, 2));
+        let k8s = env(&[("JOB_COMPLETION_INDEX", "2")]);
+        let s = resolve_shard(Some(3), None, &k8s).unwrap();
+        assert_eq!((s.index, s.count), (2, 3));
+        let e = resolve_shard(None, None, &k8s).unwrap_err().to_string();
+        assert!(e.contains("--num-shards"), "{e}");
+        let e = resolve_shard(Some(2), Some(2), &none)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not below the number of shards 2"), "{e}");
+        let e = resolve_shard(None, Some(0), &none).unwrap_err().to_string();
+        assert!(e.contains("--shard-index needs --num-shards"), "{e}");
+        let e = resolve_shard(Some(3), None, &none).unwrap_err().to_string();
+        assert!(e.contains("needs --shard-index"), "{e}");
+        let bad = env(&[("SLURM_ARRAY_TASK_ID", "x")]);
+        let e = resolve_shard(None, None, &bad).unwrap_err().to_string();
+        assert!(e.contains("SLURM_ARRAY_TASK_ID=x"), "{e}");
+        let step = env(&[
+            ("SLURM_ARRAY_TASK_ID", "2"),
+            ("SLURM_ARRAY_TASK_COUNT", "4"),
+            ("SLURM_ARRAY_TASK_STEP", "2"),
+        ]);
+        assert!(resolve_shard(None, None, &step).is_err());
+    }
+}
