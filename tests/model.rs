@@ -2,7 +2,7 @@
 //! tests/fixtures/make_model_fixtures.py (same weights, same input).
 mod common;
 
-use common::{fixture, r14, read_named, rel_max_diff};
+use common::{assert_rows_close, fixture, r14, read_named, Rng, FORWARD_TOL};
 use mos::model::{Freeze, ResNetV2, Variant};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -15,31 +15,30 @@ fn logits_and_features_match_pytorch() {
     assert_eq!(feats.len(), 5);
     for (i, f) in feats.iter().enumerate() {
         let want = read_named(&exp, &format!("feat{i}"));
-        let d = rel_max_diff(f, &want);
-        assert!(d < 1e-4, "feat{i}: relative difference {d}");
+        assert_rows_close(&format!("feat{i}"), f, &want, FORWARD_TOL);
     }
     let logits = tch::no_grad(|| model.forward(&x));
     assert_eq!(logits.size(), [2, 10]);
-    let d = rel_max_diff(&logits, &read_named(&exp, "logits"));
-    assert!(d < 1e-4, "logits: relative difference {d}");
+    assert_rows_close("logits", &logits, &read_named(&exp, "logits"), FORWARD_TOL);
     // A non-square input goes through the same path.
     let xr = read_named(&exp, "x_rect");
     let lr = tch::no_grad(|| model.forward(&xr));
-    let d = rel_max_diff(&lr, &read_named(&exp, "logits_rect"));
-    assert!(d < 1e-4, "logits_rect: relative difference {d}");
+    let want = read_named(&exp, "logits_rect");
+    assert_rows_close("logits_rect", &lr, &want, FORWARD_TOL);
 }
 
 #[test]
 fn forward_to_k_returns_that_stage() {
     let (_vs, model) = r14();
-    let x = Tensor::randn([1, 3, 64, 64], (Kind::Float, Device::Cpu));
+    let x = Rng::new(1).normal_tensor(&[1, 3, 64, 64]);
     let feats = tch::no_grad(|| model.forward_features(&x));
     let channels = model.variant.feature_channels();
     for k in 0..5 {
         let out = tch::no_grad(|| model.forward_to(&x, k));
         assert_eq!(out.size(), feats[k].size());
         assert_eq!(out.size()[1], channels[k]);
-        assert!(rel_max_diff(&out, &feats[k]) < 1e-6);
+        // The same operations on the same input in one process: bit-identical.
+        assert!(out.equal(&feats[k]), "stage {k} differs");
     }
 }
 
@@ -112,7 +111,7 @@ fn freeze_policy_matches_num_block_open() {
 #[test]
 fn frozen_stages_build_no_graph() {
     let (vs, model) = r14();
-    let x = Tensor::randn([2, 3, 64, 64], (Kind::Float, Device::Cpu));
+    let x = Rng::new(2).normal_tensor(&[2, 3, 64, 64]);
     let logits = model.forward_train(&x, Freeze::AllButHead);
     logits.sum(Kind::Float).backward();
     let vars = vs.variables();
@@ -134,7 +133,7 @@ fn train_pass(vs: &nn::VarStore, model: &ResNetV2, x: &Tensor, freeze: Freeze) -
 #[test]
 fn fixed_frozen_weights_give_the_same_numbers() {
     let (vs, mut model) = r14();
-    let x = Tensor::randn([2, 3, 64, 64], (Kind::Float, Device::Cpu));
+    let x = Rng::new(3).normal_tensor(&[2, 3, 64, 64]);
     let freeze = Freeze::OpenBlocks(2);
     let live = train_pass(&vs, &model, &x, freeze);
     model.fix_frozen_weights(freeze);

@@ -8,7 +8,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use assert_cmd::Command;
-use common::{fixture, hash_tensor, read_named, rel_max_diff};
+use common::{assert_rows_close, fixture, hash_tensor, read_named, FORWARD_TOL};
 use mos::model::checkpoint::{self, Checkpoint};
 use mos::model::weights::{
     bit_npz_key, load_model, ours_from_bit_key, read_state_dict, WeightFormat,
@@ -27,8 +27,8 @@ fn assert_reference_logits(path: &Path) {
     assert_eq!(loaded.model.head_size, 10);
     let (x, want) = expected_logits();
     let got = tch::no_grad(|| loaded.model.forward(&x));
-    let d = rel_max_diff(&got, &want);
-    assert!(d < 1e-4, "{}: relative difference {d}", path.display());
+    let what = format!("logits of {}", path.display());
+    assert_rows_close(&what, &got, &want, FORWARD_TOL);
 }
 
 fn paper_checkpoint(dir: &Path) -> PathBuf {

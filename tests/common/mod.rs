@@ -74,6 +74,157 @@ pub fn rel_max_diff(a: &Tensor, b: &Tensor) -> f64 {
     diff / scale
 }
 
+/// float32's unit roundoff, 2^-24: the relative error of one rounding.
+pub const U32: f64 = 5.960_464_477_539_063e-8;
+/// float64's unit roundoff, 2^-53.
+pub const U64: f64 = 1.110_223_024_625_156_5e-16;
+
+/// Two float32 forward passes of the R14 network (ours and PyTorch's, or with other
+/// kernels) per sample, relative to the largest entry of its feature map or logit
+/// vector: they differ only in summation order, ~u32 sqrt(K) <= 4e-6 per
+/// convolution of K <= 4608 terms, over 14 convolutions renormalised by GroupNorm.
+pub const FORWARD_TOL: f64 = 1e-4;
+
+/// Prints and checks one comparison: `error <= tol`, with the margin left.
+pub fn check(what: &str, error: f64, tol: f64) -> f64 {
+    eprintln!(
+        "{what}: error {error:.3e}, tolerance {tol:.3e} (margin {:.1}x)",
+        tol / error
+    );
+    assert!(error <= tol, "{what}: error {error:e} > tolerance {tol:e}");
+    error
+}
+
+/// Prints and checks comparisons with one tolerance each: `errors[i] <= tols[i]`.
+/// Reports the entry closest to its tolerance; returns its error / tolerance.
+pub fn check_each(what: &str, errors: &[f64], tols: &[f64]) -> f64 {
+    assert_eq!(errors.len(), tols.len(), "{what}: lengths differ");
+    if errors.is_empty() {
+        eprintln!("{what}: nothing to compare");
+        return 0.0;
+    }
+    let (mut worst, mut at) = (-1.0f64, 0);
+    for (i, (e, t)) in errors.iter().zip(tols).enumerate() {
+        assert!(t.is_finite() && *t > 0.0, "{what}[{i}]: tolerance {t}");
+        if e / t > worst || e.is_nan() {
+            (worst, at) = (e / t, i);
+        }
+    }
+    eprintln!(
+        "{what}: worst entry {at}: error {:.3e}, tolerance {:.3e} (margin {:.1}x)",
+        errors[at],
+        tols[at],
+        1.0 / worst
+    );
+    for (i, (e, t)) in errors.iter().zip(tols).enumerate() {
+        assert!(e <= t, "{what}[{i}]: error {e:e} > tolerance {t:e}");
+    }
+    worst
+}
+
+/// float32 input gradients of the R14 network (ours vs PyTorch's, or with other
+/// kernels), relative to the largest entry of each sample's gradient: the backward
+/// pass runs the same convolutions transposed, so as in [`FORWARD_TOL`].
+pub const GRAD_TOL: f64 = 1e-4;
+
+/// Checks a signed step `got` = x -/+ step sign(g) against the reference's `want`
+/// (same x, same step): they may differ only where |g_i| <= GRAD_TOL max_j |g_j|
+/// over the sample (first dimension), i.e. where the float32 gradient `grad` is
+/// within its rounding error of 0 and its sign is not determined. Returns, per
+/// sample, whether every entry agrees.
+pub fn check_step_signs(what: &str, got: &Tensor, want: &Tensor, grad: &Tensor) -> Vec<bool> {
+    assert_eq!(got.size(), want.size(), "{what}: shapes differ");
+    assert_eq!(got.size(), grad.size(), "{what}: gradient shape");
+    let n = got.size()[0];
+    let differ = got.ne_tensor(want).reshape([n, -1]);
+    let g = grad.to_kind(Kind::Double).abs().reshape([n, -1]);
+    let scale = g.amax(1, true);
+    let rel = &g / &scale;
+    let near_zero = rel.le(GRAD_TOL).sum(Kind::Int64).int64_value(&[]);
+    let flipped = differ.sum(Kind::Int64).int64_value(&[]);
+    let worst = (rel * differ.to_kind(Kind::Double)).max().double_value(&[]);
+    eprintln!(
+        "{what}: {flipped} of {} steps differ from the reference, the largest there at          |grad| = {worst:.3e} of the sample's largest (tolerance {GRAD_TOL:.0e});          {near_zero} entries lie within the tolerance of 0",
+        got.numel()
+    );
+    assert!(
+        worst <= GRAD_TOL,
+        "{what}: a step differs where |grad| is {worst:e} of the largest, above {GRAD_TOL:e}"
+    );
+    (0..n)
+        .map(|i| differ.get(i).any().int64_value(&[]) == 0)
+        .collect()
+}
+
+/// `t` as a vector of f64.
+pub fn to_vec(t: &Tensor) -> Vec<f64> {
+    Vec::<f64>::try_from(t.to_kind(Kind::Double).flatten(0, -1)).expect("a float tensor")
+}
+
+/// Asserts that every row (first dimension) of `got` is within `tol` of `want`
+/// relative to that row's largest entry, `max_j |got_ij - want_ij| <= tol max_j
+/// |want_ij|`, the form rounding errors take in a float computation whose
+/// intermediate values are of the size of its results (a logit vector, a
+/// feature map): an element-wise relative bound would be ill-conditioned for
+/// entries near zero. Returns the largest error in units of the row scale.
+pub fn assert_rows_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) -> f64 {
+    assert_eq!(got.size(), want.size(), "{what}: shapes differ");
+    let n = want.size()[0];
+    let g = got.to_kind(Kind::Double).reshape([n, -1]);
+    let w = want.to_kind(Kind::Double).reshape([n, -1]);
+    let err = (&g - &w).abs().amax(1, false);
+    let scale = w.abs().amax(1, false);
+    let rel = (err / scale).max().double_value(&[]);
+    check(what, rel, tol)
+}
+
+/// A deterministic pseudo-random generator (SplitMix64) owned by one test, so
+/// that tests running in parallel threads never share a generator (libtorch's
+/// `randn` draws from one global generator).
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Standard normal (Box-Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u = 1.0 - self.uniform(); // in (0, 1]
+        let v = self.uniform();
+        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+    }
+
+    /// A float32 tensor of standard normal values.
+    pub fn normal_tensor(&mut self, shape: &[i64]) -> Tensor {
+        let n: i64 = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| self.normal() as f32).collect();
+        Tensor::from_slice(&v).reshape(shape)
+    }
+
+    /// A float32 tensor uniform in [lo, hi).
+    pub fn uniform_tensor(&mut self, shape: &[i64], lo: f64, hi: f64) -> Tensor {
+        let n: i64 = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| (lo + (hi - lo) * self.uniform()) as f32)
+            .collect();
+        Tensor::from_slice(&v).reshape(shape)
+    }
+}
+
 /// Reads one tensor by name from a safetensors file.
 pub fn read_named(path: &std::path::Path, name: &str) -> Tensor {
     Tensor::read_safetensors(path)
@@ -93,26 +244,39 @@ pub fn r14() -> (nn::VarStore, mos::model::ResNetV2) {
     (vs, model)
 }
 
-/// Saves a random ResNetV2-R14x0.5 with `head` outputs as our checkpoint at `path`:
-/// libtorch's init from `seed`, and a non-zero head (normal, std `head_std`) so that
+/// Saves a random ResNetV2-R14x0.5 with `head` outputs as our checkpoint at `path`,
+/// drawn from [`Rng`] with `seed` (not libtorch's global generator, which tests in
+/// parallel threads share): convolutions normal with std 1/sqrt(fan-in), GroupNorm
+/// scale 1 and shift 0, and a non-zero head (normal, std `head_std`) so that
 /// scores differ between images.
 pub fn random_checkpoint(
     path: &std::path::Path,
     head: i64,
     group_config: Option<Vec<i64>>,
-    seed: i64,
+    seed: u64,
     head_std: f64,
 ) {
     use mos::model::checkpoint::{self, Checkpoint, CheckpointMeta};
-    tch::manual_seed(seed);
     let vs = nn::VarStore::new(tch::Device::Cpu);
     let variant: mos::model::Variant = "ResNetV2-R14x0.5".parse().expect("known variant");
     let _m = mos::model::ResNetV2::new(&vs.root(), variant, head);
+    let mut rng = Rng::new(seed);
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0)); // a fixed order of draws
     tch::no_grad(|| {
-        for (name, mut t) in vs.variables() {
-            if name.starts_with("head.") {
-                t.copy_(&(t.randn_like() * head_std));
-            }
+        for (name, t) in &mut vars {
+            let shape = t.size();
+            let value = if name.starts_with("head.") {
+                rng.normal_tensor(&shape) * head_std
+            } else if name.contains(".gn") && name.ends_with(".weight") {
+                Tensor::ones(&shape[..], (Kind::Float, tch::Device::Cpu))
+            } else if name.contains(".gn") {
+                Tensor::zeros(&shape[..], (Kind::Float, tch::Device::Cpu))
+            } else {
+                let fan_in: i64 = shape[1..].iter().product();
+                rng.normal_tensor(&shape) / (fan_in as f64).sqrt()
+            };
+            t.copy_(&value);
         }
     });
     let meta = CheckpointMeta {
