@@ -5,8 +5,9 @@
 //! the FGSM images of the tuning.
 mod common;
 
-use common::{fixture, r14, read_named};
+use common::{check_each, check_step_signs, fixture, r14, read_named, to_vec, FORWARD_TOL, U64};
 use mos::model::bit::spatial_mean;
+use mos::model::ResNetV2;
 use mos::ood::mahalanobis::{
     fgsm_adversarial, mahalanobis_features, perturb_input, regressor_features,
     score_from_regression, GaussianLayer, FGSM_STEP,
@@ -19,8 +20,16 @@ fn expected() -> std::path::PathBuf {
     fixture("ood/mahalanobis_model.safetensors")
 }
 
-/// The fixture's Gaussians: mean<l> and P = a I + B B^T.
-fn gaussians() -> Vec<GaussianLayer> {
+/// One layer's Gaussians from the fixture: mean<l> and P = a I + B B^T, with an
+/// upper bound a + |B|_F^2 on the spectral norm of P.
+struct Layer {
+    gaussian: GaussianLayer,
+    mean: Tensor,
+    p: Tensor,
+    p_norm: f64,
+}
+
+fn layers() -> Vec<Layer> {
     let exp = expected();
     (0..5)
         .map(|l| {
@@ -28,24 +37,71 @@ fn gaussians() -> Vec<GaussianLayer> {
             let b = read_named(&exp, &format!("prec_b{l}"));
             let a = read_named(&exp, &format!("prec_a{l}")).double_value(&[]);
             let p = Tensor::eye(b.size()[0], (Kind::Double, Device::Cpu)) * a + b.matmul(&b.tr());
-            GaussianLayer::new(&mean, &p).unwrap()
+            let p_norm = a + b.square().sum(Kind::Double).double_value(&[]);
+            let gaussian = GaussianLayer::new(&mean, &p).unwrap();
+            Layer {
+                gaussian,
+                mean,
+                p,
+                p_norm,
+            }
         })
         .collect()
 }
 
-/// Asserts max |got - want| / |want| <= rtol element-wise; returns the largest.
-fn assert_close(what: &str, got: &Tensor, want: &Tensor, rtol: f64) -> f64 {
-    assert_eq!(got.size(), want.size(), "{what}: shapes differ");
-    let want = want.to_kind(Kind::Double);
-    let rel = ((got.to_kind(Kind::Double) - &want).abs() / want.abs())
-        .max()
-        .double_value(&[]);
-    eprintln!("{what}: max relative difference {rel:.2e}");
-    assert!(
-        rel <= rtol,
-        "{what}: relative difference {rel:e} > {rtol:e}"
-    );
-    rel
+/// Per image, the bound on |m(f) - m(f_ref)| for m = max_c s_c, s_c(f) = -1/2
+/// (f - mu_c)^T P (f - mu_c), features f, f_ref [N, D]: with d = f - f_ref, exactly
+/// s_c(f) - s_c(f_ref) = -(f_ref - mu_c)^T P d - d^T P d / 2, so it is at most
+/// |P (f_ref - mu_c)| |d| + |P| |d|^2 / 2 (the max over c moves no more); plus
+/// both sides' float64 rounding, <= 8 D u64 |P| (|f - centre| + |mu_c - centre|)^2
+/// (our centred expansion; |P| bounds the norm of |P| too).
+fn m_tolerance(f: &Tensor, f_ref: &Tensor, layer: &Layer) -> Vec<f64> {
+    let (f, f_ref) = (f.to_kind(Kind::Double), f_ref.to_kind(Kind::Double));
+    let (n, d) = (f.size()[0], f.size()[1]);
+    let norm = |t: &Tensor, dim: i64| t.square().sum_dim_intlist(dim, false, Kind::Double).sqrt();
+    let dist = to_vec(&norm(&(&f - &f_ref), 1));
+    let z = f_ref.unsqueeze(1) - layer.mean.unsqueeze(0); // [N, C, D]
+    let pz = to_vec(&norm(&z.matmul(&layer.p), 2).amax(1, false));
+    let centre = layer.mean.mean_dim(0, true, Kind::Double);
+    let fc = to_vec(&norm(&(&f - &centre), 1));
+    let mc = norm(&(&layer.mean - &centre), 1).max().double_value(&[]);
+    (0..n as usize)
+        .map(|i| {
+            pz[i] * dist[i]
+                + 0.5 * layer.p_norm * dist[i] * dist[i]
+                + 8.0 * d as f64 * U64 * layer.p_norm * (fc[i] + mc).powi(2)
+        })
+        .collect()
+}
+
+/// The bound on |sigmoid(w.M + b) - sigmoid(w.M' + b)| when |M_l - M'_l| <=
+/// tol_m[l]: |dz| <= sum |w_l| tol_m[l] plus both sides' float64 rounding of the
+/// sum (5 products, 5 additions), and |d sigmoid| <= sigmoid'(z) e^|dz| |dz|
+/// (|(log sigmoid')'| <= 1), plus the rounding of the sigmoid (4 u64 each side).
+fn score_tolerance(w: &[f64], b: f64, m: &[f64], tol_m: &[f64]) -> f64 {
+    let z: f64 = w.iter().zip(m).map(|(w, m)| w * m).sum::<f64>() + b;
+    let size: f64 = w.iter().zip(m).map(|(w, m)| (w * m).abs()).sum::<f64>() + b.abs();
+    let dz: f64 =
+        w.iter().zip(tol_m).map(|(w, t)| w.abs() * t).sum::<f64>() + 2.0 * 10.0 * U64 * size;
+    let s = 1.0 / (1.0 + (-z).exp());
+    s * (1.0 - s) * dz.exp() * dz + 2.0 * 4.0 * U64 * s
+}
+
+/// The input pre-processing's loss, the batch mean of 1/2 (f - mu_c*)^T P (f - mu_c*)
+/// with c* the best class, and its input gradient by autograd (its size decides
+/// which signs may flip).
+fn layer_loss_grad(model: &ResNetV2, x: &Tensor, l: usize, layer: &Layer) -> Tensor {
+    let input = x.detach().set_requires_grad(true);
+    let f = spatial_mean(&model.forward_to(&input, l)).to_kind(Kind::Double);
+    let best = tch::no_grad(|| layer.gaussian.class_scores(&f))
+        .unwrap()
+        .argmax(1, false);
+    let z = &f - layer.mean.index_select(0, &best);
+    let loss = (z.matmul(&layer.p) * &z)
+        .sum_dim_intlist(1, false, Kind::Double)
+        .mean(Kind::Double)
+        * 0.5;
+    Tensor::run_backward(&[loss], &[&input], false, false).remove(0)
 }
 
 fn assert_no_grads(vs: &nn::VarStore) {
@@ -54,32 +110,37 @@ fn assert_no_grads(vs: &nn::VarStore) {
     }
 }
 
-/// Number of entries of `got` and `want` farther apart than 1e-6.
-fn count_differing(got: &Tensor, want: &Tensor) -> i64 {
-    (got - want)
-        .abs()
-        .gt(1e-6)
-        .sum(Kind::Int64)
-        .int64_value(&[])
+/// |got - want| per entry.
+fn abs_diff(got: &Tensor, want: &Tensor) -> Vec<f64> {
+    assert_eq!(got.size(), want.size());
+    to_vec(got)
+        .iter()
+        .zip(to_vec(want))
+        .map(|(a, b)| (a - b).abs())
+        .collect()
+}
+
+/// PyTorch's pre-processed input of layer l: x - magnitude sign<l>.
+fn torch_input(x: &Tensor, l: usize, mag: f64) -> Tensor {
+    let sign = read_named(&expected(), &format!("sign{l}")).to_kind(Kind::Float);
+    x - sign * mag
 }
 
 #[test]
 fn input_preprocessing_steps_against_the_pytorch_gradient_sign() {
     let (vs, model) = r14();
-    let exp = expected();
-    let x = read_named(&exp, "x");
+    let x = read_named(&expected(), "x");
     let mag = 0.01;
-    for (l, g) in gaussians().iter().enumerate() {
+    for (l, layer) in layers().iter().enumerate() {
         let forward = |x: &Tensor| spatial_mean(&model.forward_to(x, l));
-        let xp = perturb_input(&forward, &x, g, mag).unwrap();
+        let xp = perturb_input(&forward, &x, &layer.gaussian, mag).unwrap();
         assert!(!xp.requires_grad());
-        let sign = read_named(&exp, &format!("sign{l}")).to_kind(Kind::Float);
-        let want = &x - sign * mag;
-        let differ = count_differing(&xp, &want);
-        eprintln!("layer {l}: {differ} of {} steps differ in sign", x.numel());
-        assert!(
-            differ as f64 <= 1e-3 * x.numel() as f64,
-            "{differ} signs differ"
+        let grad = layer_loss_grad(&model, &x, l, layer);
+        check_step_signs(
+            &format!("layer {l} step"),
+            &xp,
+            &torch_input(&x, l, mag),
+            &grad,
         );
     }
     assert_no_grads(&vs);
@@ -90,31 +151,107 @@ fn regression_features_and_scores_match_pytorch() {
     let (vs, model) = r14();
     let exp = expected();
     let x = read_named(&exp, "x");
-    let layers = gaussians();
+    let layers = layers();
+    let gaussians: Vec<GaussianLayer> = layers
+        .iter()
+        .map(|l| GaussianLayer::new(&l.mean, &l.p).unwrap())
+        .collect();
     let forward = |l: usize, x: &Tensor| spatial_mean(&model.forward_to(x, l));
     let w = Vec::<f64>::try_from(read_named(&exp, "lr_w")).unwrap();
     let b = read_named(&exp, "lr_b").double_value(&[]);
     for (mag, key) in MAGNITUDES {
-        let m = mahalanobis_features(&forward, &x, &layers, mag).unwrap();
+        let m = mahalanobis_features(&forward, &x, &gaussians, mag).unwrap();
         assert_eq!((m.size(), m.kind()), (vec![4, 5], Kind::Double));
         assert!(!m.requires_grad());
-        assert_close(
-            &format!("M, magnitude {key}"),
-            &m,
-            &read_named(&exp, &format!("m_{key}")),
-            1e-5,
+        let want = read_named(&exp, &format!("m_{key}"));
+        let want_score = to_vec(&read_named(&exp, &format!("score_{key}")));
+        // Per layer, PyTorch's features at its pre-processed input; entries whose
+        // input is not ours (a sign flipped where the gradient is ~0) are left out.
+        let (mut f_err, mut f_tol) = (vec![], vec![]);
+        let (mut m_err, mut m_tol, mut ref_err, mut ref_tol) = (vec![], vec![], vec![], vec![]);
+        let mut tol_m = vec![vec![0.0; 5]; 4];
+        let mut same = [true; 4];
+        for (l, layer) in layers.iter().enumerate() {
+            let xl = if mag == 0.0 {
+                x.shallow_clone()
+            } else {
+                let f = |x: &Tensor| forward(l, x);
+                perturb_input(&f, &x, &layer.gaussian, mag).unwrap()
+            };
+            let out = tch::no_grad(|| model.forward_to(&xl, l));
+            let f = spatial_mean(&out);
+            let f_ref = read_named(&exp, &format!("feat{l}_{key}"));
+            let col = |t: &Tensor| to_vec(&t.select(1, l as i64));
+            // M from PyTorch's own features: only float64 rounding apart.
+            let m_ref = layer.gaussian.max_score(&f_ref).unwrap();
+            ref_err.extend(abs_diff(&m_ref, &want.select(1, l as i64)));
+            ref_tol.extend(m_tolerance(&f_ref, &f_ref, layer));
+            let torch_x = torch_input(&x, l, mag);
+            let tol = m_tolerance(&f, &f_ref, layer);
+            let (got_m, want_m) = (col(&m), col(&want));
+            let out_max = to_vec(&out.abs().reshape([4, -1]).amax(1, false));
+            let f_diff = to_vec(&(&f - &f_ref).abs().amax(1, false));
+            for n in 0..4 {
+                tol_m[n][l] = tol[n];
+                if mag == 0.0 || xl.get(n as i64).equal(&torch_x.get(n as i64)) {
+                    // Each feature is a spatial mean of entries within FORWARD_TOL.
+                    f_err.push(f_diff[n]);
+                    f_tol.push(FORWARD_TOL * out_max[n]);
+                    m_err.push((got_m[n] - want_m[n]).abs());
+                    m_tol.push(tol[n]);
+                } else {
+                    same[n] = false;
+                }
+            }
+        }
+        eprintln!(
+            "magnitude {key}: {} of 20 (image, layer) inputs are PyTorch's",
+            m_err.len()
         );
-        let score = score_from_regression(&m, &w, b).unwrap();
-        let want = read_named(&exp, &format!("score_{key}"));
-        assert_close(&format!("score, magnitude {key}"), &score, &want, 1e-5);
+        check_each(&format!("features, magnitude {key}"), &f_err, &f_tol);
+        check_each(
+            &format!("M of PyTorch's features, magnitude {key}"),
+            &ref_err,
+            &ref_tol,
+        );
+        check_each(&format!("M, magnitude {key}"), &m_err, &m_tol);
+
+        // The regression score of PyTorch's M, and of ours.
+        let want_m: Vec<Vec<f64>> = (0..4).map(|n| to_vec(&want.get(n))).collect();
+        let got = to_vec(&score_from_regression(&want, &w, b).unwrap());
+        let errs: Vec<f64> = (0..4).map(|n| (got[n] - want_score[n]).abs()).collect();
+        let tols: Vec<f64> = (0..4)
+            .map(|n| score_tolerance(&w, b, &want_m[n], &[0.0; 5]))
+            .collect();
+        check_each(
+            &format!("score of PyTorch's M, magnitude {key}"),
+            &errs,
+            &tols,
+        );
+        let got = to_vec(&score_from_regression(&m, &w, b).unwrap());
+        let keep: Vec<usize> = (0..4).filter(|&n| same[n]).collect();
+        let errs: Vec<f64> = keep
+            .iter()
+            .map(|&n| (got[n] - want_score[n]).abs())
+            .collect();
+        let tols: Vec<f64> = keep
+            .iter()
+            .map(|&n| score_tolerance(&w, b, &want_m[n], &tol_m[n]))
+            .collect();
+        check_each(&format!("score, magnitude {key}"), &errs, &tols);
     }
-    // Without noise, one forward pass for all layers gives the same M.
-    let feats: Vec<Tensor> = tch::no_grad(|| model.forward_features(&x))
-        .iter()
-        .map(spatial_mean)
-        .collect();
-    let m0 = regressor_features(&feats, &layers).unwrap();
-    assert_close("M from one pass", &m0, &read_named(&exp, "m_0"), 1e-5);
+    // Without noise, one forward pass for all layers gives M too.
+    let outs = tch::no_grad(|| model.forward_features(&x));
+    let feats: Vec<Tensor> = outs.iter().map(spatial_mean).collect();
+    let m0 = regressor_features(&feats, &gaussians).unwrap();
+    let want = read_named(&exp, "m_0");
+    let (mut errs, mut tols) = (vec![], vec![]);
+    for (l, layer) in layers.iter().enumerate() {
+        errs.extend(abs_diff(&m0.select(1, l as i64), &want.select(1, l as i64)));
+        let f_ref = read_named(&exp, &format!("feat{l}_0"));
+        tols.extend(m_tolerance(&feats[l], &f_ref, layer));
+    }
+    check_each("M from one pass", &errs, &tols);
     assert_no_grads(&vs);
 }
 
@@ -128,12 +265,12 @@ fn fgsm_images_match_pytorch() {
     let adv = fgsm_adversarial(&forward, &x, &labels, FGSM_STEP).unwrap();
     assert!(!adv.requires_grad());
     assert_eq!((adv.size(), adv.kind()), (x.size(), Kind::Float));
-    let differ = count_differing(&adv, &read_named(&exp, "x_adv"));
-    eprintln!("FGSM: {differ} of {} entries differ", x.numel());
-    assert!(
-        differ as f64 <= 1e-3 * x.numel() as f64,
-        "{differ} entries differ"
-    );
+    let grad = {
+        let input = x.detach().set_requires_grad(true);
+        let loss = model.forward(&input).cross_entropy_for_logits(&labels);
+        Tensor::run_backward(&[loss], &[&input], false, false).remove(0)
+    };
+    check_step_signs("FGSM", &adv, &read_named(&exp, "x_adv"), &grad);
     // The original's clamp: everything in [0, 1], though x lies in [-1, 1).
     assert_eq!(adv.min().double_value(&[]), 0.0);
     assert!(adv.max().double_value(&[]) <= 1.0);
