@@ -76,6 +76,78 @@ fn common(cmd: &mut Command, s: &Setup, name: &str) {
     ]);
 }
 
+/// Checks the table `mos` printed against the rows of results.json: one line per
+/// row, `method in -> out` and the metrics as percentages with two decimals.
+fn check_table(stdout: &str, rows: &[serde_json::Value]) {
+    for r in rows {
+        let method = r["method"].as_str().unwrap();
+        let line = stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(method))
+            .unwrap_or_else(|| panic!("no table line for {method} in\n{stdout}"));
+        let tokens: Vec<&str> = line.split_whitespace().collect();
+        let (i, o) = (&r["in_dataset"], &r["out_dataset"]);
+        assert_eq!(
+            tokens[1..4],
+            [i.as_str().unwrap(), "->", o.as_str().unwrap()]
+        );
+        let keys = [
+            "auroc",
+            "aupr_in",
+            "aupr_out",
+            "fpr95",
+            "fpr95_ood_positive",
+        ];
+        for (k, key) in keys.iter().enumerate() {
+            let want = format!("{:.2}", 100.0 * r[key].as_f64().unwrap());
+            assert_eq!(tokens[4 + k], want, "{method} {key} in {line}");
+        }
+        let seconds = format!("{:.1}", r["seconds"].as_f64().unwrap());
+        assert_eq!(tokens[9..], [seconds, r["skipped"].to_string()], "{line}");
+    }
+}
+
+/// The metrics of every score column of a `--save-scores` CSV, recomputed with
+/// the library: the same scores through the same function give the same bits.
+fn check_metrics_from_csv(csv: &Path, rows: &[serde_json::Value]) {
+    let text = std::fs::read_to_string(csv).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let records: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    for (col, name) in header.iter().enumerate().skip(2) {
+        let scores = |split: &str| -> Vec<f64> {
+            let of_split = records.iter().filter(|r| r[0] == split);
+            of_split.map(|r| r[col].parse().unwrap()).collect()
+        };
+        let m = mos::metrics::ood_metrics(&scores("in"), &scores("out")).unwrap();
+        let row = if *name == "score" {
+            assert_eq!(rows.len(), 1);
+            &rows[0]
+        } else {
+            rows.iter().find(|r| r["method"] == *name).unwrap()
+        };
+        let got = [
+            m.auroc,
+            m.aupr_in,
+            m.aupr_out,
+            m.fpr95,
+            m.fpr95_ood_positive,
+        ];
+        let keys = [
+            "auroc",
+            "aupr_in",
+            "aupr_out",
+            "fpr95",
+            "fpr95_ood_positive",
+        ];
+        for (key, value) in keys.iter().zip(got) {
+            assert_eq!(row[key].as_f64().unwrap(), value, "{name} {key}");
+        }
+        assert_eq!(row["num_in"], scores("in").len());
+        assert_eq!(row["num_out"], scores("out").len());
+    }
+}
+
 #[test]
 fn baselines_share_a_pass_and_write_everything() {
     let s = setup();
@@ -92,39 +164,40 @@ fn baselines_share_a_pass_and_write_everything() {
         "--plot",
     ]);
     cmd.arg("--save-scores").arg(&csv);
-    cmd.assert()
-        .success()
-        .stdout(predicate::str::contains("FPR95(ID+)"))
-        .stdout(predicate::str::contains("KL_Div"));
+    let out = cmd.assert().success().get_output().clone();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.contains("FPR95(ID+)"), "{stdout}");
     let run = s.root.join("runs/base");
     let rows: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("results.json")).unwrap()).unwrap();
     let rows = rows.as_array().unwrap();
-    assert_eq!(rows.len(), 4);
+    let methods: Vec<&str> = rows.iter().map(|r| r["method"].as_str().unwrap()).collect();
+    assert_eq!(methods, ["MSP", "Energy", "ODIN", "KL_Div"]);
+    let settings = serde_json::json!({
+        "score": ["MSP", "Energy", "ODIN", "KL_Div"],
+        "temperature_odin": 1000.0,
+        "epsilon_odin": 0.002,
+        "temperature_energy": 1.0,
+        "in_datadir": s.id,
+        "out_datadir": s.ood,
+        "batch": 2,
+        "crop": 32,
+        "skip_bad_images": false,
+        "device": "cpu",
+    });
     for r in rows {
-        for key in [
-            "method",
-            "in_dataset",
-            "out_dataset",
-            "num_in",
-            "num_out",
-            "auroc",
-            "aupr_in",
-            "aupr_out",
-            "fpr95",
-            "fpr95_ood_positive",
-            "seconds",
-            "skipped",
-            "model",
-            "settings",
-        ] {
-            assert!(r.get(key).is_some(), "{key} missing in {r}");
-        }
         assert_eq!(r["num_in"], 5);
         assert_eq!(r["num_out"], 4);
+        assert_eq!(r["skipped"], 0);
         assert_eq!(r["in_dataset"], "id_val");
         assert_eq!(r["out_dataset"], "ood_set");
+        assert_eq!(r["model"], "ResNetV2-R14x0.5");
+        assert_eq!(r["model_path"], ckpt.display().to_string());
+        assert_eq!(r["settings"], settings);
+        assert!(r["seconds"].as_f64().unwrap() >= 0.0);
     }
+    check_table(&stdout, rows);
+    check_metrics_from_csv(&csv, rows);
     assert!(std::fs::read_to_string(run.join("test.log"))
         .unwrap()
         .contains("results in"));
@@ -199,13 +272,33 @@ fn mos_score_runs_with_a_json_group_config() {
     let mut cmd = mos();
     cmd.arg("test-mos");
     common(&mut cmd, &s, "mos");
+    let csv = s.root.join("mos_scores.csv");
     cmd.arg("--model-path")
         .arg(&ckpt)
         .arg("--group_config")
-        .arg(&cfg);
-    cmd.assert()
-        .success()
-        .stdout(predicate::str::contains("MOS"));
+        .arg(&cfg)
+        .arg("--save-scores")
+        .arg(&csv);
+    let out = cmd.assert().success().get_output().clone();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let text = std::fs::read_to_string(s.root.join("runs/mos/results.json")).unwrap();
+    let rows: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 1);
+    let r = &rows[0];
+    assert_eq!(r["method"], "MOS");
+    assert_eq!(
+        (&r["num_in"], &r["num_out"], &r["skipped"]),
+        (&5.into(), &4.into(), &0.into())
+    );
+    assert_eq!(r["settings"]["group_config"], serde_json::json!(cfg));
+    assert_eq!(
+        r["settings"]["classes_per_group"],
+        serde_json::json!([1, 1])
+    );
+    assert_eq!(r["settings"]["crop"], 32);
+    check_table(&stdout, rows);
+    check_metrics_from_csv(&csv, rows);
     // A flat checkpoint is refused with the reason.
     let flat = checkpoint(&s.root, 2, None);
     let mut cmd = mos();
