@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmarks that print ratios against a baseline measured in the same run.
-# Usage: scripts/bench.sh [forward|loader|scores|train]... [--images N] [--size S]
+# Usage: scripts/bench.sh [forward|loader|scores|train|store]... [--images N] [--size S]
 #                         [--rounds N] [--steps N] [--same-malloc] [--smoke]
 #   forward: BiT-S-R50x1 and BiT-S-R101x1 forward images/s, mos vs the PyTorch
 #            reference (tests/fixtures/make_model_fixtures.py) on the same threads
@@ -14,6 +14,12 @@
 #            PyTorch (the paper code's model, in-place ReLU), random data in memory,
 #            same threads. --same-malloc gives the PyTorch process the glibc malloc
 #            settings mos makes for itself (src/runtime.rs), to separate that gain.
+#   store:   feature stores (docs/cluster.md): mos extract of the ID and OOD sets vs
+#            test-baseline --score MSP on the same images (ResNetV2-R26x0.5, random
+#            weights); mos score of every logit method from synthetic stores of
+#            50,000 ID + 10,000 OOD rows of 1,000 logits (MOS: 1,008); the bytes per
+#            image of a store, and what float16 tensors would save and change
+#            (scripts/store_ref.py).
 # Every section runs --rounds interleaved rounds (baseline then mos, so that a
 # machine-wide slowdown hits both) and prints the median of each side and of the
 # per-round ratios, with every round's ratio. --smoke runs every section on tiny
@@ -36,7 +42,7 @@ smoke=0
 torch_env=()
 while [ $# -gt 0 ]; do
     case "$1" in
-        forward | loader | scores | train) what+=("$1") ;;
+        forward | loader | scores | train | store) what+=("$1") ;;
         --images) images=$2; shift ;;
         --size) size=$2; shift ;;
         --rounds) rounds=$2; shift ;;
@@ -47,12 +53,14 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-[ ${#what[@]} -gt 0 ] || what=(forward loader scores train)
+[ ${#what[@]} -gt 0 ] || what=(forward loader scores train store)
 # Sizes of the loader, scores and train sections (--smoke shrinks them all).
 jpegs=256 loader_size=480 score_size=128 score_id=48 score_ood=64 train_size=224 train_batch=8
+store_id=96 store_ood=64 store_size=160 syn_id=50000 syn_ood=10000
 if [ "$smoke" = 1 ]; then
     images=1 size=64 rounds=1 steps=1
     jpegs=16 loader_size=64 score_size=32 score_id=6 score_ood=4 train_size=64 train_batch=2
+    store_id=6 store_ood=4 store_size=32 syn_id=1000 syn_ood=100
 fi
 scripts/build.sh >/dev/null
 mos=target/release/mos
@@ -178,5 +186,85 @@ if has train; then
         done
         awk -v n="$nbo" -v b="$(median "${bases[@]}")" -v o="$(median "${ours[@]}")" -v r="$(median "${ratios[@]}")" -v all="${ratios[*]}" \
             'BEGIN { printf "%-16s %12.2f %12.2f %7.2fx   %s\n", n, b, o, r, all }'
+    done
+fi
+
+if has store; then
+    sref() { "$py" scripts/store_ref.py "$@"; }
+    ref make-jpegs "$tmp/sid/a" "$store_id" 1
+    ref make-jpegs "$tmp/sid/b" "$store_id" 2
+    ref make-jpegs "$tmp/sood/x" "$store_ood" 3
+    ref make-model "$tmp" R26x0.5 1 8 2
+    common=(--model ResNetV2-R26x0.5 --model-path "$tmp/R26x0.5.pth.tar" --crop "$store_size" --batch 32
+            --workers "$threads" --device cpu)
+    timed() {
+        local start end
+        start=$(now)
+        "$@" >"$tmp/store_cmd.log" 2>&1 || { cat "$tmp/store_cmd.log" >&2; echo "bench: $* failed" >&2; exit 1; }
+        end=$(now)
+        awk -v s="$start" -v e="$end" 'BEGIN { printf "%.3f", e - s }'
+    }
+    extract_both() {
+        rm -rf "$tmp/stores"
+        "$mos" extract --datadir "$tmp/sid" --output "$tmp/stores/sid" "${common[@]}" &&
+            "$mos" extract --datadir "$tmp/sood" --output "$tmp/stores/sood" "${common[@]}"
+    }
+    echo
+    echo "store: mos extract (logits,features) of $((2 * store_id)) ID + $store_ood OOD JPEGs vs test-baseline --score MSP on the same images,"
+    echo "ResNetV2-R26x0.5 (random weights) at ${store_size}x${store_size}, batch 32, CPU; each round: test-baseline then extract (two processes); medians of $rounds rounds"
+    timed extract_both >/dev/null # warm-up (page cache)
+    bases=() ours=() ratios=()
+    for _ in $(seq "$rounds"); do
+        b=$(timed "$mos" test-baseline --in-datadir "$tmp/sid" --out-datadir "$tmp/sood" --logdir "$tmp/runs" --name store_base \
+            --score MSP "${common[@]}")
+        o=$(timed extract_both)
+        bases+=("$b") ours+=("$o") ratios+=("$(ratio "$b" "$o")")
+    done
+    n_img=$((2 * store_id + store_ood))
+    awk -v n="$n_img" -v b="$(median "${bases[@]}")" -v o="$(median "${ours[@]}")" -v r="$(median "${ratios[@]}")" -v all="${ratios[*]}" \
+        'BEGIN { printf "test-baseline %.2f s (%.1f images/s), extract %.2f s (%.1f images/s): extraction at %.2fx test-baseline'"'"'s speed (per round: %s)\n", b, n / b, o, n / o, r, all }'
+    "$mos" score --id "$tmp/stores/sid" --ood "$tmp/stores/sood" --score MSP --logdir "$tmp/runs" --name store_check \
+        --save-scores "$tmp/store.csv" >/dev/null 2>&1
+    "$mos" test-baseline --in-datadir "$tmp/sid" --out-datadir "$tmp/sood" --logdir "$tmp/runs" --name store_base \
+        --score MSP "${common[@]}" --save-scores "$tmp/base.csv" >/dev/null 2>&1
+    cmp -s "$tmp/store.csv" "$tmp/base.csv" || { echo "bench: mos score and test-baseline scores differ" >&2; exit 1; }
+    bytes=$(cat "$tmp"/stores/sid/shard-*.safetensors | wc -c)
+    echo "a store of R26x0.5 logits (2) and features (1024): $(awk -v b="$bytes" -v n="$((2 * store_id))" 'BEGIN { printf "%.0f", b / n }') bytes per image (tensors; the index adds the path)"
+
+    echo
+    echo "mos score from synthetic stores: $syn_id ID + $syn_ood OOD rows of 1,000 logits (MOS: 1,008, taxonomy_level0), $threads threads,"
+    echo "wall time of the whole command (reading the stores included); medians of $rounds rounds"
+    sref synthetic "$tmp/syn/val" "$syn_id" 1000 0
+    sref synthetic "$tmp/syn/ood" "$syn_ood" 1000 1
+    sref synthetic "$tmp/syn/gval" "$syn_id" 1000 0 8
+    sref synthetic "$tmp/syn/good" "$syn_ood" 1000 1 8
+    # taxonomy_level0 covers 1,000 classes in 8 groups: 1,008 logits.
+    specs=("MSP" "Energy" "ODIN" "KL_Div" "MSP,Energy,ODIN,KL_Div" "MOS")
+    declare -A syn_times=()
+    for _ in $(seq "$rounds"); do
+        for i in "${!specs[@]}"; do
+            if [ "${specs[$i]}" = MOS ]; then
+                args=(--id "$tmp/syn/gval" --ood "$tmp/syn/good" --group-config configs/imagenet/taxonomy_level0.npy)
+            else
+                args=(--id "$tmp/syn/val" --ood "$tmp/syn/ood")
+            fi
+            syn_times[$i]+="$(timed "$mos" score "${args[@]}" --score "${specs[$i]}" --logdir "$tmp/runs" --name syn) "
+        done
+    done
+    printf '%-24s %8s   %s\n' method seconds "per round"
+    for i in "${!specs[@]}"; do
+        # shellcheck disable=SC2086
+        awk -v m="${specs[$i]}" -v t="$(median ${syn_times[$i]})" -v all="${syn_times[$i]}" 'BEGIN { printf "%-24s %8.2f   %s\n", m, t, all }'
+    done
+    sizes=$(sref round16 "$tmp/syn/val" "$tmp/syn/val16")
+    sref round16 "$tmp/syn/ood" "$tmp/syn/ood16" >/dev/null
+    echo "float16 tensors, the same logits rounded: $sizes (per row of 1,000 logits)"
+    for v in "" 16; do
+        "$mos" score --id "$tmp/syn/val$v" --ood "$tmp/syn/ood$v" --score MSP,Energy,ODIN,KL_Div --logdir "$tmp/runs" \
+            --name "f$v" --save-scores "$tmp/f$v.csv" >/dev/null 2>&1
+    done
+    sref compare "$tmp/f.csv" "$tmp/f16.csv"
+    for v in "" 16; do
+        echo "float${v:-32}: $("$py" -c 'import json,sys; print(", ".join("%s AUROC %.6f FPR95 %.6f" % (r["method"], r["auroc"], r["fpr95"]) for r in json.load(open(sys.argv[1]))))' "$tmp/runs/f$v/results.json")"
     done
 fi

@@ -199,13 +199,19 @@ pub fn kl_score(probs: &Tensor, templates: &Tensor) -> Result<Tensor> {
     let positive = d.gt(0.0);
     let log_d = d.log().where_self(&positive, &d.zeros_like());
     let cross = p.matmul(&log_d.tr());
+    let kl = self_term.unsqueeze(1) - cross;
+    if bool::try_from(positive.all())? {
+        // No template has a zero: no divergence is infinite (and the second
+        // matrix product below, as costly as the first, is not needed).
+        return Ok(-kl.amin(1, false));
+    }
     // Some i with p_i != 0 and d_ci == 0 makes KL(p || d_c) infinite.
     let missing = p
         .ne(0.0)
         .to_kind(Kind::Double)
         .matmul(&positive.logical_not().to_kind(Kind::Double).tr())
         .gt(0.0);
-    let kl = (self_term.unsqueeze(1) - cross).masked_fill(&missing, f64::INFINITY);
+    let kl = kl.masked_fill(&missing, f64::INFINITY);
     Ok(-kl.amin(1, false))
 }
 
