@@ -212,7 +212,7 @@ impl GroupSlices {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ood::testutil::{assert_close, fixture, get};
+    use crate::ood::testutil::{check_each, fixture, get, to_vec, Rng, U32};
 
     const TAXONOMY: [i64; 8] = [398, 521, 9, 7, 52, 8, 3, 2];
 
@@ -236,6 +236,47 @@ mod tests {
         }
     }
 
+    /// Per row and group of logits [N, total] (float32 values): the largest |z| of
+    /// the group's slice, the relative rounding bound of its float32 softmax
+    /// probabilities on both sides (z - max rounds by u32 |z|, exp and the n + 1
+    /// term sum n + 3 times more), the group's best class probability in float64
+    /// and its log-sum-exp.
+    struct GroupRow {
+        rel: f64,
+        best: f64,
+        lse: f64,
+        zmax: f64,
+    }
+
+    fn group_rows(s: &GroupSlices, logits: &Tensor) -> Vec<Vec<GroupRow>> {
+        let z = to_vec(logits);
+        let total = s.total_logits() as usize;
+        z.chunks(total)
+            .map(|row| {
+                (0..s.num_groups())
+                    .map(|g| {
+                        let (a, b) = s.range(g);
+                        let slice = &row[a as usize..b as usize];
+                        let m = slice.iter().cloned().fold(f64::MIN, f64::max);
+                        let zmax = slice.iter().fold(0.0f64, |x, v| x.max(v.abs()));
+                        let sum: f64 = slice.iter().map(|v| (v - m).exp()).sum();
+                        let best = slice[1..]
+                            .iter()
+                            .map(|v| (v - m).exp() / sum)
+                            .fold(0.0, f64::max);
+                        let rel = 2.0 * U32 * (2.0 * zmax + slice.len() as f64 + 2.0);
+                        GroupRow {
+                            rel,
+                            best,
+                            lse: m + sum.ln(),
+                            zmax,
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
     /// Checks every function against make_ood_fixtures.py for config `c`.
     fn check_case(c: &str) {
         let t = fixture("group.safetensors");
@@ -243,31 +284,54 @@ mod tests {
         let s = GroupSlices::new(&config).unwrap();
         let logits = get(&t, &format!("{c}_logits"));
         let targets = get(&t, &format!("{c}_targets"));
+        let rows = group_rows(&s, &logits);
+        // Softmax probabilities: relative to themselves (exp keeps relative
+        // errors), by the row and group's bound; below float32's smallest normal
+        // number absolutely, by its subnormal spacing 2^-149 on each side.
+        let tiny = 2.0 * 2f64.powi(-149);
         let others = s.others_probs(&logits).unwrap();
-        assert_close(
-            &format!("{c} others"),
-            &others,
-            &get(&t, &format!("{c}_others")),
-            1e-5,
-            1e-12,
-        );
+        let want = to_vec(&get(&t, &format!("{c}_others")));
+        let errs: Vec<f64> = to_vec(&others)
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .collect();
+        let g = s.num_groups();
+        let tols: Vec<f64> = (0..errs.len())
+            .map(|i| rows[i / g][i % g].rel * want[i].abs() + tiny)
+            .collect();
+        check_each(&format!("{c} others"), &errs, &tols);
         let mos = s.mos_score(&logits).unwrap();
         assert_eq!(mos.kind(), Kind::Float);
-        assert_close(
-            &format!("{c} mos"),
-            &mos,
-            &get(&t, &format!("{c}_mos")),
-            1e-5,
-            1e-12,
-        );
+        let want = to_vec(&get(&t, &format!("{c}_mos")));
+        let errs: Vec<f64> = to_vec(&mos)
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .collect();
+        let tols: Vec<f64> = (0..errs.len())
+            .map(|i| {
+                let rel = rows[i].iter().map(|r| r.rel).fold(0.0, f64::max);
+                rel * want[i].abs() + tiny
+            })
+            .collect();
+        check_each(&format!("{c} mos"), &errs, &tols);
         let loss = s.group_loss(&logits, &targets).unwrap();
         assert_eq!(loss.size(), Vec::<i64>::new());
-        assert_close(
+        // Each cross-entropy lse - z_t rounds by u32 (2 |z| + lse + n + 3) on each
+        // side, and the means and the sum over groups by u32 of their size.
+        let n = rows.len() as f64;
+        let want = get(&t, &format!("{c}_loss")).double_value(&[]);
+        let tol: f64 = rows
+            .iter()
+            .flatten()
+            .map(|r| r.rel * (r.zmax + r.lse.abs()) / n)
+            .sum::<f64>()
+            + 2.0 * (n + g as f64) * U32 * want.abs();
+        check_each(
             &format!("{c} loss"),
-            &loss,
-            &get(&t, &format!("{c}_loss")),
-            1e-5,
-            0.0,
+            &[(loss.double_value(&[]) - want).abs()],
+            &[tol],
         );
         let acc = s.group_accuracy(&logits, &targets).unwrap();
         assert_eq!(acc.kind(), Kind::Bool);
@@ -276,6 +340,30 @@ mod tests {
         assert_eq!(got, want, "{c} accuracy");
         // The fixtures hold both outcomes.
         assert!(want.contains(&0) && want.contains(&1));
+        // Rows 0-5 of "a" are exact ties by construction (the same float32 values);
+        // every other row's predicted group is decided by more than the rounding.
+        let first = if c == "a" { 6 } else { 0 };
+        for (i, row) in rows.iter().enumerate().skip(first) {
+            let top = row.iter().map(|r| r.best).fold(0.0, f64::max);
+            let winner = row.iter().position(|r| r.best == top).unwrap();
+            for (h, r) in row.iter().enumerate().filter(|(h, _)| *h != winner) {
+                let bound = row[winner].rel * top + r.rel * r.best;
+                assert!(
+                    top - r.best > 10.0 * bound,
+                    "{c} row {i}: groups {winner} and {h} are near a tie"
+                );
+            }
+            // And its class: the top two class logits of the group are apart.
+            let (a, b) = s.range(winner);
+            let z = to_vec(&logits.get(i as i64).narrow(0, a + 1, b - a - 1));
+            let mut sorted = z.clone();
+            sorted.sort_by(|x, y| y.total_cmp(x));
+            let gap = sorted[0] - sorted.get(1).copied().unwrap_or(f64::MIN);
+            assert!(
+                gap > 10.0 * row[winner].rel,
+                "{c} row {i}: classes near a tie"
+            );
+        }
     }
 
     #[test]
@@ -310,7 +398,9 @@ mod tests {
     #[test]
     fn loss_keeps_the_graph() {
         let s = GroupSlices::new(&[2, 1]).unwrap();
-        let logits = Tensor::randn([3, 5], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let logits = Rng::new(1)
+            .normal_tensor(&[3, 5], Kind::Float)
+            .set_requires_grad(true);
         let targets = Tensor::from_slice(&[0i64, 1, 2, 0, 1, 1]).reshape([3, 2]);
         let loss = s.group_loss(&logits, &targets).unwrap();
         loss.backward();
@@ -321,7 +411,9 @@ mod tests {
             &[g.narrow(1, 0, 3).sum(None), g.narrow(1, 3, 2).sum(None)],
             0,
         );
-        assert!(sums.abs().max().double_value(&[]) < 1e-6);
+        // Exactly 0 in exact arithmetic: softmax - onehot over 3 or 2 entries, each
+        // <= 1 rounded by a few u32, over N = 3.
+        assert!(sums.abs().max().double_value(&[]) <= 8.0 * U32);
     }
 
     #[test]

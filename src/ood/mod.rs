@@ -190,6 +190,71 @@ pub(crate) mod testutil {
             .shallow_clone()
     }
 
+    /// float32's unit roundoff 2^-24: the relative error of one rounding.
+    pub const U32: f64 = 5.960_464_477_539_063e-8;
+    /// float64's unit roundoff 2^-53.
+    pub const U64: f64 = 1.110_223_024_625_156_5e-16;
+
+    /// A deterministic generator (SplitMix64) owned by one test: libtorch's
+    /// `randn` draws from one global generator that tests in parallel threads share.
+    pub struct Rng(u64);
+
+    impl Rng {
+        pub fn new(seed: u64) -> Self {
+            Rng(seed)
+        }
+
+        /// Uniform in [0, 1).
+        pub fn uniform(&mut self) -> f64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+        }
+
+        /// Standard normal (Box-Muller).
+        pub fn normal(&mut self) -> f64 {
+            let u = 1.0 - self.uniform();
+            let v = self.uniform();
+            (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+        }
+
+        /// Standard normal values of `kind` (Float or Double) on the CPU.
+        pub fn normal_tensor(&mut self, shape: &[i64], kind: Kind) -> Tensor {
+            let n: i64 = shape.iter().product();
+            let v: Vec<f64> = (0..n).map(|_| self.normal()).collect();
+            Tensor::from_slice(&v).reshape(shape).to_kind(kind)
+        }
+    }
+
+    /// `t` as a vector of f64 (row-major).
+    pub fn to_vec(t: &Tensor) -> Vec<f64> {
+        Vec::<f64>::try_from(t.to_kind(Kind::Double).flatten(0, -1)).expect("a float tensor")
+    }
+
+    /// Checks `errors[i] <= tols[i]` for all i and prints the entry closest to its
+    /// tolerance; returns its error / tolerance.
+    pub fn check_each(what: &str, errors: &[f64], tols: &[f64]) -> f64 {
+        assert_eq!(errors.len(), tols.len(), "{what}: lengths differ");
+        let mut worst = (0.0f64, 0usize);
+        for (i, (e, t)) in errors.iter().zip(tols).enumerate() {
+            assert!(*t > 0.0 && t.is_finite(), "{what}[{i}]: tolerance {t}");
+            assert!(e <= t, "{what}[{i}]: error {e:e} > tolerance {t:e}");
+            if e / t >= worst.0 {
+                worst = (e / t, i);
+            }
+        }
+        let i = worst.1;
+        eprintln!(
+            "{what}: worst entry {i}: error {:.3e}, tolerance {:.3e} (margin {:.1}x)",
+            errors[i],
+            tols[i],
+            1.0 / worst.0
+        );
+        worst.0
+    }
+
     /// Asserts `|got - want| <= rtol |want| + atol` element-wise (infinities must
     /// match exactly, NaN never does) and returns the largest relative difference.
     pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, rtol: f64, atol: f64) -> f64 {

@@ -218,34 +218,52 @@ pub fn kl_score(probs: &Tensor, templates: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ood::testutil::{assert_close, fixture, get};
+    use crate::ood::testutil::{assert_close, check_each, fixture, get, to_vec, Rng, U32, U64};
     use tch::Device;
 
     const F32: (Kind, Device) = (Kind::Float, Device::Cpu);
+
+    /// Per row of logits z [N, C], the bound on |MSP_a - MSP_b| of two float32
+    /// computations of max softmax(z / T) from the same float32 logits: z / T - max
+    /// rounds by u32 |z| / T, exp and the C-term sum C + 2 times more (u32 each).
+    fn msp_rounding(z: &[f64], c: usize, msp: f64, t: f64) -> f64 {
+        let zmax = z.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        2.0 * U32 * msp * (2.0 * zmax / t + c as f64 + 2.0)
+    }
 
     #[test]
     fn msp_and_energy_match_pytorch() {
         let t = fixture("scores.safetensors");
         let logits = get(&t, "logits");
+        let (n, c) = (logits.size()[0] as usize, logits.size()[1] as usize);
+        let z = to_vec(&logits);
+        let rows: Vec<&[f64]> = z.chunks(c).collect();
         let m = msp(&logits).unwrap();
         assert_eq!((m.size(), m.kind()), (vec![40], Kind::Float));
-        assert_close("msp", &m, &get(&t, "msp"), 1e-5, 0.0);
-        assert_close(
-            "energy T=1",
-            &energy(&logits, 1.0).unwrap(),
-            &get(&t, "energy_t1"),
-            1e-5,
-            0.0,
-        );
-        assert_close(
-            "energy T=2.5",
-            &energy(&logits, 2.5).unwrap(),
-            &get(&t, "energy_t2_5"),
-            1e-5,
-            0.0,
-        );
-        // Row 0 is all ties, row 34 a one-hot softmax.
-        assert!((m.double_value(&[0]) - 0.1).abs() < 1e-7);
+        let (got, want) = (to_vec(&m), to_vec(&get(&t, "msp")));
+        let errs: Vec<f64> = (0..n).map(|i| (got[i] - want[i]).abs()).collect();
+        let tols: Vec<f64> = (0..n)
+            .map(|i| msp_rounding(rows[i], c, want[i], 1.0))
+            .collect();
+        check_each("msp", &errs, &tols);
+        for (temp, key) in [(1.0, "energy_t1"), (2.5, "energy_t2_5")] {
+            let got = to_vec(&energy(&logits, temp).unwrap());
+            let want = to_vec(&get(&t, key));
+            let errs: Vec<f64> = (0..n).map(|i| (got[i] - want[i]).abs()).collect();
+            // T (m + log sum exp(z / T - m)) in float32 on both sides: z / T and
+            // - m round by u32 |z| / T, exp and the C-term sum by (C + 2) u32
+            // relative (log turns that absolute), + m and * T by u32 |E| each.
+            let tols: Vec<f64> = (0..n)
+                .map(|i| {
+                    let zmax = rows[i].iter().fold(0.0f64, |m, v| m.max(v.abs()));
+                    2.0 * U32 * (2.0 * zmax + temp * (c as f64 + 2.0) + 2.0 * want[i].abs())
+                })
+                .collect();
+            check_each(&format!("energy T={temp}"), &errs, &tols);
+        }
+        // Row 0 is all ties: exp(0) / 10 = 1 / 10 correctly rounded to float32;
+        // row 34 a one-hot softmax (exp(-120) underflows in float32): exactly 1.
+        assert_eq!(m.double_value(&[0]), f64::from(0.1f32));
         assert_eq!(m.double_value(&[34]), 1.0);
     }
 
@@ -258,13 +276,10 @@ mod tests {
             (templates.size(), templates.kind()),
             (vec![6, 10], Kind::Double)
         );
-        assert_close(
-            "kl templates",
-            &templates,
-            &get(&t, "templates"),
-            1e-12,
-            0.0,
-        );
+        // Class means of at most 40 float32 values converted exactly: both sides
+        // round each of <= 40 additions and the division by u64 (all terms >= 0).
+        let rtol = 2.0 * 41.0 * U64;
+        assert_close("kl templates", &templates, &get(&t, "templates"), rtol, 0.0);
         // Class 5's template has exact zeros: KL to it is +inf for most images.
         assert_eq!(
             templates.get(5).eq(0.0).sum(Kind::Int64).int64_value(&[]),
@@ -272,10 +287,45 @@ mod tests {
         );
         let score = kl_score(&probs, &templates).unwrap();
         assert_eq!((score.size(), score.kind()), (vec![40], Kind::Double));
-        assert_close("kl score", &score, &get(&t, "kl"), 1e-9, 1e-12);
-        // float32 and float64 probabilities give the same.
-        let s64 = kl_score(&probs.to_kind(Kind::Double), &templates).unwrap();
-        assert_close("kl score f64 input", &s64, &score, 0.0, 0.0);
+        // KL(p || d_c) = sum p_i log p_i - sum p_i log d_ci (here), sum p_i log(p_i /
+        // d_ci) (numpy): each of the C terms, its log and the C-term sums round by
+        // u64 relative, so both differ by <= 2 (C + 3) u64 sum p_i (|log p_i| +
+        // |log d_ci|) + u64, for every class with a finite KL (so for the min).
+        let (p, d) = (to_vec(&probs), to_vec(&templates));
+        let c = 10;
+        let tols: Vec<f64> = p
+            .chunks(c)
+            .map(|p| {
+                let size = d
+                    .chunks(c)
+                    .map(|d| {
+                        let terms = p.iter().zip(d).filter(|(p, _)| **p > 0.0);
+                        terms
+                            .map(|(p, d)| p * (p.ln().abs() + d.ln().abs()))
+                            .sum::<f64>()
+                    })
+                    .filter(|s| s.is_finite())
+                    .fold(0.0f64, f64::max);
+                2.0 * (c as f64 + 3.0) * U64 * size + U64
+            })
+            .collect();
+        let (got, want) = (to_vec(&score), to_vec(&get(&t, "kl")));
+        let errs: Vec<f64> = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).collect();
+        check_each("kl score", &errs, &tols);
+    }
+
+    #[test]
+    fn kl_keeps_float64_probabilities() {
+        // p_0 = 1e-50 is 0 in float32: as float64 it meets the template's d_0 = 0,
+        // so KL = +inf; rounded to float32 p would match the template exactly.
+        let d = Tensor::from_slice(&[0.0f64, 1.0]).reshape([1, 2]);
+        let p = Tensor::from_slice(&[1e-50f64, 1.0 - 1e-50]).reshape([1, 2]);
+        let s = kl_score(&p, &d).unwrap().double_value(&[0]);
+        assert_eq!(s, f64::NEG_INFINITY);
+        let s32 = kl_score(&p.to_kind(Kind::Float), &d)
+            .unwrap()
+            .double_value(&[0]);
+        assert_eq!(s32, 0.0);
     }
 
     #[test]
@@ -291,7 +341,9 @@ mod tests {
         let d = Tensor::from_slice(&[0.5f64, 0.5, 1.0, 0.0]).reshape([2, 2]);
         let want = 0.25 * (0.5f64).ln() + 0.75 * (1.5f64).ln();
         let got = kl_score(&p, &d).unwrap().double_value(&[0]);
-        assert!((got + want).abs() < 1e-15, "{got} vs {}", -want);
+        // A few float64 roundings of terms of size <= |log 0.25| + |log 0.5| each.
+        let tol = 8.0 * U64 * (0.25f64.ln().abs() + 0.5f64.ln().abs());
+        check_each("kl hand value", &[(got + want).abs()], &[tol]);
     }
 
     #[test]
@@ -337,13 +389,64 @@ mod tests {
         assert!(odin(&f, &logits, -1.0, 0.0).is_err());
     }
 
-    /// A linear model x [N, D] -> x W^T + b with trainable W and b.
+    /// A linear model x [N, D] -> x W^T + b with trainable W [5, 8] and b [5], and
+    /// inputs x [6, 8], all float32 from a generator of this test.
     fn linear() -> (Tensor, Tensor, Tensor) {
-        tch::manual_seed(7);
-        let w = Tensor::randn([5, 8], F32).set_requires_grad(true);
-        let b = Tensor::randn([5], F32).set_requires_grad(true);
-        let x = Tensor::randn([6, 8], F32);
+        let mut rng = Rng::new(7);
+        let w = rng
+            .normal_tensor(&[5, 8], Kind::Float)
+            .set_requires_grad(true);
+        let b = rng.normal_tensor(&[5], Kind::Float).set_requires_grad(true);
+        let x = rng.normal_tensor(&[6, 8], Kind::Float);
         (w, b, x)
+    }
+
+    /// The linear model in float64 from the float32 values: per row of x, the
+    /// logits z, a bound on the float32 logits' error (9 roundings of terms up to
+    /// sum |x_i w_ji| + |b_j|), and softmax(z / T).
+    struct Reference {
+        z: Vec<Vec<f64>>,
+        dz: Vec<f64>,
+        p: Vec<Vec<f64>>,
+    }
+
+    fn reference(x: &Tensor, w: &Tensor, b: &Tensor, t: f64) -> Reference {
+        let (xs, ws, bs) = (to_vec(x), to_vec(w), to_vec(b));
+        let (d, c) = (8, 5);
+        let (mut z, mut dz, mut p) = (vec![], vec![], vec![]);
+        for row in xs.chunks(d) {
+            let zr: Vec<f64> = (0..c)
+                .map(|j| (0..d).map(|i| row[i] * ws[j * d + i]).sum::<f64>() + bs[j])
+                .collect();
+            let size = (0..c)
+                .map(|j| (0..d).map(|i| (row[i] * ws[j * d + i]).abs()).sum::<f64>() + bs[j].abs())
+                .fold(0.0, f64::max);
+            let m = zr.iter().cloned().fold(f64::MIN, f64::max);
+            let e: Vec<f64> = zr.iter().map(|v| ((v - m) / t).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            p.push(e.iter().map(|v| v / sum).collect());
+            dz.push((d as f64 + 1.0) * U32 * size);
+            z.push(zr);
+        }
+        Reference { z, dz, p }
+    }
+
+    /// The largest softmax probability of each row of the reference.
+    fn max_prob(r: &Reference) -> Vec<f64> {
+        r.p.iter()
+            .map(|p| p.iter().cloned().fold(0.0, f64::max))
+            .collect()
+    }
+
+    /// Per row, the bound on |float32 MSP - reference|: the logits' error moves the
+    /// MSP by <= 2 MSP dz / T, the float32 softmax rounds as in [`msp_rounding`].
+    fn msp_tolerance(r: &Reference, t: f64) -> Vec<f64> {
+        max_prob(r)
+            .iter()
+            .zip(&r.z)
+            .zip(&r.dz)
+            .map(|((s, z), dz)| 2.0 * s * dz / t + msp_rounding(z, 5, *s, t))
+            .collect()
     }
 
     #[test]
@@ -353,37 +456,76 @@ mod tests {
         let s = odin(&f, &x, 1000.0, 0.0).unwrap();
         assert!(!s.requires_grad());
         assert!(!w.grad().defined() && !b.grad().defined());
-        let logits = tch::no_grad(|| f(&x));
-        assert_close(
-            "odin eps=0",
-            &s,
-            &msp(&(logits / 1000.0)).unwrap(),
-            0.0,
-            0.0,
-        );
+        let r = reference(&x, &w, &b, 1000.0);
+        let want = max_prob(&r);
+        let errs: Vec<f64> = to_vec(&s)
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .collect();
+        check_each("odin eps=0", &errs, &msp_tolerance(&r, 1000.0));
     }
 
     #[test]
     fn odin_steps_against_the_input_gradient_sign() {
         let (w, b, x) = linear();
         let f = |x: &Tensor| x.matmul(&w.tr()) + &b;
-        let (t, eps) = (2.0, 0.05);
-        // Analytic input gradient of mean CE(f(x)/T, argmax): (softmax - onehot) W / (T N).
-        let (xp, manual) = tch::no_grad(|| {
-            let z = f(&x);
-            let onehot = z.argmax(1, false).one_hot(5).to_kind(Kind::Float);
-            let grad = ((z / t).softmax(1, None) - onehot).matmul(&w) / (t * 6.0);
-            let xp = &x - (grad.ge(0.0).to_kind(Kind::Float) * 2.0 - 1.0) * eps;
-            let score = msp(&(f(&xp) / t)).unwrap();
-            (xp, score)
-        });
+        let (t, eps, n) = (2.0, 0.05, 6.0);
+        // Analytic input gradient of mean CE(f(x)/T, argmax), in float64:
+        // g = (softmax(z / T) - onehot) W / (T N).
+        let r = reference(&x, &w, &b, t);
+        let ws = to_vec(&w);
+        let mut want_xp = to_vec(&x);
+        let mut margin = f64::INFINITY;
+        for (k, (z, p)) in r.z.iter().zip(&r.p).enumerate() {
+            // The pseudo-label: the top two logits are further apart than the
+            // float32 logits' errors.
+            let mut sorted = z.clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            margin = margin.min((sorted[0] - sorted[1]) / (2.0 * r.dz[k]));
+            let top = z.iter().position(|v| *v == sorted[0]).unwrap();
+            let dp: Vec<f64> = (0..5)
+                .map(|j| p[j] - f64::from(u8::from(j == top)))
+                .collect();
+            for i in 0..8 {
+                let g: f64 = (0..5).map(|j| dp[j] * ws[j * 8 + i]).sum::<f64>() / (t * n);
+                // The float32 gradient's error: each p_j off by <= p_j (2 dz / T +
+                // 9 u32), each of the 5 products and sums by u32, over T N.
+                let err: f64 = (0..5)
+                    .map(|j| {
+                        (p[j] * (2.0 * r.dz[k] / t + 9.0 * U32) + 6.0 * U32 * dp[j].abs())
+                            * ws[j * 8 + i].abs()
+                    })
+                    .sum::<f64>()
+                    / (t * n);
+                margin = margin.min(g.abs() / err);
+                let step = if g >= 0.0 { eps } else { -eps };
+                want_xp[k * 8 + i] = f64::from(want_xp[k * 8 + i] as f32 - step as f32);
+            }
+        }
+        // Every sign is decided by at least 10x its float32 error: signs must agree.
+        eprintln!("odin: smallest |gradient| / its float32 error bound {margin:.1}");
+        assert!(
+            margin >= 10.0,
+            "the test's input has a gradient near 0: {margin}"
+        );
         // Inside no_grad too: the perturbation turns gradients back on.
         let got_xp = tch::no_grad(|| odin_perturb(&f, &x, t, eps)).unwrap();
-        assert_close("odin x'", &got_xp, &xp, 0.0, 0.0);
+        assert_eq!(to_vec(&got_xp), want_xp, "odin x'");
         let s = tch::no_grad(|| odin(&f, &x, t, eps)).unwrap();
         assert!(!s.requires_grad());
         assert!(!w.grad().defined() && !b.grad().defined());
-        assert_close("odin eps>0", &s, &manual, 1e-6, 0.0);
+        let xp = Tensor::from_slice(&want_xp)
+            .reshape([6, 8])
+            .to_kind(Kind::Float);
+        let rp = reference(&xp, &w, &b, t);
+        let want = max_prob(&rp);
+        let errs: Vec<f64> = to_vec(&s)
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .collect();
+        check_each("odin eps>0", &errs, &msp_tolerance(&rp, t));
         // The perturbation raises the confidence.
         let s0 = odin(&f, &x, t, 0.0).unwrap();
         assert!(bool::try_from(s.gt_tensor(&s0).all()).unwrap());
