@@ -518,7 +518,7 @@ mod tests {
 
     const CPU64: (Kind, Device) = (Kind::Double, Device::Cpu);
 
-    use crate::ood::testutil::get;
+    use crate::ood::testutil::{check_each, get, to_vec, Rng, U32, U64};
 
     fn fixture() -> Vec<(String, Tensor)> {
         crate::ood::testutil::fixture("mahalanobis_stats.safetensors")
@@ -530,9 +530,35 @@ mod tests {
         let want = want.to_kind(F64);
         let d = (got.to_kind(F64) - &want).abs().max().double_value(&[]);
         let r = d / want.abs().max().double_value(&[]).max(1e-300);
-        eprintln!("{what}: max difference {r:.2e} of the largest entry");
+        eprintln!(
+            "{what}: error {r:.3e} of the largest entry, tolerance {tol:.3e} (margin {:.1}x)",
+            tol / r
+        );
         assert!(r <= tol, "{what}: {r:e} > {tol:e}");
         r
+    }
+
+    /// max |f - s| over the features of layer l (every sample), s their mean:
+    /// the size of the centred terms the statistics sum.
+    fn spread(fx: &[(String, Tensor)], l: usize) -> f64 {
+        let f = get(fx, &format!("feat{l}")).to_kind(F64);
+        (&f - f.mean_dim(&[0i64][..], true, F64))
+            .abs()
+            .max()
+            .double_value(&[])
+    }
+
+    /// Condition number of a covariance on the eigenvalues pinvh keeps.
+    fn kept_condition(cov: &Tensor) -> f64 {
+        let s = to_vec(&cov.linalg_eigvalsh("L").abs());
+        let max = s.iter().cloned().fold(0.0, f64::max);
+        let cutoff = max * s.len() as f64 * f64::EPSILON;
+        let min = s
+            .iter()
+            .cloned()
+            .filter(|v| *v > cutoff)
+            .fold(max, f64::min);
+        max / min
     }
 
     fn stats_of(fx: &[(String, Tensor)], batches: &[i64]) -> ClassStats {
@@ -556,23 +582,27 @@ mod tests {
         let fx = fixture();
         let stats = stats_of(&fx, &[24]);
         let params = stats.finish().unwrap();
+        let n = 24.0;
         for (l, p) in params.iter().enumerate() {
-            let (mean, cov) = stats.mean_and_covariance(l).unwrap();
-            rel(
-                &format!("mean{l}"),
-                &p.mean,
-                &get(&fx, &format!("mean{l}")),
-                1e-12,
-            );
-            rel(&format!("mean{l} (again)"), &mean, &p.mean, 0.0);
-            rel(
-                &format!("cov{l}"),
-                &cov,
-                &get(&fx, &format!("cov{l}")),
-                1e-10,
-            );
+            let (_, cov) = stats.mean_and_covariance(l).unwrap();
+            let want_mean = get(&fx, &format!("mean{l}"));
+            let want_cov = get(&fx, &format!("cov{l}"));
+            let size = spread(&fx, l);
+            // Sums of <= N centred terms of size `size`, both sides: (N + 3) u64 each.
+            let scale = want_mean.abs().max().double_value(&[]);
+            let tol = 2.0 * (n + 3.0) * U64 * (size + scale) / scale;
+            rel(&format!("mean{l}"), &p.mean, &want_mean, tol);
+            // Sums of <= N outer products of centred terms (<= size^2), less the
+            // class-mean terms of the same size: (N + 3) u64 size^2 per side.
+            let scale = want_cov.abs().max().double_value(&[]);
+            let cov_tol = 2.0 * (n + 3.0) * U64 * size * size / scale;
+            rel(&format!("cov{l}"), &cov, &want_cov, cov_tol);
+            // The pseudo-inverse moves by the condition number (on the kept
+            // eigenvalues) times the covariance's error plus eigh's, D u64 each side.
+            let d = cov.size()[0] as f64;
+            let prec_tol = kept_condition(&want_cov) * (cov_tol + 2.0 * d * U64) * 4.0;
             let want = get(&fx, &format!("precision{l}"));
-            rel(&format!("precision{l}"), &p.precision, &want, 1e-5);
+            rel(&format!("precision{l}"), &p.precision, &want, prec_tol);
             let rank = get(&fx, &format!("rank{l}")).int64_value(&[]);
             assert_eq!(pinvh(&cov).unwrap().1, rank, "rank of layer {l}");
             assert_eq!((p.mean.kind(), p.precision.device()), CPU64);
@@ -582,28 +612,41 @@ mod tests {
     #[test]
     fn streaming_batches_equal_one_batch() {
         let fx = fixture();
-        let one = stats_of(&fx, &[24]).finish().unwrap();
-        let many = stats_of(&fx, &[5, 0, 1, 11, 7]).finish().unwrap();
-        for (l, (a, b)) in one.iter().zip(&many).enumerate() {
-            rel(&format!("streamed mean{l}"), &b.mean, &a.mean, 1e-13);
-            rel(
-                &format!("streamed precision{l}"),
-                &b.precision,
-                &a.precision,
-                1e-8,
-            );
+        let one = stats_of(&fx, &[24]);
+        let many = stats_of(&fx, &[5, 0, 1, 11, 7]);
+        let n = 24.0;
+        for l in 0..5 {
+            let (mean_a, cov_a) = one.mean_and_covariance(l).unwrap();
+            let (mean_b, cov_b) = many.mean_and_covariance(l).unwrap();
+            // Another shift (the first batch's mean): the same sums rounded
+            // differently, <= 2 (N + 3) u64 size (size + the first mean's offset).
+            let size = 2.0 * spread(&fx, l);
+            let scale = mean_a.abs().max().double_value(&[]);
+            let tol = 2.0 * (n + 3.0) * U64 * (size + scale) / scale;
+            rel(&format!("streamed mean{l}"), &mean_b, &mean_a, tol);
+            let scale = cov_a.abs().max().double_value(&[]);
+            let cov_tol = 2.0 * (n + 3.0) * U64 * size * size / scale;
+            rel(&format!("streamed cov{l}"), &cov_b, &cov_a, cov_tol);
+            let d = cov_a.size()[0] as f64;
+            let prec_tol = kept_condition(&cov_a) * (cov_tol + 2.0 * d * U64) * 4.0;
+            let (pa, pb) = (pinvh(&cov_a).unwrap().0, pinvh(&cov_b).unwrap().0);
+            rel(&format!("streamed precision{l}"), &pb, &pa, prec_tol);
         }
     }
 
     #[test]
     fn pinvh_matches_scipy() {
         let fx = fixture();
-        let (b, rank) = pinvh(&get(&fx, "pinvh_a")).unwrap();
-        rel("pinvh", &b, &get(&fx, "pinvh_b"), 1e-8);
+        let a = get(&fx, "pinvh_a");
+        let (b, rank) = pinvh(&a).unwrap();
+        // Condition 5 / 1e-6 on the kept eigenvalues times eigh's backward error,
+        // D u64 relative on each side.
+        let tol = kept_condition(&a) * 2.0 * 10.0 * U64 * 4.0;
+        rel("pinvh", &b, &get(&fx, "pinvh_b"), tol);
         assert_eq!(rank, get(&fx, "pinvh_rank").int64_value(&[]));
-        // Only the lower triangle is read, as scipy's default.
-        let a = get(&fx, "pinvh_a").tril(0) + Tensor::ones([10, 10], CPU64).triu(1) * 1e3;
-        rel("pinvh (lower)", &pinvh(&a).unwrap().0, &b, 1e-8);
+        // Only the lower triangle is read, as scipy's default: bit for bit the same.
+        let upper = a.tril(0) + Tensor::ones([10, 10], CPU64).triu(1) * 1e3;
+        assert!(pinvh(&upper).unwrap().0.equal(&b));
         assert!(pinvh(&Tensor::zeros([2, 3], CPU64)).is_err());
     }
 
@@ -618,6 +661,18 @@ mod tests {
         Tensor::stack(&cols, 1)
     }
 
+    /// Bound on the float64 rounding of any form of -1/2 (f - mu_c)^T P (f - mu_c)
+    /// (direct, diagonal of a product, or our centred expansion), both sides: <= 8 D
+    /// u64 |P|_F (|f - centre| + |mu_c - centre|)^2 (|P|_F bounds the norm of |P|).
+    fn score_rounding(f: &Tensor, mean: &Tensor, p: &Tensor) -> f64 {
+        let norm = |t: &Tensor| t.square().sum_dim_intlist(&[1i64][..], false, F64).sqrt();
+        let centre = mean.mean_dim(&[0i64][..], true, F64);
+        let fc = norm(&(f.to_kind(F64) - &centre)).max().double_value(&[]);
+        let mc = norm(&(mean - &centre)).max().double_value(&[]);
+        let pf = p.square().sum(F64).sqrt().double_value(&[]);
+        8.0 * p.size()[0] as f64 * U64 * pf * (fc + mc).powi(2)
+    }
+
     #[test]
     fn batched_class_scores_match_the_direct_form() {
         let fx = fixture();
@@ -626,37 +681,29 @@ mod tests {
             let mean = get(&fx, &format!("mean{l}"));
             let p = get(&fx, &format!("precision{l}"));
             let got = class_scores(&f, &mean, &p).unwrap();
-            rel(
-                &format!("class_scores{l} vs torch"),
-                &got,
-                &get(&fx, &format!("class_scores{l}")),
-                1e-10,
-            );
-            rel(
-                &format!("class_scores{l} vs direct"),
-                &got,
-                &direct_scores(&f, &mean, &p),
-                1e-10,
-            );
+            let want = get(&fx, &format!("class_scores{l}"));
+            let tol = score_rounding(&f, &mean, &p) / want.abs().max().double_value(&[]);
+            rel(&format!("class_scores{l} vs torch"), &got, &want, tol);
+            let direct = direct_scores(&f, &mean, &p);
+            rel(&format!("class_scores{l} vs direct"), &got, &direct, tol);
         }
         // Far from the origin and close to a mean: still accurate.
-        let mean = Tensor::randn([3, 6], CPU64) + 1e4;
-        let a = Tensor::randn([6, 6], CPU64);
+        let mut rng = Rng::new(11);
+        let mean = rng.normal_tensor(&[3, 6], F64) + 1e4;
+        let a = rng.normal_tensor(&[6, 6], F64);
         let p = a.matmul(&a.tr()) + Tensor::eye(6, CPU64);
-        let f = mean.get(1).unsqueeze(0) + Tensor::randn([5, 6], CPU64) * 1e-3;
-        let got = class_scores(&f.to_kind(Kind::Float), &mean, &p).unwrap();
-        rel(
-            "far scores",
-            &got,
-            &direct_scores(&f.to_kind(Kind::Float), &mean, &p),
-            1e-9,
-        );
+        let f = mean.get(1).unsqueeze(0) + rng.normal_tensor(&[5, 6], F64) * 1e-3;
+        let f = f.to_kind(Kind::Float);
+        let got = class_scores(&f, &mean, &p).unwrap();
+        let want = direct_scores(&f, &mean, &p);
+        let tol = score_rounding(&f, &mean, &p) / want.abs().max().double_value(&[]);
+        rel("far scores", &got, &want, tol);
     }
 
     #[test]
     fn bad_statistics_inputs_are_errors() {
         let mut stats = ClassStats::new(2, 3).unwrap();
-        let f = Tensor::randn([4, 5], (Kind::Float, Device::Cpu));
+        let f = Rng::new(3).normal_tensor(&[4, 5], Kind::Float);
         let labels = Tensor::from_slice(&[0i64, 1, 0, 1]);
         stats.add_batch(0, &f, &labels).unwrap();
         let err = stats.finish().unwrap_err().to_string();
@@ -681,58 +728,127 @@ mod tests {
         assert!(stats.mean_and_covariance(1).is_err());
     }
 
-    /// A linear "layer" x [N, 4] -> x W [N, 3] and its Gaussians.
-    fn linear() -> (Tensor, Tensor, GaussianLayer) {
-        let w = Tensor::randn([4, 3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-        let x = Tensor::randn([6, 4], (Kind::Float, Device::Cpu));
-        let a = Tensor::randn([3, 3], CPU64);
+    /// A linear "layer" x [N, 4] -> x W [N, 3] and its Gaussians (5 classes), from
+    /// a generator of this test.
+    fn linear(seed: u64) -> (Tensor, Tensor, GaussianLayer) {
+        let mut rng = Rng::new(seed);
+        let w = rng
+            .normal_tensor(&[4, 3], Kind::Float)
+            .set_requires_grad(true);
+        let x = rng.normal_tensor(&[6, 4], Kind::Float);
+        let a = rng.normal_tensor(&[3, 3], F64);
         let p = a.matmul(&a.tr()) + Tensor::eye(3, CPU64);
-        let g = GaussianLayer::new(&Tensor::randn([5, 3], CPU64), &p).unwrap();
+        let g = GaussianLayer::new(&rng.normal_tensor(&[5, 3], F64), &p).unwrap();
         (w, x, g)
+    }
+
+    /// max_c of [`direct_scores`] and the bound on its rounding.
+    fn direct_max(f: &Tensor, g: &GaussianLayer) -> (Vec<f64>, f64) {
+        let s = direct_scores(f, &g.mean, &g.p).amax(1, false);
+        (to_vec(&s), score_rounding(f, &g.mean, &g.p))
+    }
+
+    /// Checks `got` [N] against `want` within `tol` each.
+    fn check_all(what: &str, got: &Tensor, want: &[f64], tol: f64) {
+        let errs: Vec<f64> = to_vec(got)
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs())
+            .collect();
+        check_each(what, &errs, &vec![tol; errs.len()]);
+    }
+
+    /// x - step sign(g) (+ when `up`) per entry, in float32 as the library steps,
+    /// from the gradient `grad` [N, 4] in float64 and a bound `err` on the
+    /// library's float32 gradient error per entry. Asserts that every |g| is at
+    /// least 10x its bound, so that the signs are decided.
+    fn signed_step(x: &Tensor, grad: &[f64], err: &[f64], step: f64, up: bool) -> Vec<f64> {
+        let margin = grad
+            .iter()
+            .zip(err)
+            .map(|(g, e)| g.abs() / e)
+            .fold(f64::INFINITY, f64::min);
+        eprintln!("smallest |gradient| / its float32 error bound: {margin:.1}");
+        assert!(
+            margin >= 10.0,
+            "the test's input has a gradient near 0: {margin}"
+        );
+        let xs = Vec::<f32>::try_from(x.flatten(0, -1)).unwrap();
+        xs.iter()
+            .zip(grad)
+            .map(|(x, g)| {
+                let s = if *g >= 0.0 { step as f32 } else { -step as f32 };
+                f64::from(if up { x + s } else { x - s })
+            })
+            .collect()
     }
 
     #[test]
     fn layer_score_steps_against_the_distance_gradient() {
-        let (w, x, g) = linear();
+        let (w, x, g) = linear(5);
         let f = |x: &Tensor| x.matmul(&w);
+        let fx = tch::no_grad(|| f(&x));
         let s0 = mahalanobis_layer_score(&f, &x, &g, 0.0).unwrap();
         assert!(!s0.requires_grad() && !w.grad().defined());
-        let plain = tch::no_grad(|| g.class_scores(&f(&x))).unwrap();
-        rel("magnitude 0", &s0, &plain.amax(1, false), 0.0);
-        // d loss / dx = P (f - mu_c*) W^T / N: step against its sign.
-        let mag = 0.01;
-        let best = plain.argmax(1, false);
+        let (want0, tol) = direct_max(&fx, &g);
+        check_all("magnitude 0", &s0, &want0, tol);
+        // d loss / dx = P (f - mu_c*) W^T / N in float64 from the float32 f; the
+        // library rounds P (f - mu_c*) / N to float32 (u32) and sums 3 float32
+        // products (3 u32): error <= 4 u32 sum_k |(P z)_k W_ik| / N.
+        let scores = direct_scores(&fx, &g.mean, &g.p);
+        let sorted = scores.sort(1, true).0;
+        let gap = (sorted.select(1, 0) - sorted.select(1, 1))
+            .min()
+            .double_value(&[]);
+        assert!(
+            gap >= 10.0 * tol,
+            "the best class is not decided: {gap} vs {tol}"
+        );
+        let best = scores.argmax(1, false);
+        let z = fx.to_kind(F64) - g.mean.index_select(0, &best);
+        let pz = z.matmul(&g.p) / 6.0;
         let wd = w.detach().to_kind(F64);
-        let z = f(&x).detach().to_kind(F64) - g.mean.index_select(0, &best);
-        let grad = z.matmul(&g.p).matmul(&wd.tr());
-        let want_x = &x - (grad.ge(0.0).to_kind(Kind::Float) * 2.0 - 1.0) * mag;
+        let grad = to_vec(&pz.matmul(&wd.tr()));
+        let err = to_vec(&(pz.abs().matmul(&wd.abs().tr()) * (4.0 * U32)));
+        let mag = 0.01;
+        let want_x = signed_step(&x, &grad, &err, mag, false);
         let got_x = perturb_input(&f, &x, &g, mag).unwrap();
-        rel("perturbed input", &got_x, &want_x, 0.0);
+        assert_eq!(to_vec(&got_x), want_x, "perturbed input");
         let s = tch::no_grad(|| mahalanobis_layer_score(&f, &x, &g, mag)).unwrap();
         assert!(!s.requires_grad() && !w.grad().defined());
-        rel(
-            "perturbed score",
-            &s,
-            &tch::no_grad(|| g.max_score(&f(&want_x))).unwrap(),
-            1e-12,
-        );
+        let xp = Tensor::from_slice(&want_x)
+            .reshape([6, 4])
+            .to_kind(Kind::Float);
+        let (want, tol) = direct_max(&tch::no_grad(|| f(&xp)), &g);
+        check_all("perturbed score", &s, &want, tol);
         assert!(bool::try_from(s.gt_tensor(&s0).all()).unwrap());
         // M and the regression score.
-        let both = [g, linear().2];
+        let both = [g, linear(6).2];
         let layer = |_: usize, x: &Tensor| x.matmul(&w);
         let m = mahalanobis_features(&layer, &x, &both, 0.0).unwrap();
-        let feats = [f(&x).detach(), f(&x).detach()];
-        rel("M", &m, &regressor_features(&feats, &both).unwrap(), 0.0);
         assert_eq!(m.size(), [6, 2]);
-        let score = score_from_regression(&m, &[0.5, -0.25], 0.1).unwrap();
-        let want = -(m.select(1, 0) * 0.5 - m.select(1, 1) * 0.25 + 0.1).sigmoid();
-        rel("regression score", &score, &want, 1e-15);
+        for (l, g) in both.iter().enumerate() {
+            let (want, tol) = direct_max(&fx, g);
+            check_all(&format!("M column {l}"), &m.select(1, l as i64), &want, tol);
+        }
+        let (wr, br) = ([0.5, -0.25], 0.1);
+        let score = to_vec(&score_from_regression(&m, &wr, br).unwrap());
+        let (mut errs, mut tols) = (vec![], vec![]);
+        for (row, got) in to_vec(&m).chunks(2).zip(&score) {
+            let z = wr[0] * row[0] + wr[1] * row[1] + br;
+            let sig = 1.0 / (1.0 + (-z).exp());
+            errs.push((got + sig).abs());
+            // z: 2 products and 2 sums per side; the sigmoid: a few u64 relative.
+            let size = (wr[0] * row[0]).abs() + (wr[1] * row[1]).abs() + br;
+            tols.push(sig * (1.0 - sig) * 2.0 * 4.0 * U64 * size + 2.0 * 4.0 * U64 * sig);
+        }
+        check_each("regression score", &errs, &tols);
         assert!(score_from_regression(&m, &[0.5], 0.1).is_err());
     }
 
     #[test]
     fn gradient_failures_are_errors() {
-        let (w, x, g) = linear();
+        let (w, x, g) = linear(5);
         // No graph at all (tch would crash in run_backward): an error.
         let no_graph = |x: &Tensor| tch::no_grad(|| x.matmul(&w));
         let err = mahalanobis_layer_score(&no_graph, &x, &g, 0.01).unwrap_err();
@@ -762,18 +878,27 @@ mod tests {
 
     #[test]
     fn fgsm_steps_along_the_cross_entropy_gradient_and_clamps() {
-        let (w, x, _) = linear();
+        let (w, x, _) = linear(5);
         let f = |x: &Tensor| x.matmul(&w);
         let labels = Tensor::from_slice(&[0i64, 1, 2, 2, 1, 0]);
         let adv = fgsm_adversarial(&f, &x, &labels, FGSM_STEP).unwrap();
         assert!(!adv.requires_grad() && !w.grad().defined());
-        // d CE / dx = (softmax(f) - onehot) W^T / N.
-        let logits = f(&x).detach();
-        let d = logits.softmax(1, Kind::Float) - labels.one_hot(3).to_kind(Kind::Float);
-        let grad = d.matmul(&w.detach().tr());
-        let want =
-            (&x + (grad.ge(0.0).to_kind(Kind::Float) * 2.0 - 1.0) * FGSM_STEP).clamp(0.0, 1.0);
-        rel("fgsm", &adv, &want, 0.0);
+        // d CE / dx = (softmax(f) - onehot) W^T / N in float64 from the float32 f.
+        // The library's float32 softmax is off by <= p_j u32 (2 max|f| + 5) (as
+        // for MSP), and each of the 3-term products and sums by u32.
+        let fx = tch::no_grad(|| f(&x)).to_kind(F64);
+        let p = fx.softmax(1, F64);
+        let d = &p - labels.one_hot(3).to_kind(F64);
+        let fmax = fx.abs().amax(1, true);
+        let dp = &p * (fmax * 2.0 + 5.0) * U32 + d.abs() * (4.0 * U32);
+        let wd = w.detach().to_kind(F64);
+        let grad = to_vec(&(d.matmul(&wd.tr()) / 6.0));
+        let err = to_vec(&(dp.matmul(&wd.abs().tr()) / 6.0));
+        let want: Vec<f64> = signed_step(&x, &grad, &err, FGSM_STEP, true)
+            .iter()
+            .map(|v| v.clamp(0.0, 1.0))
+            .collect();
+        assert_eq!(to_vec(&adv), want, "fgsm");
         assert!(fgsm_adversarial(&f, &x, &labels.narrow(0, 0, 3), FGSM_STEP).is_err());
         assert!(fgsm_adversarial(&f, &x, &(labels + 1), FGSM_STEP).is_err());
     }
