@@ -321,6 +321,12 @@ mod tests {
         let mut sgd = Sgd::new(shallow(&p), 2).unwrap();
         assert_eq!(sgd.names(), ["w1", "b1", "w2", "b2"]);
         let lrs = Vec::<f64>::try_from(get(&t, "lrs")).unwrap();
+        // float32 on both sides, relative to each tensor's largest entry: per update
+        // the gradient (sums of <= 8 products, tanh, log-softmax, the micro-batch
+        // sum) rounds <= 16 times at that scale, momentum and step a few more; the
+        // errors accumulate over the updates.
+        let f32_unit = f64::from(f32::EPSILON) / 2.0;
+        let tol = 2.0 * 16.0 * (lrs.len() as f64 + 1.0) * f32_unit;
         let mut worst = 0.0f64;
         for (k, &lr) in lrs.iter().enumerate() {
             for m in 0..2 {
@@ -332,18 +338,21 @@ mod tests {
             sgd.step(lr).unwrap();
             for (name, param) in &p {
                 let d = rel_diff(param, &get(&t, &format!("p{k}_{name}")));
-                assert!(d <= 1e-6, "update {k}: {name} differs by {d:e}");
+                assert!(d <= tol, "update {k}: {name} differs by {d:e}");
                 worst = worst.max(d);
             }
             let bufs = sgd.buffers();
             assert_eq!(bufs.len(), 4);
             for (name, buf) in &bufs {
                 let d = rel_diff(buf, &get(&t, &format!("buf{k}_{name}")));
-                assert!(d <= 1e-6, "update {k}: buffer {name} differs by {d:e}");
+                assert!(d <= tol, "update {k}: buffer {name} differs by {d:e}");
                 worst = worst.max(d);
             }
         }
-        eprintln!("largest relative difference from torch.optim.SGD: {worst:e}");
+        eprintln!(
+            "torch.optim.SGD: largest difference {worst:.3e}, tolerance {tol:.3e} (margin {:.1}x)",
+            tol / worst
+        );
         // The frozen parameter: untouched, no gradient, no buffer.
         assert!(p[4].1.equal(&frozen_before));
         assert!(!p[4].1.grad().defined());
