@@ -173,16 +173,18 @@ pub fn extract_range(
     let (mut logits, mut features) = (Vec::new(), Vec::new());
     let mut layers: Vec<Vec<Tensor>> = (0..FEATURE_LAYERS).map(|_| Vec::new()).collect();
     let cpu = |t: &Tensor| t.to_device(Device::Cpu);
-    for batch in loader {
+    for (j, batch) in loader.enumerate() {
         let batch = batch?;
         let own = |i: usize| range.contains(&(first + i));
+        // Batch j holds the window's images [j b, (j + 1) b) in order: the ones
+        // not kept are the skipped ones, in the same order.
+        let chunk = j * b..((j + 1) * b).min(window.len());
+        let missing = chunk.filter(|i| !batch.indices.contains(i));
         let mut settled = 0;
-        for s in &batch.skipped {
-            if let Some(i) = window.iter().position(|it| it.path == s.path) {
-                if own(i) {
-                    skipped.push((first + i, s.clone()));
-                    settled += 1;
-                }
+        for (i, s) in missing.zip(&batch.skipped) {
+            if own(i) {
+                skipped.push((first + i, s.clone()));
+                settled += 1;
             }
         }
         let keep: Vec<usize> = (0..batch.len())
