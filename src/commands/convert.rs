@@ -10,9 +10,12 @@ use crate::model::ResNetV2;
 pub fn run(args: &ConvertArgs) -> Result<()> {
     let sd = read_state_dict(&args.input)?;
     let variant = resolve_variant(&sd, &args.input, args.model)?;
-    let head = sd
-        .head_size()
-        .with_context(|| format!("{}: no head.conv.bias tensor", args.input.display()))?;
+    let head = sd.head_size().filter(|&h| h > 0).with_context(|| {
+        format!(
+            "{}: no head.conv.bias vector with at least one entry",
+            args.input.display()
+        )
+    })?;
     // Strict load into the architecture validates every name and shape.
     let vs = nn::VarStore::new(Device::Cpu);
     let _model = ResNetV2::new(&vs.root(), variant, head);

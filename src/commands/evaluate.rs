@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::cli::{DeviceArgs, EvalDataArgs, EvalOutputArgs, RunArgs};
 use crate::eval::{finish_kl, metrics_of, score_split, EvalOptions, EvalSet, Method, MethodResult};
-use crate::model::weights::load_model;
+use crate::model::weights::{load_model, with_head_hint};
 use crate::model::Variant;
 use crate::report::{merge_results, table, write_scores_csv, ScoreColumns};
 use crate::runlog::RunLog;
@@ -100,7 +100,7 @@ pub fn run(mut job: EvalJob) -> Result<()> {
     ));
     let head = expected_head(&job, id_classes)?;
     let loaded = load_model(job.model_path, Some(job.model), Some(head), device)
-        .with_context(|| head_hint(&job, id_classes))?;
+        .map_err(|e| with_head_hint(e, || head_hint(&job, id_classes)))?;
     log.line(format!(
         "model {} from {} ({}), head {head}, on {}",
         job.model.name,

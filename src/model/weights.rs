@@ -55,12 +55,15 @@ pub struct StateDict {
 }
 
 impl StateDict {
-    /// The head size implied by `head.conv.bias`, if present.
+    /// The head size implied by `head.conv.bias`, if present as a vector.
     pub fn head_size(&self) -> Option<i64> {
         self.tensors
             .iter()
             .find(|(n, _)| n == "head.conv.bias")
-            .map(|(_, t)| t.size()[0])
+            .and_then(|(_, t)| match t.size()[..] {
+                [n] => Some(n),
+                _ => None,
+            })
     }
 }
 
@@ -363,7 +366,7 @@ pub fn matching_variants(tensors: &[(String, Tensor)]) -> Vec<Variant> {
     let Some(base) = tensors
         .iter()
         .find(|(n, _)| n == "root.conv.weight")
-        .map(|(_, t)| t.size()[0])
+        .and_then(|(_, t)| t.size().first().copied())
     else {
         return Vec::new();
     };
@@ -421,6 +424,29 @@ pub fn resolve_variant(sd: &StateDict, path: &Path, requested: Option<Variant>) 
     }
 }
 
+/// [`load_model`]'s error when the checkpoint's head has another size than the
+/// caller needs: the one failure a command can explain by the kind of model it
+/// needs (see [`with_head_hint`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{}: the checkpoint's head has {found} outputs but {wanted} are needed here", path.display())]
+pub struct HeadMismatch {
+    pub path: std::path::PathBuf,
+    pub found: i64,
+    pub wanted: i64,
+}
+
+/// Adds `hint` (which model the command needs) to an error of [`load_model`] when,
+/// and only when, the cause is a head of the wrong size; any other error (a
+/// missing or unreadable file, another architecture) is returned as it is, so the
+/// message leads with its cause.
+pub fn with_head_hint(e: anyhow::Error, hint: impl FnOnce() -> String) -> anyhow::Error {
+    if e.downcast_ref::<HeadMismatch>().is_some() {
+        anyhow::anyhow!("{e}; {}", hint())
+    } else {
+        e
+    }
+}
+
 /// A model with its weights loaded from a file.
 pub struct LoadedModel {
     pub vs: nn::VarStore,
@@ -463,18 +489,20 @@ pub fn load_model(
     let path = file.as_path();
     let state = read_state_dict(path)?;
     let variant = resolve_variant(&state, path, variant)?;
-    let head = state.head_size().with_context(|| {
+    let head = state.head_size().filter(|&h| h > 0).with_context(|| {
         format!(
-            "{}: no head.conv.bias tensor, so no head size",
+            "{}: no head.conv.bias vector with at least one entry, so no head size",
             path.display()
         )
     })?;
     if let Some(want) = expected_head {
         if want != head {
-            bail!(
-                "{}: the checkpoint's head has {head} outputs but {want} are needed here",
-                path.display()
-            );
+            return Err(HeadMismatch {
+                path: path.to_path_buf(),
+                found: head,
+                wanted: want,
+            }
+            .into());
         }
     }
     let vs = nn::VarStore::new(device);
