@@ -4,7 +4,7 @@ use anyhow::{bail, Result};
 
 use super::evaluate::{self, EvalJob, HeadCheck};
 use crate::cli::TestBaselineArgs;
-use crate::commands::tune_mahalanobis::read_params;
+use crate::commands::tune_mahalanobis::read_params_for;
 use crate::eval::Method;
 use crate::ood::Score;
 
@@ -26,7 +26,8 @@ pub fn run(args: &TestBaselineArgs) -> Result<()> {
                     bail!("--score Mahalanobis needs --mahalanobis-param-path (the output of tune-mahalanobis)");
                 };
                 let device = args.device.device.resolve()?;
-                Method::Mahalanobis(std::rc::Rc::new(read_params(path, device)?))
+                let params = read_params_for(path, device, Some(args.model.model))?;
+                Method::Mahalanobis(std::rc::Rc::new(params))
             }
         };
         if methods.iter().any(|m: &Method| m.name() == method.name()) {

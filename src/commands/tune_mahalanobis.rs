@@ -9,7 +9,9 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
+use super::mahalanobis_params::{check_layers, values};
 use crate::cli::TuneMahalanobisArgs;
+use crate::data::list::flat_class_count;
 use crate::data::loader::{Item, Loader, LoaderOptions, Mode};
 use crate::data::read_flat_list;
 use crate::data::transform::EvalTransform;
@@ -17,8 +19,8 @@ use crate::logistic::fit_logistic_cv;
 use crate::metrics::fpr95;
 use crate::model::bit::spatial_mean;
 use crate::model::checkpoint::{self, serialize, write_atomic};
-use crate::model::weights::load_model;
-use crate::model::ResNetV2;
+use crate::model::weights::{load_model, with_head_hint};
+use crate::model::{ResNetV2, Variant};
 use crate::ood::mahalanobis::{
     fgsm_adversarial, mahalanobis_features, score_from_regression, ClassStats, GaussianLayer,
     LayerParams, FGSM_STEP,
@@ -45,22 +47,20 @@ fn named(path: &Path) -> Result<Vec<(String, Tensor)>> {
     Ok(checkpoint::load(path)?.model)
 }
 
-fn get<'a>(t: &'a [(String, Tensor)], name: &str, path: &Path) -> Result<&'a Tensor> {
-    t.iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, t)| t)
-        .with_context(|| format!("{}: no tensor '{name}'", path.display()))
-}
-
-fn read_layers(t: &[(String, Tensor)], path: &Path) -> Result<Vec<LayerParams>> {
-    (0..LAYERS)
-        .map(|l| {
-            Ok(LayerParams {
-                mean: get(t, &format!("mean.{l}"), path)?.to_kind(Kind::Double),
-                precision: get(t, &format!("precision.{l}"), path)?.to_kind(Kind::Double),
-            })
+/// The class means and precisions of `path`'s tensors `t`, checked (see
+/// [`super::mahalanobis_params`]); with `variant`, against its layers' widths.
+fn read_layers(
+    t: &[(String, Tensor)],
+    path: &Path,
+    variant: Option<Variant>,
+) -> Result<Vec<LayerParams>> {
+    Ok(check_layers(t, LAYERS, path, variant)?
+        .into_iter()
+        .map(|(mean, precision)| LayerParams {
+            mean: mean.to_kind(Kind::Double),
+            precision: precision.to_kind(Kind::Double),
         })
-        .collect()
+        .collect())
 }
 
 /// The tensors `mean.{l}` and `precision.{l}` of the layers, as saved.
@@ -81,23 +81,38 @@ fn gaussian_layers(params: &[LayerParams], device: Device) -> Result<Vec<Gaussia
         .collect::<std::result::Result<Vec<_>, _>>()?)
 }
 
-/// Reads `mahalanobis.safetensors` (or the run directory holding it) onto `device`.
+/// Reads `mahalanobis.safetensors` (or the run directory holding it) onto `device`,
+/// checking every tensor (see [`super::mahalanobis_params`]).
 pub fn read_params(path: &Path, device: Device) -> Result<MahalanobisParams> {
+    read_params_for(path, device, None)
+}
+
+/// [`read_params`], and with `variant` the class means' widths checked against its
+/// layers.
+pub fn read_params_for(
+    path: &Path,
+    device: Device,
+    variant: Option<Variant>,
+) -> Result<MahalanobisParams> {
     let file: PathBuf = if path.is_dir() {
         path.join(PARAMS)
     } else {
         path.to_path_buf()
     };
     let t = named(&file).context("--mahalanobis-param-path")?;
-    let layers = gaussian_layers(&read_layers(&t, &file)?, device)?;
-    let lr_weight = Vec::<f64>::try_from(get(&t, "lr_weight", &file)?.to_kind(Kind::Double))?;
-    let lr_bias = get(&t, "lr_bias", &file)?.double_value(&[0]);
-    let magnitude = get(&t, "magnitude", &file)?.double_value(&[0]);
-    if lr_weight.len() != LAYERS {
+    let layers = gaussian_layers(&read_layers(&t, &file, variant)?, device)?;
+    let lr_weight = values(
+        &t,
+        "lr_weight",
+        &[&[LAYERS as i64], &[1, LAYERS as i64]],
+        &file,
+    )?;
+    let lr_bias = values(&t, "lr_bias", &[&[1], &[]], &file)?[0];
+    let magnitude = values(&t, "magnitude", &[&[1], &[]], &file)?[0];
+    if magnitude < 0.0 {
         bail!(
-            "{}: lr_weight has {} entries, expected {LAYERS}",
-            file.display(),
-            lr_weight.len()
+            "{}: tensor 'magnitude' is {magnitude}; expected a non-negative number",
+            file.display()
         );
     }
     Ok(MahalanobisParams {
@@ -198,7 +213,11 @@ pub fn run(args: &TuneMahalanobisArgs) -> Result<()> {
     }
     let magnitudes = &args.magnitudes;
     if magnitudes.is_empty() || magnitudes.iter().any(|v| !(v.is_finite() && *v >= 0.0)) {
-        bail!("--magnitudes: expected non-negative numbers, got {magnitudes:?}");
+        let list: Vec<String> = magnitudes.iter().map(f64::to_string).collect();
+        bail!(
+            "--magnitudes: expected non-negative numbers, got {}",
+            list.join(",")
+        );
     }
     let train = items(&args.train_list, &args.datadir, "--train-list")?;
     let val = items(&args.val_list, &args.datadir, "--val-list")?;
@@ -209,21 +228,23 @@ pub fn run(args: &TuneMahalanobisArgs) -> Result<()> {
             2 * m
         );
     }
-    let classes = 1 + train
-        .iter()
-        .chain(&val)
-        .map(|i| i.target[0])
-        .max()
-        .unwrap_or(0);
+    let labels =
+        |items: &[Item]| -> Vec<usize> { items.iter().map(|i| i.target[0] as usize).collect() };
+    let classes = flat_class_count(&[
+        ("--train-list", &args.train_list, &labels(&train)),
+        ("--val-list", &args.val_list, &labels(&val)),
+    ])? as i64;
     let loaded = load_model(
         &args.model_path,
         Some(args.model.model),
         Some(classes),
         device,
     )
-    .context(
-        "tune-mahalanobis needs the flat-softmax checkpoint, one logit per class of the lists",
-    )?;
+    .map_err(|e| {
+        with_head_hint(e, || {
+            format!("tune-mahalanobis needs the flat-softmax checkpoint, one logit per class of the lists ({classes})")
+        })
+    })?;
     let model = &loaded.model;
     log.line(format!(
         "mos tune-mahalanobis: model {} from {}, {} training and {} validation images, {classes} classes",
@@ -244,7 +265,7 @@ pub fn run(args: &TuneMahalanobisArgs) -> Result<()> {
             "class statistics from {} (delete it to recompute)",
             stats_path.display()
         ));
-        read_layers(&named(&stats_path)?, &stats_path)?
+        read_layers(&named(&stats_path)?, &stats_path, Some(args.model.model))?
     } else {
         let params = class_statistics(model, train, classes, opts, args.crop, device, &log)?;
         write_atomic(

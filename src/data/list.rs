@@ -62,6 +62,78 @@ pub fn read_flat_list(list: &Path, datadir: &Path) -> Result<Vec<FlatEntry>, Dat
     })
 }
 
+/// Labels of flat lists that leave gaps in `0..=max`.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{lists}: labels 0..{max} with {} missing: mos sizes the head as the original does, \
+     one logit per distinct label ({distinct} here), so every class above a gap would \
+     move to another logit; number the classes 0..{} without gaps",
+    missing_text(missing, *total_missing),
+    distinct - 1
+)]
+pub struct LabelGaps {
+    /// The lists, as `--train-list a.txt / --val-list b.txt`.
+    pub lists: String,
+    /// The largest label.
+    pub max: usize,
+    /// Number of distinct labels.
+    pub distinct: usize,
+    /// The first missing labels (at most [`SHOWN_MISSING`]).
+    pub missing: Vec<usize>,
+    /// How many labels of `0..=max` are missing in all.
+    pub total_missing: usize,
+}
+
+/// Missing labels listed in a [`LabelGaps`] message.
+pub const SHOWN_MISSING: usize = 12;
+
+fn missing_text(shown: &[usize], total: usize) -> String {
+    let list: Vec<String> = shown.iter().map(usize::to_string).collect();
+    if total > shown.len() {
+        format!("{}, ... ({total} in all)", list.join(", "))
+    } else {
+        list.join(", ")
+    }
+}
+
+/// The number of classes of flat lists, `max label + 1`, once every label in
+/// `0..=max` occurs in at least one of them. `lists` holds, per list, the flag
+/// that names it, its path and its labels. The original sizes the head by the
+/// number of distinct labels, so labels with gaps are refused rather than given
+/// dead logits (or classes shifted against a checkpoint of the original's).
+pub fn flat_class_count(lists: &[(&str, &Path, &[usize])]) -> Result<usize, LabelGaps> {
+    let labels: std::collections::BTreeSet<usize> = lists
+        .iter()
+        .flat_map(|(_, _, labels)| labels.iter().copied())
+        .collect();
+    let Some(&max) = labels.last() else {
+        return Ok(0);
+    };
+    if labels.len() == max + 1 {
+        return Ok(labels.len());
+    }
+    let mut missing = Vec::new();
+    let mut next = 0;
+    for &l in labels.iter().chain(std::iter::once(&(max + 1))) {
+        missing.extend((next..l).take(SHOWN_MISSING - missing.len()));
+        next = l + 1;
+        if missing.len() == SHOWN_MISSING {
+            break;
+        }
+    }
+    Err(LabelGaps {
+        lists: lists
+            .iter()
+            .map(|(flag, path, _)| format!("{flag} {}", path.display()))
+            .collect::<Vec<_>>()
+            .join(" / "),
+        max,
+        distinct: labels.len(),
+        missing,
+        total_missing: max + 1 - labels.len(),
+    })
+}
+
 /// Reads a group list file (`path group class` per line), checking each line
 /// against the group configuration `classes_per_group` (length G, e.g.
 /// `taxonomy_level0.npy`).
@@ -212,6 +284,41 @@ mod tests {
         assert_eq!((got[0].group, got[0].class_in_group), (0, 2));
         assert_eq!(got[0].target(3), [3, 0, 0]);
         assert_eq!(got[1].target(3), [0, 0, 1]);
+    }
+
+    #[test]
+    fn class_count_refuses_label_gaps_naming_lists_and_labels() {
+        let (a, b) = (Path::new("a.txt"), Path::new("b.txt"));
+        let lists = |x: &'static [usize], y: &'static [usize]| {
+            flat_class_count(&[("--train-list", a, x), ("--val-list", b, y)])
+        };
+        assert_eq!(lists(&[0, 2, 1], &[2]).unwrap(), 3);
+        // A label only in the validation list fills the gap.
+        assert_eq!(lists(&[0, 2], &[1]).unwrap(), 3);
+        let msg = lists(&[0, 1, 2, 4, 5, 6, 8, 9], &[9, 0])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with(
+                "--train-list a.txt / --val-list b.txt: labels 0..9 with 3, 7 missing: "
+            ),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("one logit per distinct label (8 here)"),
+            "{msg}"
+        );
+        assert!(msg.contains("0..7 without gaps"), "{msg}");
+        // Missing labels at the start; a long run of them is cut short.
+        let msg = lists(&[100], &[]).unwrap_err().to_string();
+        assert!(
+            msg.contains(
+                "labels 0..100 with 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, ... (100 in all) missing"
+            ),
+            "{msg}"
+        );
+        // No error when there is nothing to count.
+        assert_eq!(lists(&[], &[]).unwrap(), 0);
     }
 
     fn flat_error(text: &str) -> String {
