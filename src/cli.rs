@@ -84,13 +84,13 @@ pub struct ExtractArgs {
     )]
     pub layers: Vec<String>,
     /// Side of the square images the model sees (the paper: 480).
-    #[arg(long, default_value_t = 480, value_name = "PIXELS")]
+    #[arg(long, value_parser = at_least_one, default_value_t = 480, value_name = "PIXELS")]
     pub crop: usize,
     /// Images per batch (as the test commands' --batch: the same batches give the same bits).
-    #[arg(long, default_value_t = 256, value_name = "N")]
+    #[arg(long, value_parser = at_least_one, default_value_t = 256, value_name = "N")]
     pub batch: usize,
     /// Image decoding threads.
-    #[arg(long, default_value_t = 8, value_name = "N")]
+    #[arg(long, value_parser = at_least_one, default_value_t = 8, value_name = "N")]
     pub workers: usize,
     /// Inference precision on CUDA: fp32 (reproduces the paper), tf32, or bf16.
     #[arg(long, value_enum, default_value_t = Precision::Fp32)]
@@ -179,6 +179,15 @@ pub enum Init {
     None,
 }
 
+/// A count or a size that must be at least 1 (`--batch`, `--crop`, `--workers`).
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct FinetuneArgs {
     #[command(flatten)]
@@ -205,14 +214,16 @@ pub struct FinetuneArgs {
     /// Training list (`path label`, or `path group class` for finetune-group).
     #[arg(long, alias = "train_list", value_name = "FILE")]
     pub train_list: PathBuf,
-    /// Validation list, same format.
+    /// Validation list, same format. Unreadable images of either list do not stop
+    /// the run: each is skipped, named in train.log and counted in metrics.jsonl
+    /// (train_skipped per step, val_skipped and val_images per validation).
     #[arg(long, alias = "val_list", value_name = "FILE")]
     pub val_list: PathBuf,
     /// Classes per group (.npy or .json); finetune-group only.
     #[arg(long, alias = "group_config", value_name = "FILE")]
     pub group_config: Option<PathBuf>,
     /// Images per optimizer update.
-    #[arg(long, default_value_t = 512, value_name = "N")]
+    #[arg(long, value_parser = at_least_one, default_value_t = 512, value_name = "N")]
     pub batch: usize,
     /// Micro-batches per update (gradients accumulate; memory / batch_split).
     #[arg(long, alias = "batch_split", default_value_t = 1, value_name = "N")]
@@ -232,7 +243,7 @@ pub struct FinetuneArgs {
     #[arg(long, alias = "eval_every", value_name = "N")]
     pub eval_every: Option<u64>,
     /// Image decoding threads.
-    #[arg(long, default_value_t = 8, value_name = "N")]
+    #[arg(long, value_parser = at_least_one, default_value_t = 8, value_name = "N")]
     pub workers: usize,
     /// Do not write checkpoints.
     #[arg(long, alias = "no_save")]
@@ -247,10 +258,10 @@ pub struct FinetuneArgs {
     )]
     pub num_block_open: i64,
     /// Side of the training crop and of validation images.
-    #[arg(long, default_value_t = 480, value_name = "PIXELS")]
+    #[arg(long, value_parser = at_least_one, default_value_t = 480, value_name = "PIXELS")]
     pub crop: usize,
     /// Side of the training resize before the random crop.
-    #[arg(long, default_value_t = 512, value_name = "PIXELS")]
+    #[arg(long, value_parser = at_least_one, default_value_t = 512, value_name = "PIXELS")]
     pub precrop: usize,
     /// Seed of the data order, crops, flips, mixup and random init.
     #[arg(long, default_value_t = 0)]
@@ -272,7 +283,7 @@ pub struct TuneMahalanobisArgs {
     #[arg(long, alias = "val_list", value_name = "FILE")]
     pub val_list: PathBuf,
     /// Image decoding threads.
-    #[arg(long, default_value_t = 8, value_name = "N")]
+    #[arg(long, value_parser = at_least_one, default_value_t = 8, value_name = "N")]
     pub workers: usize,
     #[command(flatten)]
     pub model: ModelArgs,
@@ -282,10 +293,10 @@ pub struct TuneMahalanobisArgs {
     #[command(flatten)]
     pub run: RunArgs,
     /// Images per batch.
-    #[arg(long, default_value_t = 32, value_name = "N")]
+    #[arg(long, value_parser = at_least_one, default_value_t = 32, value_name = "N")]
     pub batch: usize,
     /// Side of the square images the model sees.
-    #[arg(long, default_value_t = 480, value_name = "PIXELS")]
+    #[arg(long, value_parser = at_least_one, default_value_t = 480, value_name = "PIXELS")]
     pub crop: usize,
     /// Images of the validation list for each half of the regression data.
     #[arg(long, default_value_t = 500, value_name = "N")]
@@ -350,16 +361,16 @@ pub struct DataCheckArgs {
     #[arg(long, default_value_t = 16, value_name = "N")]
     pub limit: usize,
     /// Image decoding threads.
-    #[arg(long, default_value_t = 8, value_name = "N")]
+    #[arg(long, value_parser = at_least_one, default_value_t = 8, value_name = "N")]
     pub workers: usize,
     /// Images per batch.
-    #[arg(long, default_value_t = 64, value_name = "N")]
+    #[arg(long, value_parser = at_least_one, default_value_t = 64, value_name = "N")]
     pub batch: usize,
     /// Side of the square images (eval resize, train crop).
-    #[arg(long, default_value_t = 480, value_name = "PIXELS")]
+    #[arg(long, value_parser = at_least_one, default_value_t = 480, value_name = "PIXELS")]
     pub crop: usize,
     /// Side of the training resize before the random crop.
-    #[arg(long, default_value_t = 512, value_name = "PIXELS")]
+    #[arg(long, value_parser = at_least_one, default_value_t = 512, value_name = "PIXELS")]
     pub precrop: usize,
 }
 
@@ -432,13 +443,13 @@ pub struct EvalDataArgs {
     #[arg(long, alias = "out_datadir", value_name = "DIR")]
     pub out_datadir: PathBuf,
     /// Image decoding threads.
-    #[arg(long, default_value_t = 8, value_name = "N")]
+    #[arg(long, value_parser = at_least_one, default_value_t = 8, value_name = "N")]
     pub workers: usize,
     /// Images per batch.
-    #[arg(long, default_value_t = 256, value_name = "N")]
+    #[arg(long, value_parser = at_least_one, default_value_t = 256, value_name = "N")]
     pub batch: usize,
     /// Side of the square images the model sees (the paper: 480).
-    #[arg(long, default_value_t = 480, value_name = "PIXELS")]
+    #[arg(long, value_parser = at_least_one, default_value_t = 480, value_name = "PIXELS")]
     pub crop: usize,
     /// Skip unreadable images (listed in the log, counted in the results) instead of
     /// stopping at the first one.

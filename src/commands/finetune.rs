@@ -2,6 +2,9 @@
 //! initialisation (or random), zero head, freezing by `--num-block-open`,
 //! BiT-HyperRule schedule, SGD with momentum and correct gradient accumulation,
 //! mixup, validation and atomic checkpoints, exact resume, Ctrl-C saves.
+//! Unreadable training and validation images are skipped, named in train.log and
+//! counted in metrics.jsonl (`train_skipped`, `val_skipped`); validation loss and
+//! top-1 are over the images read (`val_images`).
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,7 +15,8 @@ use anyhow::{bail, Context, Result};
 use tch::{nn, Kind, Tensor};
 
 use crate::cli::{FinetuneArgs, Init};
-use crate::data::loader::{Item, Loader, LoaderOptions, Mode};
+use crate::data::list::flat_class_count;
+use crate::data::loader::{Item, Loader, LoaderOptions, Mode, Skipped};
 use crate::data::transform::{EvalTransform, Rng, TrainTransform};
 use crate::data::{read_flat_list, read_group_list};
 use crate::groupconfig::read_group_config;
@@ -86,12 +90,13 @@ fn load_data(args: &FinetuneArgs, head: Head) -> Result<Data> {
     let head_size = match &slices {
         Some(s) => s.total_logits(),
         None => {
-            1 + train
-                .iter()
-                .chain(&val)
-                .map(|i| i.target[0])
-                .max()
-                .unwrap_or(0)
+            let labels = |items: &[Item]| -> Vec<usize> {
+                items.iter().map(|i| i.target[0] as usize).collect()
+            };
+            flat_class_count(&[
+                ("--train-list", &args.train_list, &labels(&train)),
+                ("--val-list", &args.val_list, &labels(&val)),
+            ])? as i64
         }
     };
     Ok(Data {
@@ -116,14 +121,27 @@ fn correct_of(logits: &Tensor, targets: &Tensor, slices: Option<&GroupSlices>) -
     })
 }
 
-/// Validation loss (mean over images) and top-1 accuracy.
+/// What one validation pass measured.
+struct Validation {
+    /// Mean loss over the images read.
+    loss: f64,
+    /// Top-1 accuracy over the images read.
+    top1: f64,
+    /// Images read (the loss and top-1 are over these).
+    images: usize,
+    /// Images that could not be read, skipped like unreadable training images.
+    skipped: Vec<Skipped>,
+}
+
+/// Validation loss and top-1 accuracy over the readable validation images; the
+/// unreadable ones are returned, for the caller to log and count.
 fn validate(
     model: &ResNetV2,
     data: &Data,
     args: &FinetuneArgs,
     device: tch::Device,
     micro: usize,
-) -> Result<(f64, f64)> {
+) -> Result<Validation> {
     let loader = Loader::new(
         data.val.clone(),
         Mode::Eval(EvalTransform { size: args.crop }),
@@ -135,8 +153,10 @@ fn validate(
         },
     )?;
     let (mut loss_sum, mut correct, mut n) = (0.0, 0i64, 0usize);
+    let mut skipped = Vec::new();
     for batch in loader {
-        let batch = batch?;
+        let mut batch = batch?;
+        skipped.append(&mut batch.skipped);
         if batch.is_empty() {
             continue;
         }
@@ -153,9 +173,22 @@ fn validate(
         n += batch.len();
     }
     if n == 0 {
-        bail!("no readable validation image");
+        let first = skipped
+            .first()
+            .map(|s| format!(": {}: {}", s.path.display(), s.reason))
+            .unwrap_or_default();
+        bail!(
+            "--val-list {}: none of its {} images could be read{first}",
+            args.val_list.display(),
+            data.val.len()
+        );
     }
-    Ok((loss_sum / n as f64, correct as f64 / n as f64))
+    Ok(Validation {
+        loss: loss_sum / n as f64,
+        top1: correct as f64 / n as f64,
+        images: n,
+        skipped,
+    })
 }
 
 /// Where a run stands: optimizer steps, and the position in the data order.
@@ -174,6 +207,9 @@ struct Run<'a> {
     metrics: std::fs::File,
     history: Vec<serde_json::Value>,
     config: serde_json::Value,
+    /// Unreadable validation images already named in train.log (each is named
+    /// once, and counted at every validation).
+    val_skipped: std::collections::BTreeSet<PathBuf>,
 }
 
 impl Run<'_> {
@@ -245,6 +281,7 @@ pub fn run(args: &FinetuneArgs, head: Head) -> Result<()> {
         "head_size": data.head_size, "batch": args.batch, "batch_split": args.batch_split, "base_lr": args.base_lr,
         "schedule": schedule.supports(), "mixup_alpha": alpha, "num_block_open": args.num_block_open,
         "crop": args.crop, "precrop": args.precrop, "seed": args.seed, "device": args.device.device.to_string(),
+        "skip_bad_images": true,
     });
     checkpoint::write_atomic(
         &dir.join("config.json"),
@@ -320,6 +357,7 @@ pub fn run(args: &FinetuneArgs, head: Head) -> Result<()> {
         metrics,
         history,
         config,
+        val_skipped: Default::default(),
     };
     let end = args
         .max_steps
@@ -377,7 +415,8 @@ fn train_loop(
         config: serde_json::json!({ "position": pos, "run": run.config }),
     };
     let (mut loss_acc, mut images, mut last) = (0.0, 0usize, Instant::now());
-    let mut skipped = 0usize;
+    // Unreadable training images: in all (this process), and in the current step.
+    let (mut skipped, mut step_skipped) = (0usize, 0usize);
     loop {
         let loader = Loader::starting_at(
             data.train.clone(),
@@ -394,6 +433,7 @@ fn train_loop(
             pos.batch_in_epoch += 1;
             for s in &batch.skipped {
                 skipped += 1;
+                step_skipped += 1;
                 run.log.line(format!(
                     "skipped unreadable training image {}: {}",
                     s.path.display(),
@@ -436,7 +476,10 @@ fn train_loop(
             sgd.step(lr)?;
             pos.step += 1;
             let train_loss = loss_acc / args.batch_split as f64;
-            run.record(serde_json::json!({ "step": pos.step, "lr": lr, "loss": train_loss }))?;
+            run.record(serde_json::json!({
+                "step": pos.step, "lr": lr, "loss": train_loss, "train_skipped": step_skipped,
+            }))?;
+            step_skipped = 0;
             let secs = last.elapsed().as_secs_f64();
             bar.set_position(pos.step);
             bar.set_message(format!(
@@ -447,20 +490,38 @@ fn train_loop(
             let done = pos.step >= end;
             let interrupted = INTERRUPTED.load(Ordering::SeqCst);
             if done || args.eval_every.is_some_and(|e| e > 0 && pos.step % e == 0) {
-                let (val_loss, val_top1) = validate(model, data, args, device, micro)?;
-                if !val_loss.is_finite() {
+                let v = validate(model, data, args, device, micro)?;
+                for s in &v.skipped {
+                    if run.val_skipped.insert(s.path.clone()) {
+                        run.log.line(format!(
+                            "skipped unreadable validation image {}: {}",
+                            s.path.display(),
+                            s.reason
+                        ));
+                    }
+                }
+                if !v.loss.is_finite() {
                     bail!(
-                        "the validation loss is {val_loss} at step {}: stopping without saving; the last checkpoint in {} is intact",
+                        "the validation loss is {} at step {}: stopping without saving; the last checkpoint in {} is intact",
+                        v.loss,
                         pos.step,
                         run.dir.display()
                     );
                 }
+                let unread = match v.skipped.len() {
+                    0 => String::new(),
+                    k => format!(" ({} images; {k} unreadable, skipped)", v.images),
+                };
                 run.log.line(format!(
-                    "step {}: train loss {train_loss:.5}, val loss {val_loss:.5}, val top-1 {:.2}%",
+                    "step {}: train loss {train_loss:.5}, val loss {:.5}, val top-1 {:.2}%{unread}",
                     pos.step,
-                    100.0 * val_top1
+                    v.loss,
+                    100.0 * v.top1
                 ));
-                run.record(serde_json::json!({ "step": pos.step, "val_loss": val_loss, "val_top1": val_top1 }))?;
+                run.record(serde_json::json!({
+                    "step": pos.step, "val_loss": v.loss, "val_top1": v.top1,
+                    "val_images": v.images, "val_skipped": v.skipped.len(),
+                }))?;
                 run.save(vs, sgd, meta(pos, run))?;
                 crate::plot::training_curves(&run.dir.join("training.svg"), &run.history)?;
             } else if interrupted {
@@ -469,8 +530,9 @@ fn train_loop(
             if done {
                 bar.finish_and_clear();
                 run.log.line(format!(
-                    "done at step {} ({skipped} unreadable training images skipped)",
-                    pos.step
+                    "done at step {} ({skipped} unreadable training images skipped, {} unreadable validation images)",
+                    pos.step,
+                    run.val_skipped.len()
                 ));
                 return Ok(());
             }
