@@ -188,9 +188,253 @@ pub fn cuda_device_names(count: usize) -> Option<Vec<String>> {
     }
 }
 
+/// The first libtorch error of this process that reached a panic, as
+/// [`install_panic_hook`] recorded it (cleaned).
+static TORCH_PANIC: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// The prefix of a panic of `Result::unwrap()` (tch's panicking ops unwrap their
+/// fallible twins).
+const UNWRAP_ERR: &str = "called `Result::unwrap()` on an `Err` value: ";
+
+/// Lines of libtorch messages that say nothing to a user of mos.
+const NOISE: [&str; 5] = [
+    "Exception raised from",
+    "frame #",
+    "CUDA kernel errors might be asynchronously reported",
+    "For debugging consider passing CUDA_LAUNCH_BLOCKING",
+    "Compile with `TORCH_USE_CUDA_DSA`",
+];
+
+/// A panic payload's text (`panic!` with a message gives a `String` or a `&str`).
+pub fn payload_text(payload: &(dyn std::any::Any + Send)) -> Option<&str> {
+    payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+}
+
+/// Whether a panic location is in the tch crate's sources.
+fn in_tch(file: &str) -> bool {
+    file.contains("/tch-") || file.starts_with("tch/") || file.contains("/tch/src/")
+}
+
+/// Reads the text of a Rust string literal as `Debug` writes it (`"a\n\"b\""`
+/// → `a`, newline, `"b"`), up to its closing quote; `None` if `s` does not start
+/// with a quote.
+fn undebug_str(s: &str) -> Option<String> {
+    let mut chars = s.strip_prefix('"')?.chars();
+    let mut out = String::new();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => return Some(out),
+            '\\' => match chars.next()? {
+                'n' => out.push('\n'),
+                't' => out.push('\t'),
+                'r' => out.push('\r'),
+                '0' => out.push('\0'),
+                'u' => {
+                    let rest: String = chars.by_ref().take_while(|&c| c != '}').collect();
+                    let code = u32::from_str_radix(rest.trim_start_matches('{'), 16).ok()?;
+                    out.push(char::from_u32(code)?);
+                }
+                other => out.push(other),
+            },
+            c => out.push(c),
+        }
+    }
+    Some(out)
+}
+
+/// The libtorch error in a panic message, if it is one: tch's panicking ops panic
+/// with `called Result::unwrap() on an Err value: Torch("…")` (or another
+/// `TchError`); a panic located in tch's sources counts whatever its message.
+/// Returns the error cleaned by [`clean_torch_message`].
+pub fn torch_panic_message(message: &str, located_in_tch: bool) -> Option<String> {
+    let err = message.strip_prefix(UNWRAP_ERR);
+    let tch_variant = err.and_then(|e| {
+        let (variant, rest) = e.split_once('(')?;
+        let known = [
+            "Torch",
+            "Kind",
+            "Shape",
+            "Convert",
+            "FileFormat",
+            "TensorNameNotFound",
+        ];
+        known.contains(&variant).then(|| {
+            let text = undebug_str(rest).unwrap_or_else(|| rest.trim_end_matches(')').into());
+            match variant {
+                "Torch" => text,
+                "Kind" => format!("tensor kind error: {text}"),
+                "Shape" => format!("invalid shape: {text}"),
+                v => format!("{v}: {text}"),
+            }
+        })
+    });
+    let text = match tch_variant {
+        Some(t) => t,
+        None if located_in_tch => err.unwrap_or(message).to_string(),
+        None => return None,
+    };
+    Some(clean_torch_message(&text))
+}
+
+/// A libtorch error message without the C++ stack trace and the CUDA debugging
+/// advice: the lines before them, trimmed.
+pub fn clean_torch_message(text: &str) -> String {
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.trim().is_empty() && !NOISE.iter().any(|n| l.trim_start().starts_with(n)))
+        .collect();
+    lines.join("\n")
+}
+
+/// Advice for a libtorch error: what the user can change. `memory` says which
+/// flags bound memory use in the command at hand (e.g. "lower --batch").
+pub fn torch_hint(message: &str, memory: &str) -> Option<String> {
+    let m = message.to_ascii_lowercase();
+    if m.contains("out of memory")
+        || m.contains("not enough memory")
+        || m.contains("can't allocate memory")
+        || m.contains("cannot allocate memory")
+    {
+        Some(format!("out of memory: {memory}"))
+    } else if m.contains("kernel size can't be greater than actual input size")
+        || m.contains("output size is too small")
+    {
+        Some("the images are too small for the network: raise --crop (mos forward: larger images in --input)".into())
+    } else if m.contains("expected all tensors to be on the same device") {
+        Some("tensors on two devices: a mos bug, please report it with the command line; --device cpu avoids it".into())
+    } else if m.contains("cuda") || m.contains("cudnn") || m.contains("cublas") {
+        Some(format!(
+            "a CUDA error: `mos env` shows the devices and the libtorch mos uses ({}); --device cpu runs without the GPU",
+            libtorch_summary()
+        ))
+    } else {
+        None
+    }
+}
+
+/// Installs a panic hook that keeps libtorch errors (the panics of tch's
+/// panicking ops, see [`torch_panic_message`]) quiet: their cleaned message is
+/// recorded for [`catch_torch`] and the command boundary instead of a backtrace
+/// being printed. Every other panic (a bug) is reported by the default hook.
+pub fn install_panic_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let located = info.location().is_some_and(|l| in_tch(l.file()));
+        match payload_text(info.payload()).and_then(|m| torch_panic_message(m, located)) {
+            Some(msg) => {
+                if let Ok(mut slot) = TORCH_PANIC.lock() {
+                    slot.get_or_insert(msg);
+                }
+            }
+            None => default(info),
+        }
+    }));
+}
+
+/// A libtorch error the panic hook recorded and nobody caught (a panic in a
+/// thread whose end went unnoticed); clears the record.
+pub fn take_recorded_torch_error() -> Option<String> {
+    TORCH_PANIC.lock().ok().and_then(|mut s| s.take())
+}
+
+/// The libtorch error of a caught panic `payload`: from the payload itself, or as
+/// the panic hook recorded it (a panic located in tch). Clears the record.
+pub fn take_torch_error(payload: &(dyn std::any::Any + Send)) -> Option<String> {
+    let recorded = take_recorded_torch_error();
+    payload_text(payload)
+        .and_then(|m| torch_panic_message(m, false))
+        .or(recorded)
+}
+
+/// Runs `f`, turning a libtorch error that panics inside it (tch's panicking ops)
+/// into an error `libtorch: <message>`; any other panic goes on unwinding.
+pub fn catch_torch<T>(f: impl FnOnce() -> T) -> anyhow::Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(v) => Ok(v),
+        Err(payload) => match take_torch_error(&*payload) {
+            Some(msg) => Err(anyhow::anyhow!("libtorch: {msg}")),
+            None => std::panic::resume_unwind(payload),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn torch_panics_are_read_and_cleaned() {
+        let raw = "called `Result::unwrap()` on an `Err` value: Torch(\"Calculated padded input size per channel: (6 x 11). Kernel size: (7 x 7). Kernel size can't be greater than actual input size\\nException raised from check_shape_forward at /pytorch/aten/src/ATen/native/Convolution.cpp:705 (most recent call first):\\nframe #0: c10::Error::Error(c10::SourceLocation, std::__cxx11::basic_string<char>) + 0x9d (0x7f in libc10.so)\\nframe #1: <unknown function>\\n\")";
+        assert_eq!(
+            torch_panic_message(raw, false).unwrap(),
+            "Calculated padded input size per channel: (6 x 11). Kernel size: (7 x 7). Kernel size can't be greater than actual input size"
+        );
+        let cuda = "called `Result::unwrap()` on an `Err` value: Torch(\"CUDA error: out of memory\\nCUDA kernel errors might be asynchronously reported at some other API call, so the stacktrace below might be incorrect.\\nFor debugging consider passing CUDA_LAUNCH_BLOCKING=1\\nCompile with `TORCH_USE_CUDA_DSA` to enable device-side assertions.\\n\\nException raised from c10_cuda_check_implementation\")";
+        let msg = torch_panic_message(cuda, false).unwrap();
+        assert_eq!(msg, "CUDA error: out of memory");
+        assert_eq!(
+            torch_hint(&msg, "lower --batch").as_deref(),
+            Some("out of memory: lower --batch")
+        );
+        // Quotes and backslashes inside the message survive.
+        let quoted = "called `Result::unwrap()` on an `Err` value: Kind(\"a \\\"b\\\" c\\\\d\")";
+        assert_eq!(
+            torch_panic_message(quoted, false).unwrap(),
+            "tensor kind error: a \"b\" c\\d"
+        );
+        // Our own bugs are not libtorch errors, unless they happen inside tch.
+        assert_eq!(torch_panic_message("index out of bounds", false), None);
+        let other = "called `Result::unwrap()` on an `Err` value: Os { code: 2 }";
+        assert_eq!(torch_panic_message(other, false), None);
+        assert_eq!(
+            torch_panic_message("tensor is not a scalar", true).as_deref(),
+            Some("tensor is not a scalar")
+        );
+    }
+
+    #[test]
+    fn hints_name_what_to_change() {
+        let m = |s: &str| torch_hint(s, "lower --batch");
+        assert!(
+            m("DefaultCPUAllocator: not enough memory: you tried to allocate 10 bytes")
+                .unwrap()
+                .contains("lower --batch")
+        );
+        assert!(m("Expected all tensors to be on the same device, but found at least two devices, cuda:0 and cpu!")
+            .unwrap()
+            .contains("--device cpu"));
+        assert!(m("CUDA error: an illegal memory access was encountered")
+            .unwrap()
+            .contains("mos env"));
+        assert!(m("Kernel size can't be greater than actual input size")
+            .unwrap()
+            .contains("raise --crop"));
+        assert_eq!(
+            m("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"),
+            None
+        );
+    }
+
+    #[test]
+    fn catch_torch_turns_a_tch_panic_into_an_error() {
+        let x = tch::Tensor::zeros([2, 3], (tch::Kind::Float, tch::Device::Cpu));
+        let y = tch::Tensor::zeros([4, 5], (tch::Kind::Float, tch::Device::Cpu));
+        let e = catch_torch(|| x.matmul(&y)).unwrap_err().to_string();
+        assert!(e.starts_with("libtorch: "), "{e}");
+        assert!(e.contains("cannot be multiplied"), "{e}");
+        assert!(
+            !e.contains("frame #") && !e.contains("Exception raised"),
+            "{e}"
+        );
+        assert_eq!(catch_torch(|| 7).unwrap(), 7);
+        // Any other panic is not ours to hide.
+        let other = std::panic::catch_unwind(|| catch_torch(|| panic!("a bug")));
+        assert!(other.is_err());
+    }
 
     #[test]
     fn reads_version_py_and_build_version() {

@@ -32,15 +32,33 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
         })?;
     if input.dim() != 4 || input.size()[1] != 3 {
         bail!(
-            "{}: '{}' has shape {:?}; expected [N, 3, H, W]",
+            "{}: '{}' has shape {}; expected [N, 3, H, W]",
             args.input.display(),
             args.input_key,
-            input.size()
+            shape(&input)
+        );
+    }
+    if input.size()[0] == 0 {
+        bail!(
+            "{}: '{}' holds no images (shape {})",
+            args.input.display(),
+            args.input_key,
+            shape(&input)
         );
     }
     let input = input.to_kind(Kind::Float);
     let n = input.size()[0];
-    let (logits, feats) = run_passes(&loaded.model, &input, args.batch, args.features, device);
+    let (logits, feats) = crate::runtime::catch_torch(|| {
+        run_passes(&loaded.model, &input, args.batch, args.features, device)
+    })
+    .with_context(|| {
+        format!(
+            "--input {}: the model cannot run on '{}' of shape {}",
+            args.input.display(),
+            args.input_key,
+            shape(&input)
+        )
+    })?;
     let mut out = vec![("logits".to_string(), Tensor::cat(&logits, 0))];
     if args.features {
         for (k, parts) in feats.iter().enumerate() {
