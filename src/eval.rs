@@ -152,7 +152,7 @@ fn score_batch(
         } if *epsilon != 0.0 => {
             ood::odin(&|t: &Tensor| model.forward(t), x, *temperature, *epsilon)?
         }
-        Method::Mahalanobis(p) => crate::commands::tune_mahalanobis::score(model, p, x)?,
+        Method::Mahalanobis(p) => crate::pipeline::mahalanobis::score(model, p, x)?,
         Method::KlDiv => {
             // Scored once both sets are seen (the templates come from the ID set).
             probs.push(score::kl_probs(shared()?));

@@ -8,7 +8,6 @@ pub mod extract;
 pub mod finetune;
 pub mod forward;
 pub mod inspect;
-pub mod mahalanobis_params;
 pub mod merge;
 pub mod metrics;
 pub mod report;

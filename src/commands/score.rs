@@ -7,11 +7,11 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use crate::cli::ScoreArgs;
-use crate::commands::tune_mahalanobis::read_params;
 use crate::eval::MethodResult;
 use crate::groupconfig::read_group_config;
 use crate::metrics::ood_metrics;
 use crate::ood::{GroupSlices, Score};
+use crate::pipeline::mahalanobis::read_params;
 use crate::pipeline::score::{kl_scores, score_rows, Method, RowScores};
 use crate::pipeline::store::{self, StoreData, MANIFEST};
 use crate::report::{merge_results, table, write_scores_csv, ScoreColumns};

@@ -4,9 +4,9 @@ use anyhow::{bail, Result};
 
 use super::evaluate::{self, EvalJob, HeadCheck};
 use crate::cli::TestBaselineArgs;
-use crate::commands::tune_mahalanobis::read_params_for;
 use crate::eval::Method;
 use crate::ood::Score;
+use crate::pipeline::mahalanobis::read_params_for;
 
 pub fn run(args: &TestBaselineArgs) -> Result<()> {
     let mut methods = Vec::new();

@@ -14,5 +14,7 @@
 //! same functions on the same rows, so a score from a store equals the test
 //! command's bit for bit on the same device (docs/cluster.md).
 pub mod extract;
+pub mod mahalanobis;
+pub mod mahalanobis_params;
 pub mod score;
 pub mod store;

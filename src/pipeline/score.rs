@@ -14,8 +14,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::ood::{self, GroupSlices};
 
-/// Tuned Mahalanobis parameters (`tune-mahalanobis`).
-pub type MahalanobisParams = crate::commands::tune_mahalanobis::MahalanobisParams;
+pub use super::mahalanobis::MahalanobisParams;
 
 /// A scoring method with its settings.
 #[derive(Debug, Clone)]
