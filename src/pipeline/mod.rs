@@ -9,6 +9,10 @@
 //! 4. metrics ([`crate::metrics`]) and the report ([`crate::report`], plots in
 //!    [`crate::plot`]).
 //!
+//! [`mahalanobis`] reads the tuned Mahalanobis parameters ([`mahalanobis_params`]
+//! checks the file) and scores a batch of images with the model, for noise
+//! magnitudes that need the images.
+//!
 //! `mos test-mos` and `mos test-baseline` run 1 and 3 on each batch in memory
 //! ([`crate::eval`]); `mos extract` runs 1 and 2, `mos score` 2 and 3. Both use the
 //! same functions on the same rows, so a score from a store equals the test
