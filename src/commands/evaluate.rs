@@ -115,8 +115,19 @@ pub fn run(mut job: EvalJob) -> Result<()> {
         skip_bad: job.data.skip_bad_images,
         device,
     };
-    let mut id_scores = score_split(&loaded.model, &id, &job.methods, &opts, "in-dist")?;
-    let mut ood_scores = score_split(&loaded.model, &ood, &job.methods, &opts, "out-of-dist")?;
+    // A libtorch error while scoring (e.g. out of memory) names the set and the
+    // flags that size the batches; main adds the hint.
+    let score = |set: &EvalSet, label: &str| {
+        crate::runtime::catch_torch(|| score_split(&loaded.model, set, &job.methods, &opts, label))
+            .with_context(|| {
+                format!(
+                    "scoring {} (--batch {}, --crop {})",
+                    set.name, opts.batch, opts.crop
+                )
+            })?
+    };
+    let mut id_scores = score(&id, "in-dist")?;
+    let mut ood_scores = score(&ood, "out-of-dist")?;
     finish_kl(
         &job.methods,
         &mut id_scores,
