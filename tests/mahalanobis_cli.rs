@@ -57,7 +57,7 @@ fn tunes_saves_resumes_and_scores() {
             "--num-lr-samples",
             "5",
             "--magnitudes",
-            "0,0.01",
+            "1,0.01,0",
             "--device",
             "cpu",
         ]);
@@ -97,7 +97,7 @@ fn tunes_saves_resumes_and_scores() {
         .iter()
         .map(|t| t["magnitude"].as_f64().unwrap())
         .collect();
-    assert_eq!(tried_mags, [0.0, 0.01]);
+    assert_eq!(tried_mags, [1.0, 0.01, 0.0]);
     let fprs: Vec<f64> = tried.iter().map(|t| t["fpr95"].as_f64().unwrap()).collect();
     let best = (1..fprs.len()).fold(0, |b, k| if fprs[k] < fprs[b] { k } else { b });
     eprintln!(
@@ -115,9 +115,16 @@ fn tunes_saves_resumes_and_scores() {
         .iter()
         .map(|v| v.as_f64().unwrap())
         .collect();
-    assert_eq!(Vec::<f64>::try_from(get("lr_weight")).unwrap(), weights);
+    let saved = Vec::<f64>::try_from(get("lr_weight")).unwrap();
+    assert_eq!(saved.len(), weights.len());
+    for (a, b) in saved.iter().zip(&weights) {
+        assert!(common::json_f64_eq(*b, *a), "lr_weight {a} vs {b}");
+    }
     let bias = get("lr_bias").double_value(&[0]);
-    assert_eq!(summary["lr_bias"].as_f64().unwrap(), bias);
+    assert!(common::json_f64_eq(
+        summary["lr_bias"].as_f64().unwrap(),
+        bias
+    ));
     assert_eq!(summary["num_lr_samples"], 5);
     // A rerun reuses the saved statistics.
     tune()

@@ -156,6 +156,13 @@ pub fn check_step_signs(what: &str, got: &Tensor, want: &Tensor, grad: &Tensor) 
         .collect()
 }
 
+/// Whether `json`, a float read back from a JSON file, is the f64 `value` that was
+/// written: serde_json writes the shortest exact decimal, but its default parser
+/// (without the `float_roundtrip` feature) may return a neighbour 1 ulp away.
+pub fn json_f64_eq(json: f64, value: f64) -> bool {
+    json == value || (json - value).abs() <= f64::EPSILON * value.abs()
+}
+
 /// `t` as a vector of f64.
 pub fn to_vec(t: &Tensor) -> Vec<f64> {
     Vec::<f64>::try_from(t.to_kind(Kind::Double).flatten(0, -1)).expect("a float tensor")
