@@ -4,22 +4,34 @@
 #   setup + build -> demo-data -> finetune-group and finetune-flat (a small
 #   ResNetV2 from scratch) -> tune-mahalanobis -> test-mos and the five baselines
 #   -> mos report (Markdown) and plots.
-# Usage: scripts/demo.sh [RUN_DIR]   (default runs/demo-<date>-<time>)
+# Usage: scripts/demo.sh [--seed N] [RUN_DIR]   (default seed 0, runs/demo-<date>-<time>)
+#   --seed N: the seed of both fine-tunings (initialisation, data order, crops, flips).
 set -euo pipefail
+seed=0
+run=
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --seed) seed=${2:?--seed needs a number}; shift ;;
+        -*) echo "demo.sh: unknown option $1 (usage: scripts/demo.sh [--seed N] [RUN_DIR])" >&2; exit 2 ;;
+        *) run=$1 ;;
+    esac
+    shift
+done
+case "$seed" in '' | *[!0-9]*) echo "demo.sh: --seed needs a non-negative integer, got '$seed'" >&2; exit 2 ;; esac
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 start=$(date +%s)
 scripts/build.sh
 mos=target/release/mos
-run=${1:-runs/demo-$(date +%Y%m%d-%H%M%S)}
+run=${run:-runs/demo-$(date +%Y%m%d-%H%M%S)}
 data=$run/data
 mkdir -p "$run"
-echo "[demo] run directory: $run"
+echo "[demo] run directory: $run (seed $seed)"
 
 "$mos" demo-data --out "$data"
 groups=configs/fashion_mnist_groups.json
 model=(--model ResNetV2-R14x0.5 --crop 32 --device "${MOS_DEVICE:-auto}")
 train=(--init none --dataset fashion-mnist --datadir "$data/fashion/train" --batch 64 --schedule 50,600,850,1000 --eval-every 500
-       --precrop 32 --num-block-open -1 --base-lr 0.03 --workers "$(nproc)" --logdir "$run")
+       --precrop 32 --num-block-open -1 --base-lr 0.03 --seed "$seed" --workers "$(nproc)" --logdir "$run")
 
 "$mos" finetune-group --name finetune_group "${model[@]}" "${train[@]}" --group-config "$groups" \
     --train-list "$data/lists/train_group.txt" --val-list "$data/lists/val_group.txt"
