@@ -534,6 +534,19 @@ mod tests {
             run("t/c/1.png 5\nt/a/2.png 1\nt/b/3.png 3\n").unwrap(),
             "t/c/1.png 0 1\nt/a/2.png 0 0\nt/b/3.png 1 0\n"
         );
+        // Within a group, classes are numbered by flat label, whatever the file's order.
+        let hand = dir.path().join("hand.json");
+        std::fs::write(
+            &hand,
+            r#"{"classes_per_group": [2, 1], "group_names": ["x", "y"], "classes": [["c", "a"], ["b"]]}"#,
+        )
+        .unwrap();
+        let hand_groups = GroupsFile::read(&hand).unwrap();
+        std::fs::write(&flat, "t/c/1.png 5\nt/a/2.png 1\nt/b/3.png 3\n").unwrap();
+        let got = group_list(&hand_groups, &hand, &flat, None).unwrap();
+        assert_eq!(got.text, "t/c/1.png 0 1\nt/a/2.png 0 0\nt/b/3.png 1 0\n");
+        assert_eq!(got.flat_labels, vec![vec![1, 5], vec![3]]);
+        assert_eq!(got.classes[0], vec!["a", "c"]);
         let e = format!("{:#}", run("t/a/1.png 0\nt/d/2.png 1\n").unwrap_err());
         assert!(
             e.contains("flat.txt:2") && e.contains("'d'") && e.contains("no group"),
