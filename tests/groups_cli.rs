@@ -331,6 +331,28 @@ fn bad_input_is_a_clear_error() {
         "{e}"
     );
 
+    // A class named twice in --classes.
+    let list = dir.path().join("classes.txt");
+    std::fs::write(&list, "n01440764\nn02084071\nn01440764\n").unwrap();
+    let e = fails(
+        mos()
+            .args([
+                "make-groups",
+                "--strategy",
+                "random",
+                "--num-groups",
+                "2",
+                "--classes",
+            ])
+            .arg(&list)
+            .arg("--output")
+            .arg(&out),
+    );
+    assert!(
+        e.contains("classes.txt:3") && e.contains("first on line 1"),
+        "{e}"
+    );
+
     // A flat list with a class the groups do not cover.
     let flat = dir.path().join("flat.txt");
     std::fs::write(&flat, "val/n01440764/a.JPEG 0\nval/n99999999/b.JPEG 1\n").unwrap();

@@ -87,12 +87,13 @@ fn class_names(args: &MakeGroupsArgs) -> Result<Option<(Vec<String>, String)>> {
         let text = std::fs::read_to_string(file)
             .with_context(|| format!("cannot read --classes {}", file.display()))?;
         let mut names = Vec::new();
+        let mut seen = std::collections::HashMap::new();
         for (i, line) in text.lines().enumerate() {
             let name = line.trim();
             if name.is_empty() {
                 bail!("{}:{}: an empty class name", file.display(), i + 1);
             }
-            if let Some(j) = names.iter().position(|n: &String| n == name) {
+            if let Some(j) = seen.insert(name, i) {
                 bail!(
                     "{}:{}: class '{name}' again (first on line {})",
                     file.display(),

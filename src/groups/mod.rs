@@ -315,13 +315,19 @@ pub fn group_list(
         rows.push((path, label));
     }
     // Every class of the groups needs its flat label to be numbered in its group.
+    let named: HashMap<&str, usize> = class_names
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.as_str(), i))
+        .collect();
     let mut flat_labels = Vec::with_capacity(groups.classes.len());
     let mut in_group = Vec::with_capacity(groups.classes.len());
     for (g, cs) in groups.classes.iter().enumerate() {
         let mut labels = Vec::with_capacity(cs.len());
         for c in cs {
             let l = match class_names {
-                Some(names) => names.iter().position(|x| x == c),
+                Some(_) => named.get(c.as_str()).copied(),
                 None => name_label.get(c).map(|&(l, _)| l),
             };
             let l = l.with_context(|| {
