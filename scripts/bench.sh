@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmarks that print ratios against a baseline measured in the same run.
-# Usage: scripts/bench.sh [forward|loader|scores|train|store]... [--images N] [--size S]
+# Usage: scripts/bench.sh [forward|loader|scores|train|store|groups]... [--images N] [--size S]
 #                         [--rounds N] [--steps N] [--same-malloc] [--smoke]
 #   forward: BiT-S-R50x1 and BiT-S-R101x1 forward images/s, mos vs the PyTorch
 #            reference (tests/fixtures/make_model_fixtures.py) on the same threads
@@ -20,6 +20,10 @@
 #            50,000 ID + 10,000 OOD rows of 1,000 logits (MOS: 1,008); the bytes per
 #            image of a store, and what float16 tensors would save and change
 #            (scripts/store_ref.py).
+#   groups:  mos make-groups --strategy taxonomy of 21,843 classes (ImageNet-21k's
+#            size: every third noun synset of WordNet 3.0, /usr/share/wordnet from
+#            scripts/system-deps.sh), parsing included, against the 5 s target;
+#            the groups checked against scripts/groups_ref.py.
 # Every section runs --rounds interleaved rounds (baseline then mos, so that a
 # machine-wide slowdown hits both) and prints the median of each side and of the
 # per-round ratios, with every round's ratio. --smoke runs every section on tiny
@@ -42,7 +46,7 @@ smoke=0
 torch_env=()
 while [ $# -gt 0 ]; do
     case "$1" in
-        forward | loader | scores | train | store) what+=("$1") ;;
+        forward | loader | scores | train | store | groups) what+=("$1") ;;
         --images) images=$2; shift ;;
         --size) size=$2; shift ;;
         --rounds) rounds=$2; shift ;;
@@ -53,14 +57,16 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-[ ${#what[@]} -gt 0 ] || what=(forward loader scores train store)
+[ ${#what[@]} -gt 0 ] || what=(forward loader scores train store groups)
 # Sizes of the loader, scores and train sections (--smoke shrinks them all).
 jpegs=256 loader_size=480 score_size=128 score_id=48 score_ood=64 train_size=224 train_batch=8
 store_id=96 store_ood=64 store_size=480 syn_id=50000 syn_ood=10000
+group_classes=21843
 if [ "$smoke" = 1 ]; then
     images=1 size=64 rounds=1 steps=1
     jpegs=16 loader_size=64 score_size=32 score_id=6 score_ood=4 train_size=64 train_batch=2
     store_id=6 store_ood=4 store_size=32 syn_id=1000 syn_ood=100
+    group_classes=200
 fi
 scripts/build.sh >/dev/null
 mos=target/release/mos
@@ -270,4 +276,23 @@ if has store; then
     for v in "" 16; do
         echo "float${v:-32}: $("$py" -c 'import json,sys; print(", ".join("%s AUROC %.6f FPR95 %.6f" % (r["method"], r["auroc"], r["fpr95"]) for r in json.load(open(sys.argv[1]))))' "$tmp/runs/f$v/results.json")"
     done
+fi
+
+if has groups; then
+    wn=/usr/share/wordnet
+    awk -v n="$group_classes" '!/^  / { k++; if (k % 3 == 1 && c < n) { print "n" $1; c++ } }' "$wn/data.noun" >"$tmp/wnids.txt"
+    echo
+    echo "mos make-groups --strategy taxonomy of $(wc -l <"$tmp/wnids.txt") WordNet noun ids (every third noun synset), $wn,"
+    echo "wall time of the whole command (reading data.noun and index.noun included); target <= 5 s; medians of $rounds rounds"
+    times=()
+    for _ in $(seq "$rounds"); do
+        start=$(now)
+        "$mos" make-groups --strategy taxonomy --classes "$tmp/wnids.txt" --wordnet-dir "$wn" \
+            --output "$tmp/wn_groups.json" >"$tmp/groups.log" 2>&1 || { cat "$tmp/groups.log" >&2; echo "bench: make-groups failed" >&2; exit 1; }
+        end=$(now)
+        times+=("$(awk -v s="$start" -v e="$end" 'BEGIN { printf "%.3f", e - s }')")
+    done
+    "$py" scripts/groups_ref.py "$wn" "$tmp/wnids.txt" "$tmp/wn_groups.json" | tr '\n' ' ' | sed 's/ $/\n/;s/^/groups (equal to scripts\/groups_ref.py): /'
+    awk -v t="$(median "${times[@]}")" -v all="${times[*]}" \
+        'BEGIN { printf "%.2f s (%s the 5 s target; per round: %s)\n", t, (t <= 5 ? "within" : "OVER"), all }'
 fi

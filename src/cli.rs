@@ -55,6 +55,8 @@ pub enum Command {
     Merge(MergeArgs),
     /// OOD scores, metrics, table and plots from feature stores (no images, no model).
     Score(ScoreArgs),
+    /// Group a label space (WordNet taxonomy, feature k-means, random); write group lists.
+    MakeGroups(crate::commands::make_groups::MakeGroupsArgs),
 }
 
 /// Arguments of `mos extract` (docs/cluster.md).

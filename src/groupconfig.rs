@@ -27,12 +27,30 @@ pub fn read_group_config(path: &Path) -> Result<GroupConfig> {
     let cfg = if is_json {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read group config {}", path.display()))?;
-        serde_json::from_str::<GroupConfig>(&text).with_context(|| {
+        let cfg = serde_json::from_str::<GroupConfig>(&text).with_context(|| {
             format!(
                 "group config {}: expected {{\"classes_per_group\": [..]}}",
                 path.display()
             )
-        })?
+        })?;
+        // A groups file of mos make-groups also lists each group's classes: they
+        // must agree with the counts (a hand edit may change one and not the other).
+        let value: serde_json::Value = serde_json::from_str(&text)?;
+        if let Some(classes) = value.get("classes").and_then(|c| c.as_array()) {
+            let sizes: Vec<i64> = classes
+                .iter()
+                .map(|g| g.as_array().map_or(-1, |a| a.len() as i64))
+                .collect();
+            if sizes != cfg.classes_per_group {
+                bail!(
+                    "group config {}: its class lists have {:?} classes but classes_per_group is {:?}",
+                    path.display(),
+                    sizes,
+                    cfg.classes_per_group
+                );
+            }
+        }
+        cfg
     } else {
         let raw = read_npy(path)
             .with_context(|| format!("cannot read group config {}", path.display()))?;
@@ -75,6 +93,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn reads_the_groups_files_in_configs() {
+        for f in [
+            "configs/fashion_mnist_groups.json",
+            "configs/imagenet/taxonomy_level0.json",
+        ] {
+            let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
+            read_group_config(&p).unwrap();
+        }
+    }
+
+    #[test]
     fn reads_the_papers_taxonomy_npy() {
         // The original repository's file, committed in configs/imagenet/.
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/imagenet/taxonomy_level0.npy");
@@ -98,6 +127,13 @@ mod tests {
             e.contains("g.json") && e.contains("at least one class"),
             "{e}"
         );
+        std::fs::write(
+            &p,
+            r#"{"classes_per_group": [2, 1], "classes": [["a"], ["b", "c"]]}"#,
+        )
+        .unwrap();
+        let e = read_group_config(&p).unwrap_err().to_string();
+        assert!(e.contains("g.json") && e.contains("[1, 2]"), "{e}");
         std::fs::write(&p, r#"{"classes": [4]}"#).unwrap();
         assert!(format!("{:#}", read_group_config(&p).unwrap_err()).contains("g.json"));
         let e = format!(

@@ -11,6 +11,7 @@ pub mod demo;
 pub mod device;
 pub mod eval;
 pub mod groupconfig;
+pub mod groups;
 pub mod logistic;
 pub mod metrics;
 pub mod model;

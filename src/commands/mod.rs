@@ -8,6 +8,7 @@ pub mod extract;
 pub mod finetune;
 pub mod forward;
 pub mod inspect;
+pub mod make_groups;
 pub mod merge;
 pub mod metrics;
 pub mod report;
@@ -47,5 +48,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Extract(args) => extract::run(&args),
         Command::Merge(args) => merge::run(&args),
         Command::Score(args) => score::run(&args),
+        Command::MakeGroups(args) => make_groups::run(&args),
     }
 }
