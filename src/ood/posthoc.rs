@@ -310,7 +310,8 @@ impl Default for KnnBlocks {
 /// KNN: `−d_k`, d_k the squared L2 distance from each normalised query to its
 /// k-th nearest row of the normalised `bank` (both from [`l2_normalise`]), as
 /// faiss's `IndexFlatL2` returns it. Exact: for each block of queries, squared
-/// distances `‖q‖² + ‖x‖² − 2 q·x` (clamped at 0) to one block of the bank at a
+/// distances `‖q‖² + ‖x‖² − 2 q·x` (clamped at 0; ‖q‖² and the clamp applied
+/// after the ranking, which they do not change) to one block of the bank at a
 /// time, merged into a running top-k; memory stays within
 /// `blocks.queries × (k + blocks.bank)` values. Computed on the bank's device, in
 /// the bank's kind. queries [N, D], bank [M, D] -> [N] on the queries' device.
@@ -336,18 +337,18 @@ pub fn knn(queries: &Tensor, bank: &Tensor, k: i64, blocks: KnnBlocks) -> Result
     let mut out = Vec::new();
     for q in queries.split(blocks.queries, 0) {
         let q = q.to_device(device).to_kind(kind);
-        let q_sq = q.square().sum_dim_intlist(1, true, None);
+        let q_sq = q.square().sum_dim_intlist(1, false, None);
+        // ‖q‖² is the same for a whole row, so the ranking needs only
+        // ‖x‖² − 2 q·x, one matrix product with -2q (beta = 1 adds ‖x‖²);
+        // ‖q‖² and the clamp at 0 are applied to the k-th value at the end.
+        let q2 = &q * -2.0;
         let mut best: Option<Tensor> = None;
         let mut start = 0;
         while start < m {
             let len = blocks.bank.min(m - start);
             let x = bank.narrow(0, start, len);
             let x_sq = bank_sq.narrow(0, start, len).unsqueeze(0);
-            let mut dist = q.matmul(&x.tr());
-            let _ = dist.g_mul_scalar_(-2.0);
-            dist += x_sq;
-            dist += &q_sq;
-            let dist = dist.clamp_min(0.0);
+            let dist = x_sq.addmm(&q2, &x.tr());
             let cand = match &best {
                 Some(b) => Tensor::cat(&[b, &dist], 1),
                 None => dist,
@@ -357,7 +358,7 @@ pub fn knn(queries: &Tensor, bank: &Tensor, k: i64, blocks: KnnBlocks) -> Result
             start += len;
         }
         let best = best.expect("a non-empty bank");
-        out.push(-best.amax(1, false));
+        out.push(-(best.amax(1, false) + q_sq).clamp_min(0.0));
     }
     if out.is_empty() {
         return Ok(Tensor::zeros([0], (kind, queries.device())));
