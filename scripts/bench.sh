@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmarks that print ratios against a baseline measured in the same run.
-# Usage: scripts/bench.sh [forward|loader|scores|train|store|groups]... [--images N] [--size S]
+# Usage: scripts/bench.sh [forward|loader|scores|train|store|groups|posthoc]... [--images N] [--size S]
 #                         [--rounds N] [--steps N] [--same-malloc] [--smoke]
 #   forward: BiT-S-R50x1 and BiT-S-R101x1 forward images/s, mos vs the PyTorch
 #            reference (tests/fixtures/make_model_fixtures.py) on the same threads
@@ -24,6 +24,12 @@
 #            size: every third noun synset of WordNet 3.0, /usr/share/wordnet from
 #            scripts/system-deps.sh), parsing included, against the 5 s target;
 #            the groups checked against scripts/groups_ref.py.
+#   posthoc: mos score of each post-hoc method (docs/scores.md) from synthetic stores
+#            of 2,048-d features and 1,000 classes: every method but KNN on 50,000 ID +
+#            10,000 OOD rows (ReAct, ViM and DICE fitted once on a 20,000-row store,
+#            then reused), KNN with k = 1000 for 5,000 + 5,000 queries against a
+#            100,000-row bank; the scoring seconds of results.json, the command's wall
+#            time and peak memory (max RSS). One round.
 # Every section runs --rounds interleaved rounds (baseline then mos, so that a
 # machine-wide slowdown hits both) and prints the median of each side and of the
 # per-round ratios, with every round's ratio. --smoke runs every section on tiny
@@ -46,7 +52,7 @@ smoke=0
 torch_env=()
 while [ $# -gt 0 ]; do
     case "$1" in
-        forward | loader | scores | train | store | groups) what+=("$1") ;;
+        forward | loader | scores | train | store | groups | posthoc) what+=("$1") ;;
         --images) images=$2; shift ;;
         --size) size=$2; shift ;;
         --rounds) rounds=$2; shift ;;
@@ -57,16 +63,18 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-[ ${#what[@]} -gt 0 ] || what=(forward loader scores train store groups)
+[ ${#what[@]} -gt 0 ] || what=(forward loader scores train store groups posthoc)
 # Sizes of the loader, scores and train sections (--smoke shrinks them all).
 jpegs=256 loader_size=480 score_size=128 score_id=48 score_ood=64 train_size=224 train_batch=8
 store_id=96 store_ood=64 store_size=480 syn_id=50000 syn_ood=10000
 group_classes=21843
+ph_id=50000 ph_ood=10000 ph_fit=20000 knn_q=5000 knn_bank=100000 knn_k=1000
 if [ "$smoke" = 1 ]; then
     images=1 size=64 rounds=1 steps=1
     jpegs=16 loader_size=64 score_size=32 score_id=6 score_ood=4 train_size=64 train_batch=2
     store_id=6 store_ood=4 store_size=32 syn_id=1000 syn_ood=100
     group_classes=200
+    ph_id=200 ph_ood=100 ph_fit=300 knn_q=50 knn_bank=400 knn_k=50
 fi
 scripts/build.sh >/dev/null
 mos=target/release/mos
@@ -295,4 +303,48 @@ if has groups; then
     "$py" scripts/groups_ref.py "$wn" "$tmp/wnids.txt" "$tmp/wn_groups.json" | tr '\n' ' ' | sed 's/ $/\n/;s/^/groups (equal to scripts\/groups_ref.py): /'
     awk -v t="$(median "${times[@]}")" -v all="${times[*]}" \
         'BEGIN { printf "%.2f s (%s the 5 s target; per round: %s)\n", t, (t <= 5 ? "within" : "OVER"), all }'
+fi
+
+if has posthoc; then
+    sref() { "$py" scripts/store_ref.py "$@"; }
+    # Runs a command; prints "wall_seconds max_rss_MiB" (the child's peak resident memory).
+    measured() {
+        "$py" -c 'import resource, subprocess, sys, time
+t = time.time()
+with open(sys.argv[1], "w") as log:
+    r = subprocess.run(sys.argv[2:], stdout=log, stderr=log)
+if r.returncode:
+    sys.stderr.write(open(sys.argv[1]).read()); sys.exit("bench: %s failed" % " ".join(sys.argv[2:]))
+print("%.2f %.0f" % (time.time() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024))' "$tmp/ph_cmd.log" "$@"
+    }
+    # The scoring seconds of each method in a results.json (ID + OOD, reading excluded).
+    seconds_of() { "$py" -c 'import json, sys
+for r in json.load(open(sys.argv[1])):
+    print("%-10s %8.2f" % (r["method"], r["seconds"]))' "$1"; }
+    sref head "$tmp/ph/head.safetensors" 1000 2048 0
+    sref features "$tmp/ph/val" "$ph_id" "$tmp/ph/head.safetensors" 1 0.3
+    sref features "$tmp/ph/ood" "$ph_ood" "$tmp/ph/head.safetensors" 2 -0.2
+    sref features "$tmp/ph/train" "$ph_fit" "$tmp/ph/head.safetensors" 3 0.3
+    echo
+    echo "posthoc: mos score from synthetic stores of BiT-S-R101x1-sized features (2,048) and 1,000 classes, $threads threads, CPU;"
+    echo "$ph_id ID + $ph_ood OOD rows; ReAct, ViM, DICE fitted on a $ph_fit-row store (first run), then reused"
+    common=(--id "$tmp/ph/val" --ood "$tmp/ph/ood" --model-path "$tmp/ph/head.safetensors" --device cpu --logdir "$tmp/runs")
+    read -r w m < <(measured "$mos" score "${common[@]}" --score ReAct,ViM,DICE --fit "$tmp/ph/train" --name ph_fit)
+    echo "fit (reading the fit store, ReAct percentile, ViM covariance + eigh, DICE mean) and scoring: wall ${w} s, peak ${m} MiB"
+    printf '%-10s %8s %8s %10s\n' method "score s" "wall s" "peak MiB"
+    for meth in MaxLogit GradNorm ReAct ViM ASH-P ASH-B ASH-S DICE; do
+        read -r w m < <(measured "$mos" score "${common[@]}" --score "$meth" --fit "$tmp/ph/train" --name ph_fit)
+        s=$(seconds_of "$tmp/runs/ph_fit/results.json" | awk -v m="$meth" '$1 == m { print $2 }')
+        printf '%-10s %8s %8s %10s\n' "$meth" "$s" "$w" "$m"
+    done
+    sref features "$tmp/ph/qid" "$knn_q" "$tmp/ph/head.safetensors" 4 0.3
+    sref features "$tmp/ph/qood" "$knn_q" "$tmp/ph/head.safetensors" 5 -0.2
+    rm -rf "$tmp/ph/train"
+    sref features "$tmp/ph/bank" "$knn_bank" "$tmp/ph/head.safetensors" 6 0.3
+    read -r w m < <(measured "$mos" score --id "$tmp/ph/qid" --ood "$tmp/ph/qood" --score KNN --knn-k "$knn_k" \
+        --fit "$tmp/ph/bank" --device cpu --logdir "$tmp/runs" --name ph_knn)
+    s=$(seconds_of "$tmp/runs/ph_knn/results.json" | awk '$1 == "KNN" { print $2 }')
+    echo "KNN k=$knn_k: $((2 * knn_q)) queries vs a $knn_bank-row bank: scoring ${s} s, wall ${w} s (reading the stores included), peak ${m} MiB"
+    awk -v s="$s" -v q="$((2 * knn_q))" -v b="$knn_bank" 'BEGIN {
+        printf "  extrapolated to a 1.28M bank (cost linear in queries x bank): %.0f s for these queries on this CPU\n", s * 1281167 / b }'
 fi

@@ -6,6 +6,13 @@
       CLASSES + GROUPS for a group-softmax head), labels cycling over the classes;
       SEED 0 gives in-distribution-like logits (the label's logit raised), others
       plain noise.
+  head FILE CLASSES DIM SEED
+      a random head (head.conv.weight [CLASSES, DIM, 1, 1], head.conv.bias) as a
+      safetensors checkpoint, for the post-hoc methods (mos score --model-path).
+  features DIR ROWS HEAD SEED [SHIFT]
+      a one-shard store of ROWS random non-negative pre-logit features
+      (relu(normal + SHIFT), DIM wide; BiT-S-R101x1's 2048 for DIM 2048) and their
+      logits under HEAD, whose SHA-256 the manifest records.
   round16 SRC DST
       a copy of store SRC whose float32 tensors are rounded through float16, to
       measure what storing float16 would change; prints the bytes per row of SRC
@@ -67,6 +74,47 @@ def synthetic(d, rows, classes, seed, groups=0):
     write_shard(d, manifest, {"logits": logits, "labels": labels}, paths)
 
 
+def head(path, classes, dim, seed):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    rng = np.random.default_rng(int(seed))
+    classes, dim = int(classes), int(dim)
+    w = (rng.standard_normal((classes, dim, 1, 1), dtype=np.float32) * 0.02)
+    b = (rng.standard_normal(classes, dtype=np.float32) * 0.1)
+    save_file({"head.conv.weight": w, "head.conv.bias": b}, path)
+
+
+def features(d, rows, head_path, seed, shift="0"):
+    rows, seed, shift = int(rows), int(seed), float(shift)
+    os.makedirs(d, exist_ok=True)
+    t = load_file(head_path)
+    w, b = t["head.conv.weight"], t["head.conv.bias"]
+    classes, dim = w.shape[0], w.shape[1]
+    w = w.reshape(classes, dim)
+    rng = np.random.default_rng(seed)
+    feats = np.empty((rows, dim), dtype=np.float32)
+    for s in range(0, rows, 10000):
+        n = min(10000, rows - s)
+        feats[s:s + n] = np.maximum(rng.standard_normal((n, dim), dtype=np.float32) + shift, 0)
+    logits = feats @ w.T + b
+    labels = np.arange(rows, dtype=np.int64) % classes
+    paths = [f"c{label:04d}/{i:06d}.JPEG" for i, label in enumerate(labels)]
+    sha = hashlib.sha256(open(head_path, "rb").read()).hexdigest()
+    manifest = {
+        "format": "mos-store-v1", "mos_version": "0.1.0", "model": "BiT-S-R101x1",
+        "checkpoint": head_path, "checkpoint_sha256": sha,
+        "checkpoint_format": "safetensors", "head_size": classes, "num_classes": classes,
+        "crop": 480, "batch": 256, "precision": "fp32", "skip_bad_images": False,
+        "layers": ["logits", "features"], "datadir": d, "list": None,
+        "dataset": os.path.basename(d.rstrip("/")), "images": rows,
+        "data_fingerprint": f"synthetic-{seed}", "num_shards": 1,
+        "fingerprint": f"synthetic-features-{seed}-{rows}", "command": ["mos", "extract"],
+        "complete": True,
+    }
+    with open(os.path.join(d, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    write_shard(d, manifest, {"logits": logits, "features": feats, "labels": labels}, paths)
+
+
 def round16(src, dst):
     os.makedirs(dst, exist_ok=True)
     manifest = json.load(open(os.path.join(src, "manifest.json")))
@@ -98,4 +146,5 @@ def compare(a, b):
 
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
-    {"synthetic": synthetic, "round16": round16, "compare": compare}[cmd](*args)
+    {"synthetic": synthetic, "round16": round16, "compare": compare, "head": head,
+     "features": features}[cmd](*args)

@@ -128,7 +128,8 @@ pub struct ScoreArgs {
     /// Out-of-distribution stores (repeat the flag), each scored against --id.
     #[arg(long, required = true, value_name = "STORE")]
     pub ood: Vec<PathBuf>,
-    /// Score(s), comma-separated: MOS, MSP, ODIN, Energy, KL_Div, Mahalanobis.
+    /// Score(s), comma-separated: MOS, MSP, ODIN, Energy, KL_Div, Mahalanobis, and
+    /// from stored features MaxLogit, GradNorm, ReAct, KNN, ViM, ASH-P, ASH-B, ASH-S, DICE.
     #[arg(
         long,
         value_delimiter = ',',
@@ -166,6 +167,8 @@ pub struct ScoreArgs {
     /// Tuned Mahalanobis parameters with magnitude 0 (needs stores with --layers mahalanobis).
     #[arg(long, alias = "mahalanobis_param_path", value_name = "PATH")]
     pub mahalanobis_param_path: Option<PathBuf>,
+    #[command(flatten)]
+    pub posthoc: PostHocArgs,
     #[command(flatten)]
     pub run: RunArgs,
     #[command(flatten)]
@@ -907,4 +910,35 @@ mod tests {
         let e = err(&["env", "--device", "tpu"]);
         assert!(e.contains("expected auto, cpu, cuda or cuda:N"), "{e}");
     }
+}
+
+/// Settings of the post-hoc methods of `mos score` (docs/scores.md#post-hoc-methods-from-feature-stores).
+#[derive(Debug, Clone, Args)]
+pub struct PostHocArgs {
+    /// A store of in-distribution training images (same model) for ReAct, KNN, ViM
+    /// and DICE; what is fitted is saved in the run directory (fit.safetensors) and reused.
+    #[arg(long, value_name = "STORE")]
+    pub fit: Option<PathBuf>,
+    /// The checkpoint the stores were extracted with, read for its head (ReAct, ViM,
+    /// ASH, DICE); default: the path the ID store's manifest records. Checked by SHA-256.
+    #[arg(long, alias = "model_path", value_name = "FILE")]
+    pub model_path: Option<PathBuf>,
+    /// ReAct: clip at this percentile of the training activations.
+    #[arg(long, default_value_t = 90.0, value_name = "P")]
+    pub react_percentile: f64,
+    /// KNN: the k-th nearest training feature (the original's ImageNet k; OpenOOD uses 50).
+    #[arg(long, default_value_t = 1000, value_name = "K")]
+    pub knn_k: i64,
+    /// ViM: principal dimension; default 1000 for D >= 2048, 512 for D >= 768, else D/2.
+    #[arg(long, value_name = "DIM")]
+    pub vim_dim: Option<i64>,
+    /// ASH-P/B/S: prune this percentile of each image's activations.
+    #[arg(long, default_value_t = 90.0, value_name = "P")]
+    pub ash_percentile: f64,
+    /// DICE: keep the head's weights whose contribution is above this percentile.
+    #[arg(long, default_value_t = 70.0, value_name = "P")]
+    pub dice_percentile: f64,
+    /// Device of the post-hoc methods: auto (CUDA device 0 if available, else CPU), cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto", value_name = "DEVICE")]
+    pub device: DeviceSpec,
 }

@@ -12,6 +12,7 @@ use crate::groupconfig::read_group_config;
 use crate::metrics::ood_metrics;
 use crate::ood::{GroupSlices, Score};
 use crate::pipeline::mahalanobis::read_params;
+use crate::pipeline::posthoc::{self, PostHoc};
 use crate::pipeline::score::{kl_scores, score_rows, Method, RowScores};
 use crate::pipeline::store::{self, StoreData, MANIFEST};
 use crate::report::{merge_results, table, write_scores_csv, ScoreColumns};
@@ -35,7 +36,9 @@ fn methods(args: &ScoreArgs) -> Result<Vec<Method>> {
     }
     let mut out: Vec<Method> = Vec::new();
     for name in &args.score {
-        let method = if name.trim().eq_ignore_ascii_case("mos") {
+        let method = if let Some(p) = PostHoc::parse(name) {
+            Method::PostHoc(p)
+        } else if name.trim().eq_ignore_ascii_case("mos") {
             let Some(path) = &args.group_config else {
                 bail!("--score MOS needs --group-config (the classes per group of the model)");
             };
@@ -48,7 +51,11 @@ fn methods(args: &ScoreArgs) -> Result<Vec<Method>> {
             let score: Score = name
                 .trim()
                 .parse()
-                .map_err(|e: String| anyhow::anyhow!("--score: {e}, or MOS"))?;
+                .map_err(|e: String| {
+                    anyhow::anyhow!(
+                        "--score: {e}, or MOS, MaxLogit, GradNorm, ReAct, KNN, ViM, ASH-P, ASH-B, ASH-S, DICE"
+                    )
+                })?;
             match score {
                 Score::Msp => Method::Msp,
                 Score::Odin => Method::Odin {
@@ -76,6 +83,37 @@ fn methods(args: &ScoreArgs) -> Result<Vec<Method>> {
         out.push(method);
     }
     Ok(out)
+}
+
+/// The post-hoc request of the flags (validated before any store is read).
+fn posthoc_request(args: &ScoreArgs, methods: &[Method]) -> Result<Option<posthoc::Request>> {
+    let list: Vec<PostHoc> = methods
+        .iter()
+        .filter_map(|m| match m {
+            Method::PostHoc(p) => Some(*p),
+            _ => None,
+        })
+        .collect();
+    if list.is_empty() {
+        return Ok(None);
+    }
+    let a = &args.posthoc;
+    let settings = posthoc::Settings {
+        react_percentile: a.react_percentile,
+        knn_k: a.knn_k,
+        vim_dim: a.vim_dim,
+        ash_percentile: a.ash_percentile,
+        dice_percentile: a.dice_percentile,
+    };
+    settings.validate()?;
+    Ok(Some(posthoc::Request {
+        methods: list,
+        settings,
+        fit: a.fit.clone(),
+        model_path: a.model_path.clone(),
+        run_dir: args.run.logdir.join(&args.run.name),
+        device: a.device.resolve()?,
+    }))
 }
 
 /// Checks that the in-distribution store fits the methods: its classes and head
@@ -129,13 +167,28 @@ fn check_store(s: &StoreData, methods: &[Method], group_config: Option<&Path>) -
 }
 
 /// Scores of one store, timed.
-fn score_store(s: &StoreData, methods: &[Method]) -> Result<RowScores> {
-    score_rows(methods, &s.logits, &s.layers, &s.batches())
-        .with_context(|| format!("store {}", s.dir.display()))
+fn score_store(
+    s: &StoreData,
+    methods: &[Method],
+    posthoc: Option<&posthoc::Prepared>,
+) -> Result<RowScores> {
+    let mut out = score_rows(methods, &s.logits, &s.layers, &s.batches())
+        .with_context(|| format!("store {}", s.dir.display()))?;
+    for (m, method) in methods.iter().enumerate() {
+        if let (Method::PostHoc(p), Some(prepared)) = (method, posthoc) {
+            let t0 = Instant::now();
+            out.scores[m] = prepared
+                .score_rows(*p, &s.logits, s.features.as_ref())
+                .with_context(|| format!("store {}", s.dir.display()))?;
+            out.seconds[m] += t0.elapsed().as_secs_f64();
+        }
+    }
+    Ok(out)
 }
 
 pub fn run(args: &ScoreArgs) -> Result<()> {
     let methods = methods(args)?;
+    let request = posthoc_request(args, &methods)?;
     let dir = args.run.logdir.join(&args.run.name);
     let log = RunLog::open(&dir, "score.log")?;
     let started = Instant::now();
@@ -150,6 +203,14 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
                 "{}: no Mahalanobis feature layers; extract with --layers mahalanobis",
                 path.join(MANIFEST).display()
             );
+        }
+        if let Some(r) = &request {
+            if s.features.is_none() && r.methods.iter().any(|p| p.needs_features()) {
+                bail!(
+                    "{}: no pre-logit features, which the post-hoc methods need; extract with --layers logits,features",
+                    path.join(MANIFEST).display()
+                );
+            }
         }
         let (a, b) = (&id.manifest, &s.manifest);
         for (what, x, y) in [
@@ -177,7 +238,11 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
         }
         oods.push(s);
     }
-    let settings = serde_json::json!({
+    let prepared = match &request {
+        Some(r) => Some(posthoc::prepare(r, &id, &log)?),
+        None => None,
+    };
+    let mut settings = serde_json::json!({
         "id_store": args.id,
         "score": names,
         "temperature_odin": args.temperature_odin,
@@ -191,6 +256,9 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
         "skip_bad_images": id.manifest.skip_bad_images,
         "checkpoint_sha256": id.manifest.checkpoint_sha256,
     });
+    if let Some(p) = &prepared {
+        settings["posthoc"] = p.settings.clone();
+    }
     log.line(format!("mos score {}", serde_json::to_string(&settings)?));
     log.line(format!(
         "in-distribution {} ({}): {} images, {} classes; out-of-distribution: {}",
@@ -203,10 +271,10 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     ));
-    let mut id_scores = score_store(&id, &methods)?;
+    let mut id_scores = score_store(&id, &methods, prepared.as_ref())?;
     let mut ood_scores = oods
         .iter()
-        .map(|s| score_store(s, &methods))
+        .map(|s| score_store(s, &methods, prepared.as_ref()))
         .collect::<Result<Vec<_>>>()?;
     if let Some(m) = methods.iter().position(|m| matches!(m, Method::KlDiv)) {
         let t0 = Instant::now();

@@ -15,6 +15,7 @@ use tch::{Kind, Tensor};
 
 pub mod group;
 pub mod mahalanobis;
+pub mod posthoc;
 pub mod scores;
 
 pub use group::GroupSlices;

@@ -5,7 +5,9 @@
 //!    commands batch them;
 //! 2. [`store`]: those outputs kept on disk (`mos extract`, `mos merge`): a
 //!    directory of safetensors shards with a manifest (docs/formats.md#feature-stores);
-//! 3. [`score`]: outputs -> OOD scores, per batch of the same rows;
+//! 3. [`score`]: outputs -> OOD scores, per batch of the same rows ([`posthoc`]:
+//!    the later post-hoc methods from stored features, the head and training
+//!    statistics);
 //! 4. metrics ([`crate::metrics`]) and the report ([`crate::report`], plots in
 //!    [`crate::plot`]).
 //!
@@ -20,5 +22,6 @@
 pub mod extract;
 pub mod mahalanobis;
 pub mod mahalanobis_params;
+pub mod posthoc;
 pub mod score;
 pub mod store;

@@ -32,6 +32,9 @@ pub enum Method {
     KlDiv,
     /// Tuned parameters of `tune-mahalanobis`.
     Mahalanobis(std::rc::Rc<MahalanobisParams>),
+    /// A post-hoc method of later papers, scored from stored features by
+    /// [`super::posthoc::Prepared::score_rows`] (not by [`from_outputs`]).
+    PostHoc(super::posthoc::PostHoc),
 }
 
 impl Method {
@@ -44,6 +47,7 @@ impl Method {
             Method::Energy { .. } => "Energy",
             Method::KlDiv => "KL_Div",
             Method::Mahalanobis(_) => "Mahalanobis",
+            Method::PostHoc(p) => p.name(),
         }
     }
 
@@ -51,7 +55,7 @@ impl Method {
     pub fn uses_shared_logits(&self) -> bool {
         match self {
             Method::Odin { epsilon, .. } => *epsilon == 0.0,
-            Method::Mahalanobis(_) => false,
+            Method::Mahalanobis(_) | Method::PostHoc(_) => false,
             _ => true,
         }
     }
@@ -99,6 +103,10 @@ pub fn from_outputs(method: &Method, logits: &Tensor, layers: &[Tensor]) -> Resu
             crate::ood::mahalanobis::score_from_regression(&m, &p.lr_weight, p.lr_bias)?
         }
         Method::KlDiv => bail!("internal: KL matching is scored by kl_scores"),
+        Method::PostHoc(p) => bail!(
+            "internal: {} is scored from stored features by pipeline::posthoc",
+            p.name()
+        ),
     })
 }
 
@@ -167,7 +175,10 @@ pub fn score_rows(
         let f: Vec<Tensor> = layers.iter().map(|t| t.narrow(0, start, len)).collect();
         for (m, method) in methods.iter().enumerate() {
             let t0 = Instant::now();
-            if let Method::KlDiv = method {
+            if let Method::PostHoc(_) = method {
+                // Scored from the features by pipeline::posthoc.
+                continue;
+            } else if let Method::KlDiv = method {
                 probs.push(kl_probs(&l));
             } else {
                 let s = from_outputs(method, &l, &f)

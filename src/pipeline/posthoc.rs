@@ -1,0 +1,811 @@
+//! The post-hoc methods of [`crate::ood::posthoc`] from feature stores
+//! (docs/scores.md#post-hoc-methods-from-feature-stores): which methods with which
+//! settings ([`Request`]), the model's head (read from the checkpoint the stores
+//! were extracted with, checked by its SHA-256), the training statistics fitted
+//! on a store of in-distribution training images (`--fit`), saved in the run
+//! directory (`fit.safetensors`, `fit.json`) and reused, and the batched scoring
+//! of stored rows on the device.
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use super::store::{self, Manifest, StoreData, MANIFEST};
+use crate::model::checkpoint::{self, write_atomic};
+use crate::ood::posthoc::{self as ph, Ash, Head, KnnBlocks, VimParams};
+use crate::runlog::RunLog;
+
+/// The fitted statistics' file in the run directory.
+pub const FIT_FILE: &str = "fit.safetensors";
+/// What they were fitted on and with which settings (also in FIT_FILE's metadata).
+pub const FIT_JSON: &str = "fit.json";
+/// `format` of [`FIT_JSON`].
+pub const FIT_FORMAT: &str = "mos-posthoc-fit-v1";
+/// Rows scored at once.
+const CHUNK: i64 = 8192;
+
+/// A post-hoc method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PostHoc {
+    MaxLogit,
+    GradNorm,
+    React,
+    Knn,
+    Vim,
+    AshP,
+    AshB,
+    AshS,
+    Dice,
+}
+
+impl PostHoc {
+    pub const ALL: [PostHoc; 9] = [
+        PostHoc::MaxLogit,
+        PostHoc::GradNorm,
+        PostHoc::React,
+        PostHoc::Knn,
+        PostHoc::Vim,
+        PostHoc::AshP,
+        PostHoc::AshB,
+        PostHoc::AshS,
+        PostHoc::Dice,
+    ];
+
+    /// The name in results (`MaxLogit`, `GradNorm`, `ReAct`, `KNN`, `ViM`, `ASH-P`,
+    /// `ASH-B`, `ASH-S`, `DICE`).
+    pub fn name(self) -> &'static str {
+        match self {
+            PostHoc::MaxLogit => "MaxLogit",
+            PostHoc::GradNorm => "GradNorm",
+            PostHoc::React => "ReAct",
+            PostHoc::Knn => "KNN",
+            PostHoc::Vim => "ViM",
+            PostHoc::AshP => "ASH-P",
+            PostHoc::AshB => "ASH-B",
+            PostHoc::AshS => "ASH-S",
+            PostHoc::Dice => "DICE",
+        }
+    }
+
+    /// The method named `s` (case-insensitive; `_` for `-`), if it is one.
+    pub fn parse(s: &str) -> Option<Self> {
+        let s = s.trim().to_ascii_lowercase().replace('_', "-");
+        PostHoc::ALL
+            .into_iter()
+            .find(|m| m.name().to_ascii_lowercase() == s)
+    }
+
+    /// Whether it needs training statistics (`--fit`).
+    pub fn needs_fit(self) -> bool {
+        matches!(
+            self,
+            PostHoc::React | PostHoc::Knn | PostHoc::Vim | PostHoc::Dice
+        )
+    }
+
+    /// Whether it needs the head's weights (ViM only to fit its origin).
+    pub fn needs_head(self) -> bool {
+        matches!(
+            self,
+            PostHoc::React | PostHoc::AshP | PostHoc::AshB | PostHoc::AshS | PostHoc::Dice
+        )
+    }
+
+    /// Whether it needs the stored pre-logit features.
+    pub fn needs_features(self) -> bool {
+        self != PostHoc::MaxLogit
+    }
+}
+
+/// The methods' hyper-parameters (`--react-percentile`, `--knn-k`, `--vim-dim`,
+/// `--ash-percentile`, `--dice-percentile`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    pub react_percentile: f64,
+    pub knn_k: i64,
+    /// None: ViM's default for the features' width ([`ph::vim_default_dim`]).
+    pub vim_dim: Option<i64>,
+    pub ash_percentile: f64,
+    pub dice_percentile: f64,
+}
+
+impl Settings {
+    /// Checks every setting, naming its flag.
+    pub fn validate(&self) -> Result<()> {
+        for (flag, p) in [
+            ("--react-percentile", self.react_percentile),
+            ("--ash-percentile", self.ash_percentile),
+            ("--dice-percentile", self.dice_percentile),
+        ] {
+            if !(p.is_finite() && p > 0.0 && p < 100.0) {
+                bail!("{flag} {p}: must be a percentile in (0, 100)");
+            }
+        }
+        if self.knn_k < 1 {
+            bail!("--knn-k {}: must be at least 1", self.knn_k);
+        }
+        if let Some(d) = self.vim_dim {
+            if d < 1 {
+                bail!("--vim-dim {d}: must be at least 1");
+            }
+        }
+        Ok(())
+    }
+
+    /// ViM's principal dimension for features of width `d`, checked.
+    pub fn vim_dim_for(&self, d: i64) -> Result<i64> {
+        let dim = self.vim_dim.unwrap_or_else(|| ph::vim_default_dim(d));
+        if dim < 1 || dim >= d {
+            bail!(
+                "--vim-dim {dim}: must be below the features' width {d} (a residual space must remain)"
+            );
+        }
+        Ok(dim)
+    }
+}
+
+/// The store the statistics were fitted on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FitSource {
+    /// The store's path as given to `--fit`.
+    pub store: String,
+    pub fingerprint: String,
+    pub model: String,
+    pub checkpoint_sha256: String,
+    pub dataset: String,
+    pub data_fingerprint: String,
+    /// Images (rows) in the store.
+    pub rows: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReactFit {
+    pub percentile: f64,
+    pub threshold: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VimFit {
+    pub dim: i64,
+    pub alpha: f64,
+}
+
+/// `fit.json`: what was fitted, on what.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FitInfo {
+    pub format: String,
+    pub mos_version: String,
+    pub source: FitSource,
+    /// ReAct's clipping threshold (also `react.threshold` in the tensors).
+    pub react: Option<ReactFit>,
+    /// Whether DICE's mean training feature `dice.mean` is in the tensors.
+    pub dice_mean: bool,
+    /// ViM's dimension and α (`vim.u`, `vim.ns`, `vim.alpha` in the tensors).
+    pub vim: Option<VimFit>,
+}
+
+/// The fitted statistics.
+pub struct Fitted {
+    pub info: FitInfo,
+    pub react_threshold: Option<f64>,
+    pub dice_mean: Option<Tensor>,
+    pub vim: Option<VimParams>,
+}
+
+impl Fitted {
+    fn empty(source: FitSource) -> Self {
+        Fitted {
+            info: FitInfo {
+                format: FIT_FORMAT.into(),
+                mos_version: env!("CARGO_PKG_VERSION").into(),
+                source,
+                react: None,
+                dice_mean: false,
+                vim: None,
+            },
+            react_threshold: None,
+            dice_mean: None,
+            vim: None,
+        }
+    }
+}
+
+/// Reads `fit.safetensors` of a run directory, if there is one.
+pub fn read_fit(dir: &Path) -> Result<Option<Fitted>> {
+    let path = dir.join(FIT_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|_| anyhow::anyhow!("{}: not a safetensors file", path.display()))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let info: FitInfo = meta
+        .get("fit")
+        .and_then(|j| serde_json::from_str(j).ok())
+        .filter(|i: &FitInfo| i.format == FIT_FORMAT)
+        .with_context(|| {
+            format!(
+                "{}: not a mos fit file (no '{FIT_FORMAT}' metadata); delete it to fit again",
+                path.display()
+            )
+        })?;
+    let ckpt = checkpoint::load_bytes(&bytes)
+        .with_context(|| format!("{}: not a readable safetensors file", path.display()))?;
+    let get = |name: &str| -> Result<Tensor> {
+        ckpt.model
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.to_kind(Kind::Double))
+            .with_context(|| {
+                format!(
+                    "{}: no tensor '{name}'; delete it to fit again",
+                    path.display()
+                )
+            })
+    };
+    let react_threshold = match &info.react {
+        Some(_) => Some(get("react.threshold")?.double_value(&[0])),
+        None => None,
+    };
+    let dice_mean = if info.dice_mean {
+        Some(get("dice.mean")?)
+    } else {
+        None
+    };
+    let vim = match &info.vim {
+        Some(v) => Some(VimParams {
+            u: get("vim.u")?,
+            ns: get("vim.ns")?,
+            alpha: v.alpha,
+        }),
+        None => None,
+    };
+    Ok(Some(Fitted {
+        info,
+        react_threshold,
+        dice_mean,
+        vim,
+    }))
+}
+
+/// Writes `fit.safetensors` and `fit.json` (atomically).
+pub fn write_fit(dir: &Path, f: &Fitted) -> Result<()> {
+    let mut tensors = Vec::new();
+    if let Some(t) = f.react_threshold {
+        tensors.push(("react.threshold".to_string(), Tensor::from_slice(&[t])));
+    }
+    if let Some(m) = &f.dice_mean {
+        tensors.push(("dice.mean".into(), m.to_device(Device::Cpu)));
+    }
+    if let Some(v) = &f.vim {
+        tensors.push(("vim.u".into(), v.u.to_device(Device::Cpu)));
+        tensors.push(("vim.ns".into(), v.ns.to_device(Device::Cpu)));
+        tensors.push(("vim.alpha".into(), Tensor::from_slice(&[v.alpha])));
+    }
+    let json = serde_json::to_string_pretty(&f.info)?;
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("format".to_string(), FIT_FORMAT.to_string());
+    meta.insert("fit".to_string(), json.clone());
+    let bytes = checkpoint::serialize(&tensors, meta)?;
+    write_atomic(&dir.join(FIT_FILE), &bytes)?;
+    write_atomic(&dir.join(FIT_JSON), (json + "\n").as_bytes())
+}
+
+/// What `mos score` asks for.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub methods: Vec<PostHoc>,
+    pub settings: Settings,
+    /// `--fit`: a store of ID training images.
+    pub fit: Option<PathBuf>,
+    /// `--model-path`: the checkpoint the stores were extracted with (for its
+    /// head); default: the one the ID store's manifest records.
+    pub model_path: Option<PathBuf>,
+    /// The run directory (where the fit is saved).
+    pub run_dir: PathBuf,
+    pub device: Device,
+}
+
+/// A method ready to score: its head and statistics on the device.
+pub enum Scorer {
+    MaxLogit,
+    GradNorm,
+    React {
+        head: Head,
+        threshold: f64,
+    },
+    Knn {
+        bank: Tensor,
+        k: i64,
+    },
+    Vim(VimParams),
+    Ash {
+        head: Head,
+        variant: Ash,
+        percentile: f64,
+    },
+    Dice {
+        head: Head,
+        mask: Tensor,
+    },
+}
+
+/// The prepared methods, and the settings to record in results.json.
+pub struct Prepared {
+    pub scorers: Vec<(PostHoc, Scorer)>,
+    pub settings: serde_json::Value,
+    pub device: Device,
+}
+
+/// Checks that a fit store comes from the model and settings of the ID store.
+pub fn check_same_model(
+    id: &Manifest,
+    id_dir: &Path,
+    fit: &Manifest,
+    fit_dir: &Path,
+) -> Result<()> {
+    for (what, x, y) in [
+        ("model", id.model.clone(), fit.model.clone()),
+        (
+            "checkpoint SHA-256",
+            id.checkpoint_sha256.clone(),
+            fit.checkpoint_sha256.clone(),
+        ),
+        (
+            "head size",
+            id.head_size.to_string(),
+            fit.head_size.to_string(),
+        ),
+        ("crop", id.crop.to_string(), fit.crop.to_string()),
+        ("precision", id.precision.clone(), fit.precision.clone()),
+    ] {
+        if x != y {
+            bail!(
+                "--fit {}: extracted with another {what} than the ID store {} ({y} vs {x}); the training statistics must come from the same model and settings",
+                fit_dir.join(MANIFEST).display(),
+                id_dir.join(MANIFEST).display()
+            );
+        }
+    }
+    if !fit.layers.iter().any(|l| l == "features") {
+        bail!(
+            "--fit {}: the store has no pre-logit features; extract it with --layers logits,features",
+            fit_dir.join(MANIFEST).display()
+        );
+    }
+    Ok(())
+}
+
+/// The head of the checkpoint at `model_path` (or the ID store's recorded one),
+/// which must be the file the stores were extracted from (SHA-256).
+pub fn load_head(
+    model_path: Option<&Path>,
+    id: &Manifest,
+    methods: &str,
+) -> Result<(Head, PathBuf)> {
+    let path = match model_path {
+        Some(p) => p.to_path_buf(),
+        None => {
+            let p = PathBuf::from(&id.checkpoint);
+            if !p.exists() {
+                bail!(
+                    "--score {methods} needs the model's head: give --model-path (the checkpoint the stores were extracted with; the ID store records {}, which is not there)",
+                    id.checkpoint
+                );
+            }
+            p
+        }
+    };
+    let file = crate::model::weights::resolve_weight_path(&path).context("--model-path")?;
+    let sha = store::sha256_file(&file)?;
+    if sha != id.checkpoint_sha256 {
+        bail!(
+            "--model-path {}: its SHA-256 is {sha}, but the stores were extracted from a checkpoint with SHA-256 {} ({}): give the checkpoint the stores were extracted with",
+            file.display(),
+            id.checkpoint_sha256,
+            id.checkpoint
+        );
+    }
+    let sd = crate::model::weights::read_state_dict(&file)?;
+    let find = |name: &str| -> Result<Tensor> {
+        sd.tensors
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.shallow_clone())
+            .with_context(|| format!("{}: no tensor '{name}' (the head)", file.display()))
+    };
+    let head = Head::new(&find("head.conv.weight")?, &find("head.conv.bias")?)
+        .with_context(|| file.display().to_string())?;
+    if head.classes() != id.head_size {
+        bail!(
+            "{}: a head of {} logits, the stores' has {}",
+            file.display(),
+            head.classes(),
+            id.head_size
+        );
+    }
+    Ok((head, file))
+}
+
+fn source_of(path: &Path, m: &Manifest, rows: usize) -> FitSource {
+    FitSource {
+        store: path.display().to_string(),
+        fingerprint: m.fingerprint.clone(),
+        model: m.model.clone(),
+        checkpoint_sha256: m.checkpoint_sha256.clone(),
+        dataset: m.dataset.clone(),
+        data_fingerprint: m.data_fingerprint.clone(),
+        rows,
+    }
+}
+
+/// Prepares the methods of `req` for the ID store `id` (whose features are
+/// `dim` wide): reads the head if needed, reuses or fits the training statistics
+/// (and saves them), checks every setting against them. Every error comes before
+/// any scoring.
+pub fn prepare(req: &Request, id: &StoreData, log: &RunLog) -> Result<Prepared> {
+    req.settings.validate()?;
+    let m = &id.manifest;
+    let names = |f: &dyn Fn(PostHoc) -> bool| -> String {
+        req.methods
+            .iter()
+            .filter(|p| f(**p))
+            .map(|p| p.name())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let dim = match &id.features {
+        Some(f) => f.size()[1],
+        None => {
+            let need = names(&|p| p.needs_features());
+            if !need.is_empty() {
+                bail!(
+                    "{}: no pre-logit features, which --score {need} needs; extract with --layers logits,features",
+                    id.dir.join(MANIFEST).display()
+                );
+            }
+            0
+        }
+    };
+    let vim_dim = if req.methods.contains(&PostHoc::Vim) {
+        Some(req.settings.vim_dim_for(dim)?)
+    } else {
+        None
+    };
+    let need_fit = names(&|p| p.needs_fit());
+    // The head: for the methods that apply it, and for fitting ViM's origin.
+    let mut head_path = None;
+    let mut head = None;
+    let head_users = names(&|p| p.needs_head() || p == PostHoc::Vim);
+    if !head_users.is_empty() {
+        let (h, p) = load_head(req.model_path.as_deref(), m, &head_users)?;
+        if h.dim() != dim {
+            bail!(
+                "{}: the head takes {} features, the store has {dim}",
+                p.display(),
+                h.dim()
+            );
+        }
+        head = Some(h);
+        head_path = Some(p);
+    }
+    let mut fitted: Option<Fitted> = None;
+    if !need_fit.is_empty() {
+        let saved = read_fit(&req.run_dir)?;
+        let given = match &req.fit {
+            Some(p) => {
+                let fm = store::read_manifest(p).context("--fit")?;
+                check_same_model(m, &id.dir, &fm, p)?;
+                Some((p.clone(), fm))
+            }
+            None => None,
+        };
+        let mut f = match (saved, &given) {
+            (Some(s), Some((_, fm))) if s.info.source.fingerprint == fm.fingerprint => s,
+            (Some(s), Some((p, fm))) => {
+                log.line(format!(
+                    "{} was fitted on {}; fitting again on {}",
+                    req.run_dir.join(FIT_FILE).display(),
+                    s.info.source.store,
+                    p.display()
+                ));
+                Fitted::empty(source_of(p, fm, 0))
+            }
+            (Some(s), None) => {
+                if s.info.source.checkpoint_sha256 != m.checkpoint_sha256 || s.info.source.model != m.model {
+                    bail!(
+                        "{}: fitted on a store of another model ({}, checkpoint SHA-256 {}) than the ID store {} ({}, {}); give --fit with a store of this model, or another --name",
+                        req.run_dir.join(FIT_FILE).display(),
+                        s.info.source.model,
+                        s.info.source.checkpoint_sha256,
+                        id.dir.display(),
+                        m.model,
+                        m.checkpoint_sha256
+                    );
+                }
+                s
+            }
+            (None, Some((p, fm))) => Fitted::empty(source_of(p, fm, 0)),
+            (None, None) => bail!(
+                "--score {need_fit} needs training statistics: give --fit STORE, a store of in-distribution training images extracted with the same model (mos extract --layers logits,features over a training list)"
+            ),
+        };
+        let react_ok =
+            f.info.react.as_ref().map(|r| r.percentile) == Some(req.settings.react_percentile);
+        let vim_ok = f.info.vim.as_ref().map(|v| v.dim) == vim_dim;
+        let needs_data = req.methods.iter().any(|p| match p {
+            PostHoc::React => !react_ok,
+            PostHoc::Dice => f.dice_mean.is_none(),
+            PostHoc::Vim => !vim_ok,
+            PostHoc::Knn => true,
+            _ => false,
+        });
+        let mut bank = None;
+        if needs_data {
+            let path = given
+                .as_ref()
+                .map(|(p, _)| p.clone())
+                .unwrap_or_else(|| PathBuf::from(&f.info.source.store));
+            let index = store::open(&path, false)
+                .with_context(|| format!("the fit store {} (give --fit)", path.display()))?;
+            if index.manifest.fingerprint != f.info.source.fingerprint {
+                bail!(
+                    "{}: the fit store changed since {} was fitted on it (fingerprint {}, recorded {}); give --fit again",
+                    path.join(MANIFEST).display(),
+                    req.run_dir.join(FIT_FILE).display(),
+                    index.manifest.fingerprint,
+                    f.info.source.fingerprint
+                );
+            }
+            check_same_model(m, &id.dir, &index.manifest, &path)?;
+            let rows: usize = index.shards.iter().map(|s| s.rows).sum();
+            if req.methods.contains(&PostHoc::Knn) && req.settings.knn_k as usize > rows {
+                bail!(
+                    "--knn-k {}: larger than the bank: the fit store {} has {rows} images",
+                    req.settings.knn_k,
+                    path.display()
+                );
+            }
+            f.info.source = source_of(&path, &index.manifest, rows);
+            log.line(format!(
+                "reading the fit store {} ({rows} images)",
+                path.display()
+            ));
+            let data = store::load(&path).with_context(|| format!("--fit {}", path.display()))?;
+            let feats = data.features.as_ref().with_context(|| {
+                format!("{}: no pre-logit features", path.join(MANIFEST).display())
+            })?;
+            let feats = feats.to_device(req.device);
+            if rows == 0 {
+                bail!("--fit {}: the store has no images", path.display());
+            }
+            for p in &req.methods {
+                match p {
+                    PostHoc::React if !react_ok => {
+                        let t = ph::percentile(&feats, req.settings.react_percentile)?;
+                        f.react_threshold = Some(t);
+                        f.info.react = Some(ReactFit {
+                            percentile: req.settings.react_percentile,
+                            threshold: t,
+                        });
+                        log.line(format!(
+                            "ReAct: the {}th percentile of the training activations is {t}",
+                            req.settings.react_percentile
+                        ));
+                    }
+                    PostHoc::Dice if f.dice_mean.is_none() => {
+                        f.dice_mean = Some(ph::feature_mean(&feats)?.to_device(Device::Cpu));
+                        f.info.dice_mean = true;
+                    }
+                    PostHoc::Vim if !vim_ok => {
+                        let d = vim_dim.context("ViM dimension")?;
+                        let h = head.as_ref().context("ViM needs the head")?;
+                        let params = ph::vim_fit(
+                            &feats,
+                            &data.logits.to_device(req.device),
+                            &h.to(Kind::Double, req.device),
+                            d,
+                        )?;
+                        log.line(format!("ViM: dimension {d}, alpha {}", params.alpha));
+                        f.info.vim = Some(VimFit {
+                            dim: d,
+                            alpha: params.alpha,
+                        });
+                        f.vim = Some(VimParams {
+                            u: params.u.to_device(Device::Cpu),
+                            ns: params.ns.to_device(Device::Cpu),
+                            alpha: params.alpha,
+                        });
+                    }
+                    PostHoc::Knn => bank = Some(ph::l2_normalise(&feats)),
+                    _ => {}
+                }
+            }
+            write_fit(&req.run_dir, &f)?;
+            log.line(format!(
+                "training statistics saved in {}",
+                req.run_dir.join(FIT_FILE).display()
+            ));
+        } else {
+            log.line(format!(
+                "reusing the training statistics of {} (fitted on {})",
+                req.run_dir.join(FIT_FILE).display(),
+                f.info.source.store
+            ));
+        }
+        let mut bank_opt = bank;
+        let mut scorers = Vec::new();
+        for p in &req.methods {
+            scorers.push((*p, make_scorer(*p, req, head.as_ref(), &f, &mut bank_opt)?));
+        }
+        fitted = Some(f);
+        return Ok(Prepared {
+            scorers,
+            settings: settings_json(req, vim_dim, head_path.as_deref(), fitted.as_ref()),
+            device: req.device,
+        });
+    }
+    let mut none = None;
+    let empty = Fitted::empty(source_of(Path::new(""), m, 0));
+    let mut scorers = Vec::new();
+    for p in &req.methods {
+        scorers.push((*p, make_scorer(*p, req, head.as_ref(), &empty, &mut none)?));
+    }
+    Ok(Prepared {
+        scorers,
+        settings: settings_json(req, vim_dim, head_path.as_deref(), fitted.as_ref()),
+        device: req.device,
+    })
+}
+
+fn make_scorer(
+    p: PostHoc,
+    req: &Request,
+    head: Option<&Head>,
+    f: &Fitted,
+    bank: &mut Option<Tensor>,
+) -> Result<Scorer> {
+    let dev = req.device;
+    let head32 = || -> Result<Head> {
+        Ok(head
+            .context("internal: the head was not read")?
+            .to(Kind::Float, dev))
+    };
+    let s = &req.settings;
+    Ok(match p {
+        PostHoc::MaxLogit => Scorer::MaxLogit,
+        PostHoc::GradNorm => Scorer::GradNorm,
+        PostHoc::React => Scorer::React {
+            head: head32()?,
+            threshold: f.react_threshold.context("internal: no ReAct threshold")?,
+        },
+        PostHoc::Knn => Scorer::Knn {
+            bank: bank.take().context("internal: no KNN bank")?,
+            k: s.knn_k,
+        },
+        PostHoc::Vim => {
+            let v = f.vim.as_ref().context("internal: no ViM fit")?;
+            Scorer::Vim(VimParams {
+                u: v.u.to_device(dev),
+                ns: v.ns.to_device(dev),
+                alpha: v.alpha,
+            })
+        }
+        PostHoc::AshP | PostHoc::AshB | PostHoc::AshS => Scorer::Ash {
+            head: head32()?,
+            variant: match p {
+                PostHoc::AshP => Ash::P,
+                PostHoc::AshB => Ash::B,
+                _ => Ash::S,
+            },
+            percentile: s.ash_percentile,
+        },
+        PostHoc::Dice => {
+            let h = head32()?;
+            let mean = f.dice_mean.as_ref().context("internal: no DICE mean")?;
+            let mask = ph::dice_mask(&h, &mean.to_device(dev), s.dice_percentile)?;
+            Scorer::Dice { head: h, mask }
+        }
+    })
+}
+
+fn settings_json(
+    req: &Request,
+    vim_dim: Option<i64>,
+    head: Option<&Path>,
+    fitted: Option<&Fitted>,
+) -> serde_json::Value {
+    let mut v = serde_json::json!({});
+    let s = &req.settings;
+    for p in &req.methods {
+        match p {
+            PostHoc::React => v["react_percentile"] = s.react_percentile.into(),
+            PostHoc::Knn => v["knn_k"] = s.knn_k.into(),
+            PostHoc::Vim => v["vim_dim"] = vim_dim.into(),
+            PostHoc::AshP | PostHoc::AshB | PostHoc::AshS => {
+                v["ash_percentile"] = s.ash_percentile.into()
+            }
+            PostHoc::Dice => v["dice_percentile"] = s.dice_percentile.into(),
+            _ => {}
+        }
+    }
+    if let Some(h) = head {
+        v["head_checkpoint"] = h.display().to_string().into();
+    }
+    if let Some(f) = fitted {
+        v["fit_store"] = f.info.source.store.clone().into();
+        v["fit_fingerprint"] = f.info.source.fingerprint.clone().into();
+        v["fit_rows"] = f.info.source.rows.into();
+        if let Some(r) = &f.info.react {
+            if req.methods.contains(&PostHoc::React) {
+                v["react_threshold"] = r.threshold.into();
+            }
+        }
+        if let Some(vf) = &f.info.vim {
+            if req.methods.contains(&PostHoc::Vim) {
+                v["vim_alpha"] = vf.alpha.into();
+            }
+        }
+    }
+    v["device"] = format!("{:?}", req.device).into();
+    v
+}
+
+impl Scorer {
+    /// Scores a batch: logits [N, C] and features [N, D] on any device -> [N] there.
+    pub fn score(&self, logits: &Tensor, features: Option<&Tensor>) -> Result<Tensor> {
+        let feats = || features.context("internal: no features");
+        Ok(match self {
+            Scorer::MaxLogit => ph::max_logit(logits)?,
+            Scorer::GradNorm => ph::gradnorm(logits, feats()?)?,
+            Scorer::React { head, threshold } => ph::react(feats()?, head, *threshold)?,
+            Scorer::Knn { bank, k } => {
+                ph::knn(&ph::l2_normalise(feats()?), bank, *k, KnnBlocks::default())?
+            }
+            Scorer::Vim(p) => ph::vim(feats()?, logits, p)?,
+            Scorer::Ash {
+                head,
+                variant,
+                percentile,
+            } => ph::ash(feats()?, head, *variant, *percentile)?,
+            Scorer::Dice { head, mask } => ph::dice(feats()?, head, mask)?,
+        })
+    }
+}
+
+impl Prepared {
+    /// The scorer of `p`.
+    pub fn scorer(&self, p: PostHoc) -> Result<&Scorer> {
+        self.scorers
+            .iter()
+            .find(|(q, _)| *q == p)
+            .map(|(_, s)| s)
+            .with_context(|| format!("internal: {} was not prepared", p.name()))
+    }
+
+    /// Scores every row of a store with `p`, in chunks of rows on the device.
+    pub fn score_rows(
+        &self,
+        p: PostHoc,
+        logits: &Tensor,
+        features: Option<&Tensor>,
+    ) -> Result<Vec<f64>> {
+        let scorer = self.scorer(p)?;
+        let n = logits.size()[0];
+        let mut out = Vec::with_capacity(n as usize);
+        let mut start = 0;
+        while start < n {
+            let len = CHUNK.min(n - start);
+            let l = logits.narrow(0, start, len).to_device(self.device);
+            let f = features.map(|f| f.narrow(0, start, len).to_device(self.device));
+            let s = scorer
+                .score(&l, f.as_ref())
+                .with_context(|| format!("scoring {}", p.name()))?;
+            out.extend(super::score::to_f64_vec(&s)?);
+            start += len;
+        }
+        Ok(out)
+    }
+}

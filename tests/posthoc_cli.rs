@@ -1,0 +1,335 @@
+//! `mos score` with the post-hoc methods (docs/scores.md#post-hoc-methods-from-feature-stores):
+//! stores written with the library (random features of a ResNetV2-R14x0.5-sized
+//! model, logits from a random head saved as a checkpoint), the scores of the
+//! command equal the library's functions on the same tensors, the fit is saved and
+//! reused, and bad input is a clear error before any scoring.
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::Rng;
+use mos::model::checkpoint;
+use mos::ood::posthoc::{self as ph, Ash, Head, KnnBlocks};
+use mos::pipeline::extract::Extracted;
+use mos::pipeline::store::{self, Manifest};
+use tch::{Kind, Tensor};
+
+const C: i64 = 10;
+const D: i64 = 1024; // ResNetV2-R14x0.5's pre-logit width
+
+fn mos() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_mos"))
+}
+
+/// A random head saved as a checkpoint; returns its path and SHA-256.
+fn head_checkpoint(path: &Path, seed: u64) -> (Head, String) {
+    let mut rng = Rng::new(seed);
+    let w = rng.normal_tensor(&[C, D, 1, 1]) * 0.05;
+    let b = rng.normal_tensor(&[C]) * 0.1;
+    let meta = std::collections::HashMap::new();
+    let bytes = checkpoint::serialize(
+        &[
+            ("head.conv.weight".to_string(), w.shallow_clone()),
+            ("head.conv.bias".to_string(), b.shallow_clone()),
+        ],
+        meta,
+    )
+    .unwrap();
+    std::fs::write(path, bytes).unwrap();
+    (
+        Head::new(&w, &b).unwrap(),
+        store::sha256_file(path).unwrap(),
+    )
+}
+
+/// A one-shard store of `rows` random non-negative features (shifted by `shift`)
+/// and their logits under `head`.
+fn make_store(dir: &Path, ckpt: &Path, sha: &str, head: &Head, rows: usize, seed: u64, shift: f64) {
+    let mut rng = Rng::new(seed);
+    let features = (rng.normal_tensor(&[rows as i64, D]) + shift).relu();
+    let logits = head.logits(&features);
+    let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+    let mut m = Manifest {
+        format: store::FORMAT.into(),
+        mos_version: env!("CARGO_PKG_VERSION").into(),
+        model: "ResNetV2-R14x0.5".into(),
+        checkpoint: ckpt.display().to_string(),
+        checkpoint_sha256: sha.into(),
+        checkpoint_format: "safetensors".into(),
+        head_size: C,
+        num_classes: C,
+        crop: 32,
+        batch: 64,
+        precision: "fp32".into(),
+        skip_bad_images: false,
+        layers: vec!["logits".into(), "features".into()],
+        datadir: dir.join("data").display().to_string(),
+        list: None,
+        dataset: name,
+        images: rows,
+        data_fingerprint: format!("random-{seed}"),
+        num_shards: 1,
+        fingerprint: String::new(),
+        command: vec!["mos".into(), "extract".into()],
+        complete: true,
+    };
+    m.fingerprint = m.compute_fingerprint();
+    let m = store::prepare(dir, &m).unwrap();
+    let ex = Extracted {
+        indices: (0..rows).collect(),
+        labels: (0..rows as i64).map(|i| i % C).collect(),
+        logits,
+        features: Some(features),
+        layers: vec![],
+        skipped: vec![],
+    };
+    let paths: Vec<String> = (0..rows)
+        .map(|i| format!("c{}/{i}.png", i as i64 % C))
+        .collect();
+    store::write_shard(dir, &m, 0, &ex, &paths, "cpu").unwrap();
+}
+
+struct Setup {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    ckpt: PathBuf,
+    head: Head,
+}
+
+fn setup() -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    let ckpt = root.join("head.safetensors");
+    let (head, sha) = head_checkpoint(&ckpt, 7);
+    make_store(&root.join("train"), &ckpt, &sha, &head, 120, 1, 0.3);
+    make_store(&root.join("val"), &ckpt, &sha, &head, 40, 2, 0.3);
+    make_store(&root.join("ood"), &ckpt, &sha, &head, 30, 3, -0.2);
+    Setup {
+        _tmp: tmp,
+        root,
+        ckpt,
+        head,
+    }
+}
+
+fn score(s: &Setup, methods: &str, name: &str) -> Command {
+    let mut cmd = mos();
+    cmd.arg("score")
+        .arg("--id")
+        .arg(s.root.join("val"))
+        .arg("--ood")
+        .arg(s.root.join("ood"))
+        .args(["--score", methods, "--device", "cpu", "--name", name])
+        .arg("--logdir")
+        .arg(s.root.join("runs"));
+    cmd
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{cmd:?} failed:\n{err}");
+    err
+}
+
+/// The error of a command that must fail with exit code 1, before any scoring
+/// (no results.json in its run directory).
+fn fails(cmd: &mut Command, run: &Path) -> String {
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{cmd:?} should fail:\n{err}");
+    assert!(err.contains("Error: "), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        !run.join("results.json").exists(),
+        "scored before the error:\n{err}"
+    );
+    err
+}
+
+/// Columns of a score CSV with one method per column: (header, rows of values).
+fn read_csv(path: &Path) -> (Vec<String>, Vec<Vec<f64>>) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<String> = lines.next().unwrap().split(',').map(String::from).collect();
+    let rows = lines
+        .map(|l| l.split(',').skip(2).map(|v| v.parse().unwrap()).collect())
+        .collect();
+    (header, rows)
+}
+
+fn load(dir: &Path) -> (Tensor, Tensor) {
+    let s = store::load(dir).unwrap();
+    (s.logits, s.features.unwrap())
+}
+
+#[test]
+fn scores_of_the_command_equal_the_library_and_the_fit_is_reused() {
+    let s = setup();
+    let all = "MaxLogit,GradNorm,ReAct,KNN,ViM,ASH-P,ASH-B,ASH-S,DICE";
+    let csv = s.root.join("scores.csv");
+    let log = ok(score(&s, all, "run")
+        .arg("--fit")
+        .arg(s.root.join("train"))
+        .arg("--model-path")
+        .arg(&s.ckpt)
+        .args(["--knn-k", "5", "--vim-dim", "100"])
+        .arg("--save-scores")
+        .arg(&csv));
+    assert!(log.contains("training statistics saved"), "{log}");
+    let run = s.root.join("runs/run");
+    assert!(run.join("fit.safetensors").is_file() && run.join("fit.json").is_file());
+    let (header, rows) = read_csv(&csv);
+    assert_eq!(header[2..].join(","), all);
+
+    // The library on the same tensors.
+    let (tl, tf) = load(&s.root.join("train"));
+    let threshold = ph::percentile(&tf, 90.0).unwrap();
+    let bank = ph::l2_normalise(&tf);
+    let vim = ph::vim_fit(&tf, &tl, &s.head.to(Kind::Double, tch::Device::Cpu), 100).unwrap();
+    let mask = ph::dice_mask(&s.head, &ph::feature_mean(&tf).unwrap(), 70.0).unwrap();
+    let mut want: Vec<Vec<f64>> = vec![Vec::new(); 9];
+    for set in ["val", "ood"] {
+        let (l, f) = load(&s.root.join(set));
+        let cols = [
+            ph::max_logit(&l).unwrap(),
+            ph::gradnorm(&l, &f).unwrap(),
+            ph::react(&f, &s.head, threshold).unwrap(),
+            ph::knn(&ph::l2_normalise(&f), &bank, 5, KnnBlocks::default()).unwrap(),
+            ph::vim(&f, &l, &vim).unwrap(),
+            ph::ash(&f, &s.head, Ash::P, 90.0).unwrap(),
+            ph::ash(&f, &s.head, Ash::B, 90.0).unwrap(),
+            ph::ash(&f, &s.head, Ash::S, 90.0).unwrap(),
+            ph::dice(&f, &s.head, &mask).unwrap(),
+        ];
+        for (w, c) in want.iter_mut().zip(cols) {
+            w.extend(common::to_vec(&c));
+        }
+    }
+    assert_eq!(rows.len(), 70);
+    for (m, name) in header[2..].iter().enumerate() {
+        for (i, row) in rows.iter().enumerate() {
+            // The same functions on the same tensors, written as the shortest
+            // decimal that reads back as the same f64.
+            assert_eq!(row[m], want[m][i], "{name} row {i}");
+        }
+    }
+    let results: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(run.join("results.json")).unwrap()).unwrap();
+    assert_eq!(results.len(), 9);
+    let p = &results[0]["settings"]["posthoc"];
+    assert_eq!(p["knn_k"], 5);
+    assert_eq!(p["vim_dim"], 100);
+    assert_eq!(p["react_percentile"], 90.0);
+    assert_eq!(p["ash_percentile"], 90.0);
+    assert_eq!(p["dice_percentile"], 70.0);
+    assert_eq!(p["fit_rows"], 120);
+
+    // A rerun without --fit reuses the saved statistics (no store read for
+    // ReAct, ViM and DICE) and gives the same scores.
+    let csv2 = s.root.join("again.csv");
+    let log = ok(score(&s, "ReAct,ViM,DICE", "run")
+        .args(["--vim-dim", "100"])
+        .arg("--model-path")
+        .arg(&s.ckpt)
+        .arg("--save-scores")
+        .arg(&csv2));
+    assert!(log.contains("reusing the training statistics"), "{log}");
+    assert!(!log.contains("reading the fit store"), "{log}");
+    let (_, rows2) = read_csv(&csv2);
+    for (r, r2) in rows.iter().zip(&rows2) {
+        assert_eq!([r[2], r[4], r[8]], [r2[0], r2[1], r2[2]]);
+    }
+    // Another ReAct percentile refits from the recorded store.
+    let log = ok(score(&s, "ReAct", "run")
+        .args(["--react-percentile", "80"])
+        .arg("--model-path")
+        .arg(&s.ckpt));
+    assert!(log.contains("reading the fit store"), "{log}");
+}
+
+#[test]
+fn bad_input_is_a_clear_error_before_any_scoring() {
+    let s = setup();
+    let runs = s.root.join("runs");
+    let train = s.root.join("train");
+    // A method that needs --fit, without it.
+    for m in ["ReAct", "KNN", "ViM", "DICE"] {
+        let e = fails(
+            score(&s, m, "nofit").arg("--model-path").arg(&s.ckpt),
+            &runs.join("nofit"),
+        );
+        assert!(
+            e.contains("needs training statistics: give --fit STORE"),
+            "{m}: {e}"
+        );
+    }
+    // Percentiles outside (0, 100), k < 1, named by their flag.
+    for (flag, v) in [
+        ("--react-percentile", "100"),
+        ("--react-percentile", "0"),
+        ("--ash-percentile", "-1"),
+        ("--dice-percentile", "100.5"),
+        ("--ash-percentile", "nan"),
+        ("--knn-k", "0"),
+    ] {
+        let e = fails(
+            score(&s, "ReAct,ASH-S,DICE,KNN", "pct")
+                .arg("--fit")
+                .arg(&train)
+                .arg(format!("{flag}={v}")),
+            &runs.join("pct"),
+        );
+        assert!(
+            e.contains(&format!("{flag} {v}")) || e.contains(&format!("{flag} NaN")),
+            "{e}"
+        );
+    }
+    // k larger than the bank (120 training images).
+    let e = fails(
+        score(&s, "KNN", "bigk")
+            .arg("--fit")
+            .arg(&train)
+            .args(["--knn-k", "121"]),
+        &runs.join("bigk"),
+    );
+    assert!(
+        e.contains("--knn-k 121: larger than the bank") && e.contains("120 images"),
+        "{e}"
+    );
+    // A fit store of another model: another checkpoint.
+    let other = s.root.join("other.safetensors");
+    let (head2, sha2) = head_checkpoint(&other, 8);
+    make_store(&s.root.join("train2"), &other, &sha2, &head2, 50, 4, 0.3);
+    let e = fails(
+        score(&s, "ReAct", "other")
+            .arg("--fit")
+            .arg(s.root.join("train2"))
+            .arg("--model-path")
+            .arg(&s.ckpt),
+        &runs.join("other"),
+    );
+    assert!(
+        e.contains("--fit") && e.contains("another checkpoint SHA-256"),
+        "{e}"
+    );
+    // A head from another checkpoint than the stores'.
+    let e = fails(
+        score(&s, "ASH-S", "head").arg("--model-path").arg(&other),
+        &runs.join("head"),
+    );
+    assert!(e.contains("--model-path") && e.contains("SHA-256"), "{e}");
+    // A ViM dimension that leaves no residual space.
+    let e = fails(
+        score(&s, "ViM", "vim")
+            .arg("--fit")
+            .arg(&train)
+            .args(["--vim-dim", "1024"]),
+        &runs.join("vim"),
+    );
+    assert!(e.contains("--vim-dim 1024"), "{e}");
+    // Unknown names list the post-hoc methods.
+    let e = fails(&mut score(&s, "ASH-Q", "name"), &runs.join("name"));
+    assert!(e.contains("ASH-S") && e.contains("GradNorm"), "{e}");
+}
