@@ -1,5 +1,6 @@
 //! One module per subcommand; `run` dispatches.
 pub mod bench_train;
+pub mod benchmark;
 pub mod convert;
 pub mod data_check;
 pub mod env;
@@ -47,5 +48,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Extract(args) => extract::run(&args),
         Command::Merge(args) => merge::run(&args),
         Command::Score(args) => score::run(&args),
+        Command::Benchmark(args) => benchmark::run(&args),
     }
 }
