@@ -12,12 +12,23 @@ use crate::model::Variant;
 use crate::pipeline::benchmark::{self, BenchmarkRequest, SetSpec};
 use crate::pipeline::score::MethodSettings;
 
-/// A set in a config file: a path, or a path with its expected image count.
+/// A set in a config file: a path, or `{"path", "images", "name"}` (the
+/// expected image count, the name in the results).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(untagged)]
 enum ConfigSet {
     Path(PathBuf),
-    Counted { path: PathBuf, images: usize },
+    Object(ConfigSetObject),
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigSetObject {
+    path: PathBuf,
+    #[serde(default)]
+    images: Option<usize>,
+    #[serde(default)]
+    name: Option<String>,
 }
 
 impl ConfigSet {
@@ -26,10 +37,12 @@ impl ConfigSet {
             ConfigSet::Path(p) => SetSpec {
                 path: p.clone(),
                 images: None,
+                name: None,
             },
-            ConfigSet::Counted { path, images } => SetSpec {
-                path: path.clone(),
-                images: Some(*images),
+            ConfigSet::Object(o) => SetSpec {
+                path: o.path.clone(),
+                images: o.images,
+                name: o.name.clone(),
             },
         }
     }
@@ -92,7 +105,11 @@ fn parse_expect(s: &str) -> Result<(String, usize)> {
     Ok((set.trim().to_string(), n))
 }
 
-fn set_name(p: &Path) -> String {
+fn set_name(s: &SetSpec) -> String {
+    if let Some(n) = &s.name {
+        return n.clone();
+    }
+    let p = &s.path;
     p.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| p.display().to_string())
@@ -104,10 +121,11 @@ fn request(args: &BenchmarkArgs) -> Result<BenchmarkRequest> {
         Some(p) => read_config(p)?,
         None => Config::default(),
     };
-    let in_set = match (&args.in_datadir, &cfg.in_datadir) {
+    let mut in_set = match (&args.in_datadir, &cfg.in_datadir) {
         (Some(p), _) => SetSpec {
             path: p.clone(),
             images: None,
+            name: None,
         },
         (None, Some(c)) => c.spec(),
         (None, None) => bail!("--in-datadir is required (on the command line or in --config)"),
@@ -118,6 +136,7 @@ fn request(args: &BenchmarkArgs) -> Result<BenchmarkRequest> {
             .map(|p| SetSpec {
                 path: p.clone(),
                 images: None,
+                name: None,
             })
             .collect()
     } else {
@@ -130,17 +149,27 @@ fn request(args: &BenchmarkArgs) -> Result<BenchmarkRequest> {
     if out_sets.is_empty() {
         bail!("--out-datadir is required (repeat it for each OOD set; or \"out_datadir\": [...] in --config)");
     }
-    // Counts given in the config's set objects apply to sets given on the command
-    // line too, by set name; --expect-images overrides both.
-    let mut expect: BTreeMap<String, usize> = BTreeMap::new();
-    for c in cfg
+    // Counts and names given in the config's set objects apply to sets given on
+    // the command line too, by folder name; --expect-images overrides the counts.
+    let cfg_sets: Vec<SetSpec> = cfg
         .in_datadir
         .iter()
         .chain(cfg.out_datadir.iter().flatten())
-    {
-        let s = c.spec();
+        .map(ConfigSet::spec)
+        .collect();
+    let base = |p: &Path| p.file_name().map(|n| n.to_os_string());
+    for s in std::iter::once(&mut in_set).chain(out_sets.iter_mut()) {
+        if s.name.is_none() {
+            s.name = cfg_sets
+                .iter()
+                .find(|c| base(&c.path) == base(&s.path))
+                .and_then(|c| c.name.clone());
+        }
+    }
+    let mut expect: BTreeMap<String, usize> = BTreeMap::new();
+    for s in &cfg_sets {
         if let Some(n) = s.images {
-            expect.insert(set_name(&s.path), n);
+            expect.insert(set_name(s), n);
         }
     }
     for e in cfg
@@ -153,10 +182,9 @@ fn request(args: &BenchmarkArgs) -> Result<BenchmarkRequest> {
         expect.insert(set, n);
     }
     let mut all: Vec<&mut SetSpec> = vec![];
-    let mut in_set = in_set;
     all.push(&mut in_set);
     all.extend(out_sets.iter_mut());
-    let known: Vec<String> = all.iter().map(|s| set_name(&s.path)).collect();
+    let known: Vec<String> = all.iter().map(|s| set_name(s)).collect();
     for set in expect.keys() {
         if !known.contains(set) {
             bail!(
@@ -166,7 +194,7 @@ fn request(args: &BenchmarkArgs) -> Result<BenchmarkRequest> {
         }
     }
     for s in all {
-        if let Some(&n) = expect.get(&set_name(&s.path)) {
+        if let Some(&n) = expect.get(&set_name(s)) {
             s.images = Some(n);
         }
     }
@@ -348,5 +376,52 @@ mod tests {
             e.contains("unknown field `in-datadir`") && e.contains("snake_case"),
             "{e}"
         );
+    }
+
+    /// The shipped configs read, and their published numbers cover every method
+    /// and OOD set they run.
+    #[test]
+    fn shipped_configs_are_complete() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        for (file, sets) in [
+            (
+                "mos_cvpr21.json",
+                vec!["iNaturalist", "SUN", "Places", "Textures"],
+            ),
+            ("demo.json", vec!["mnist", "fashion_inverted"]),
+        ] {
+            let cfg = root.join("configs/benchmarks").join(file);
+            let argv = [
+                "mos",
+                "benchmark",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--device",
+                "cpu",
+            ];
+            let crate::cli::Command::Benchmark(a) =
+                <crate::cli::Cli as clap::Parser>::try_parse_from(argv)
+                    .unwrap()
+                    .command
+            else {
+                panic!()
+            };
+            let r = request(&a).unwrap();
+            assert_eq!(r.score.len(), 6, "{file}");
+            let names: Vec<String> = r.out_sets.iter().map(set_name).collect();
+            assert_eq!(names, sets, "{file}");
+            assert!(r.out_sets.iter().all(|s| s.images.is_some()), "{file}");
+            if let Some(p) = &r.published {
+                let p = benchmark::read_published(&root.join(p)).unwrap();
+                for m in &r.score {
+                    for s in &sets {
+                        assert!(
+                            p.cells.iter().any(|c| &c.method == m && c.set == *s),
+                            "{file}: {m} on {s}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }

@@ -167,8 +167,11 @@ pub fn run(mut job: EvalJob) -> Result<()> {
         ));
     }
     let mut rows = Vec::new();
-    for (ood, ood_sc) in oods.iter().zip(&ood_scores) {
+    for ((ood, ood_sc), ood_dir) in oods.iter().zip(&ood_scores).zip(&job.data.out_datadir) {
         let skipped = id_scores.skipped.len() + ood_sc.skipped.len();
+        // Each row names its own OOD set.
+        let mut settings = job.settings.clone();
+        settings["out_datadir"] = serde_json::json!(ood_dir);
         for (m, method) in job.methods.iter().enumerate() {
             let metrics = metrics_of(&id_scores, ood_sc, m)
                 .with_context(|| format!("metrics of {} on {}", method.name(), ood.name))?;
@@ -187,7 +190,7 @@ pub fn run(mut job: EvalJob) -> Result<()> {
                 skipped,
                 model: job.model.name.to_string(),
                 model_path: job.model_path.display().to_string(),
-                settings: job.settings.clone(),
+                settings: settings.clone(),
             });
         }
     }

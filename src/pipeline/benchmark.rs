@@ -32,6 +32,8 @@ use crate::runlog::RunLog;
 pub struct SetSpec {
     pub path: PathBuf,
     pub images: Option<usize>,
+    /// The set's name in the results; default: the folder's base name.
+    pub name: Option<String>,
 }
 
 /// What one benchmark run asks for (the command line and config file of
@@ -199,7 +201,16 @@ pub fn foreign_files(root: &Path, limit: usize) -> Vec<PathBuf> {
 
 /// Opens a set and checks its expected image count.
 fn open_set(spec: &SetSpec, flag: &str) -> Result<EvalSet> {
-    let set = EvalSet::open(&spec.path, flag)?;
+    let mut set = EvalSet::open(&spec.path, flag)?;
+    if let Some(name) = &spec.name {
+        if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+            bail!(
+                "{flag} {}: set name '{name}' must be a plain file name",
+                spec.path.display()
+            );
+        }
+        set.name = name.clone();
+    }
     if let Some(want) = spec.images {
         let found = set.folder.len();
         if found != want {
