@@ -33,7 +33,7 @@
 # per-round ratios, with every round's ratio. --smoke runs every section on tiny
 # inputs, one round (CI uses it to check that the script works; its numbers mean
 # nothing).
-# With no section, runs all four. The Python side runs in the pinned reference
+# With no section, runs them all. The Python side runs in the pinned reference
 # environment of scripts/lib.sh (mos_python_env: a venv with numpy, scipy,
 # scikit-learn, Pillow, torchvision and the setup cache's torch), made on first use.
 set -euo pipefail
@@ -69,7 +69,7 @@ bench_id=32 bench_ood=32 bench_size=96 ps_images=32 ps_pass=4 ps_crop=480 ps_bat
 # On a GPU (MOS_DEVICE=cuda...), enough images for a steady rate.
 case "${MOS_DEVICE:-}" in cuda*) ps_images=2048 ps_pass=256 ps_batch=64 ;; esac
 if [ "$smoke" = 1 ]; then
-    bench_id=4 bench_ood=4 bench_size=32 ps_images=4 ps_pass=1 ps_crop=64 ps_batch=2
+    bench_id=6 bench_ood=4 bench_size=32 ps_images=4 ps_pass=1 ps_crop=64 ps_batch=2
     images=1 size=64 rounds=1 steps=1
     jpegs=16 loader_size=64 score_size=32 score_id=6 score_ood=4 train_size=64 train_batch=2
     store_id=6 store_ood=4 store_size=32 syn_id=1000 syn_ood=100
@@ -332,7 +332,7 @@ if has benchmark; then
     echo "mos benchmark vs the original way (12 commands: test-mos + 5 test-baseline per OOD set), 6 methods x 2 OOD sets,"
     echo "$((2 * bench_id)) ID + 2 x $bench_ood OOD JPEGs at ${bench_size}x${bench_size}, ResNetV2-R26x0.5 (random weights), CPU;"
     echo "each round: original then benchmark (fresh run directory: everything extracted); medians of $rounds rounds"
-    printf '%-44s %10s %10s %8s   %s\n' settings "original s" "bench s" ratio "ratio per round"
+    printf '%-56s %10s %10s %8s   %s\n' settings "original s" "bench s" ratio "ratio per round"
     for spec in "0 0" "0.0014 0.001"; do
         read -r eps mag <<<"$spec"
         [ "$smoke" = 1 ] || timed_run bench_once "$eps" "$mag" >/dev/null # warm-up (page cache)
@@ -354,7 +354,7 @@ PY
         label="ODIN eps $eps, Mahalanobis magnitude $mag"
         [ "$spec" = "0 0" ] && label="$label (all from stores)" || label="$label (image passes)"
         awk -v l="$label" -v b="$(median "${bases[@]}")" -v o="$(median "${ours[@]}")" -v r="$(median "${ratios[@]}")" -v all="${ratios[*]}" \
-            'BEGIN { printf "%-44s %10.2f %10.2f %7.2fx   %s\n", l, b, o, r, all }'
+            'BEGIN { printf "%-56s %10.2f %10.2f %7.2fx   %s\n", l, b, o, r, all }'
         echo "  where mos benchmark's time went (last round, report.md):"
         sed -n '/^| stage/,$p' "$b/runs/bench/report.md" | sed 1,2d | sed 's/^/    /'
     done
@@ -366,22 +366,26 @@ if has paper-scale; then
     ref make-val-jpegs "$p/val/images" "$ps_images" 0
     ref make-val-jpegs "$p/pass/images" "$ps_pass" 1
     ref make-model "$p" R101x1 1 8 # head 1000
+    # test-baseline wants one logit per class of its (one-class) set: the same
+    # backbone with a 1-logit head for the image passes.
+    mkdir -p "$p/one" && ref make-model "$p/one" R101x1 1 8 1
     ref make-maha "$p/maha.safetensors" R101x1 1000 0.001
-    pcommon=(--model BiT-S-R101x1 --model-path "$p/R101x1.pth.tar" --crop "$ps_crop" --workers "$threads" --device "$dev")
+    pcommon=(--model BiT-S-R101x1 --crop "$ps_crop" --workers "$threads" --device "$dev")
     echo
     echo "paper scale: BiT-S-R101x1 at ${ps_crop}x${ps_crop}, device $dev, $ps_images JPEGs with ImageNet val's sizes (most 500x375 / 375x500, quality 90),"
     echo "batch $ps_batch, $threads decoding workers; the real loader (decode + resize + normalize) and forward"
     jpeg_kb=$(du -sk "$p/val/images" | awk -v n="$ps_images" '{ printf "%.0f", $1 / n }')
-    "$mos" extract --datadir "$p/pass" --output "$p/warm" "${pcommon[@]}" --batch "$ps_batch" >/dev/null 2>&1 # warm-up
+    "$mos" extract --datadir "$p/pass" --output "$p/warm" --model-path "$p/R101x1.pth.tar" "${pcommon[@]}" --batch "$ps_batch" >/dev/null 2>&1 # warm-up
     rm -rf "$p/store"
-    t=$(timed_run "$mos" extract --datadir "$p/val" --output "$p/store" "${pcommon[@]}" --batch "$ps_batch")
-    ext=$(sed -n 's/.* s (\([0-9.]*\) images\/s).*/\1/p' "$p/store/store.log" | tail -n 1)
+    t=$(timed_run "$mos" extract --datadir "$p/val" --output "$p/store" --model-path "$p/R101x1.pth.tar" "${pcommon[@]}" --batch "$ps_batch")
+    secs=$(sed -n 's/.* in \([0-9.]*\) s (.*images\/s).*/\1/p' "$p/store/store.log" | tail -n 1)
+    ext=$(awk -v n="$ps_images" -v s="$secs" 'BEGIN { if (s > 0) printf "%.3f", n / s }')
     check_rate "mos extract" "$ext"
     echo "extraction: $ext images/s (store.log; the whole command with start-up: $t s, average JPEG $jpeg_kb KiB)"
     # The image passes: ODIN (epsilon > 0) and Mahalanobis (magnitude > 0), per image.
     "$mos" test-baseline --in-datadir "$p/pass" --out-datadir "$p/pass" --logdir "$p/runs" --name pass \
         --score ODIN,Mahalanobis --epsilon-odin 0.0014 --mahalanobis-param-path "$p/maha.safetensors" \
-        --batch "$ps_batch" "${pcommon[@]}" >"$p/pass.log" 2>&1 || { cat "$p/pass.log" >&2; exit 1; }
+        --batch "$ps_batch" "${pcommon[@]}" --model-path "$p/one/R101x1.pth.tar" >"$p/pass.log" 2>&1 || { cat "$p/pass.log" >&2; exit 1; }
     read -r odin maha < <("$py" -c 'import json,sys; r={x["method"]: x for x in json.load(open(sys.argv[1]))}; n=2*r["ODIN"]["num_in"]; print(r["ODIN"]["seconds"]/n, r["Mahalanobis"]["seconds"]/n)' "$p/runs/pass/results.json")
     awk -v e="$ext" -v o="$odin" -v m="$maha" 'BEGIN {
         n = 85640; ex = 2 * n / e; od = n * o; ma = n * m
