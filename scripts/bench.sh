@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmarks that print ratios against a baseline measured in the same run.
-# Usage: scripts/bench.sh [forward|loader|scores|train|store|groups|posthoc]... [--images N] [--size S]
+# Usage: scripts/bench.sh [forward|loader|scores|train|store|groups|posthoc|benchmark|paper-scale]... [--images N] [--size S]
 #                         [--rounds N] [--steps N] [--same-malloc] [--smoke]
 #   forward: BiT-S-R50x1 and BiT-S-R101x1 forward images/s, mos vs the PyTorch
 #            reference (tests/fixtures/make_model_fixtures.py) on the same threads
@@ -30,12 +30,20 @@
 #            then reused), KNN with k = 1000 for 5,000 + 5,000 queries against a
 #            100,000-row bank; the scoring seconds of results.json, the command's wall
 #            time and peak memory (max RSS). One round.
+#   benchmark: mos benchmark vs the same table made the original way (one test-mos
+#            and one test-baseline per method and OOD set), two OOD sets, random
+#            ResNetV2-R26x0.5 group and flat models, with the store-served settings
+#            (ODIN epsilon 0, Mahalanobis magnitude 0) and with image passes.
+#   paper-scale: end-to-end extraction images/s of BiT-S-R101x1 at 480x480 on
+#            the machine's device (MOS_DEVICE, default auto) over JPEGs with
+#            ImageNet validation's sizes, the image passes of ODIN and Mahalanobis,
+#            and the extrapolated time of the paper's whole Table 1.
 # Every section runs --rounds interleaved rounds (baseline then mos, so that a
 # machine-wide slowdown hits both) and prints the median of each side and of the
 # per-round ratios, with every round's ratio. --smoke runs every section on tiny
 # inputs, one round (CI uses it to check that the script works; its numbers mean
 # nothing).
-# With no section, runs all four. The Python side runs in the pinned reference
+# With no section, runs them all. The Python side runs in the pinned reference
 # environment of scripts/lib.sh (mos_python_env: a venv with numpy, scipy,
 # scikit-learn, Pillow, torchvision and the setup cache's torch), made on first use.
 set -euo pipefail
@@ -52,7 +60,7 @@ smoke=0
 torch_env=()
 while [ $# -gt 0 ]; do
     case "$1" in
-        forward | loader | scores | train | store | groups | posthoc) what+=("$1") ;;
+        forward | loader | scores | train | store | groups | posthoc | benchmark | paper-scale) what+=("$1") ;;
         --images) images=$2; shift ;;
         --size) size=$2; shift ;;
         --rounds) rounds=$2; shift ;;
@@ -63,13 +71,17 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-[ ${#what[@]} -gt 0 ] || what=(forward loader scores train store groups posthoc)
+[ ${#what[@]} -gt 0 ] || what=(forward loader scores train store groups posthoc benchmark paper-scale)
 # Sizes of the loader, scores and train sections (--smoke shrinks them all).
 jpegs=256 loader_size=480 score_size=128 score_id=48 score_ood=64 train_size=224 train_batch=8
 store_id=96 store_ood=64 store_size=480 syn_id=50000 syn_ood=10000
 group_classes=21843
 ph_id=50000 ph_ood=10000 ph_fit=20000 knn_q=5000 knn_bank=100000 knn_k=1000
+bench_id=32 bench_ood=32 bench_size=96 ps_images=32 ps_pass=4 ps_crop=480 ps_batch=16
+# On a GPU (MOS_DEVICE=cuda...), enough images for a steady rate.
+case "${MOS_DEVICE:-}" in cuda*) ps_images=2048 ps_pass=256 ps_batch=64 ;; esac
 if [ "$smoke" = 1 ]; then
+    bench_id=6 bench_ood=4 bench_size=32 ps_images=4 ps_pass=1 ps_crop=64 ps_batch=2
     images=1 size=64 rounds=1 steps=1
     jpegs=16 loader_size=64 score_size=32 score_id=6 score_ood=4 train_size=64 train_batch=2
     store_id=6 store_ood=4 store_size=32 syn_id=1000 syn_ood=100
@@ -347,4 +359,121 @@ for r in json.load(open(sys.argv[1])):
     echo "KNN k=$knn_k: $((2 * knn_q)) queries vs a $knn_bank-row bank: scoring ${s} s, wall ${w} s (reading the stores included), peak ${m} MiB"
     awk -v s="$s" -v q="$((2 * knn_q))" -v b="$knn_bank" 'BEGIN {
         printf "  extrapolated to a 1.28M bank (cost linear in queries x bank): %.0f s for these queries on this CPU\n", s * 1281167 / b }'
+fi
+
+# Wall time of a command (its output to $tmp/timed.log, shown if it fails).
+timed_run() {
+    local start end
+    start=$(now)
+    "$@" >"$tmp/timed.log" 2>&1 || { cat "$tmp/timed.log" >&2; echo "bench: $* failed" >&2; exit 1; }
+    end=$(now)
+    awk -v s="$start" -v e="$end" 'BEGIN { printf "%.3f", e - s }'
+}
+
+if has benchmark; then
+    b=$tmp/bench
+    ref make-jpegs "$b/id/a" "$bench_id" 1
+    ref make-jpegs "$b/id/b" "$bench_id" 2
+    ref make-jpegs "$b/ood1/x" "$bench_ood" 3
+    ref make-jpegs "$b/ood2/x" "$bench_ood" 4
+    mkdir -p "$b/group" "$b/flat"
+    ref make-model "$b/group" R26x0.5 1 8 4 # 2 classes + 2 groups
+    ref make-model "$b/flat" R26x0.5 1 8 2
+    echo '{"classes_per_group": [1, 1]}' >"$b/groups.json"
+    bcommon=(--model ResNetV2-R26x0.5 --crop "$bench_size" --batch 32 --workers "$threads" --device cpu)
+    find "$b/id" -name '*.jpg' | sort | awk -F/ '{ print $(NF-2) "/" $(NF-1) "/" $NF " " ($(NF-2) == "a" ? 0 : 1) }' >"$b/list.txt"
+    for mag in 0 0.001; do
+        "$mos" tune-mahalanobis --datadir "$b/id" --train-list "$b/list.txt" --val-list "$b/list.txt" \
+            --model-path "$b/flat/R26x0.5.pth.tar" --logdir "$b/runs" --name "maha$mag" --magnitudes "$mag" \
+            --num-lr-samples "$(( bench_id < 20 ? bench_id : 20 ))" "${bcommon[@]}" >"$b/maha.log" 2>&1 ||
+            { cat "$b/maha.log" >&2; echo "bench: tune-mahalanobis failed" >&2; exit 1; }
+    done
+    # The original way: per OOD set, test-mos and one test-baseline per method.
+    original() {
+        rm -rf "$b/runs/orig"
+        for o in ood1 ood2; do
+            "$mos" test-mos --in-datadir "$b/id" --out-datadir "$b/$o" --logdir "$b/runs" --name orig \
+                --model-path "$b/group/R26x0.5.pth.tar" --group-config "$b/groups.json" "${bcommon[@]}" || return 1
+            for m in MSP ODIN Energy KL_Div Mahalanobis; do
+                "$mos" test-baseline --in-datadir "$b/id" --out-datadir "$b/$o" --logdir "$b/runs" --name orig \
+                    --model-path "$b/flat/R26x0.5.pth.tar" --score "$m" --epsilon-odin "$1" \
+                    --mahalanobis-param-path "$b/runs/maha$2" "${bcommon[@]}" || return 1
+            done
+        done
+    }
+    bench_once() {
+        rm -rf "$b/runs/bench"
+        "$mos" benchmark --in-datadir "$b/id" --out-datadir "$b/ood1" --out-datadir "$b/ood2" --logdir "$b/runs" --name bench \
+            --group-model-path "$b/group/R26x0.5.pth.tar" --group-config "$b/groups.json" \
+            --flat-model-path "$b/flat/R26x0.5.pth.tar" --mahalanobis-param-path "$b/runs/maha$2" \
+            --score MOS,MSP,ODIN,Energy,KL_Div,Mahalanobis --epsilon-odin "$1" "${bcommon[@]}"
+    }
+    echo
+    echo "mos benchmark vs the original way (12 commands: test-mos + 5 test-baseline per OOD set), 6 methods x 2 OOD sets,"
+    echo "$((2 * bench_id)) ID + 2 x $bench_ood OOD JPEGs at ${bench_size}x${bench_size}, ResNetV2-R26x0.5 (random weights), CPU;"
+    echo "each round: original then benchmark (fresh run directory: everything extracted); medians of $rounds rounds"
+    printf '%-56s %10s %10s %8s   %s\n' settings "original s" "bench s" ratio "ratio per round"
+    for spec in "0 0" "0.0014 0.001"; do
+        read -r eps mag <<<"$spec"
+        [ "$smoke" = 1 ] || timed_run bench_once "$eps" "$mag" >/dev/null # warm-up (page cache)
+        bases=() ours=() ratios=()
+        for _ in $(seq "$rounds"); do
+            t_b=$(timed_run original "$eps" "$mag")
+            t_o=$(timed_run bench_once "$eps" "$mag")
+            bases+=("$t_b") ours+=("$t_o") ratios+=("$(ratio "$t_b" "$t_o")")
+        done
+        # Same table both ways (the same scores through the same functions).
+        "$py" - "$b/runs/orig/results.json" "$b/runs/bench/results.json" <<'PY' || { echo "bench: mos benchmark and the test commands disagree" >&2; exit 1; }
+import json, sys
+a, b = (json.load(open(p)) for p in sys.argv[1:])
+key = lambda r: (r["method"], r["out_dataset"])
+a = {key(r): (r["auroc"], r["fpr95"]) for r in a}
+b = {key(r): (r["auroc"], r["fpr95"]) for r in b}
+sys.exit(0 if a == b and len(a) == 12 else 1)
+PY
+        label="ODIN eps $eps, Mahalanobis magnitude $mag"
+        [ "$spec" = "0 0" ] && label="$label (all from stores)" || label="$label (image passes)"
+        awk -v l="$label" -v b="$(median "${bases[@]}")" -v o="$(median "${ours[@]}")" -v r="$(median "${ratios[@]}")" -v all="${ratios[*]}" \
+            'BEGIN { printf "%-56s %10.2f %10.2f %7.2fx   %s\n", l, b, o, r, all }'
+        echo "  where mos benchmark's time went (last round, report.md):"
+        sed -n '/^| stage/,$p' "$b/runs/bench/report.md" | sed 1,2d | sed 's/^/    /'
+    done
+fi
+
+if has paper-scale; then
+    p=$tmp/paper
+    dev=${MOS_DEVICE:-auto}
+    ref make-val-jpegs "$p/val/images" "$ps_images" 0
+    ref make-val-jpegs "$p/pass/images" "$ps_pass" 1
+    ref make-model "$p" R101x1 1 8 # head 1000
+    # test-baseline wants one logit per class of its (one-class) set: the same
+    # backbone with a 1-logit head for the image passes.
+    mkdir -p "$p/one" && ref make-model "$p/one" R101x1 1 8 1
+    ref make-maha "$p/maha.safetensors" R101x1 1000 0.001
+    pcommon=(--model BiT-S-R101x1 --crop "$ps_crop" --workers "$threads" --device "$dev")
+    echo
+    echo "paper scale: BiT-S-R101x1 at ${ps_crop}x${ps_crop}, device $dev, $ps_images JPEGs with ImageNet val's sizes (most 500x375 / 375x500, quality 90),"
+    echo "batch $ps_batch, $threads decoding workers; the real loader (decode + resize + normalize) and forward"
+    jpeg_kb=$(du -sk "$p/val/images" | awk -v n="$ps_images" '{ printf "%.0f", $1 / n }')
+    "$mos" extract --datadir "$p/pass" --output "$p/warm" --model-path "$p/R101x1.pth.tar" "${pcommon[@]}" --batch "$ps_batch" >/dev/null 2>&1 # warm-up
+    rm -rf "$p/store"
+    t=$(timed_run "$mos" extract --datadir "$p/val" --output "$p/store" --model-path "$p/R101x1.pth.tar" "${pcommon[@]}" --batch "$ps_batch")
+    secs=$(sed -n 's/.* in \([0-9.]*\) s (.*images\/s).*/\1/p' "$p/store/store.log" | tail -n 1)
+    ext=$(awk -v n="$ps_images" -v s="$secs" 'BEGIN { if (s > 0) printf "%.3f", n / s }')
+    check_rate "mos extract" "$ext"
+    echo "extraction: $ext images/s (store.log; the whole command with start-up: $t s, average JPEG $jpeg_kb KiB)"
+    # The image passes: ODIN (epsilon > 0) and Mahalanobis (magnitude > 0), per image.
+    "$mos" test-baseline --in-datadir "$p/pass" --out-datadir "$p/pass" --logdir "$p/runs" --name pass \
+        --score ODIN,Mahalanobis --epsilon-odin 0.0014 --mahalanobis-param-path "$p/maha.safetensors" \
+        --batch "$ps_batch" "${pcommon[@]}" --model-path "$p/one/R101x1.pth.tar" >"$p/pass.log" 2>&1 || { cat "$p/pass.log" >&2; exit 1; }
+    read -r odin maha < <("$py" -c 'import json,sys; r={x["method"]: x for x in json.load(open(sys.argv[1]))}; n=2*r["ODIN"]["num_in"]; print(r["ODIN"]["seconds"]/n, r["Mahalanobis"]["seconds"]/n)' "$p/runs/pass/results.json")
+    awk -v e="$ext" -v o="$odin" -v m="$maha" 'BEGIN {
+        n = 85640; ex = 2 * n / e; od = n * o; ma = n * m
+        printf "image passes: ODIN (epsilon > 0) %.3f s/image, Mahalanobis (magnitude > 0) %.3f s/image\n", o, m
+        printf "Table 1 extrapolated (85,640 images = 50,000 ID + 10,000 x 3 + 5,640):\n"
+        printf "  extraction through the group and the flat model (171,280 forward passes): %.1f min\n", ex / 60
+        printf "  + ODIN image pass: %.1f min; + Mahalanobis image pass: %.1f min\n", od / 60, ma / 60
+        printf "  whole table: %.1f min from stores only (ODIN epsilon 0 and Mahalanobis magnitude 0, the released defaults),\n", ex / 60
+        printf "               %.1f min with both image passes (paper: about 13 hours summed over its test runs)\n", (ex + od + ma) / 60
+    }'
 fi

@@ -205,6 +205,56 @@ def make_jpegs(d, n, seed=0):
         crop.save(os.path.join(out, f"{i:05d}.jpg"), quality=90)
 
 
+def make_val_jpegs(d, n, seed=0):
+    """JPEGs with the size statistics of ImageNet validation images: most are
+    500x375 or 375x500 (quality 90, as ImageNet's are about), the rest other
+    sizes with a 500-pixel long side or smaller; the content is real photographs
+    (scikit-learn's sample images, randomly cropped and resized), so decoding costs
+    what a photograph costs."""
+    import random
+
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    rng = random.Random(seed)
+    photos = [Image.fromarray(a) for a in load_sample_images().images]
+    os.makedirs(d, exist_ok=True)
+    for i in range(n):
+        r = rng.random()
+        if r < 0.60:
+            size = (500, 375)
+        elif r < 0.80:
+            size = (375, 500)
+        elif r < 0.90:
+            size = (500, 333)
+        elif r < 0.95:
+            size = (500, 500)
+        else:
+            size = (rng.randint(200, 500), rng.randint(150, 500))
+        img = photos[i % len(photos)]
+        w, h = img.size
+        cw, ch = rng.randint(w // 2, w), rng.randint(h // 2, h)
+        x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        img.crop((x, y, x + cw, y + ch)).resize(size, Image.BILINEAR).save(
+            os.path.join(d, f"{i:05d}.jpg"), quality=90
+        )
+
+
+def make_maha(path, model, classes, magnitude):
+    """Mahalanobis parameters of the right shapes for `model` (random class means,
+    identity precisions), for timing the image pass."""
+    dims = {"R50x1": [64, 256, 512, 1024, 2048], "R101x1": [64, 256, 512, 1024, 2048]}[model]
+    g = torch.Generator().manual_seed(0)
+    t = {}
+    for l, d in enumerate(dims):
+        t[f"mean.{l}"] = torch.randn(classes, d, generator=g)
+        t[f"precision.{l}"] = torch.eye(d)
+    t["lr_weight"] = torch.randn(5, generator=g)
+    t["lr_bias"] = torch.zeros(1)
+    t["magnitude"] = torch.tensor([magnitude])
+    write_st(path, t)
+
+
 def torch_loader(d, workers, batch, size):
     import torchvision.datasets as datasets
     import torchvision.transforms as T
@@ -265,6 +315,10 @@ if __name__ == "__main__":
         torch_train(args[0], int(args[1]), int(args[2]), int(args[3]), int(args[4]))
     elif cmd == "make-jpegs":
         make_jpegs(args[0], int(args[1]), *(int(a) for a in args[2:3]))
+    elif cmd == "make-val-jpegs":
+        make_val_jpegs(args[0], int(args[1]), *(int(a) for a in args[2:3]))
+    elif cmd == "make-maha":
+        make_maha(args[0], args[1], int(args[2]), float(args[3]))
     elif cmd == "torch-loader":
         torch_loader(args[0], int(args[1]), int(args[2]), int(args[3]))
     else:

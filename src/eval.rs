@@ -162,13 +162,13 @@ fn score_batch(
     })
 }
 
-/// Fills in the KL-matching scores of both sets: templates from the ID set's
-/// probabilities by ImageFolder label (docs/scores.md#kl-matching), then one matrix
-/// product per set.
+/// Fills in the KL-matching scores of the ID set and every OOD set: templates
+/// from the ID set's probabilities by ImageFolder label
+/// (docs/scores.md#kl-matching), then one matrix product per set.
 pub fn finish_kl(
     methods: &[Method],
     id: &mut SplitScores,
-    ood_set: &mut SplitScores,
+    ood_sets: &mut [SplitScores],
     num_classes: i64,
 ) -> Result<()> {
     let Some(m) = methods.iter().position(|m| matches!(m, Method::KlDiv)) else {
@@ -176,16 +176,21 @@ pub fn finish_kl(
     };
     let start = Instant::now();
     let id_probs = Tensor::cat(&id.probs, 0);
-    let ood_probs = Tensor::cat(&ood_set.probs, 0);
-    let mut scores =
-        score::kl_scores(&id_probs, &id.labels, num_classes, &[&id_probs, &ood_probs])?;
-    ood_set.scores[m] = scores.pop().context("KL scores")?;
-    id.scores[m] = scores.pop().context("KL scores")?;
+    let ood_probs: Vec<Tensor> = ood_sets.iter().map(|s| Tensor::cat(&s.probs, 0)).collect();
+    let mut sets = vec![&id_probs];
+    sets.extend(ood_probs.iter());
+    let mut scores = score::kl_scores(&id_probs, &id.labels, num_classes, &sets)?.into_iter();
+    id.scores[m] = scores.next().context("KL scores")?;
     id.probs.clear();
-    ood_set.probs.clear();
-    let secs = start.elapsed().as_secs_f64() / 2.0;
+    for s in ood_sets.iter_mut() {
+        s.scores[m] = scores.next().context("KL scores")?;
+        s.probs.clear();
+    }
+    let secs = start.elapsed().as_secs_f64() / (1 + ood_sets.len()) as f64;
     id.seconds[m] += secs;
-    ood_set.seconds[m] += secs;
+    for s in ood_sets.iter_mut() {
+        s.seconds[m] += secs;
+    }
     Ok(())
 }
 

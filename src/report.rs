@@ -2,7 +2,7 @@
 //! same run directory), the readable table, per-image score CSVs, and the paper's
 //! table layout (`mos report`).
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
@@ -257,4 +257,21 @@ pub fn paper_table(rows: &[MethodResult], format: ReportFormat) -> String {
             out
         }
     }
+}
+
+/// The score CSV of one OOD set: `--save-scores` itself with one OOD set,
+/// else `<stem>_<OOD set>.csv` beside it.
+pub fn csv_path(csv: &Path, num_ood: usize, ood_name: &str) -> PathBuf {
+    if num_ood == 1 {
+        return csv.to_path_buf();
+    }
+    let stem = csv
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ext = csv
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()))
+        .unwrap_or_default();
+    csv.with_file_name(format!("{stem}_{ood_name}{ext}"))
 }

@@ -9,7 +9,7 @@ use crate::cli::{DeviceArgs, EvalDataArgs, EvalOutputArgs, RunArgs};
 use crate::eval::{finish_kl, metrics_of, score_split, EvalOptions, EvalSet, Method, MethodResult};
 use crate::model::weights::{load_model, with_head_hint};
 use crate::model::Variant;
-use crate::report::{merge_results, table, write_scores_csv, ScoreColumns};
+use crate::report::{csv_path, merge_results, table, write_scores_csv, ScoreColumns};
 use crate::runlog::RunLog;
 
 /// The head a checkpoint must have for this evaluation, and how to explain a mismatch.
@@ -89,14 +89,31 @@ pub fn run(mut job: EvalJob) -> Result<()> {
     ));
     let device = job.device.device.resolve()?;
     let id = EvalSet::open(&job.data.in_datadir, "--in-datadir")?;
-    let ood = EvalSet::open(&job.data.out_datadir, "--out-datadir")?;
+    let oods = job
+        .data
+        .out_datadir
+        .iter()
+        .map(|d| EvalSet::open(d, "--out-datadir"))
+        .collect::<Result<Vec<_>>>()?;
+    for (i, a) in oods.iter().enumerate() {
+        if let Some(b) = oods[..i].iter().find(|b| b.name == a.name) {
+            bail!(
+                "--out-datadir {} and {}: two OOD sets named {} (the folder's base name names the set in the results)",
+                b.folder.root.display(),
+                a.folder.root.display(),
+                a.name
+            );
+        }
+    }
     let id_classes = id.folder.classes.len();
     log.line(format!(
-        "in-distribution {}: {} images, {id_classes} classes; out-of-distribution {}: {} images",
+        "in-distribution {}: {} images, {id_classes} classes; out-of-distribution: {}",
         id.name,
         id.folder.len(),
-        ood.name,
-        ood.folder.len()
+        oods.iter()
+            .map(|o| format!("{} ({} images)", o.name, o.folder.len()))
+            .collect::<Vec<_>>()
+            .join(", ")
     ));
     let head = expected_head(&job, id_classes)?;
     let loaded = load_model(job.model_path, Some(job.model), Some(head), device)
@@ -126,43 +143,56 @@ pub fn run(mut job: EvalJob) -> Result<()> {
                 )
             })?
     };
+    // The in-distribution set is scored once for every OOD set.
     let mut id_scores = score(&id, "in-dist")?;
-    let mut ood_scores = score(&ood, "out-of-dist")?;
+    let mut ood_scores = oods
+        .iter()
+        .map(|o| score(o, &format!("ood {}", o.name)))
+        .collect::<Result<Vec<_>>>()?;
     finish_kl(
         &job.methods,
         &mut id_scores,
         &mut ood_scores,
         id_classes as i64,
     )?;
-    for s in id_scores.skipped.iter().chain(&ood_scores.skipped) {
+    for s in id_scores
+        .skipped
+        .iter()
+        .chain(ood_scores.iter().flat_map(|o| &o.skipped))
+    {
         log.line(format!(
             "skipped unreadable image {}: {}",
             s.path.display(),
             s.reason
         ));
     }
-    let skipped = id_scores.skipped.len() + ood_scores.skipped.len();
     let mut rows = Vec::new();
-    for (m, method) in job.methods.iter().enumerate() {
-        let metrics = metrics_of(&id_scores, &ood_scores, m)
-            .with_context(|| format!("metrics of {}", method.name()))?;
-        rows.push(MethodResult {
-            method: method.name().to_string(),
-            in_dataset: id.name.clone(),
-            out_dataset: ood.name.clone(),
-            num_in: id_scores.paths.len(),
-            num_out: ood_scores.paths.len(),
-            auroc: metrics.auroc,
-            aupr_in: metrics.aupr_in,
-            aupr_out: metrics.aupr_out,
-            fpr95: metrics.fpr95,
-            fpr95_ood_positive: metrics.fpr95_ood_positive,
-            seconds: id_scores.seconds[m] + ood_scores.seconds[m],
-            skipped,
-            model: job.model.name.to_string(),
-            model_path: job.model_path.display().to_string(),
-            settings: job.settings.clone(),
-        });
+    for ((ood, ood_sc), ood_dir) in oods.iter().zip(&ood_scores).zip(&job.data.out_datadir) {
+        let skipped = id_scores.skipped.len() + ood_sc.skipped.len();
+        // Each row names its own OOD set.
+        let mut settings = job.settings.clone();
+        settings["out_datadir"] = serde_json::json!(ood_dir);
+        for (m, method) in job.methods.iter().enumerate() {
+            let metrics = metrics_of(&id_scores, ood_sc, m)
+                .with_context(|| format!("metrics of {} on {}", method.name(), ood.name))?;
+            rows.push(MethodResult {
+                method: method.name().to_string(),
+                in_dataset: id.name.clone(),
+                out_dataset: ood.name.clone(),
+                num_in: id_scores.paths.len(),
+                num_out: ood_sc.paths.len(),
+                auroc: metrics.auroc,
+                aupr_in: metrics.aupr_in,
+                aupr_out: metrics.aupr_out,
+                fpr95: metrics.fpr95,
+                fpr95_ood_positive: metrics.fpr95_ood_positive,
+                seconds: id_scores.seconds[m] + ood_sc.seconds[m],
+                skipped,
+                model: job.model.name.to_string(),
+                model_path: job.model_path.display().to_string(),
+                settings: settings.clone(),
+            });
+        }
     }
     let results = dir.join("results.json");
     merge_results(&results, &rows)?;
@@ -174,39 +204,45 @@ pub fn run(mut job: EvalJob) -> Result<()> {
         ));
     }
     let names: Vec<&str> = job.methods.iter().map(Method::name).collect();
-    if let Some(csv) = &job.output.save_scores {
-        let sets = [
-            ScoreColumns {
-                split: "in",
-                paths: &id_scores.paths,
-                scores: &id_scores.scores,
-            },
-            ScoreColumns {
-                split: "out",
-                paths: &ood_scores.paths,
-                scores: &ood_scores.scores,
-            },
-        ];
-        write_scores_csv(csv, &names, &sets)?;
-        log.line(format!("scores written to {}", csv.display()));
+    for (o, (ood, ood_sc)) in oods.iter().zip(&ood_scores).enumerate() {
+        if let Some(csv) = &job.output.save_scores {
+            let csv = csv_path(csv, oods.len(), &ood.name);
+            let sets = [
+                ScoreColumns {
+                    split: "in",
+                    paths: &id_scores.paths,
+                    scores: &id_scores.scores,
+                },
+                ScoreColumns {
+                    split: "out",
+                    paths: &ood_sc.paths,
+                    scores: &ood_sc.scores,
+                },
+            ];
+            write_scores_csv(&csv, &names, &sets)?;
+            log.line(format!("scores written to {}", csv.display()));
+        }
+        if job.output.plot {
+            for (m, name) in names.iter().enumerate() {
+                let stem = format!("{name}_{}_vs_{}", id.name, ood.name);
+                let (a, b) = (&id_scores.scores[m], &ood_sc.scores[m]);
+                crate::plot::histogram(
+                    &dir.join(format!("{stem}_hist.svg")),
+                    &format!("{name}: {} vs {}", id.name, ood.name),
+                    a,
+                    b,
+                )?;
+                let row = &rows[o * names.len() + m];
+                crate::plot::roc(
+                    &dir.join(format!("{stem}_roc.svg")),
+                    &format!("{name} ROC, AUROC {:.2}%", 100.0 * row.auroc),
+                    a,
+                    b,
+                )?;
+            }
+        }
     }
     if job.output.plot {
-        for (m, name) in names.iter().enumerate() {
-            let stem = format!("{name}_{}_vs_{}", id.name, ood.name);
-            let (a, b) = (&id_scores.scores[m], &ood_scores.scores[m]);
-            crate::plot::histogram(
-                &dir.join(format!("{stem}_hist.svg")),
-                &format!("{name}: {} vs {}", id.name, ood.name),
-                a,
-                b,
-            )?;
-            crate::plot::roc(
-                &dir.join(format!("{stem}_roc.svg")),
-                &format!("{name} ROC, AUROC {:.2}%", 100.0 * rows[m].auroc),
-                a,
-                b,
-            )?;
-        }
         log.line(format!("plots written to {}", dir.display()));
     }
     log.line(format!(

@@ -1,5 +1,6 @@
 //! One module per subcommand; `run` dispatches.
 pub mod bench_train;
+pub mod benchmark;
 pub mod convert;
 pub mod data_check;
 pub mod env;
@@ -49,5 +50,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Merge(args) => merge::run(&args),
         Command::Score(args) => score::run(&args),
         Command::MakeGroups(args) => make_groups::run(&args),
+        Command::Benchmark(args) => benchmark::run(&args),
     }
 }

@@ -1,86 +1,37 @@
 //! `mos score`: OOD scores, metrics, results.json, the table, score CSVs and
 //! plots from feature stores alone (docs/cluster.md): no image, no model. The
 //! in-distribution set is scored once for all out-of-distribution stores.
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
 use crate::cli::ScoreArgs;
 use crate::eval::MethodResult;
-use crate::groupconfig::read_group_config;
 use crate::metrics::ood_metrics;
-use crate::ood::{GroupSlices, Score};
-use crate::pipeline::mahalanobis::read_params;
 use crate::pipeline::posthoc::{self, PostHoc};
-use crate::pipeline::score::{kl_scores, score_rows, Method, RowScores};
+use crate::pipeline::score::{
+    kl_scores, methods_from_names, score_rows, Method, MethodSettings, RowScores,
+};
 use crate::pipeline::store::{self, StoreData, MANIFEST};
-use crate::report::{merge_results, table, write_scores_csv, ScoreColumns};
+use crate::report::{csv_path, merge_results, table, write_scores_csv, ScoreColumns};
 use crate::runlog::RunLog;
 
-/// The methods of `--score`, with their settings.
+/// The methods of `--score`, with their settings: those a store can serve.
 fn methods(args: &ScoreArgs) -> Result<Vec<Method>> {
-    for (flag, t) in [
-        ("--temperature-odin", args.temperature_odin),
-        ("--temperature-energy", args.temperature_energy),
-    ] {
-        if !(t > 0.0 && t.is_finite()) {
-            bail!("{flag} {t}: must be a positive number");
-        }
-    }
-    if args.epsilon_odin < 0.0 || !args.epsilon_odin.is_finite() {
-        bail!(
-            "--epsilon-odin {}: must be a non-negative number",
-            args.epsilon_odin
-        );
-    }
-    let mut out: Vec<Method> = Vec::new();
-    for name in &args.score {
-        let method = if let Some(p) = PostHoc::parse(name) {
-            Method::PostHoc(p)
-        } else if name.trim().eq_ignore_ascii_case("mos") {
-            let Some(path) = &args.group_config else {
-                bail!("--score MOS needs --group-config (the classes per group of the model)");
-            };
-            let cfg = read_group_config(path).context("--group-config")?;
-            Method::Mos(
-                GroupSlices::new(&cfg.classes_per_group)
-                    .with_context(|| format!("--group-config {}", path.display()))?,
-            )
-        } else {
-            let score: Score = name
-                .trim()
-                .parse()
-                .map_err(|e: String| {
-                    anyhow::anyhow!(
-                        "--score: {e}, or MOS, MaxLogit, GradNorm, ReAct, KNN, ViM, ASH-P, ASH-B, ASH-S, DICE"
-                    )
-                })?;
-            match score {
-                Score::Msp => Method::Msp,
-                Score::Odin => Method::Odin {
-                    temperature: args.temperature_odin,
-                    epsilon: args.epsilon_odin,
-                },
-                Score::Energy => Method::Energy {
-                    temperature: args.temperature_energy,
-                },
-                Score::KlDiv => Method::KlDiv,
-                Score::Mahalanobis => {
-                    let Some(path) = &args.mahalanobis_param_path else {
-                        bail!("--score Mahalanobis needs --mahalanobis-param-path (the output of tune-mahalanobis)");
-                    };
-                    Method::Mahalanobis(std::rc::Rc::new(read_params(path, tch::Device::Cpu)?))
-                }
-            }
-        };
-        if out.iter().any(|m| m.name() == method.name()) {
-            bail!("--score lists {} twice", method.name());
-        }
+    let settings = MethodSettings {
+        temperature_odin: args.temperature_odin,
+        epsilon_odin: args.epsilon_odin,
+        temperature_energy: args.temperature_energy,
+        group_config: args.group_config.clone(),
+        mahalanobis_param_path: args.mahalanobis_param_path.clone(),
+        model: None,
+    };
+    let out = methods_from_names(&args.score, &settings, tch::Device::Cpu)?;
+    for method in &out {
         if let Some(why) = method.needs_images() {
             bail!("--score {}: {why}", method.name());
         }
-        out.push(method);
     }
     Ok(out)
 }
@@ -380,21 +331,4 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
         started.elapsed().as_secs_f64()
     ));
     Ok(())
-}
-
-/// The score CSV of one OOD store: `--save-scores` itself with one OOD store,
-/// else `<stem>_<OOD set>.csv` beside it.
-fn csv_path(csv: &Path, num_ood: usize, ood_name: &str) -> PathBuf {
-    if num_ood == 1 {
-        return csv.to_path_buf();
-    }
-    let stem = csv
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let ext = csv
-        .extension()
-        .map(|e| format!(".{}", e.to_string_lossy()))
-        .unwrap_or_default();
-    csv.with_file_name(format!("{stem}_{ood_name}{ext}"))
 }

@@ -19,6 +19,10 @@
 //! ([`crate::eval`]); `mos extract` runs 1 and 2, `mos score` 2 and 3. Both use the
 //! same functions on the same rows, so a score from a store equals the test
 //! command's bit for bit on the same device (docs/cluster.md).
+//!
+//! [`benchmark`] runs a whole table (`mos benchmark`): every (model, set) pair
+//! through stages 1-2 once, then 3 and 4 for every method (docs/benchmark.md).
+pub mod benchmark;
 pub mod extract;
 pub mod mahalanobis;
 pub mod mahalanobis_params;

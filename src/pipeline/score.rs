@@ -51,6 +51,12 @@ impl Method {
         }
     }
 
+    /// Whether the method scores the group-softmax model (MOS) rather than the
+    /// flat one (every other method).
+    pub fn needs_group_model(&self) -> bool {
+        matches!(self, Method::Mos(_))
+    }
+
     /// Whether the method is a function of the shared forward pass's logits.
     pub fn uses_shared_logits(&self) -> bool {
         match self {
@@ -74,6 +80,103 @@ impl Method {
             _ => None,
         }
     }
+}
+
+/// The settings methods are built with from their names ([`methods_from_names`]).
+#[derive(Debug, Clone)]
+pub struct MethodSettings {
+    pub temperature_odin: f64,
+    pub epsilon_odin: f64,
+    pub temperature_energy: f64,
+    /// Classes per group (.npy or .json), for MOS.
+    pub group_config: Option<std::path::PathBuf>,
+    /// Tuned Mahalanobis parameters (tune-mahalanobis).
+    pub mahalanobis_param_path: Option<std::path::PathBuf>,
+    /// The architecture the Mahalanobis parameters must fit, when known.
+    pub model: Option<crate::model::Variant>,
+}
+
+/// The method names `--score` accepts (also KL matching's other spellings).
+pub const METHOD_NAMES: [&str; 6] = ["MOS", "MSP", "ODIN", "Energy", "KL_Div", "Mahalanobis"];
+
+/// The methods named by `--score` (case-insensitive), with their settings read
+/// and checked; Mahalanobis' parameters land on `device`. Every command that
+/// scores by name (`mos score`, `mos benchmark`) builds its methods here.
+pub fn methods_from_names(
+    names: &[String],
+    s: &MethodSettings,
+    device: Device,
+) -> Result<Vec<Method>> {
+    for (flag, t) in [
+        ("--temperature-odin", s.temperature_odin),
+        ("--temperature-energy", s.temperature_energy),
+    ] {
+        if !(t > 0.0 && t.is_finite()) {
+            bail!("{flag} {t}: must be a positive number");
+        }
+    }
+    if s.epsilon_odin < 0.0 || !s.epsilon_odin.is_finite() {
+        bail!(
+            "--epsilon-odin {}: must be a non-negative number",
+            s.epsilon_odin
+        );
+    }
+    let mut out: Vec<Method> = Vec::new();
+    for name in names {
+        let method = if let Some(p) = super::posthoc::PostHoc::parse(name) {
+            Method::PostHoc(p)
+        } else if name.trim().eq_ignore_ascii_case("mos") {
+            let Some(path) = &s.group_config else {
+                bail!("--score MOS needs --group-config (the classes per group of the model)");
+            };
+            let cfg = crate::groupconfig::read_group_config(path).context("--group-config")?;
+            Method::Mos(
+                GroupSlices::new(&cfg.classes_per_group)
+                    .with_context(|| format!("--group-config {}", path.display()))?,
+            )
+        } else {
+            let score: ood::Score = name
+                .trim()
+                .parse()
+                .map_err(|e: String| {
+                    anyhow::anyhow!(
+                        "--score: {e}, or MOS, MaxLogit, GradNorm, ReAct, KNN, ViM, ASH-P, ASH-B, ASH-S, DICE"
+                    )
+                })?;
+            match score {
+                ood::Score::Msp => Method::Msp,
+                ood::Score::Odin => Method::Odin {
+                    temperature: s.temperature_odin,
+                    epsilon: s.epsilon_odin,
+                },
+                ood::Score::Energy => Method::Energy {
+                    temperature: s.temperature_energy,
+                },
+                ood::Score::KlDiv => Method::KlDiv,
+                ood::Score::Mahalanobis => {
+                    let Some(path) = &s.mahalanobis_param_path else {
+                        bail!("--score Mahalanobis needs --mahalanobis-param-path (the output of tune-mahalanobis)");
+                    };
+                    Method::Mahalanobis(std::rc::Rc::new(super::mahalanobis::read_params_for(
+                        path, device, s.model,
+                    )?))
+                }
+            }
+        };
+        if out.iter().any(|m| m.name() == method.name()) {
+            bail!("--score lists {} twice", method.name());
+        }
+        out.push(method);
+    }
+    Ok(out)
+}
+
+/// The outputs a store must keep for `methods` besides the logits.
+pub fn store_layers(methods: &[Method]) -> super::extract::Layers {
+    let mut l = super::extract::Layers::LOGITS;
+    l.mahalanobis = methods.iter().any(|m| matches!(m, Method::Mahalanobis(_)));
+    l.features = methods.iter().any(|m| matches!(m, Method::PostHoc(_)));
+    l
 }
 
 /// The scores of one batch from its outputs: `logits` [N, head] and, for

@@ -1,0 +1,427 @@
+//! `mos benchmark`: merges the `--config` file with the command line into a
+//! [`BenchmarkRequest`] and runs it ([`crate::pipeline::benchmark`]).
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+use crate::cli::BenchmarkArgs;
+use crate::device::DeviceSpec;
+use crate::model::Variant;
+use crate::pipeline::benchmark::{self, BenchmarkRequest, SetSpec};
+use crate::pipeline::score::MethodSettings;
+
+/// A set in a config file: a path, or `{"path", "images", "name"}` (the
+/// expected image count, the name in the results).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+enum ConfigSet {
+    Path(PathBuf),
+    Object(ConfigSetObject),
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigSetObject {
+    path: PathBuf,
+    #[serde(default)]
+    images: Option<usize>,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+impl ConfigSet {
+    fn spec(&self) -> SetSpec {
+        match self {
+            ConfigSet::Path(p) => SetSpec {
+                path: p.clone(),
+                images: None,
+                name: None,
+            },
+            ConfigSet::Object(o) => SetSpec {
+                path: o.path.clone(),
+                images: o.images,
+                name: o.name.clone(),
+            },
+        }
+    }
+}
+
+/// A list given as a JSON array or as one comma-separated string.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+enum Names {
+    List(Vec<String>),
+    Joined(String),
+}
+
+/// The `--config` file: the long flag names of `mos benchmark` in snake_case.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    in_datadir: Option<ConfigSet>,
+    out_datadir: Option<Vec<ConfigSet>>,
+    expect_images: Option<Vec<String>>,
+    model: Option<String>,
+    group_model_path: Option<PathBuf>,
+    group_config: Option<PathBuf>,
+    flat_model_path: Option<PathBuf>,
+    mahalanobis_param_path: Option<PathBuf>,
+    score: Option<Names>,
+    temperature_odin: Option<f64>,
+    epsilon_odin: Option<f64>,
+    temperature_energy: Option<f64>,
+    published: Option<PathBuf>,
+    logdir: Option<PathBuf>,
+    name: Option<String>,
+    workers: Option<usize>,
+    batch: Option<usize>,
+    crop: Option<usize>,
+    skip_bad_images: Option<bool>,
+    device: Option<String>,
+}
+
+fn read_config(path: &Path) -> Result<Config> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--config: cannot read {}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "--config {}: {e}; its keys are the long flags of mos benchmark in snake_case (\"out_datadir\": [...], \"score\": [...]), a set is a path or {{\"path\": ..., \"images\": N}}",
+            path.display()
+        )
+    })
+}
+
+/// `SET=N` of `--expect-images`.
+fn parse_expect(s: &str) -> Result<(String, usize)> {
+    let (set, n) = s
+        .rsplit_once('=')
+        .with_context(|| format!("--expect-images {s}: expected SET=N"))?;
+    let n: usize = n
+        .trim()
+        .parse()
+        .with_context(|| format!("--expect-images {s}: {n} is not a count"))?;
+    Ok((set.trim().to_string(), n))
+}
+
+fn set_name(s: &SetSpec) -> String {
+    if let Some(n) = &s.name {
+        return n.clone();
+    }
+    let p = &s.path;
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| p.display().to_string())
+}
+
+/// The command line over the config file, with the defaults.
+fn request(args: &BenchmarkArgs) -> Result<BenchmarkRequest> {
+    let cfg = match &args.config {
+        Some(p) => read_config(p)?,
+        None => Config::default(),
+    };
+    let mut in_set = match (&args.in_datadir, &cfg.in_datadir) {
+        (Some(p), _) => SetSpec {
+            path: p.clone(),
+            images: None,
+            name: None,
+        },
+        (None, Some(c)) => c.spec(),
+        (None, None) => bail!("--in-datadir is required (on the command line or in --config)"),
+    };
+    let mut out_sets: Vec<SetSpec> = if !args.out_datadir.is_empty() {
+        args.out_datadir
+            .iter()
+            .map(|p| SetSpec {
+                path: p.clone(),
+                images: None,
+                name: None,
+            })
+            .collect()
+    } else {
+        cfg.out_datadir
+            .iter()
+            .flatten()
+            .map(ConfigSet::spec)
+            .collect()
+    };
+    if out_sets.is_empty() {
+        bail!("--out-datadir is required (repeat it for each OOD set; or \"out_datadir\": [...] in --config)");
+    }
+    // Counts and names given in the config's set objects apply to sets given on
+    // the command line too, by folder name; --expect-images overrides the counts.
+    let cfg_sets: Vec<SetSpec> = cfg
+        .in_datadir
+        .iter()
+        .chain(cfg.out_datadir.iter().flatten())
+        .map(ConfigSet::spec)
+        .collect();
+    let base = |p: &Path| p.file_name().map(|n| n.to_os_string());
+    for s in std::iter::once(&mut in_set).chain(out_sets.iter_mut()) {
+        if s.name.is_none() {
+            s.name = cfg_sets
+                .iter()
+                .find(|c| base(&c.path) == base(&s.path))
+                .and_then(|c| c.name.clone());
+        }
+    }
+    let mut expect: BTreeMap<String, usize> = BTreeMap::new();
+    for s in &cfg_sets {
+        if let Some(n) = s.images {
+            expect.insert(set_name(s), n);
+        }
+    }
+    for e in cfg
+        .expect_images
+        .iter()
+        .flatten()
+        .chain(&args.expect_images)
+    {
+        let (set, n) = parse_expect(e)?;
+        expect.insert(set, n);
+    }
+    let mut all: Vec<&mut SetSpec> = vec![];
+    all.push(&mut in_set);
+    all.extend(out_sets.iter_mut());
+    let known: Vec<String> = all.iter().map(|s| set_name(s)).collect();
+    for set in expect.keys() {
+        if !known.contains(set) {
+            bail!(
+                "--expect-images {set}=...: no set named {set}; the sets are {}",
+                known.join(", ")
+            );
+        }
+    }
+    for s in all {
+        if let Some(&n) = expect.get(&set_name(s)) {
+            s.images = Some(n);
+        }
+    }
+    let score: Vec<String> = if !args.score.is_empty() {
+        args.score.clone()
+    } else {
+        match &cfg.score {
+            Some(Names::List(v)) => v.clone(),
+            Some(Names::Joined(s)) => s.split(',').map(|x| x.trim().to_string()).collect(),
+            None => bail!("--score is required (e.g. MOS,MSP,ODIN,Energy,KL_Div,Mahalanobis)"),
+        }
+    };
+    let model: Variant = match (&args.model, &cfg.model) {
+        (Some(m), _) => *m,
+        (None, Some(s)) => s
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("--config \"model\": {e}"))?,
+        (None, None) => "BiT-S-R101x1".parse().map_err(anyhow::Error::msg)?,
+    };
+    let device: DeviceSpec = match (&args.device, &cfg.device) {
+        (Some(d), _) => *d,
+        (None, Some(s)) => s
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--config \"device\": {e}"))?,
+        (None, None) => DeviceSpec::default(),
+    };
+    let logdir = args
+        .logdir
+        .clone()
+        .or(cfg.logdir)
+        .context("--logdir is required (on the command line or in --config)")?;
+    let name = args
+        .name
+        .clone()
+        .or(cfg.name)
+        .context("--name is required (on the command line or in --config)")?;
+    let pick = |a: Option<f64>, c: Option<f64>, d: f64| a.or(c).unwrap_or(d);
+    Ok(BenchmarkRequest {
+        in_set,
+        out_sets,
+        model,
+        group_model_path: args.group_model_path.clone().or(cfg.group_model_path),
+        flat_model_path: args.flat_model_path.clone().or(cfg.flat_model_path),
+        score,
+        settings: MethodSettings {
+            temperature_odin: pick(args.temperature_odin, cfg.temperature_odin, 1000.0),
+            epsilon_odin: pick(args.epsilon_odin, cfg.epsilon_odin, 0.0),
+            temperature_energy: pick(args.temperature_energy, cfg.temperature_energy, 1.0),
+            group_config: args.group_config.clone().or(cfg.group_config),
+            mahalanobis_param_path: args
+                .mahalanobis_param_path
+                .clone()
+                .or(cfg.mahalanobis_param_path),
+            model: Some(model),
+        },
+        published: args.published.clone().or(cfg.published),
+        run_dir: logdir.join(name),
+        batch: args.batch.or(cfg.batch).unwrap_or(256),
+        workers: args.workers.or(cfg.workers).unwrap_or(8),
+        crop: args.crop.or(cfg.crop).unwrap_or(480),
+        skip_bad_images: args.skip_bad_images || cfg.skip_bad_images.unwrap_or(false),
+        device: device.resolve()?,
+    })
+}
+
+pub fn run(args: &BenchmarkArgs) -> Result<()> {
+    let req = request(args)?;
+    let out = benchmark::run(&req)?;
+    if let Some(c) = &out.comparison {
+        print!("\n{}", benchmark::comparison_table(c));
+        let outside = out.outside();
+        if outside > 0 {
+            bail!(
+                "{outside} of {} published cells are outside their tolerance (see {})",
+                c.len(),
+                out.report.display()
+            );
+        }
+        println!(
+            "all {} published cells within their tolerance ({})",
+            c.len(),
+            out.report.display()
+        );
+    } else {
+        println!("report in {}", out.report.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every config key is a long flag of `mos benchmark`, in snake_case.
+    #[test]
+    fn config_keys_are_the_long_flags() {
+        let cmd = crate::cli::Cli::command();
+        let bench = cmd.find_subcommand("benchmark").unwrap();
+        let flags: Vec<String> = bench
+            .get_arguments()
+            .filter_map(|a| a.get_long())
+            .map(|l| l.replace('-', "_"))
+            .collect();
+        // serde names every field it accepts in its unknown-field message.
+        let e = serde_json::from_str::<Config>(r#"{"no_such_key": 1}"#)
+            .unwrap_err()
+            .to_string();
+        let list = e.split("expected one of").nth(1).unwrap();
+        let list = list.split(" at line").next().unwrap();
+        let keys: Vec<&str> = list
+            .split(',')
+            .map(|k| k.trim().trim_start_matches("or ").trim_matches('`'))
+            .collect();
+        assert!(keys.len() >= 20, "{e}");
+        for k in &keys {
+            assert!(flags.iter().any(|f| f == k), "config key {k} is no flag");
+        }
+        for f in &flags {
+            if f != "config" && f != "help" {
+                assert!(keys.contains(&f.as_str()), "flag {f} has no config key");
+            }
+        }
+    }
+
+    #[test]
+    fn command_line_overrides_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("c.json");
+        std::fs::write(
+            &cfg,
+            r#"{"in_datadir": {"path": "d/val", "images": 5}, "out_datadir": ["d/a", {"path": "d/b", "images": 3}],
+                "score": "MSP,Energy", "batch": 4, "crop": 32, "logdir": "runs", "name": "x", "device": "cpu"}"#,
+        )
+        .unwrap();
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["mos", "benchmark", "--config", cfg.to_str().unwrap()];
+            argv.extend(extra);
+            let crate::cli::Command::Benchmark(a) =
+                <crate::cli::Cli as clap::Parser>::try_parse_from(argv)
+                    .unwrap()
+                    .command
+            else {
+                panic!()
+            };
+            request(&a)
+        };
+        let r = parse(&[]).unwrap();
+        assert_eq!(r.in_set.images, Some(5));
+        assert_eq!(r.out_sets.len(), 2);
+        assert_eq!(r.out_sets[1].images, Some(3));
+        assert_eq!(r.score, ["MSP", "Energy"]);
+        assert_eq!((r.batch, r.crop, r.workers), (4, 32, 8));
+        assert_eq!(r.run_dir, PathBuf::from("runs/x"));
+        let r = parse(&[
+            "--batch",
+            "2",
+            "--out-datadir",
+            "e/b",
+            "--score",
+            "ODIN",
+            "--expect-images",
+            "val=6",
+        ])
+        .unwrap();
+        assert_eq!(r.batch, 2);
+        assert_eq!(r.out_sets.len(), 1);
+        // The config's count for set b applies to the command line's e/b.
+        assert_eq!(r.out_sets[0].images, Some(3));
+        assert_eq!(r.in_set.images, Some(6));
+        assert_eq!(r.score, ["ODIN"]);
+        let e = parse(&["--expect-images", "nope=1"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no set named nope"), "{e}");
+        std::fs::write(&cfg, r#"{"in-datadir": "x"}"#).unwrap();
+        let e = parse(&[]).unwrap_err().to_string();
+        assert!(
+            e.contains("unknown field `in-datadir`") && e.contains("snake_case"),
+            "{e}"
+        );
+    }
+
+    /// The shipped configs read, and their published numbers cover every method
+    /// and OOD set they run.
+    #[test]
+    fn shipped_configs_are_complete() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        for (file, sets) in [
+            (
+                "mos_cvpr21.json",
+                vec!["iNaturalist", "SUN", "Places", "Textures"],
+            ),
+            ("demo.json", vec!["mnist", "fashion_inverted"]),
+        ] {
+            let cfg = root.join("configs/benchmarks").join(file);
+            let argv = [
+                "mos",
+                "benchmark",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--device",
+                "cpu",
+            ];
+            let crate::cli::Command::Benchmark(a) =
+                <crate::cli::Cli as clap::Parser>::try_parse_from(argv)
+                    .unwrap()
+                    .command
+            else {
+                panic!()
+            };
+            let r = request(&a).unwrap();
+            assert_eq!(r.score.len(), 6, "{file}");
+            let names: Vec<String> = r.out_sets.iter().map(set_name).collect();
+            assert_eq!(names, sets, "{file}");
+            assert!(r.out_sets.iter().all(|s| s.images.is_some()), "{file}");
+            if let Some(p) = &r.published {
+                let p = benchmark::read_published(&root.join(p)).unwrap();
+                for m in &r.score {
+                    for s in &sets {
+                        assert!(
+                            p.cells.iter().any(|c| &c.method == m && c.set == *s),
+                            "{file}: {m} on {s}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

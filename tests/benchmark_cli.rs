@@ -1,0 +1,391 @@
+//! mos benchmark end to end on tiny image folders and small random models: its rows
+//! equal test-mos / test-baseline's (stores and image passes alike), a rerun
+//! recomputes nothing, the published comparison sets the exit status, and bad
+//! input stops before anything is computed.
+use std::path::{Path, PathBuf};
+
+mod common;
+
+use assert_cmd::Command;
+use predicates::prelude::*;
+
+fn mos() -> Command {
+    Command::cargo_bin("mos").unwrap()
+}
+
+/// Writes `n` small PNGs with distinct content into `dir/class`.
+fn images(dir: &Path, class: &str, n: usize, seed: u32) {
+    let d = dir.join(class);
+    std::fs::create_dir_all(&d).unwrap();
+    for i in 0..n {
+        let img = image::RgbImage::from_fn(20 + i as u32, 18 + (i as u32 % 3), |x, y| {
+            let v = (x * 7 + y * 13 + seed * 31 + i as u32 * 17) % 256;
+            image::Rgb([v as u8, (255 - v) as u8, ((v * 3 + x) % 256) as u8])
+        });
+        img.save(d.join(format!("img_{i}.png"))).unwrap();
+    }
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    id: PathBuf,
+    oods: [PathBuf; 2],
+    flat: PathBuf,
+    group: PathBuf,
+    groups: PathBuf,
+}
+
+/// 7 ID images in 2 classes, two OOD sets (5 and 4 images), a flat model (2
+/// logits) and a group model (2 groups of 1 class: 4 logits).
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let id = root.join("data/id_val");
+    let oods = [root.join("data/ood_a"), root.join("data/ood_b")];
+    images(&id, "a_class", 4, 1);
+    images(&id, "b_class", 3, 2);
+    images(&oods[0], "images", 5, 3);
+    images(&oods[1], "images", 4, 4);
+    let flat = root.join("flat.safetensors");
+    common::random_checkpoint(&flat, 2, None, 7, 0.5);
+    let group = root.join("group.safetensors");
+    common::random_checkpoint(&group, 4, Some(vec![1, 1]), 8, 0.5);
+    let groups = root.join("groups.json");
+    std::fs::write(&groups, r#"{"classes_per_group": [1, 1]}"#).unwrap();
+    Setup {
+        _dir: dir,
+        root,
+        id,
+        oods,
+        flat,
+        group,
+        groups,
+    }
+}
+
+const SETTINGS: [&str; 10] = [
+    "--model",
+    "ResNetV2-R14x0.5",
+    "--crop",
+    "32",
+    "--batch",
+    "2",
+    "--workers",
+    "2",
+    "--device",
+    "cpu",
+];
+
+fn ok(cmd: &mut Command) -> String {
+    let out = cmd.assert().success().get_output().clone();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn results(path: &Path) -> Vec<serde_json::Value> {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Tuned Mahalanobis parameters with the given magnitudes searched.
+fn tune(s: &Setup, name: &str, magnitudes: &str) -> PathBuf {
+    // The regression's 5 folds need 5 images of each kind: the list twice.
+    let mut list = String::new();
+    for _ in 0..2 {
+        for (c, n) in [("a_class", 4), ("b_class", 3)] {
+            for i in 0..n {
+                list.push_str(&format!("{c}/img_{i}.png {}\n", (c == "b_class") as u8));
+            }
+        }
+    }
+    std::fs::write(s.root.join("list.txt"), list).unwrap();
+    ok(mos()
+        .arg("tune-mahalanobis")
+        .arg("--datadir")
+        .arg(&s.id)
+        .arg("--train-list")
+        .arg(s.root.join("list.txt"))
+        .arg("--val-list")
+        .arg(s.root.join("list.txt"))
+        .arg("--model-path")
+        .arg(&s.flat)
+        .arg("--logdir")
+        .arg(s.root.join("runs"))
+        .args([
+            "--name",
+            name,
+            "--num-lr-samples",
+            "5",
+            "--magnitudes",
+            magnitudes,
+        ])
+        .args(SETTINGS));
+    s.root.join("runs").join(name)
+}
+
+/// `mos benchmark` of the setup with every method, run `name`.
+fn benchmark(s: &Setup, name: &str, maha: &Path, epsilon: &str) -> Command {
+    let methods = "MOS,MSP,ODIN,Energy,KL_Div,Mahalanobis";
+    benchmark_with(s, name, maha, epsilon, methods, [&s.group, &s.flat])
+}
+
+/// [`benchmark`] with other methods and models (group, flat).
+fn benchmark_with(
+    s: &Setup,
+    name: &str,
+    maha: &Path,
+    epsilon: &str,
+    methods: &str,
+    models: [&Path; 2],
+) -> Command {
+    let mut cmd = mos();
+    cmd.arg("benchmark")
+        .arg("--in-datadir")
+        .arg(&s.id)
+        .arg("--out-datadir")
+        .arg(&s.oods[0])
+        .arg("--out-datadir")
+        .arg(&s.oods[1])
+        .arg("--group-model-path")
+        .arg(models[0])
+        .arg("--group-config")
+        .arg(&s.groups)
+        .arg("--flat-model-path")
+        .arg(models[1])
+        .arg("--mahalanobis-param-path")
+        .arg(maha)
+        .args(["--score", methods])
+        .args(["--epsilon-odin", epsilon])
+        .arg("--logdir")
+        .arg(s.root.join("runs"))
+        .args(["--name", name])
+        .args(SETTINGS);
+    cmd
+}
+
+/// The original way: test-mos, then test-baseline with the five baselines, each
+/// over both OOD sets.
+fn test_commands(s: &Setup, name: &str, maha: &Path, epsilon: &str) -> Vec<serde_json::Value> {
+    let common = |cmd: &mut Command| {
+        cmd.arg("--in-datadir")
+            .arg(&s.id)
+            .arg("--out-datadir")
+            .arg(&s.oods[0])
+            .arg("--out-datadir")
+            .arg(&s.oods[1])
+            .arg("--logdir")
+            .arg(s.root.join("runs"))
+            .args(["--name", name])
+            .args(SETTINGS);
+    };
+    let mut cmd = mos();
+    cmd.arg("test-mos")
+        .arg("--model-path")
+        .arg(&s.group)
+        .arg("--group-config")
+        .arg(&s.groups);
+    common(&mut cmd);
+    ok(&mut cmd);
+    let mut cmd = mos();
+    cmd.arg("test-baseline")
+        .arg("--model-path")
+        .arg(&s.flat)
+        .args(["--score", "MSP,ODIN,Energy,KL_Div,Mahalanobis"])
+        .args(["--epsilon-odin", epsilon])
+        .arg("--mahalanobis-param-path")
+        .arg(maha);
+    common(&mut cmd);
+    ok(&mut cmd);
+    results(&s.root.join("runs").join(name).join("results.json"))
+}
+
+/// Every row of `got` has a row of `want` with the same method and sets and the
+/// same metrics, bit for bit (the same scores through the same functions).
+fn same_rows(got: &[serde_json::Value], want: &[serde_json::Value]) {
+    assert_eq!(got.len(), want.len());
+    for g in got {
+        let w = want
+            .iter()
+            .find(|w| w["method"] == g["method"] && w["out_dataset"] == g["out_dataset"])
+            .unwrap_or_else(|| panic!("no row for {} {}", g["method"], g["out_dataset"]));
+        for k in [
+            "in_dataset",
+            "num_in",
+            "num_out",
+            "auroc",
+            "aupr_in",
+            "aupr_out",
+            "fpr95",
+            "fpr95_ood_positive",
+        ] {
+            assert_eq!(g[k], w[k], "{} {} {k}", g["method"], g["out_dataset"]);
+        }
+    }
+}
+
+/// A published file with every measured cell, `shift` added to MSP's AUROC on ood_b.
+fn published(s: &Setup, rows: &[serde_json::Value], shift: f64) -> PathBuf {
+    let cells: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            let round = |x: f64| (x * 10000.0).round() / 100.0;
+            let mut a = round(r["auroc"].as_f64().unwrap());
+            if r["method"] == "MSP" && r["out_dataset"] == "ood_b" {
+                a += shift;
+            }
+            serde_json::json!({
+                "method": r["method"], "set": r["out_dataset"],
+                "auroc": a, "fpr95": round(r["fpr95"].as_f64().unwrap()),
+                "auroc_tolerance": 0.5, "fpr95_tolerance": 0.5
+            })
+        })
+        .collect();
+    let path = s.root.join(format!("published_{shift}.json"));
+    let doc = serde_json::json!({"source": "this test", "cells": cells});
+    std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
+    path
+}
+
+#[test]
+fn benchmark_equals_the_test_commands_resumes_and_compares() {
+    let s = setup();
+    // Stores serve everything: ODIN with epsilon 0, Mahalanobis with magnitude 0.
+    let maha0 = tune(&s, "maha0", "0");
+    ok(&mut benchmark(&s, "bench", &maha0, "0"));
+    let run = s.root.join("runs/bench");
+    let rows = results(&run.join("results.json"));
+    assert_eq!(rows.len(), 12);
+    same_rows(&rows, &test_commands(&s, "orig", &maha0, "0"));
+    assert!(rows.iter().all(|r| r["settings"]["from"]
+        .as_str()
+        .unwrap()
+        .starts_with("stores")));
+    let log = std::fs::read_to_string(run.join("benchmark.log")).unwrap();
+    // (group, flat) x (id_val, ood_a, ood_b), each extracted once.
+    assert_eq!(log.matches("extracted").count(), 6, "{log}");
+    assert!(run.join("stores/flat/ood_b/manifest.json").is_file());
+    let report = std::fs::read_to_string(run.join("report.md")).unwrap();
+    assert!(
+        report.contains(
+            "| Method | ood_a AUROC / FPR95 | ood_b AUROC / FPR95 | Average AUROC / FPR95 |"
+        ),
+        "{report}"
+    );
+    assert!(report.contains("| KL_Div |"), "{report}");
+
+    // A rerun recomputes nothing and gives the same rows.
+    ok(&mut benchmark(&s, "bench", &maha0, "0"));
+    let log = std::fs::read_to_string(run.join("benchmark.log")).unwrap();
+    assert_eq!(log.matches("extracted").count(), 6, "{log}");
+    assert_eq!(log.matches("is complete, reused").count(), 6, "{log}");
+    same_rows(&results(&run.join("results.json")), &rows);
+
+    // Published numbers: all within tolerance, then one cell 0.6 off (> 0.5).
+    let good = published(&s, &rows, 0.0);
+    let out = ok(benchmark(&s, "bench", &maha0, "0")
+        .arg("--published")
+        .arg(&good));
+    assert!(
+        out.contains("all 12 published cells within their tolerance"),
+        "{out}"
+    );
+    let bad = published(&s, &rows, 0.6);
+    benchmark(&s, "bench", &maha0, "0")
+        .arg("--published")
+        .arg(&bad)
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "1 of 12 published cells are outside their tolerance",
+        ));
+    let report = std::fs::read_to_string(run.join("report.md")).unwrap();
+    assert!(
+        report.contains("| MSP | ood_b |") && report.contains("| -0.60 | 0.50 |"),
+        "{report}"
+    );
+    assert!(
+        report.contains("**no**") && report.contains("11 of 12 cells within"),
+        "{report}"
+    );
+}
+
+#[test]
+fn image_pass_methods_equal_test_baseline() {
+    let s = setup();
+    // ODIN with epsilon > 0 and Mahalanobis with magnitude > 0 need the images.
+    let maha = tune(&s, "maha", "0.01");
+    ok(&mut benchmark(&s, "bench", &maha, "0.002"));
+    let run = s.root.join("runs/bench");
+    let rows = results(&run.join("results.json"));
+    same_rows(&rows, &test_commands(&s, "orig", &maha, "0.002"));
+    for r in &rows {
+        let image_pass = r["method"] == "ODIN" || r["method"] == "Mahalanobis";
+        assert_eq!(r["settings"]["from"] == "images", image_pass, "{r}");
+    }
+    let report = std::fs::read_to_string(run.join("report.md")).unwrap();
+    assert!(
+        report.contains("image pass ODIN+Mahalanobis, ood_b"),
+        "{report}"
+    );
+}
+
+#[test]
+fn bad_input_stops_before_any_work() {
+    let s = setup();
+    let maha = s.root.join("no_params_needed");
+    let fails = |cmd: &mut Command, what: &[&str]| {
+        let out = cmd.assert().code(1).get_output().clone();
+        let err = String::from_utf8(out.stderr).unwrap();
+        for w in what {
+            assert!(err.contains(w), "{w} not in {err}");
+        }
+        assert!(!s.root.join("runs/bad/stores").exists(), "{err}");
+    };
+    let (group, flat) = (s.group.as_path(), s.flat.as_path());
+    let with = |models: [&Path; 2]| benchmark_with(&s, "bad", &maha, "0", "MOS,MSP,Energy", models);
+    let base = |_: &Setup| with([group, flat]);
+    // A missing set directory.
+    fails(
+        base(&s).arg("--out-datadir").arg(s.root.join("data/nope")),
+        &["--out-datadir", "data/nope"],
+    );
+    // A set with the wrong count, and what looks foreign in it.
+    std::fs::write(s.oods[1].join("images/.directory"), "[Dolphin]").unwrap();
+    fails(
+        base(&s).args(["--expect-images", "ood_b=5"]),
+        &["set ood_b should hold 5 images but holds 4", ".directory"],
+    );
+    // Checkpoints that do not fit their roles.
+    fails(
+        &mut with([flat, flat]),
+        &[
+            "--group-model-path",
+            "a flat-softmax checkpoint",
+            "belongs to --flat-model-path",
+        ],
+    );
+    fails(
+        &mut with([group, group]),
+        &[
+            "--flat-model-path",
+            "a group-softmax checkpoint belongs to --group-model-path",
+        ],
+    );
+    // A published file without a cell of a method that is run.
+    let p = s.root.join("p.json");
+    std::fs::write(
+        &p,
+        r#"{"source": "x", "cells": [{"method": "MSP", "set": "ood_a", "auroc": 50, "fpr95": 50, "auroc_tolerance": 1, "fpr95_tolerance": 1}]}"#,
+    )
+    .unwrap();
+    fails(
+        base(&s).arg("--published").arg(&p),
+        &["no published number for MOS on ood_a"],
+    );
+    // A malformed config key.
+    let cfg = s.root.join("c.json");
+    std::fs::write(&cfg, "{\n  \"scores\": [\"MSP\"]\n}").unwrap();
+    fails(
+        base(&s).arg("--config").arg(&cfg),
+        &["c.json", "unknown field `scores`", "line 2", "snake_case"],
+    );
+}
