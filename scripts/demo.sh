@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole MOS pipeline on real data shipped in the repository (dataset/demo/):
-# Fashion-MNIST is in-distribution, MNIST digits are out-of-distribution.
+# Fashion-MNIST is in-distribution; MNIST digits and inverted Fashion-MNIST test images
+# are out-of-distribution.
 #   setup + build -> demo-data -> finetune-group and finetune-flat (a small
-#   ResNetV2 from scratch) -> tune-mahalanobis -> test-mos and the five baselines
-#   -> mos report (Markdown) and plots.
+#   ResNetV2 from scratch) -> tune-mahalanobis -> mos benchmark (MOS and the five
+#   baselines, configs/benchmarks/demo.json) -> mos report (Markdown) and plots.
 # Usage: scripts/demo.sh [--seed N] [RUN_DIR]   (default seed 0, runs/demo-<date>-<time>)
 #   --seed N: the seed of both fine-tunings (initialisation, data order, crops, flips).
 set -euo pipefail
@@ -41,11 +42,21 @@ train=(--init none --dataset fashion-mnist --datadir "$data/fashion/train" --bat
     --datadir "$data/fashion/train" --train-list "$data/lists/train_flat.txt" --val-list "$data/lists/val_flat.txt" \
     --model-path "$run/finetune_flat" --num-lr-samples 250 --workers "$(nproc)"
 
-test=(--in-datadir "$data/fashion/test" --out-datadir "$data/mnist" --logdir "$run" --name test
-      --batch 128 --workers "$(nproc)" --plot "${model[@]}")
-"$mos" test-mos "${test[@]}" --model-path "$run/finetune_group" --group-config "$groups"
-"$mos" test-baseline "${test[@]}" --model-path "$run/finetune_flat" \
-    --score MSP,ODIN,Energy,KL_Div,Mahalanobis --mahalanobis-param-path "$run/tune_mahalanobis"
+# The table through mos benchmark (configs/benchmarks/demo.json, its paths pointed at
+# this run): each model and set goes through the network once into feature stores,
+# ODIN / Mahalanobis image passes only where their settings need them.
+"$mos" benchmark --config configs/benchmarks/demo.json --logdir "$run" --name benchmark \
+    --in-datadir "$data/fashion/test" --out-datadir "$data/mnist" --out-datadir "$data/fashion_inverted" \
+    --group-model-path "$run/finetune_group" --flat-model-path "$run/finetune_flat" \
+    --mahalanobis-param-path "$run/tune_mahalanobis" --workers "$(nproc)" --device "${MOS_DEVICE:-auto}"
+# Score histograms and ROC curves from the benchmark's stores (no image read again).
+stores=$run/benchmark/stores
+"$mos" score --id "$stores/group/test" --ood "$stores/group/mnist" --ood "$stores/group/fashion_inverted" \
+    --score MOS --group-config "$groups" --logdir "$run" --name plots --plot >"$run/plots_mos.log" 2>&1 ||
+    { cat "$run/plots_mos.log" >&2; exit 1; }
+"$mos" score --id "$stores/flat/test" --ood "$stores/flat/mnist" --ood "$stores/flat/fashion_inverted" \
+    --score MSP,ODIN,Energy,KL_Div --logdir "$run" --name plots --plot >"$run/plots_flat.log" 2>&1 ||
+    { cat "$run/plots_flat.log" >&2; exit 1; }
 
 echo
 echo "In-distribution validation top-1 (1,000 held-out Fashion-MNIST images):"
@@ -54,7 +65,7 @@ for m in finetune_group finetune_flat; do
         awk -v m="$m" '{ printf "  %-15s %.2f%%\n", m, 100 * $1 }'
 done
 echo
-echo "OOD detection, Fashion-MNIST test (2,000) vs MNIST (2,000); AUROC / FPR95 in %:"
-"$mos" report "$run/test" --format markdown | tee "$run/report.md"
+echo "OOD detection, Fashion-MNIST test (2,000) vs MNIST (2,000) and inverted Fashion-MNIST test (2,000); AUROC / FPR95 in %:"
+"$mos" report "$run/benchmark" --format markdown | tee "$run/report.md"
 echo
 echo "[demo] results, logs and plots (SVG) are in $run; took $(( $(date +%s) - start )) s"
