@@ -9,9 +9,9 @@ use tch::{Kind, Tensor};
 pub use env::{rendezvous, Rendezvous};
 pub use group::{Backend, DistError, ProcessGroup, Timeouts};
 
-/// Default bucket size of the gradient all-reduce, in bytes (chosen from
+/// Default bucket size of the gradient all-reduce, in MiB (chosen from
 /// `scripts/bench.sh dist`, docs/distributed.md#bucket-size).
-pub const DEFAULT_BUCKET_BYTES: usize = 25 << 20;
+pub const DEFAULT_BUCKET_MB: f64 = 25.0;
 
 /// Groups tensors (in order) into buckets of at most `bucket_bytes` each (a tensor
 /// larger than that is a bucket of its own); returns index ranges.
