@@ -33,9 +33,9 @@ fn main() {
     }
 }
 
-/// The first directory among `candidates` that holds `file`.
+/// The first directory among `candidates` that holds `file` (a file or directory).
 fn find_dir(candidates: &[PathBuf], file: &str) -> Option<PathBuf> {
-    candidates.iter().find(|d| d.join(file).is_file()).cloned()
+    candidates.iter().find(|d| d.join(file).exists()).cloned()
 }
 
 fn build_shim(lib_dir: &Path) {
@@ -46,6 +46,7 @@ fn build_shim(lib_dir: &Path) {
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     println!("cargo:rerun-if-env-changed=MOS_CUDA_INCLUDE");
     println!("cargo:rerun-if-env-changed=MOS_NCCL_INCLUDE");
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo::rustc-check-cfg=cfg(mos_nccl)");
     let root = lib_dir.parent().expect("libtorch lib has a parent");
     let include = root.join("include");
@@ -56,6 +57,7 @@ fn build_shim(lib_dir: &Path) {
         b.cpp(true)
             .pic(true)
             .warnings(false)
+            .flag_if_supported("-Wno-interference-size")
             .include(&include)
             .include(include.join("torch/csrc/api/include"))
             .flag("-std=c++17")
@@ -63,45 +65,61 @@ fn build_shim(lib_dir: &Path) {
             .flag("-DGLOG_USE_GLOG_EXPORT");
         b
     };
-    // CUDA and NCCL headers: the user's, else the PyPI wheels' (site/nvidia/...), else
-    // a system CUDA.
+    // CUDA and NCCL headers: the user's (MOS_CUDA_INCLUDE / MOS_NCCL_INCLUDE, lists of
+    // directories separated by ':'), the PyPI wheels' (site/nvidia/...), a CUDA
+    // toolkit. cuda_runtime.h needs crt/ (the toolkit, or PyPI nvidia-cuda-crt) and
+    // nv/target (CCCL: the toolkit, or PyPI nvidia-cuda-cccl); the torch wheel alone
+    // ships neither, so NCCL support needs one of them.
     let site = root.parent().map(Path::to_path_buf).unwrap_or_default();
-    let env_dir = |v: &str| std::env::var(v).ok().map(PathBuf::from);
-    let cuda_inc = find_dir(
-        &[
-            env_dir("MOS_CUDA_INCLUDE"),
-            Some(site.join("nvidia/cu13/include")),
-            Some(site.join("nvidia/cuda_runtime/include")),
-            Some(PathBuf::from("/usr/local/cuda/include")),
-        ]
-        .into_iter()
-        .flatten()
-        .collect::<Vec<_>>(),
-        // cuda_runtime.h needs crt/ (the CUDA toolkit, or PyPI nvidia-cuda-crt).
-        "crt/host_config.h",
-    );
-    let nccl_inc = find_dir(
-        &[
-            env_dir("MOS_NCCL_INCLUDE"),
-            Some(site.join("nvidia/nccl/include")),
-            Some(PathBuf::from("/usr/include")),
-        ]
-        .into_iter()
-        .flatten()
-        .collect::<Vec<_>>(),
-        "nccl.h",
-    );
+    let env_dirs = |v: &str| -> Vec<PathBuf> {
+        std::env::var(v)
+            .map(|s| {
+                s.split(':')
+                    .filter(|d| !d.is_empty())
+                    .map(PathBuf::from)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut cuda_dirs = env_dirs("MOS_CUDA_INCLUDE");
+    cuda_dirs.extend([
+        site.join("nvidia/cu13/include"),
+        site.join("nvidia/cu13/include/cccl"),
+        site.join("nvidia/cuda_runtime/include"),
+        PathBuf::from("/usr/local/cuda/include"),
+    ]);
+    let mut nccl_dirs = env_dirs("MOS_NCCL_INCLUDE");
+    nccl_dirs.extend([
+        site.join("nvidia/nccl/include"),
+        PathBuf::from("/usr/include"),
+    ]);
+    let cuda_inc: Option<Vec<PathBuf>> = ["cuda_runtime_api.h", "crt/host_config.h", "nv/target"]
+        .iter()
+        .map(|f| find_dir(&cuda_dirs, f))
+        .collect();
+    let nccl_inc = find_dir(&nccl_dirs, "nccl.h");
     let mut gloo = base();
-    gloo.include("src/dist/gloo_decl").define("USE_C10D_GLOO", None);
-    let nccl = match (lib_dir.join("libtorch_cuda.so").exists(), cuda_inc, nccl_inc) {
+    gloo.include("src/dist/gloo_decl")
+        .define("USE_C10D_GLOO", None);
+    let nccl = match (
+        lib_dir.join("libtorch_cuda.so").exists(),
+        cuda_inc,
+        nccl_inc,
+    ) {
         (true, Some(cuda), Some(nccl)) => Some((cuda, nccl)),
         _ => None,
     };
     if let Some((cuda, nccl_dir)) = &nccl {
         gloo.define("MOS_WITH_NCCL", None);
         let mut b = base();
-        b.include(cuda)
-            .include(nccl_dir)
+        let mut seen = Vec::new();
+        for d in cuda {
+            if !seen.contains(d) {
+                b.include(d);
+                seen.push(d.clone());
+            }
+        }
+        b.include(nccl_dir)
             .define("USE_C10D_NCCL", None)
             .define("USE_CUDA", None)
             .file("src/dist/shim_nccl.cpp")

@@ -496,6 +496,10 @@ pub struct BenchTrainArgs {
     /// Timed steps (after one warm-up step).
     #[arg(long, default_value_t = 3, value_name = "N")]
     pub steps: usize,
+    /// Under `mos launch` (several processes): the all-reduce's bucket size in MiB;
+    /// the gradients are all-reduced every step and the all-reduce's time reported.
+    #[arg(long, value_parser = positive_number, default_value_t = crate::dist::DEFAULT_BUCKET_MB, value_name = "MIB")]
+    pub bucket_mb: f64,
     #[command(flatten)]
     pub device: DeviceArgs,
 }

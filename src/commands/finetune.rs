@@ -19,9 +19,9 @@ use crate::data::list::flat_class_count;
 use crate::data::loader::{
     load_batch, shard_range, visit_order, Item, Loader, LoaderOptions, Mode, Skipped,
 };
-use crate::dist::{Backend, ProcessGroup, Timeouts};
 use crate::data::transform::{EvalTransform, Rng, TrainTransform};
 use crate::data::{read_flat_list, read_group_list};
+use crate::dist::{Backend, ProcessGroup, Timeouts};
 use crate::groupconfig::read_group_config;
 use crate::model::checkpoint::{self, Checkpoint, CheckpointMeta};
 use crate::model::weights::{load_strict, read_state_dict};
@@ -304,7 +304,10 @@ pub fn run(args: &FinetuneArgs, head: Head) -> Result<()> {
     // device is LOCAL_RANK), Gloo on the CPU.
     let rv = crate::dist::rendezvous()
         .map_err(|e| anyhow!("{e}"))?
-        .filter(|rv| rv.world_size > 1);
+        // torchrun-style variables make a process group even for one process (as
+        // torchrun does: `mos launch --nproc-per-node 1` runs the c10d path); a
+        // one-task Slurm allocation is an ordinary single process.
+        .filter(|rv| rv.world_size > 1 || rv.source == "torchrun");
     let dist = match &rv {
         Some(rv) => {
             let backend = if device.is_cuda() {
@@ -577,8 +580,14 @@ fn train_loop(
             Some(_) => visit_order(n_train, &mode),
             None => Vec::new(),
         };
-        let loader =
-            Loader::sharded(data.train.clone(), mode, opts, pos.batch_in_epoch, rank, world)?;
+        let loader = Loader::sharded(
+            data.train.clone(),
+            mode,
+            opts,
+            pos.batch_in_epoch,
+            rank,
+            world,
+        )?;
         for batch in loader {
             let batch = batch?;
             let chunk_start = pos.batch_in_epoch * micro;
@@ -693,7 +702,11 @@ fn train_loop(
                 crate::dist::all_reduce_sum(&d.pg, &grads, d.bucket_bytes)?;
                 // All ranks agree on the skipped count and on stopping.
                 let v = d.sum(
-                    &[step_skipped as f64, f64::from(u8::from(interrupted)), images as f64],
+                    &[
+                        step_skipped as f64,
+                        f64::from(u8::from(interrupted)),
+                        images as f64,
+                    ],
                     device,
                 )?;
                 step_skipped = v[0] as usize;
@@ -756,7 +769,9 @@ fn train_loop(
                     "val_images": v.images, "val_skipped": v.skipped_count,
                 }))?;
                 run.save(vs, sgd, meta(pos, run))?;
-                crate::plot::training_curves(&run.dir.join("training.svg"), &run.history)?;
+                if run.rank0 {
+                    crate::plot::training_curves(&run.dir.join("training.svg"), &run.history)?;
+                }
             } else if interrupted {
                 run.save(vs, sgd, meta(pos, run))?;
             }

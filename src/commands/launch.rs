@@ -29,8 +29,8 @@ pub struct LaunchArgs {
     /// Port of the rendezvous store (default: a free port with one node, else 29500).
     #[arg(long, value_name = "PORT")]
     pub master_port: Option<u16>,
-    /// The mos command the ranks run: finetune-group, finetune-flat or extract, with
-    /// its arguments.
+    /// The mos command the ranks run: finetune-group, finetune-flat or extract (or
+    /// bench-train), with its arguments.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<String>,
 }
@@ -78,7 +78,19 @@ fn stop_all(children: &mut [(usize, Child)]) {
 /// (which got the signal too) are left to save and stop by themselves.
 fn supervise(mut children: Vec<(usize, Child)>, what: &str) -> Result<()> {
     let mut interrupted_at: Option<Instant> = None;
+    let mut forwarded = false;
     loop {
+        if !forwarded && INTERRUPTED.load(Ordering::SeqCst) {
+            // A terminal's Ctrl-C reaches the ranks too; a SIGINT sent to the
+            // launcher alone is passed on (the ranks only set a flag, so twice is once).
+            forwarded = true;
+            for (_, c) in children.iter_mut() {
+                if matches!(c.try_wait(), Ok(None)) {
+                    // SAFETY: signalling a child process of ours by its id.
+                    unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGINT) };
+                }
+            }
+        }
         let mut running = 0;
         for i in 0..children.len() {
             let (rank, child) = &mut children[i];
@@ -90,7 +102,9 @@ fn supervise(mut children: Vec<(usize, Child)>, what: &str) -> Result<()> {
                     if INTERRUPTED.load(Ordering::SeqCst) {
                         // Let the others finish saving (bounded), then report.
                         let t0 = interrupted_at.get_or_insert_with(Instant::now);
-                        if children.iter_mut().any(|(_, c)| matches!(c.try_wait(), Ok(None)))
+                        if children
+                            .iter_mut()
+                            .any(|(_, c)| matches!(c.try_wait(), Ok(None)))
                             && t0.elapsed() < Duration::from_secs(120)
                         {
                             running += 1;
@@ -111,6 +125,18 @@ fn supervise(mut children: Vec<(usize, Child)>, what: &str) -> Result<()> {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The CPU threads of each of `n` local ranks: OMP_NUM_THREADS if set, else the
+/// cores shared out (at least 1), so that the ranks do not oversubscribe the CPU.
+fn omp_threads(n: usize) -> String {
+    match std::env::var("OMP_NUM_THREADS") {
+        Ok(v) if !v.trim().is_empty() => v,
+        _ => {
+            let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+            (cores / n).max(1).to_string()
+        }
     }
 }
 
@@ -149,12 +175,15 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
         libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
     }
     match &cli.command {
-        Command::FinetuneGroup(_) | Command::FinetuneFlat(_) => {
+        Command::FinetuneGroup(_) | Command::FinetuneFlat(_) | Command::BenchTrain(_) => {
             let world = n * args.nnodes;
             let addr = match (&args.master_addr, args.nnodes) {
                 (Some(a), _) => a.clone(),
                 (None, 1) => "127.0.0.1".to_string(),
-                (None, _) => bail!("--nnodes {} needs --master-addr (node 0's host)", args.nnodes),
+                (None, _) => bail!(
+                    "--nnodes {} needs --master-addr (node 0's host)",
+                    args.nnodes
+                ),
             };
             let port = match (args.master_port, args.nnodes) {
                 (Some(p), _) => p,
@@ -164,11 +193,13 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
             eprintln!(
                 "mos launch: {n} ranks on this node ({world} in all), rendezvous {addr}:{port}"
             );
+            let threads = omp_threads(n);
             let mut children = Vec::new();
             for local in 0..n {
                 let rank = args.node_rank * n + local;
                 let child = Process::new(&exe)
                     .args(&args.command)
+                    .env("OMP_NUM_THREADS", &threads)
                     .env("WORLD_SIZE", world.to_string())
                     .env("RANK", rank.to_string())
                     .env("LOCAL_RANK", local.to_string())
@@ -203,8 +234,14 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
             let mut children = Vec::new();
             for k in 0..n {
                 let mut p = Process::new(&exe);
-                p.args(&args.command)
-                    .args(["--num-shards", &n.to_string(), "--shard-index", &k.to_string()]);
+                p.env("OMP_NUM_THREADS", omp_threads(n))
+                    .args(&args.command)
+                    .args([
+                        "--num-shards",
+                        &n.to_string(),
+                        "--shard-index",
+                        &k.to_string(),
+                    ]);
                 if !visible.is_empty() {
                     p.env("CUDA_VISIBLE_DEVICES", &visible[k % visible.len()]);
                 }
@@ -222,7 +259,7 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
             })
         }
         _ => bail!(
-            "mos launch runs finetune-group, finetune-flat or extract, not {:?}",
+            "mos launch runs finetune-group, finetune-flat, extract or bench-train, not {:?}",
             args.command.first().map(String::as_str).unwrap_or("")
         ),
     }

@@ -125,7 +125,11 @@ pub fn rendezvous_from(
         let master_port = match get("MASTER_PORT") {
             Some(_) => port(get, CTX)?,
             None => {
-                let job: u64 = parse(get, "SLURM_JOB_ID", "Slurm rendezvous without MASTER_PORT: the port is derived from the job id")?;
+                let job: u64 = parse(
+                    get,
+                    "SLURM_JOB_ID",
+                    "Slurm rendezvous without MASTER_PORT: the port is derived from the job id",
+                )?;
                 20000 + (job % 10000) as u16
             }
         };
@@ -380,7 +384,13 @@ mod tests {
             ("SLURM_JOB_NODELIST", "a"),
         ]))
         .unwrap_err();
-        assert_eq!(e, EnvError::Missing("SLURM_LOCALID", "Slurm rendezvous: SLURM_NTASKS is set (run the ranks with srun)"));
+        assert_eq!(
+            e,
+            EnvError::Missing(
+                "SLURM_LOCALID",
+                "Slurm rendezvous: SLURM_NTASKS is set (run the ranks with srun)"
+            )
+        );
         let e = rendezvous_from(&env(&[
             ("SLURM_NTASKS", "2"),
             ("SLURM_PROCID", "1"),
@@ -402,7 +412,10 @@ mod tests {
     #[test]
     fn nodelists() {
         let x = |s: &str| expand_nodelist(s).unwrap();
-        assert_eq!(x("node[01-03],gpu7"), ["node01", "node02", "node03", "gpu7"]);
+        assert_eq!(
+            x("node[01-03],gpu7"),
+            ["node01", "node02", "node03", "gpu7"]
+        );
         assert_eq!(x("gpu7,node[1,3-4]"), ["gpu7", "node1", "node3", "node4"]);
         assert_eq!(x("host"), ["host"]);
         assert_eq!(

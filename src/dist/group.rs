@@ -22,8 +22,12 @@ extern "C" {
         timeout_ms: i64,
         err: *mut *mut c_char,
     ) -> *mut c_void;
-    fn mos_store_add(store: *mut c_void, key: *const c_char, delta: i64, err: *mut *mut c_char)
-        -> i64;
+    fn mos_store_add(
+        store: *mut c_void,
+        key: *const c_char,
+        delta: i64,
+        err: *mut *mut c_char,
+    ) -> i64;
     fn mos_store_free(store: *mut c_void);
     fn mos_pg_new_gloo(
         store: *mut c_void,
@@ -315,7 +319,9 @@ impl ProcessGroup {
         let pg = unsafe {
             match backend {
                 Backend::Gloo => mos_pg_new_gloo(store.0, rank, size, ms, &mut err),
-                Backend::Nccl(dev) => mos_pg_new_nccl(store.0, rank, size, dev as i32, ms, &mut err),
+                Backend::Nccl(dev) => {
+                    mos_pg_new_nccl(store.0, rank, size, dev as i32, ms, &mut err)
+                }
             }
         };
         if pg.is_null() {
@@ -372,9 +378,8 @@ impl ProcessGroup {
     pub fn broadcast(&self, t: &Tensor, root: usize) -> Result<()> {
         let mut err = std::ptr::null_mut();
         // SAFETY: as all_reduce_sum.
-        let rc = unsafe {
-            mos_pg_broadcast(self.pg, t.as_ptr() as *mut c_void, root as i32, &mut err)
-        };
+        let rc =
+            unsafe { mos_pg_broadcast(self.pg, t.as_ptr() as *mut c_void, root as i32, &mut err) };
         if rc != 0 {
             return Err(self.failed("broadcast", err));
         }

@@ -11,7 +11,7 @@ pub use group::{Backend, DistError, ProcessGroup, Timeouts};
 
 /// Default bucket size of the gradient all-reduce, in MiB (chosen from
 /// `scripts/bench.sh dist`, docs/distributed.md#bucket-size).
-pub const DEFAULT_BUCKET_MB: f64 = 25.0;
+pub const DEFAULT_BUCKET_MB: f64 = 4.0;
 
 /// Groups tensors (in order) into buckets of at most `bucket_bytes` each (a tensor
 /// larger than that is a bucket of its own); returns index ranges.
@@ -63,7 +63,8 @@ fn bucketed(
         for t in group {
             let n = t.numel() as i64;
             let part = flat.f_narrow(0, offset, n).map_err(torch)?;
-            tch::no_grad(|| t.shallow_clone().f_copy_(&part.view(t.size().as_slice()))).map_err(torch)?;
+            tch::no_grad(|| t.shallow_clone().f_copy_(&part.view(t.size().as_slice())))
+                .map_err(torch)?;
             offset += n;
         }
     }
@@ -95,7 +96,9 @@ pub fn all_reduce_values(
     values: &[f64],
     device: tch::Device,
 ) -> Result<Vec<f64>, DistError> {
-    let t = Tensor::from_slice(values).to_kind(Kind::Double).to_device(device);
+    let t = Tensor::from_slice(values)
+        .to_kind(Kind::Double)
+        .to_device(device);
     pg.all_reduce_sum(&t)?;
     Vec::<f64>::try_from(t.to_device(tch::Device::Cpu))
         .map_err(|e| DistError::Invalid(e.to_string()))
