@@ -398,3 +398,42 @@ fn launch_reports_the_failing_rank_and_bad_commands() {
         .failure()
         .stderr(predicate::str::contains("MASTER_ADDR is not set"));
 }
+
+#[test]
+fn with_mixup_two_processes_train_the_one_process_model() {
+    // Mixup is on from 20,000 training images: a list of 20,016 lines naming the 60
+    // demo images over and over (only the few batches trained are read).
+    let d = data();
+    let lines: Vec<String> = std::fs::read_to_string(d.root.join("data/lists/train_flat.txt"))
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let big: String = lines
+        .iter()
+        .cycle()
+        .take(20_016)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(d.root.join("data/lists/train_flat.txt"), big).unwrap();
+    let sched = ["--schedule", "2,4,5"];
+    mos()
+        .args(args(
+            &d,
+            "start",
+            &["--schedule", "2,4,5", "--max-steps", "1"],
+        ))
+        .assert()
+        .success();
+    mos().args(args(&d, "one", &sched)).assert().success();
+    launch(2, &args(&d, "two", &sched)).assert().success();
+    let config = std::fs::read_to_string(d.root.join("runs/two/config.json")).unwrap();
+    assert!(config.contains("\"mixup_alpha\": 0.1"), "{config}");
+    let (w0, w1, w2) = (
+        flat(&weights(&d, "start")),
+        flat(&weights(&d, "one")),
+        flat(&weights(&d, "two")),
+    );
+    assert_same_model(&w0, &w1, &w2, "mixup, 2 processes");
+    assert_same_metrics(&metrics(&d, "one"), &metrics(&d, "two"), "mixup");
+}
