@@ -91,7 +91,7 @@ if [ "$smoke" = 1 ]; then
     jpegs=16 loader_size=64 score_size=32 score_id=6 score_ood=4 train_size=64 train_batch=2
     store_id=6 store_ood=4 store_size=32 syn_id=1000 syn_ood=100
     group_classes=200
-    dist_buckets="25"
+    dist_buckets="4"
     ph_id=200 ph_ood=100 ph_fit=300 knn_q=50 knn_bank=400 knn_k=50
 fi
 scripts/build.sh >/dev/null
