@@ -437,3 +437,69 @@ fn with_mixup_two_processes_train_the_one_process_model() {
     assert_same_model(&w0, &w1, &w2, "mixup, 2 processes");
     assert_same_metrics(&metrics(&d, "one"), &metrics(&d, "two"), "mixup");
 }
+
+#[test]
+fn ctrl_c_of_the_launcher_stops_all_ranks_at_one_step_with_a_checkpoint() {
+    let d = data();
+    let a = args(
+        &d,
+        "int",
+        &["--schedule", "2,4,100000", "--eval-every", "2"],
+    );
+    let mut launcher = std::process::Command::cargo_bin("mos")
+        .unwrap()
+        .args(["launch", "--nproc-per-node", "2", "--"])
+        .args(&a)
+        .env_remove("WORLD_SIZE")
+        .env_remove("SLURM_NTASKS")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = d.root.join("runs/int/metrics.jsonl");
+    let t0 = Instant::now();
+    // Wait for the first validation record (step 2), then interrupt the launcher only.
+    while !std::fs::read_to_string(&metrics).is_ok_and(|m| m.contains("val_loss")) {
+        assert!(t0.elapsed() < Duration::from_secs(300), "no validation");
+        assert!(
+            launcher.try_wait().unwrap().is_none(),
+            "the launcher ended early"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(launcher.id() as libc::pid_t, libc::SIGINT) };
+    let sent = Instant::now();
+    let status = loop {
+        if let Some(s) = launcher.try_wait().unwrap() {
+            break s;
+        }
+        if sent.elapsed() > Duration::from_secs(120) {
+            launcher.kill().unwrap();
+            panic!("the launched ranks still run 120 s after Ctrl-C");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(launcher.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(
+        err.contains("fine-tuning interrupted: every rank stopped"),
+        "{err}"
+    );
+    // Rank 0 saved the step where all ranks stopped: the last step of metrics.jsonl.
+    let last_step = metrics_steps(&d, "int");
+    assert_eq!(
+        weights(&d, "int").meta.unwrap().step as u64,
+        last_step,
+        "{err}"
+    );
+}
+
+fn metrics_steps(d: &Data, name: &str) -> u64 {
+    metrics(d, name)
+        .iter()
+        .filter_map(|v| v["step"].as_u64())
+        .max()
+        .unwrap()
+}

@@ -112,7 +112,13 @@ fn supervise(mut children: Vec<(usize, Child)>, what: &str) -> Result<()> {
                         }
                     }
                     children.retain(|(r, _)| *r != rank);
+                    let all_ended = children
+                        .iter_mut()
+                        .all(|(_, c)| !matches!(c.try_wait(), Ok(None)));
                     stop_all(&mut children);
+                    if INTERRUPTED.load(Ordering::SeqCst) && all_ended {
+                        bail!("{what} interrupted: every rank stopped (a fine-tuning run saves its checkpoint on rank 0; rerun the same command to resume)");
+                    }
                     bail!(
                         "{what} rank {rank} (pid {pid}) failed with {}; stopped the other ranks",
                         describe(s)
