@@ -89,6 +89,13 @@ python3 $py compare-scores "$d/mos_cuda.csv" "$d/mos_cpu.csv" 1e-3 || fail=1
 python3 $py compare-scores "$d/base_cuda.csv" "$d/base_cpu.csv" 1e-2 Mahalanobis || fail=1
 echo
 echo "### NCCL process group, world size 1 (docs/distributed.md): mos launch -- finetune-flat on CUDA vs one plain process"
+# build.rs compiles the NCCL shim only with complete CUDA headers (docs/distributed.md):
+# e.g. MOS_CUDA_INCLUDE=<site>/nvidia/cu13/include from PyPI nvidia-cuda-crt and
+# nvidia-cuda-cccl, or a CUDA toolkit in /usr/local/cuda.
+if ! nm "$mos" 2>/dev/null | grep -q ProcessGroupNCCL; then
+    echo "FAIL: this mos was built without NCCL (no complete CUDA headers at build time; see docs/distributed.md#building-c10d-headers-gloo-and-nccl)"
+    fail=1
+fi
 n=(--name nccl1 "${m[@]}" "${t[@]}" --schedule 2,4,6 --eval-every 3
    --train-list "$d/data/lists/train_flat.txt" --val-list "$d/data/lists/val_flat.txt")
 "$mos" launch --nproc-per-node 1 -- finetune-flat "${n[@]}" 2>&1 | grep -E "processes \(Nccl|done|Error" || fail=1
