@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmarks that print ratios against a baseline measured in the same run.
-# Usage: scripts/bench.sh [forward|loader|scores|train|store|groups|posthoc|benchmark|paper-scale]... [--images N] [--size S]
+# Usage: scripts/bench.sh [forward|loader|scores|train|dist|store|groups|posthoc|benchmark|paper-scale]... [--images N] [--size S]
 #                         [--rounds N] [--steps N] [--same-malloc] [--smoke]
 #   forward: BiT-S-R50x1 and BiT-S-R101x1 forward images/s, mos vs the PyTorch
 #            reference (tests/fixtures/make_model_fixtures.py) on the same threads
@@ -14,6 +14,10 @@
 #            PyTorch (the paper code's model, in-place ReLU), random data in memory,
 #            same threads. --same-malloc gives the PyTorch process the glibc malloc
 #            settings mos makes for itself (src/runtime.rs), to separate that gain.
+#   dist:    the all-reduce's share of a fine-tuning step of BiT-S-R50x1 (all blocks
+#            trainable, batch 8 per process at 224x224) on 2 CPU processes (mos launch,
+#            c10d Gloo over loopback), for gradient buckets of 1, 4, 25 and 100 MiB
+#            (docs/distributed.md#benchmark; the default --bucket-mb comes from it).
 #   store:   feature stores (docs/cluster.md): mos extract of the ID and OOD sets vs
 #            test-baseline --score MSP on the same images (ResNetV2-R26x0.5, random
 #            weights); mos score of every logit method from synthetic stores of
@@ -60,7 +64,7 @@ smoke=0
 torch_env=()
 while [ $# -gt 0 ]; do
     case "$1" in
-        forward | loader | scores | train | store | groups | posthoc | benchmark | paper-scale) what+=("$1") ;;
+        forward | loader | scores | train | dist | store | groups | posthoc | benchmark | paper-scale) what+=("$1") ;;
         --images) images=$2; shift ;;
         --size) size=$2; shift ;;
         --rounds) rounds=$2; shift ;;
@@ -71,11 +75,12 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-[ ${#what[@]} -gt 0 ] || what=(forward loader scores train store groups posthoc benchmark paper-scale)
+[ ${#what[@]} -gt 0 ] || what=(forward loader scores train dist store groups posthoc benchmark paper-scale)
 # Sizes of the loader, scores and train sections (--smoke shrinks them all).
 jpegs=256 loader_size=480 score_size=128 score_id=48 score_ood=64 train_size=224 train_batch=8
 store_id=96 store_ood=64 store_size=480 syn_id=50000 syn_ood=10000
 group_classes=21843
+dist_buckets="1 4 25 100"
 ph_id=50000 ph_ood=10000 ph_fit=20000 knn_q=5000 knn_bank=100000 knn_k=1000
 bench_id=32 bench_ood=32 bench_size=96 ps_images=32 ps_pass=4 ps_crop=480 ps_batch=16
 # On a GPU (MOS_DEVICE=cuda...), enough images for a steady rate.
@@ -86,6 +91,7 @@ if [ "$smoke" = 1 ]; then
     jpegs=16 loader_size=64 score_size=32 score_id=6 score_ood=4 train_size=64 train_batch=2
     store_id=6 store_ood=4 store_size=32 syn_id=1000 syn_ood=100
     group_classes=200
+    dist_buckets="4"
     ph_id=200 ph_ood=100 ph_fit=300 knn_q=50 knn_bank=400 knn_k=50
 fi
 scripts/build.sh >/dev/null
@@ -212,6 +218,27 @@ if has train; then
         done
         awk -v n="$nbo" -v b="$(median "${bases[@]}")" -v o="$(median "${ours[@]}")" -v r="$(median "${ratios[@]}")" -v all="${ratios[*]}" \
             'BEGIN { printf "%-16s %12.2f %12.2f %7.2fx   %s\n", n, b, o, r, all }'
+    done
+fi
+
+if has dist; then
+    echo
+    echo "all-reduce share of a fine-tuning step: BiT-S-R50x1, all blocks trainable, 2 CPU processes (Gloo, loopback),"
+    echo "batch $train_batch per process at ${train_size}x${train_size}, $threads cores shared; $steps timed steps after 1 warm-up; medians of $rounds rounds"
+    printf '%-11s %8s %14s %12s %8s   %s\n' "bucket MiB" buckets "all-reduce s" "step s" share "share per round"
+    for mb in $dist_buckets; do
+        reds=() steps_s=() shares=() nb=""
+        for _ in $(seq "$rounds"); do
+            out=$("$mos" launch --nproc-per-node 2 -- bench-train --model BiT-S-R50x1 --batch "$train_batch" \
+                --size "$train_size" --num-block-open -1 --steps "$steps" --device cpu --bucket-mb "$mb" 2>"$tmp/dist.log") \
+                || { cat "$tmp/dist.log" >&2; echo "bench: mos launch -- bench-train failed" >&2; exit 1; }
+            red=$(sed -n 's/.*all-reduce \([0-9.]*\) s of \([0-9.]*\) s per step (\([0-9.]*\)%), .* in \([0-9]*\) buckets.*/\1 \2 \3 \4/p' <<<"$out")
+            [ -n "$red" ] || { echo "bench: no all-reduce time in: $out" >&2; exit 1; }
+            read -r r s sh nb <<<"$red"
+            reds+=("$r") steps_s+=("$s") shares+=("$sh")
+        done
+        printf '%-11s %8s %14.3f %12.3f %7.1f%%   %s\n' "$mb" "$nb" "$(median "${reds[@]}")" "$(median "${steps_s[@]}")" \
+            "$(median "${shares[@]}")" "${shares[*]}"
     done
 fi
 

@@ -88,4 +88,21 @@ python3 $py compare-scores "$d/mos_cuda.csv" "$d/mos_cpu.csv" 1e-3 || fail=1
 # up to ~1e14 and magnifies 1e-6 feature differences (docs/GPU.md).
 python3 $py compare-scores "$d/base_cuda.csv" "$d/base_cpu.csv" 1e-2 Mahalanobis || fail=1
 echo
+echo "### NCCL process group, world size 1 (docs/distributed.md): mos launch -- finetune-flat on CUDA vs one plain process"
+# build.rs compiles the NCCL shim only with complete CUDA headers (docs/distributed.md):
+# e.g. MOS_CUDA_INCLUDE=<site>/nvidia/cu13/include from PyPI nvidia-cuda-crt and
+# nvidia-cuda-cccl, or a CUDA toolkit in /usr/local/cuda.
+if ! nm "$mos" 2>/dev/null | grep -q ProcessGroupNCCL; then
+    echo "FAIL: this mos was built without NCCL (no complete CUDA headers at build time; see docs/distributed.md#building-c10d-headers-gloo-and-nccl)"
+    fail=1
+fi
+n=(--name nccl1 "${m[@]}" "${t[@]}" --schedule 2,4,6 --eval-every 3
+   --train-list "$d/data/lists/train_flat.txt" --val-list "$d/data/lists/val_flat.txt")
+"$mos" launch --nproc-per-node 1 -- finetune-flat "${n[@]}" 2>&1 | grep -E "processes \(Nccl|done|Error" || fail=1
+grep -q '"world_size": 1' "$d/nccl1/config.json" || { echo "FAIL: no process group in the launched run"; fail=1; }
+n[1]=plain1
+"$mos" finetune-flat "${n[@]}" 2>&1 | grep -E "done" || fail=1
+# One rank: NCCL's all-reduce is a copy, so only cuDNN's nondeterminism separates them.
+python3 $py compare "$d/nccl1/checkpoint.safetensors" "$d/plain1/checkpoint.safetensors" --tol 1e-3 | tail -1 || fail=1
+echo
 if [ "$fail" = 0 ]; then echo "RESULT: PASS"; else echo "RESULT: FAIL"; exit 1; fi

@@ -53,6 +53,9 @@ pub enum Command {
     Extract(ExtractArgs),
     /// Check that every shard of a feature store is there and consistent; mark it complete.
     Merge(MergeArgs),
+    /// Start N local ranks of finetune-group/finetune-flat (data-parallel, c10d) or N
+    /// shards of extract (then merge); all stop when one fails.
+    Launch(crate::commands::launch::LaunchArgs),
     /// OOD scores, metrics, table and plots from feature stores (no images, no model).
     Score(ScoreArgs),
     /// Group a label space (WordNet taxonomy, feature k-means, random); write group lists.
@@ -347,8 +350,22 @@ pub struct FinetuneArgs {
     /// Seed of the data order, crops, flips, mixup and random init.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Several processes (docs/distributed.md): a rank whose heartbeat stops for this
+    /// many seconds is reported lost and every rank stops.
+    #[arg(long, value_parser = positive_number, default_value_t = 30.0, value_name = "SECS")]
+    pub dist_timeout: f64,
+    /// Several processes: gradients are all-reduced in buckets of this many MiB.
+    #[arg(long, value_parser = positive_number, default_value_t = crate::dist::DEFAULT_BUCKET_MB, value_name = "MIB")]
+    pub bucket_mb: f64,
     #[command(flatten)]
     pub device: DeviceArgs,
+}
+
+fn positive_number(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("expected a number > 0, got {s:?}")),
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -479,6 +496,10 @@ pub struct BenchTrainArgs {
     /// Timed steps (after one warm-up step).
     #[arg(long, default_value_t = 3, value_name = "N")]
     pub steps: usize,
+    /// Under `mos launch` (several processes): the all-reduce's bucket size in MiB;
+    /// the gradients are all-reduced every step and the all-reduce's time reported.
+    #[arg(long, value_parser = positive_number, default_value_t = crate::dist::DEFAULT_BUCKET_MB, value_name = "MIB")]
+    pub bucket_mb: f64,
     #[command(flatten)]
     pub device: DeviceArgs,
 }

@@ -9,6 +9,7 @@ pub mod commands;
 pub mod data;
 pub mod demo;
 pub mod device;
+pub mod dist;
 pub mod eval;
 pub mod groupconfig;
 pub mod groups;

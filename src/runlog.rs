@@ -11,7 +11,8 @@ use anyhow::{Context, Result};
 /// An append-only log file that echoes to stderr.
 pub struct RunLog {
     path: PathBuf,
-    file: Mutex<File>,
+    /// `None`: a silent log (the non-zero ranks of a data-parallel run).
+    file: Option<Mutex<File>>,
 }
 
 /// `YYYY-MM-DD HH:MM:SS` (UTC) of a Unix time.
@@ -49,8 +50,16 @@ impl RunLog {
             .with_context(|| format!("cannot open log {}", path.display()))?;
         Ok(RunLog {
             path,
-            file: Mutex::new(f),
+            file: Some(Mutex::new(f)),
         })
+    }
+
+    /// A log that writes nothing, neither to a file nor to stderr.
+    pub fn silent() -> Self {
+        RunLog {
+            path: PathBuf::new(),
+            file: None,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -62,9 +71,12 @@ impl RunLog {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
+        let Some(file) = &self.file else {
+            return;
+        };
         let msg = msg.as_ref();
         eprintln!("{msg}");
-        if let Ok(mut f) = self.file.lock() {
+        if let Ok(mut f) = file.lock() {
             let _ = writeln!(f, "[{}] {msg}", utc_timestamp(now));
         }
     }

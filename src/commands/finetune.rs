@@ -11,21 +11,24 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use tch::{nn, Kind, Tensor};
 
 use crate::cli::{FinetuneArgs, Init};
 use crate::data::list::flat_class_count;
-use crate::data::loader::{Item, Loader, LoaderOptions, Mode, Skipped};
+use crate::data::loader::{
+    load_batch, shard_range, visit_order, Item, Loader, LoaderOptions, Mode, Skipped,
+};
 use crate::data::transform::{EvalTransform, Rng, TrainTransform};
 use crate::data::{read_flat_list, read_group_list};
+use crate::dist::{Backend, ProcessGroup, Timeouts};
 use crate::groupconfig::read_group_config;
 use crate::model::checkpoint::{self, Checkpoint, CheckpointMeta};
 use crate::model::weights::{load_strict, read_state_dict};
 use crate::model::{Freeze, ResNetV2};
 use crate::ood::GroupSlices;
 use crate::runlog::RunLog;
-use crate::train::mixup::{mix, MixupSampler};
+use crate::train::mixup::{mix, mix_with, MixupSampler};
 use crate::train::schedule::{mixup_alpha, parse_supports, Schedule};
 use crate::train::sgd::Sgd;
 
@@ -129,21 +132,38 @@ struct Validation {
     top1: f64,
     /// Images read (the loss and top-1 are over these).
     images: usize,
-    /// Images that could not be read, skipped like unreadable training images.
+    /// Images that could not be read, skipped like unreadable training images
+    /// (this process's; `skipped_count` counts those of all processes).
     skipped: Vec<Skipped>,
+    skipped_count: usize,
 }
 
-/// Validation loss and top-1 accuracy over the readable validation images; the
-/// unreadable ones are returned, for the caller to log and count.
+/// The data-parallel side of a run: the process group and the bucket size.
+struct Dist {
+    pg: ProcessGroup,
+    bucket_bytes: usize,
+}
+
+impl Dist {
+    fn sum(&self, values: &[f64], device: tch::Device) -> Result<Vec<f64>> {
+        Ok(crate::dist::all_reduce_values(&self.pg, values, device)?)
+    }
+}
+
+/// Validation loss and top-1 accuracy over the readable images of `val` (all of
+/// them, or this rank's shard, summed over the ranks); the unreadable ones are
+/// returned, for the caller to log and count.
 fn validate(
     model: &ResNetV2,
     data: &Data,
+    val: &Arc<Vec<Item>>,
     args: &FinetuneArgs,
     device: tch::Device,
     micro: usize,
+    dist: Option<&Dist>,
 ) -> Result<Validation> {
     let loader = Loader::new(
-        data.val.clone(),
+        val.clone(),
         Mode::Eval(EvalTransform { size: args.crop }),
         LoaderOptions {
             batch: micro,
@@ -172,6 +192,14 @@ fn validate(
         })?;
         n += batch.len();
     }
+    let mut skipped_count = skipped.len();
+    if let Some(d) = dist {
+        let v = d.sum(
+            &[loss_sum, correct as f64, n as f64, skipped.len() as f64],
+            device,
+        )?;
+        (loss_sum, correct, n, skipped_count) = (v[0], v[1] as i64, v[2] as usize, v[3] as usize);
+    }
     if n == 0 {
         let first = skipped
             .first()
@@ -188,6 +216,7 @@ fn validate(
         top1: correct as f64 / n as f64,
         images: n,
         skipped,
+        skipped_count,
     })
 }
 
@@ -204,23 +233,29 @@ struct Run<'a> {
     args: &'a FinetuneArgs,
     dir: PathBuf,
     log: RunLog,
-    metrics: std::fs::File,
+    /// `None` on the ranks other than 0.
+    metrics: Option<std::fs::File>,
     history: Vec<serde_json::Value>,
     config: serde_json::Value,
     /// Unreadable validation images already named in train.log (each is named
     /// once, and counted at every validation).
     val_skipped: std::collections::BTreeSet<PathBuf>,
+    /// Rank 0 (or the only process): it alone writes metrics, checkpoints, plots.
+    rank0: bool,
 }
 
 impl Run<'_> {
     fn record(&mut self, v: serde_json::Value) -> Result<()> {
-        writeln!(self.metrics, "{v}").context("metrics.jsonl")?;
+        let Some(metrics) = &mut self.metrics else {
+            return Ok(());
+        };
+        writeln!(metrics, "{v}").context("metrics.jsonl")?;
         self.history.push(v);
         Ok(())
     }
 
     fn save(&self, vs: &nn::VarStore, sgd: &Sgd, meta: CheckpointMeta) -> Result<()> {
-        if self.args.no_save {
+        if self.args.no_save || !self.rank0 {
             return Ok(());
         }
         let mut model: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
@@ -264,9 +299,47 @@ pub fn run(args: &FinetuneArgs, head: Head) -> Result<()> {
         );
     }
     let micro = args.batch / args.batch_split;
-    let device = args.device.device.resolve()?;
+    let mut device = args.device.device.resolve()?;
+    // Several processes (docs/distributed.md): one device each; NCCL on CUDA (the
+    // device is LOCAL_RANK), Gloo on the CPU.
+    let rv = crate::dist::rendezvous()
+        .map_err(|e| anyhow!("{e}"))?
+        // torchrun-style variables make a process group even for one process (as
+        // torchrun does: `mos launch --nproc-per-node 1` runs the c10d path); a
+        // one-task Slurm allocation is an ordinary single process.
+        .filter(|rv| rv.world_size > 1 || rv.source == "torchrun");
+    let dist = match &rv {
+        Some(rv) => {
+            let backend = if device.is_cuda() {
+                device = tch::Device::Cuda(rv.local_rank);
+                Backend::Nccl(rv.local_rank)
+            } else {
+                Backend::Gloo
+            };
+            let pg = ProcessGroup::new(rv, backend, Timeouts::with_heartbeat(args.dist_timeout))
+                .with_context(|| {
+                    format!(
+                        "rank {} of {} ({} rendezvous at {}:{})",
+                        rv.rank, rv.world_size, rv.source, rv.master_addr, rv.master_port
+                    )
+                })?;
+            Some(Dist {
+                pg,
+                bucket_bytes: ((args.bucket_mb * (1 << 20) as f64) as usize).max(1),
+            })
+        }
+        None => None,
+    };
+    let (rank, world) = dist
+        .as_ref()
+        .map_or((0, 1), |d| (d.pg.rank, d.pg.world_size));
+    let rank0 = rank == 0;
     let dir = args.run.logdir.join(&args.run.name);
-    let log = RunLog::open(&dir, "train.log")?;
+    let log = if rank0 {
+        RunLog::open(&dir, "train.log")?
+    } else {
+        RunLog::silent()
+    };
     let data = load_data(args, head)?;
     let supports = match &args.schedule {
         Some(s) => parse_supports(s).context("--schedule")?,
@@ -281,12 +354,14 @@ pub fn run(args: &FinetuneArgs, head: Head) -> Result<()> {
         "head_size": data.head_size, "batch": args.batch, "batch_split": args.batch_split, "base_lr": args.base_lr,
         "schedule": schedule.supports(), "mixup_alpha": alpha, "num_block_open": args.num_block_open,
         "crop": args.crop, "precrop": args.precrop, "seed": args.seed, "device": args.device.device.to_string(),
-        "skip_bad_images": true,
+        "skip_bad_images": true, "world_size": world,
     });
-    checkpoint::write_atomic(
-        &dir.join("config.json"),
-        serde_json::to_string_pretty(&config)?.as_bytes(),
-    )?;
+    if rank0 {
+        checkpoint::write_atomic(
+            &dir.join("config.json"),
+            serde_json::to_string_pretty(&config)?.as_bytes(),
+        )?;
+    }
     log.line(format!("mos {command} {config}"));
 
     tch::manual_seed(args.seed as i64);
@@ -295,7 +370,10 @@ pub fn run(args: &FinetuneArgs, head: Head) -> Result<()> {
     let ckpt_path = dir.join(CHECKPOINT);
     let mut pos = Position::default();
     let mut momentum = Vec::new();
-    if ckpt_path.exists() {
+    // With several processes rank 0 alone reads the checkpoint or the BiT weights,
+    // then broadcasts the weights, the position and the momentum buffers.
+    if !rank0 {
+    } else if ckpt_path.exists() {
         let sd = read_state_dict(&ckpt_path)?;
         let meta = sd
             .meta
@@ -336,20 +414,62 @@ pub fn run(args: &FinetuneArgs, head: Head) -> Result<()> {
     } else {
         log.line("initialised randomly (--init none; zero head)");
     }
+    let mut has_momentum = !momentum.is_empty();
+    if let Some(d) = &dist {
+        let p = Tensor::from_slice(&[
+            pos.step as i64,
+            pos.epoch as i64,
+            pos.batch_in_epoch as i64,
+            i64::from(has_momentum),
+        ])
+        .to_device(device);
+        d.pg.broadcast(&p, 0)?;
+        let p = Vec::<i64>::try_from(p.to_device(tch::Device::Cpu))?;
+        pos = Position {
+            step: p[0] as u64,
+            epoch: p[1] as u64,
+            batch_in_epoch: p[2] as usize,
+        };
+        has_momentum = p[3] != 0;
+        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let vars: Vec<Tensor> = vars.into_iter().map(|(_, t)| t).collect();
+        crate::dist::broadcast(&d.pg, &vars, 0, d.bucket_bytes)?;
+        if rank0 {
+            log.line(format!(
+                "{world} processes ({:?}): weights broadcast from rank 0",
+                d.pg.backend
+            ));
+        }
+    }
     let trainable = crate::model::bit::apply_freeze(&vs, freeze);
     // The weights are final (initialised or resumed): frozen stages keep theirs.
     model.fix_frozen_weights(freeze);
+    if !rank0 && has_momentum {
+        momentum = trainable
+            .iter()
+            .map(|(n, p)| (n.clone(), p.zeros_like()))
+            .collect();
+    }
     let mut sgd = Sgd::new(trainable, args.batch_split)?;
-    if !momentum.is_empty() {
+    if has_momentum {
         sgd.set_buffers(momentum)?;
     }
+    if let (Some(d), true) = (&dist, has_momentum) {
+        let bufs: Vec<Tensor> = sgd.buffers().into_iter().map(|(_, t)| t).collect();
+        crate::dist::broadcast(&d.pg, &bufs, 0, d.bucket_bytes)?;
+    }
     let metrics_path = dir.join("metrics.jsonl");
-    let history = read_history(&metrics_path);
-    let metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .with_context(|| format!("cannot open {}", metrics_path.display()))?;
+    let (history, metrics) = if rank0 {
+        let metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+            .with_context(|| format!("cannot open {}", metrics_path.display()))?;
+        (read_history(&metrics_path), Some(metrics))
+    } else {
+        (Vec::new(), None)
+    };
     let mut run = Run {
         args,
         dir: dir.clone(),
@@ -358,6 +478,7 @@ pub fn run(args: &FinetuneArgs, head: Head) -> Result<()> {
         history,
         config,
         val_skipped: Default::default(),
+        rank0,
     };
     let end = args
         .max_steps
@@ -367,15 +488,39 @@ pub fn run(args: &FinetuneArgs, head: Head) -> Result<()> {
             "nothing to do: the run is at step {} of {end}",
             pos.step
         ));
+        if let Some(d) = dist {
+            d.pg.finish()?;
+        }
         return Ok(());
     }
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
     }
+    let val = match &dist {
+        Some(_) => Arc::new(data.val[shard_range(data.val.len(), rank, world)].to_vec()),
+        None => data.val.clone(),
+    };
     train_loop(
-        &mut run, &vs, &model, &mut sgd, &data, &schedule, alpha, freeze, micro, pos, end, device,
-    )
+        &mut run,
+        &vs,
+        &model,
+        &mut sgd,
+        &data,
+        &val,
+        &schedule,
+        alpha,
+        freeze,
+        micro,
+        pos,
+        end,
+        device,
+        dist.as_ref(),
+    )?;
+    if let Some(d) = dist {
+        d.pg.finish()?;
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -385,6 +530,7 @@ fn train_loop(
     model: &ResNetV2,
     sgd: &mut Sgd,
     data: &Data,
+    val: &Arc<Vec<Item>>,
     schedule: &Schedule,
     alpha: Option<f64>,
     freeze: Freeze,
@@ -392,10 +538,15 @@ fn train_loop(
     mut pos: Position,
     end: u64,
     device: tch::Device,
+    dist: Option<&Dist>,
 ) -> Result<()> {
     let args = run.args;
+    let (rank, world) = dist.map_or((0, 1), |d| (d.pg.rank, d.pg.world_size));
     let slices = data.slices.as_ref();
-    let bar = crate::progress::bar(end, "training");
+    let bar = match run.rank0 {
+        true => crate::progress::bar(end, "training"),
+        false => indicatif::ProgressBar::hidden(),
+    };
     bar.set_position(pos.step);
     let transform = TrainTransform {
         precrop: args.precrop,
@@ -417,49 +568,118 @@ fn train_loop(
     let (mut loss_acc, mut images, mut last) = (0.0, 0usize, Instant::now());
     // Unreadable training images: in all (this process), and in the current step.
     let (mut skipped, mut step_skipped) = (0usize, 0usize);
+    let n_train = data.train.len();
     loop {
-        let loader = Loader::starting_at(
+        let mode = Mode::Train {
+            transform,
+            seed: args.seed,
+            epoch: pos.epoch,
+        };
+        // Several processes: each loads its slice of every global micro-batch.
+        let order = match dist {
+            Some(_) => visit_order(n_train, &mode),
+            None => Vec::new(),
+        };
+        let loader = Loader::sharded(
             data.train.clone(),
-            Mode::Train {
-                transform,
-                seed: args.seed,
-                epoch: pos.epoch,
-            },
+            mode,
             opts,
             pos.batch_in_epoch,
+            rank,
+            world,
         )?;
         for batch in loader {
             let batch = batch?;
+            let chunk_start = pos.batch_in_epoch * micro;
             pos.batch_in_epoch += 1;
             for s in &batch.skipped {
                 skipped += 1;
                 step_skipped += 1;
-                run.log.line(format!(
+                let line = format!(
                     "skipped unreadable training image {}: {}",
                     s.path.display(),
                     s.reason
-                ));
+                );
+                match run.rank0 {
+                    true => run.log.line(line),
+                    false => eprintln!("rank {rank}: {line}"),
+                }
             }
-            if batch.is_empty() {
+            // The global micro-batch: the positions (in the order) of the images
+            // read by all ranks, in order. One process: this batch.
+            let kept = match dist {
+                None => None,
+                Some(d) => {
+                    let len = micro.min(n_train - chunk_start);
+                    let slice = shard_range(len, rank, world);
+                    let mut mask = vec![0.0; len];
+                    let mut read = batch.indices.iter().peekable();
+                    for p in slice {
+                        if read.peek() == Some(&&order[chunk_start + p]) {
+                            mask[p] = 1.0;
+                            read.next();
+                        }
+                    }
+                    let mask = d.sum(&mask, device)?;
+                    Some((0..len).filter(|&p| mask[p] > 0.5).collect::<Vec<usize>>())
+                }
+            };
+            let global_len = kept.as_ref().map_or(batch.len(), Vec::len);
+            if global_len == 0 {
                 continue;
             }
             let lr = schedule.lr(pos.step).context("schedule ended")?;
-            let (x, y) = batch.to_tensors(device);
             let micro_index = (pos.step * args.batch_split as u64) + sgd.accumulated() as u64;
-            let loss = match alpha {
-                Some(a) => {
-                    let mut sampler =
-                        MixupSampler::new(a, Rng::derive(args.seed, micro_index).next_u64())?;
-                    let lambda = sampler.sample_lambda();
-                    let perm = sampler.sample_permutation(batch.len(), device);
-                    let logits = model.forward_train(&mix(&x, lambda, &perm)?, freeze);
-                    let y_perm = y.index_select(0, &perm);
-                    loss_of(&logits, &y, slices)? * lambda
-                        + loss_of(&logits, &y_perm, slices)? * (1.0 - lambda)
-                }
-                None => loss_of(&model.forward_train(&x, freeze), &y, slices)?,
+            let loss = if batch.is_empty() {
+                None
+            } else {
+                let (x, y) = batch.to_tensors(device);
+                let loss = match (alpha, &kept) {
+                    (Some(a), None) => {
+                        let mut sampler =
+                            MixupSampler::new(a, Rng::derive(args.seed, micro_index).next_u64())?;
+                        let lambda = sampler.sample_lambda();
+                        let perm = sampler.sample_permutation(batch.len(), device);
+                        let logits = model.forward_train(&mix(&x, lambda, &perm)?, freeze);
+                        let y_perm = y.index_select(0, &perm);
+                        loss_of(&logits, &y, slices)? * lambda
+                            + loss_of(&logits, &y_perm, slices)? * (1.0 - lambda)
+                    }
+                    (Some(a), Some(kept)) => {
+                        // The permutation of the global micro-batch, as one process
+                        // draws it; this rank loads the partners of its images.
+                        let mut sampler =
+                            MixupSampler::new(a, Rng::derive(args.seed, micro_index).next_u64())?;
+                        let lambda = sampler.sample_lambda();
+                        let perm = Vec::<i64>::try_from(
+                            sampler.sample_permutation(kept.len(), tch::Device::Cpu),
+                        )?;
+                        let first = kept
+                            .iter()
+                            .position(|&p| order[chunk_start + p] == batch.indices[0])
+                            .context("mixup: this rank's images are not in the global batch")?;
+                        let partners: Vec<usize> = (first..first + batch.len())
+                            .map(|k| order[chunk_start + kept[perm[k] as usize]])
+                            .collect();
+                        let pb = load_batch(&data.train, &partners, &mode, false)?;
+                        let (xp, yp) = pb.to_tensors(device);
+                        let logits = model.forward_train(&mix_with(&x, &xp, lambda)?, freeze);
+                        loss_of(&logits, &y, slices)? * lambda
+                            + loss_of(&logits, &yp, slices)? * (1.0 - lambda)
+                    }
+                    (None, _) => loss_of(&model.forward_train(&x, freeze), &y, slices)?,
+                };
+                // This rank's share of the global micro-batch's mean loss: the
+                // gradients are summed over the ranks.
+                Some(match kept {
+                    Some(_) => loss * (batch.len() as f64 / global_len as f64),
+                    None => loss,
+                })
             };
-            let value = loss.double_value(&[]);
+            let mut value = loss.as_ref().map_or(0.0, |l| l.double_value(&[]));
+            if let Some(d) = dist {
+                value = d.sum(&[value], device)?[0];
+            }
             if !value.is_finite() {
                 bail!(
                     "the loss is {value} at step {} (lr {lr}): stopping; the last checkpoint in {} is intact",
@@ -467,11 +687,31 @@ fn train_loop(
                     run.dir.display()
                 );
             }
-            sgd.backward(&loss)?;
+            match &loss {
+                Some(l) => sgd.backward(l)?,
+                None => sgd.skip_micro()?,
+            };
             loss_acc += value;
             images += batch.len();
             if sgd.accumulated() < args.batch_split {
                 continue;
+            }
+            let mut interrupted = INTERRUPTED.load(Ordering::SeqCst);
+            if let Some(d) = dist {
+                let grads = sgd.gradients_for_reduce();
+                crate::dist::all_reduce_sum(&d.pg, &grads, d.bucket_bytes)?;
+                // All ranks agree on the skipped count and on stopping.
+                let v = d.sum(
+                    &[
+                        step_skipped as f64,
+                        f64::from(u8::from(interrupted)),
+                        images as f64,
+                    ],
+                    device,
+                )?;
+                step_skipped = v[0] as usize;
+                interrupted = v[1] > 0.0;
+                images = v[2] as usize;
             }
             sgd.step(lr)?;
             pos.step += 1;
@@ -488,11 +728,17 @@ fn train_loop(
             ));
             (loss_acc, images, last) = (0.0, 0, Instant::now());
             let done = pos.step >= end;
-            let interrupted = INTERRUPTED.load(Ordering::SeqCst);
             if done || args.eval_every.is_some_and(|e| e > 0 && pos.step % e == 0) {
-                let v = validate(model, data, args, device, micro)?;
+                let v = validate(model, data, val, args, device, micro, dist)?;
                 for s in &v.skipped {
                     if run.val_skipped.insert(s.path.clone()) {
+                        if !run.rank0 {
+                            eprintln!(
+                                "rank {rank}: skipped unreadable validation image {}: {}",
+                                s.path.display(),
+                                s.reason
+                            );
+                        }
                         run.log.line(format!(
                             "skipped unreadable validation image {}: {}",
                             s.path.display(),
@@ -508,7 +754,7 @@ fn train_loop(
                         run.dir.display()
                     );
                 }
-                let unread = match v.skipped.len() {
+                let unread = match v.skipped_count {
                     0 => String::new(),
                     k => format!(" ({} images; {k} unreadable, skipped)", v.images),
                 };
@@ -520,10 +766,12 @@ fn train_loop(
                 ));
                 run.record(serde_json::json!({
                     "step": pos.step, "val_loss": v.loss, "val_top1": v.top1,
-                    "val_images": v.images, "val_skipped": v.skipped.len(),
+                    "val_images": v.images, "val_skipped": v.skipped_count,
                 }))?;
                 run.save(vs, sgd, meta(pos, run))?;
-                crate::plot::training_curves(&run.dir.join("training.svg"), &run.history)?;
+                if run.rank0 {
+                    crate::plot::training_curves(&run.dir.join("training.svg"), &run.history)?;
+                }
             } else if interrupted {
                 run.save(vs, sgd, meta(pos, run))?;
             }

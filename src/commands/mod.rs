@@ -9,6 +9,7 @@ pub mod extract;
 pub mod finetune;
 pub mod forward;
 pub mod inspect;
+pub mod launch;
 pub mod make_groups;
 pub mod merge;
 pub mod metrics;
@@ -48,6 +49,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Report(args) => report::run(&args),
         Command::Extract(args) => extract::run(&args),
         Command::Merge(args) => merge::run(&args),
+        Command::Launch(args) => launch::run(&args),
         Command::Score(args) => score::run(&args),
         Command::MakeGroups(args) => make_groups::run(&args),
         Command::Benchmark(args) => benchmark::run(&args),

@@ -201,6 +201,12 @@ pub fn load_batch(
     })
 }
 
+/// The positions of a batch of `len` that process `rank` of `world` takes: contiguous
+/// slices, sizes differing by at most one, in rank order.
+pub fn shard_range(len: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
+    rank * len / world..(rank + 1) * len / world
+}
+
 /// An iterator of batches prepared on a background thread.
 pub struct Loader {
     rx: Option<Receiver<Result<Batch, DataError>>>,
@@ -227,6 +233,26 @@ impl Loader {
         opts: LoaderOptions,
         start_batch: usize,
     ) -> Result<Self, DataError> {
+        Self::sharded(items, mode, opts, start_batch, 0, 1)
+    }
+
+    /// Like [`Loader::starting_at`], but each batch holds only slice `rank` of
+    /// `world` of the batch [`Loader::starting_at`] would give (data-parallel
+    /// training): positions [`shard_range`] of each chunk of the order. A slice may
+    /// be empty (a batch smaller than `world`); it is yielded all the same.
+    pub fn sharded(
+        items: std::sync::Arc<Vec<Item>>,
+        mode: Mode,
+        opts: LoaderOptions,
+        start_batch: usize,
+        rank: usize,
+        world: usize,
+    ) -> Result<Self, DataError> {
+        if world == 0 || rank >= world {
+            return Err(DataError::InvalidArgument(format!(
+                "rank {rank} of {world} processes"
+            )));
+        }
         if opts.batch == 0 || opts.workers == 0 {
             return Err(DataError::InvalidArgument(format!(
                 "batch ({}) and workers ({}) must be at least 1",
@@ -254,6 +280,7 @@ impl Loader {
             .name("mos-loader".into())
             .spawn(move || {
                 for chunk in order.chunks(opts.batch) {
+                    let chunk = &chunk[shard_range(chunk.len(), rank, world)];
                     let batch = pool.install(|| load_batch(&items, chunk, &mode, opts.skip_bad));
                     let failed = batch.is_err();
                     if tx.send(batch).is_err() || failed {

@@ -179,8 +179,15 @@ pub fn permute_rows(t: &Tensor, perm: &Tensor) -> Result<Tensor, MixupError> {
 pub fn mix(x: &Tensor, lambda: f64, perm: &Tensor) -> Result<Tensor, MixupError> {
     check_lambda(lambda)?;
     let shuffled = permute_rows(x, perm)?;
+    mix_with(x, &shuffled, lambda)
+}
+
+/// `lambda * x + (1 - lambda) * partners`: [`mix`] with the partner rows given
+/// (data-parallel training loads each rank's partners itself).
+pub fn mix_with(x: &Tensor, partners: &Tensor, lambda: f64) -> Result<Tensor, MixupError> {
+    check_lambda(lambda)?;
     Ok(x.f_mul_scalar(lambda)?
-        .f_add(&shuffled.f_mul_scalar(1.0 - lambda)?)?)
+        .f_add(&partners.f_mul_scalar(1.0 - lambda)?)?)
 }
 
 /// The mixed loss `lambda * L(y) + (1 - lambda) * L(y_perm)` for a loss

@@ -148,6 +148,34 @@ impl Sgd {
         Ok(self.accumulated)
     }
 
+    /// Counts a micro-batch that has no sample on this process (data-parallel
+    /// training: a rank whose slice of the global micro-batch is empty).
+    pub fn skip_micro(&mut self) -> Result<usize> {
+        if self.accumulated == self.batch_split {
+            return Err(SgdError::Invalid(format!(
+                "{} micro-batches already accumulated; step before the next backward",
+                self.batch_split
+            )));
+        }
+        self.accumulated += 1;
+        Ok(self.accumulated)
+    }
+
+    /// The accumulated gradients of all trainable parameters, in order, as tensors
+    /// that share storage with the optimizer's (so a collective can reduce them in
+    /// place before [`Sgd::step`]). A gradient still undefined (no sample on this
+    /// process) becomes zeros, so every process hands over the same list.
+    pub fn gradients_for_reduce(&mut self) -> Vec<Tensor> {
+        self.slots
+            .iter_mut()
+            .map(|s| {
+                s.grad
+                    .get_or_insert_with(|| s.param.zeros_like())
+                    .shallow_clone()
+            })
+            .collect()
+    }
+
     /// Applies one update with learning rate `lr` (finite, >= 0), then zeroes
     /// the gradients. Errors unless exactly `batch_split` micro-batches were
     /// accumulated.

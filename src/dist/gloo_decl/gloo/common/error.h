@@ -1,0 +1,2 @@
+// Declaration only, for c10d's ProcessGroupGloo.hpp; see README.md.
+#pragma once

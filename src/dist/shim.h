@@ -1,0 +1,29 @@
+// mos's C interface to libtorch's c10d (TCPStore, ProcessGroupGloo, ProcessGroupNCCL).
+// Every function catches all C++ exceptions: on failure it returns NULL or -1 and sets
+// *err to a malloc'ed message (free it with mos_dist_free_string).
+#pragma once
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+void mos_dist_free_string(char* s);
+
+void* mos_store_new(const char* host, int port, int is_server, int num_workers,
+                    int64_t timeout_ms, char** err);
+int64_t mos_store_add(void* store, const char* key, int64_t delta, char** err);
+void mos_store_free(void* store);
+
+void* mos_pg_new_gloo(void* store, int rank, int size, int64_t timeout_ms, char** err);
+// NULL with an error when mos was built without NCCL headers.
+void* mos_pg_new_nccl(void* store, int rank, int size, int device, int64_t timeout_ms,
+                      char** err);
+int mos_pg_allreduce_sum(void* pg, void* tensor, char** err);
+int mos_pg_broadcast(void* pg, void* tensor, int root, char** err);
+int mos_pg_barrier(void* pg, char** err);
+void mos_pg_free(void* pg);
+
+#ifdef __cplusplus
+}
+#endif
