@@ -10,6 +10,7 @@ use crate::cli::BenchmarkArgs;
 use crate::device::DeviceSpec;
 use crate::model::Variant;
 use crate::pipeline::benchmark::{self, BenchmarkRequest, SetSpec};
+use crate::pipeline::posthoc;
 use crate::pipeline::score::MethodSettings;
 
 /// A set in a config file: a path, or `{"path", "images", "name"}` (the
@@ -72,6 +73,12 @@ struct Config {
     temperature_odin: Option<f64>,
     epsilon_odin: Option<f64>,
     temperature_energy: Option<f64>,
+    fit: Option<PathBuf>,
+    react_percentile: Option<f64>,
+    knn_k: Option<i64>,
+    vim_dim: Option<i64>,
+    ash_percentile: Option<f64>,
+    dice_percentile: Option<f64>,
     published: Option<PathBuf>,
     logdir: Option<PathBuf>,
     name: Option<String>,
@@ -250,6 +257,21 @@ fn request(args: &BenchmarkArgs) -> Result<BenchmarkRequest> {
                 .or(cfg.mahalanobis_param_path),
             model: Some(model),
         },
+        posthoc: {
+            let d = posthoc::Settings::default();
+            posthoc::Settings {
+                react_percentile: pick(
+                    args.react_percentile,
+                    cfg.react_percentile,
+                    d.react_percentile,
+                ),
+                knn_k: args.knn_k.or(cfg.knn_k).unwrap_or(d.knn_k),
+                vim_dim: args.vim_dim.or(cfg.vim_dim),
+                ash_percentile: pick(args.ash_percentile, cfg.ash_percentile, d.ash_percentile),
+                dice_percentile: pick(args.dice_percentile, cfg.dice_percentile, d.dice_percentile),
+            }
+        },
+        fit: args.fit.clone().or(cfg.fit),
         published: args.published.clone().or(cfg.published),
         run_dir: logdir.join(name),
         batch: args.batch.or(cfg.batch).unwrap_or(256),

@@ -17,7 +17,11 @@ use serde::{Deserialize, Serialize};
 use tch::Device;
 
 use super::extract::{extract_range, ExtractOptions, Layers};
-use super::score::{kl_scores, methods_from_names, score_rows, Method, MethodSettings};
+use super::posthoc;
+use super::score::{
+    canonical_name, kl_scores, methods_from_names, posthoc_methods, score_store, Method,
+    MethodSettings, RowScores,
+};
 use super::store::{self, Manifest, StoreData};
 use crate::data::loader::Item;
 use crate::eval::{score_split, EvalOptions, EvalSet, MethodResult};
@@ -49,6 +53,11 @@ pub struct BenchmarkRequest {
     pub score: Vec<String>,
     /// Method settings (temperatures, epsilon, group config, Mahalanobis parameters).
     pub settings: MethodSettings,
+    /// The post-hoc methods' hyper-parameters (docs/scores.md#post-hoc-methods-from-feature-stores).
+    pub posthoc: posthoc::Settings,
+    /// `--fit`: a store of in-distribution training images extracted with the flat
+    /// model, for ReAct, KNN, ViM and DICE.
+    pub fit: Option<PathBuf>,
     pub published: Option<PathBuf>,
     /// `<logdir>/<name>`.
     pub run_dir: PathBuf,
@@ -129,16 +138,10 @@ pub fn read_published(path: &Path) -> Result<Published> {
     Ok(p)
 }
 
-/// The results name of a method as `--score` spells it (e.g. `kl` -> `KL_Div`).
+/// The results name of a method as `--score` spells it (e.g. `kl` -> `KL_Div`,
+/// `gradnorm` -> `GradNorm`): every method `--score` knows.
 fn canonical_method(name: &str) -> Result<String> {
-    if name.trim().eq_ignore_ascii_case("mos") {
-        return Ok("MOS".into());
-    }
-    let s: crate::ood::Score = name
-        .trim()
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!("{e}, or MOS"))?;
-    Ok(s.as_str().to_string())
+    Ok(canonical_name(name)?.to_string())
 }
 
 /// One published cell against the measured one.
@@ -270,26 +273,25 @@ fn load_role(
     })
 }
 
-/// Extracts `set` with `m` into the store `dir` (one shard), or finds it complete.
-/// Returns the store's rows and the seconds spent extracting (0 when reused).
-fn extract_store(
+/// A store to extract: the set's items, their paths relative to its root, and
+/// the store's manifest (before [`store::prepare`]).
+struct StorePlan {
+    items: Vec<Item>,
+    rel: Vec<String>,
+    manifest: Manifest,
+    dir: PathBuf,
+}
+
+/// The store of `set` extracted with `m` into `dir` (one shard), planned.
+fn plan_store(
     req: &BenchmarkRequest,
     m: &RoleModel,
     set: &EvalSet,
     layers: Layers,
-    dir: &Path,
-    log: &RunLog,
-) -> Result<(StoreData, f64)> {
+    dir: PathBuf,
+) -> Result<StorePlan> {
     let root = &set.folder.root;
-    let items: Vec<Item> = set
-        .folder
-        .samples
-        .iter()
-        .map(|(p, l)| Item {
-            path: p.clone(),
-            target: vec![*l as i64],
-        })
-        .collect();
+    let items = set.folder.items();
     let rel: Vec<String> = items
         .iter()
         .map(|i| {
@@ -351,7 +353,26 @@ fn extract_store(
         complete: false,
     };
     manifest.fingerprint = manifest.compute_fingerprint();
-    let manifest = store::prepare(dir, &manifest)?;
+    Ok(StorePlan {
+        items,
+        rel,
+        manifest,
+        dir,
+    })
+}
+
+/// Extracts the planned store (one shard), or finds it complete. Returns the
+/// store's rows and the seconds spent extracting (0 when reused).
+fn extract_store(
+    req: &BenchmarkRequest,
+    m: &RoleModel,
+    set: &EvalSet,
+    plan: &StorePlan,
+    log: &RunLog,
+) -> Result<(StoreData, f64)> {
+    let (items, dir) = (&plan.items, plan.dir.as_path());
+    let layers = Layers::parse(&plan.manifest.layers)?;
+    let manifest = store::prepare_for(dir, &plan.manifest, "another --name or --logdir")?;
     let mut secs = 0.0;
     if store::complete_shard(dir, &manifest, 0)?.is_some() {
         log.line(format!(
@@ -372,7 +393,7 @@ fn extract_store(
             layers,
         };
         let ex = crate::runtime::catch_torch(|| {
-            extract_range(&m.loaded.model, &items, 0..items.len(), &opts, &|n| {
+            extract_range(&m.loaded.model, items, 0..items.len(), &opts, &|n| {
                 bar.inc(n)
             })
         })
@@ -391,7 +412,7 @@ fn extract_store(
             ));
         }
         let device = crate::runtime::device_name(req.device);
-        store::write_shard(dir, &manifest, 0, &ex, &rel, &device)?;
+        store::write_shard(dir, &manifest, 0, &ex, &plan.rel, &device)?;
         secs = started.elapsed().as_secs_f64();
         log.line(format!(
             "{} model, {}: extracted {} images into {} in {secs:.2} s ({:.1} images/s)",
@@ -409,6 +430,23 @@ fn extract_store(
     Ok((store::load(dir)?, secs))
 }
 
+/// Scores of one set: per method, per image; seconds per method; images skipped.
+struct SetScores {
+    scores: Vec<Vec<f64>>,
+    seconds: Vec<f64>,
+    skipped: usize,
+}
+
+impl SetScores {
+    fn of_store(r: RowScores, s: &StoreData) -> Self {
+        SetScores {
+            scores: r.scores,
+            seconds: r.seconds,
+            skipped: s.skipped.len(),
+        }
+    }
+}
+
 /// Scores of one method: the ID set and each OOD set, with seconds and counts.
 struct MethodScores {
     id: Vec<f64>,
@@ -418,6 +456,24 @@ struct MethodScores {
     skipped_id: usize,
     skipped_ood: Vec<usize>,
     image_pass: bool,
+}
+
+impl MethodScores {
+    /// Method `k`'s scores, taken out of the sets' scores.
+    fn take(k: usize, id: &mut SetScores, oods: &mut [SetScores], image_pass: bool) -> Self {
+        MethodScores {
+            id: std::mem::take(&mut id.scores[k]),
+            id_seconds: id.seconds[k],
+            oods: oods
+                .iter_mut()
+                .map(|s| std::mem::take(&mut s.scores[k]))
+                .collect(),
+            ood_seconds: oods.iter().map(|s| s.seconds[k]).collect(),
+            skipped_id: id.skipped,
+            skipped_ood: oods.iter().map(|s| s.skipped).collect(),
+            image_pass,
+        }
+    }
 }
 
 /// Runs the benchmark end to end (see the module's documentation).
@@ -457,15 +513,20 @@ pub fn run(req: &BenchmarkRequest) -> Result<BenchmarkOutcome> {
     settings.model = Some(req.model);
     // Methods as a store scores them (CPU) and as an image pass runs them (device).
     let methods = methods_from_names(&req.score, &settings, Device::Cpu)?;
-    if let Some(m) = methods.iter().find(|m| matches!(m, Method::PostHoc(_))) {
-        bail!(
-            "--score {}: the post-hoc methods (docs/scores.md) are not part of mos benchmark yet; \
-             extract the flat model's stores with mos extract --layers logits,features and run \
-             mos score --score {} --model-path CHECKPOINT [--fit STORE] on them",
-            m.name(),
-            m.name()
-        );
-    }
+    // The post-hoc methods score the flat model's stores with its head (read from
+    // --flat-model-path) and the training statistics of --fit, as mos score does.
+    let posthoc_req = {
+        let list = posthoc_methods(&methods);
+        req.posthoc.validate()?;
+        (!list.is_empty()).then(|| posthoc::Request {
+            methods: list,
+            settings: req.posthoc.clone(),
+            fit: req.fit.clone(),
+            model_path: req.flat_model_path.clone(),
+            run_dir: req.run_dir.clone(),
+            device: req.device,
+        })
+    };
     let image_methods = if req.device == Device::Cpu {
         methods.clone()
     } else {
@@ -544,6 +605,41 @@ pub fn run(req: &BenchmarkRequest) -> Result<BenchmarkOutcome> {
         )?);
     }
 
+    // Which methods each model's stores serve and which take the image pass, and
+    // the stores, planned (and the post-hoc methods' statistics checked) before
+    // any image is forwarded.
+    struct Plan {
+        store_methods: Vec<usize>,
+        pass_methods: Vec<usize>,
+        stores: Vec<StorePlan>,
+    }
+    let mut plans = Vec::new();
+    for m in &models {
+        let (store_methods, pass_methods): (Vec<usize>, Vec<usize>) = m
+            .methods
+            .iter()
+            .partition(|&&i| methods[i].needs_images().is_none());
+        // The stores serve the store methods; with none, nothing is extracted.
+        let mut stores = Vec::new();
+        if !store_methods.is_empty() {
+            let ms: Vec<Method> = store_methods.iter().map(|&i| methods[i].clone()).collect();
+            let layers = super::score::store_layers(&ms);
+            let base = req.run_dir.join("stores").join(m.role);
+            for set in std::iter::once(&id).chain(&oods) {
+                stores.push(plan_store(req, m, set, layers, base.join(&set.name))?);
+            }
+        }
+        if let (Some(r), true) = (&posthoc_req, m.role == "flat") {
+            let id_plan = stores.first().context("internal: no flat store planned")?;
+            posthoc::precheck(r, &id_plan.manifest, &id_plan.dir)?;
+        }
+        plans.push(Plan {
+            store_methods,
+            pass_methods,
+            stores,
+        });
+    }
+
     // 2. Extraction: each (model, set) once, into the run directory's stores.
     let log = RunLog::open(&req.run_dir, "benchmark.log")?;
     let started = Instant::now();
@@ -564,38 +660,26 @@ pub fn run(req: &BenchmarkRequest) -> Result<BenchmarkOutcome> {
     let mut stages: Vec<(String, f64)> = Vec::new();
     let mut scores: Vec<Option<MethodScores>> = (0..methods.len()).map(|_| None).collect();
     let mut store_dirs: Vec<Option<PathBuf>> = vec![None; methods.len()];
-    for m in &models {
-        let store_methods: Vec<usize> = m
-            .methods
-            .iter()
-            .copied()
-            .filter(|&i| methods[i].needs_images().is_none())
-            .collect();
-        let pass_methods: Vec<usize> = m
-            .methods
-            .iter()
-            .copied()
-            .filter(|&i| methods[i].needs_images().is_some())
-            .collect();
-        // The stores serve the store methods; with none, nothing is extracted.
+    let mut posthoc_settings = None;
+    for (m, plan) in models.iter().zip(&plans) {
+        let (store_methods, pass_methods) = (&plan.store_methods, &plan.pass_methods);
         if !store_methods.is_empty() {
             let ms: Vec<Method> = store_methods.iter().map(|&i| methods[i].clone()).collect();
-            let layers = super::score::store_layers(&ms);
             let base = req.run_dir.join("stores").join(m.role);
-            let (id_store, secs) = extract_store(req, m, &id, layers, &base.join(&id.name), &log)?;
-            stages.push((format!("extract {} model, {}", m.role, id.name), secs));
-            let mut ood_stores = Vec::new();
-            for o in &oods {
-                let (s, secs) = extract_store(req, m, o, layers, &base.join(&o.name), &log)?;
-                stages.push((format!("extract {} model, {}", m.role, o.name), secs));
-                ood_stores.push(s);
+            let mut stores = Vec::new();
+            for (set, p) in std::iter::once(&id).chain(&oods).zip(&plan.stores) {
+                let (s, secs) = extract_store(req, m, set, p, &log)?;
+                stages.push((format!("extract {} model, {}", m.role, set.name), secs));
+                stores.push(s);
             }
+            let (id_store, ood_stores) = (&stores[0], &stores[1..]);
             let t0 = Instant::now();
-            let rows = |s: &StoreData| {
-                score_rows(&ms, &s.logits, &s.layers, &s.batches())
-                    .with_context(|| format!("store {}", s.dir.display()))
+            let prepared = match (&posthoc_req, m.role == "flat") {
+                (Some(r), true) => Some(posthoc::prepare(r, id_store, &log)?),
+                _ => None,
             };
-            let mut id_sc = rows(&id_store)?;
+            let rows = |s: &StoreData| score_store(s, &ms, prepared.as_ref());
+            let mut id_sc = rows(id_store)?;
             let mut ood_sc = ood_stores.iter().map(rows).collect::<Result<Vec<_>>>()?;
             if let Some(k) = ms.iter().position(|m| matches!(m, Method::KlDiv)) {
                 let t = Instant::now();
@@ -614,20 +698,16 @@ pub fn run(req: &BenchmarkRequest) -> Result<BenchmarkOutcome> {
                 format!("score {} from the {} model's stores", ms.len(), m.role),
                 t0.elapsed().as_secs_f64(),
             ));
+            posthoc_settings = prepared.map(|p| p.settings);
+            let mut id_sc = SetScores::of_store(id_sc, id_store);
+            let mut ood_sc: Vec<SetScores> = ood_sc
+                .into_iter()
+                .zip(ood_stores)
+                .map(|(r, s)| SetScores::of_store(r, s))
+                .collect();
             for (k, &i) in store_methods.iter().enumerate() {
                 store_dirs[i] = Some(base.clone());
-                scores[i] = Some(MethodScores {
-                    id: std::mem::take(&mut id_sc.scores[k]),
-                    id_seconds: id_sc.seconds[k],
-                    oods: ood_sc
-                        .iter_mut()
-                        .map(|s| std::mem::take(&mut s.scores[k]))
-                        .collect(),
-                    ood_seconds: ood_sc.iter().map(|s| s.seconds[k]).collect(),
-                    skipped_id: id_store.skipped.len(),
-                    skipped_ood: ood_stores.iter().map(|s| s.skipped.len()).collect(),
-                    image_pass: false,
-                });
+                scores[i] = Some(MethodScores::take(k, &mut id_sc, &mut ood_sc, false));
             }
         }
         // 3. The methods that perturb the images: one pass per set for all of them.
@@ -670,7 +750,7 @@ pub fn run(req: &BenchmarkRequest) -> Result<BenchmarkOutcome> {
                 Ok(out)
             };
             let t0 = Instant::now();
-            let mut id_sc = pass(&id)?;
+            let id_sc = pass(&id)?;
             stages.push((
                 format!("image pass {label}, {}", id.name),
                 t0.elapsed().as_secs_f64(),
@@ -684,19 +764,15 @@ pub fn run(req: &BenchmarkRequest) -> Result<BenchmarkOutcome> {
                     t0.elapsed().as_secs_f64(),
                 ));
             }
+            let set = |s: crate::eval::SplitScores| SetScores {
+                skipped: s.skipped.len(),
+                scores: s.scores,
+                seconds: s.seconds,
+            };
+            let mut id_sc = set(id_sc);
+            let mut ood_sc: Vec<SetScores> = ood_sc.into_iter().map(set).collect();
             for (k, &i) in pass_methods.iter().enumerate() {
-                scores[i] = Some(MethodScores {
-                    id: std::mem::take(&mut id_sc.scores[k]),
-                    id_seconds: id_sc.seconds[k],
-                    oods: ood_sc
-                        .iter_mut()
-                        .map(|s| std::mem::take(&mut s.scores[k]))
-                        .collect(),
-                    ood_seconds: ood_sc.iter().map(|s| s.seconds[k]).collect(),
-                    skipped_id: id_sc.skipped.len(),
-                    skipped_ood: ood_sc.iter().map(|s| s.skipped.len()).collect(),
-                    image_pass: true,
-                });
+                scores[i] = Some(MethodScores::take(k, &mut id_sc, &mut ood_sc, true));
             }
         }
     }
@@ -734,6 +810,10 @@ pub fn run(req: &BenchmarkRequest) -> Result<BenchmarkOutcome> {
                     format!("stores {}", store_dirs[i].as_deref().unwrap_or(Path::new("")).display())
                 },
             });
+            let mut row_settings = row_settings;
+            if let (Method::PostHoc(_), Some(p)) = (method, &posthoc_settings) {
+                row_settings["posthoc"] = p.clone();
+            }
             rows.push(MethodResult {
                 method: method.name().to_string(),
                 in_dataset: id.name.clone(),
