@@ -311,6 +311,18 @@ mod tests {
     use super::*;
     use clap::CommandFactory;
 
+    /// `mos benchmark` parsed from `flags`.
+    fn args(flags: &[&str]) -> BenchmarkArgs {
+        let argv = ["mos", "benchmark"].iter().chain(flags);
+        match <crate::cli::Cli as clap::Parser>::try_parse_from(argv)
+            .unwrap()
+            .command
+        {
+            crate::cli::Command::Benchmark(a) => a,
+            _ => panic!("not mos benchmark"),
+        }
+    }
+
     /// Every config key is a long flag of `mos benchmark`, in snake_case.
     #[test]
     fn config_keys_are_the_long_flags() {
@@ -353,16 +365,9 @@ mod tests {
         )
         .unwrap();
         let parse = |extra: &[&str]| {
-            let mut argv = vec!["mos", "benchmark", "--config", cfg.to_str().unwrap()];
-            argv.extend(extra);
-            let crate::cli::Command::Benchmark(a) =
-                <crate::cli::Cli as clap::Parser>::try_parse_from(argv)
-                    .unwrap()
-                    .command
-            else {
-                panic!()
-            };
-            request(&a)
+            let mut flags = vec!["--config", cfg.to_str().unwrap()];
+            flags.extend(extra);
+            request(&args(&flags))
         };
         let r = parse(&[]).unwrap();
         assert_eq!(r.in_set.images, Some(5));
@@ -401,35 +406,31 @@ mod tests {
     }
 
     /// The shipped configs read, and their published numbers cover every method
-    /// and OOD set they run.
+    /// and OOD set they run; the paper's config also runs GradNorm, whose published
+    /// row (its own paper's) is read.
     #[test]
     fn shipped_configs_are_complete() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        for (file, sets) in [
+        for (file, sets, methods) in [
             (
                 "mos_cvpr21.json",
                 vec!["iNaturalist", "SUN", "Places", "Textures"],
+                "MSP,ODIN,Mahalanobis,Energy,KL_Div,MOS,GradNorm",
             ),
-            ("demo.json", vec!["mnist", "fashion_inverted"]),
+            (
+                "demo.json",
+                vec!["mnist", "fashion_inverted"],
+                "MSP,ODIN,Energy,KL_Div,Mahalanobis,MOS",
+            ),
         ] {
             let cfg = root.join("configs/benchmarks").join(file);
-            let argv = [
-                "mos",
-                "benchmark",
-                "--config",
-                cfg.to_str().unwrap(),
-                "--device",
-                "cpu",
-            ];
-            let crate::cli::Command::Benchmark(a) =
-                <crate::cli::Cli as clap::Parser>::try_parse_from(argv)
-                    .unwrap()
-                    .command
-            else {
-                panic!()
-            };
-            let r = request(&a).unwrap();
-            assert_eq!(r.score.len(), 6, "{file}");
+            let cfg = cfg.to_str().unwrap();
+            let r = request(&args(&["--config", cfg, "--device", "cpu"])).unwrap();
+            let mut got = r.score.clone();
+            got.sort();
+            let mut want: Vec<&str> = methods.split(',').collect();
+            want.sort();
+            assert_eq!(got, want, "{file}");
             let names: Vec<String> = r.out_sets.iter().map(set_name).collect();
             assert_eq!(names, sets, "{file}");
             assert!(r.out_sets.iter().all(|s| s.images.is_some()), "{file}");
@@ -445,5 +446,28 @@ mod tests {
                 }
             }
         }
+        let p =
+            benchmark::read_published(&root.join("configs/benchmarks/mos_cvpr21_published.json"))
+                .unwrap();
+        let gradnorm: Vec<(&str, f64, f64)> = p
+            .cells
+            .iter()
+            .filter(|c| c.method == "GradNorm")
+            .map(|c| (c.set.as_str(), c.fpr95, c.auroc))
+            .collect();
+        // GradNorm (NeurIPS 2021), Table 1: FPR95 / AUROC.
+        assert_eq!(
+            gradnorm,
+            [
+                ("iNaturalist", 50.03, 90.33),
+                ("SUN", 46.48, 89.03),
+                ("Places", 60.86, 84.82),
+                ("Textures", 61.42, 81.07)
+            ]
+        );
+        assert!(p.cells.iter().filter(|c| c.method == "GradNorm").all(|c| c
+            .source
+            .as_deref()
+            .is_some_and(|s| s.contains("NeurIPS 2021"))));
     }
 }

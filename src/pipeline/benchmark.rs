@@ -79,6 +79,10 @@ pub struct PublishedCell {
     pub fpr95: f64,
     pub auroc_tolerance: f64,
     pub fpr95_tolerance: f64,
+    /// Where this cell comes from, when not from the file's `source` (e.g. a
+    /// later paper's row on the same benchmark).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// A file of published numbers (`--published`; docs/benchmark.md).
@@ -943,6 +947,17 @@ fn report_markdown(
             "\n## Against the published numbers\n\nSource: {}\n\n",
             p.source
         ));
+        let mut others: Vec<(&str, &str)> = Vec::new();
+        for cell in &p.cells {
+            if let Some(src) = &cell.source {
+                if !others.contains(&(cell.method.as_str(), src.as_str())) {
+                    others.push((&cell.method, src));
+                }
+            }
+        }
+        for (method, src) in others {
+            s.push_str(&format!("Source of {method}'s cells: {src}\n\n"));
+        }
         if !p.tolerance_note.is_empty() {
             s.push_str(&format!("Tolerances: {}\n\n", p.tolerance_note));
         }
@@ -994,6 +1009,7 @@ mod tests {
             fpr95: f,
             auroc_tolerance: ta,
             fpr95_tolerance: tf,
+            source: None,
         };
         let p = Published {
             source: "s".into(),
@@ -1033,6 +1049,20 @@ mod tests {
             r#"{"source": "x", "cells": [{"method": "KL", "set": "SUN", "auroc": 50, "fpr95": 50, "auroc_tolerance": 1, "fpr95_tolerance": 1}]}"#,
         );
         assert_eq!(read_published(&f).unwrap().cells[0].method, "KL_Div");
+        // Every method --score knows, post-hoc ones included, with a cell's source.
+        write(
+            r#"{"source": "x", "cells": [{"method": "gradnorm", "set": "SUN", "auroc": 50, "fpr95": 50, "auroc_tolerance": 1, "fpr95_tolerance": 1, "source": "y"},
+                {"method": "ash_s", "set": "SUN", "auroc": 50, "fpr95": 50, "auroc_tolerance": 1, "fpr95_tolerance": 1}]}"#,
+        );
+        let p = read_published(&f).unwrap();
+        assert_eq!(
+            (p.cells[0].method.as_str(), p.cells[0].source.as_deref()),
+            ("GradNorm", Some("y"))
+        );
+        assert_eq!(
+            (p.cells[1].method.as_str(), p.cells[1].source.as_deref()),
+            ("ASH-S", None)
+        );
         write(
             r#"{"source": "x", "cells": [{"method": "Foo", "set": "SUN", "auroc": 50, "fpr95": 50, "auroc_tolerance": 1, "fpr95_tolerance": 1}]}"#,
         );
