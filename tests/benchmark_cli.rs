@@ -326,6 +326,25 @@ fn image_pass_methods_equal_test_baseline() {
         report.contains("image pass ODIN+Mahalanobis, ood_b"),
         "{report}"
     );
+    // The flat model's extraction carried the image pass: one pass over each set.
+    let log = std::fs::read_to_string(run.join("benchmark.log")).unwrap();
+    assert_eq!(
+        log.matches("with the image pass of ODIN+Mahalanobis")
+            .count(),
+        3,
+        "{log}"
+    );
+    assert_eq!(log.matches("image pass over").count(), 0, "{log}");
+    // A rerun finds the stores complete: the image pass runs alone, same rows.
+    ok(&mut benchmark(&s, "bench", &maha, "0.002"));
+    let log = std::fs::read_to_string(run.join("benchmark.log")).unwrap();
+    assert_eq!(log.matches("is complete, reused").count(), 6, "{log}");
+    assert_eq!(
+        log.matches("ODIN+Mahalanobis: image pass over").count(),
+        3,
+        "{log}"
+    );
+    same_rows(&results(&run.join("results.json")), &rows);
 }
 
 #[test]

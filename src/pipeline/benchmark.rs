@@ -5,10 +5,13 @@
 //! fits its role (group or flat). Then each (model, set) pair is extracted once
 //! into a feature store in the run directory ([`super::extract`], [`super::store`];
 //! a rerun finds them complete and recomputes nothing), the methods a store serves
-//! are scored from the stores ([`super::score`]), the methods that perturb the
-//! images (ODIN with epsilon > 0, Mahalanobis with magnitude > 0) take one image
-//! pass per set ([`crate::eval::score_split`]), and the rows go to `results.json`
-//! and `report.md`, with the published numbers side by side when given.
+//! are scored from the stores ([`super::score`], the post-hoc methods with
+//! [`super::posthoc`]), the methods that perturb the images (ODIN with epsilon > 0,
+//! Mahalanobis with magnitude > 0) ride on the flat model's extraction: one pass
+//! over each set whose first forward pass, with a graph, gives both the stored
+//! outputs and their input gradients ([`super::extract::forward_with_pass`]; a pass
+//! of their own when the store is already complete), and the rows go to
+//! `results.json` and `report.md`, with the published numbers side by side when given.
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -16,7 +19,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::Device;
 
-use super::extract::{extract_range, ExtractOptions, Layers};
+use super::extract::{extract_range_with, ExtractOptions, Extracted, ImagePass, Layers, RangePass};
 use super::posthoc;
 use super::score::{
     canonical_name, kl_scores, methods_from_names, posthoc_methods, score_store, Method,
@@ -24,7 +27,7 @@ use super::score::{
 };
 use super::store::{self, Manifest, StoreData};
 use crate::data::loader::Item;
-use crate::eval::{score_split, EvalOptions, EvalSet, MethodResult};
+use crate::eval::{EvalSet, MethodResult};
 use crate::metrics::ood_metrics;
 use crate::model::weights::{load_model, resolve_weight_path, with_head_hint, LoadedModel};
 use crate::model::Variant;
@@ -365,19 +368,141 @@ fn plan_store(
     })
 }
 
-/// Extracts the planned store (one shard), or finds it complete. Returns the
-/// store's rows and the seconds spent extracting (0 when reused).
+/// Runs `pass` over the images of `set` with `m`, keeping the outputs `layers`
+/// asks for: one decoding and one first forward pass per batch for both.
+fn run_pass(
+    req: &BenchmarkRequest,
+    m: &RoleModel,
+    set: &EvalSet,
+    items: &[Item],
+    layers: Layers,
+    pass: &ImagePass,
+) -> Result<(Extracted, RangePass)> {
+    let label = pass_label(m, pass);
+    let bar = crate::progress::bar(items.len() as u64, &format!("{label} {}", set.name));
+    let opts = ExtractOptions {
+        batch: req.batch,
+        workers: req.workers,
+        crop: req.crop,
+        skip_bad: req.skip_bad_images,
+        device: req.device,
+        layers,
+    };
+    let out = crate::runtime::catch_torch(|| {
+        extract_range_with(&m.loaded.model, items, 0..items.len(), &opts, pass, &|n| {
+            bar.inc(n)
+        })
+    })
+    .with_context(|| {
+        format!(
+            "{label} of {} (--batch {}, --crop {})",
+            set.name, req.batch, req.crop
+        )
+    })??;
+    bar.finish_and_clear();
+    Ok(out)
+}
+
+/// What a pass over a set does, for messages: "extracting with the flat model",
+/// "+ ODIN+Mahalanobis".
+fn pass_label(m: &RoleModel, pass: &ImagePass) -> String {
+    if pass.methods.is_empty() {
+        format!("{} model", m.role)
+    } else {
+        format!("{} model + {}", m.role, method_names(pass.methods))
+    }
+}
+
+fn method_names(methods: &[Method]) -> String {
+    methods
+        .iter()
+        .map(Method::name)
+        .collect::<Vec<_>>()
+        .join("+")
+}
+
+/// The image-pass methods' scores of a set from `pass`'s results.
+fn pass_scores(rp: RangePass, skipped: usize) -> SetScores {
+    SetScores {
+        scores: rp.scores,
+        seconds: rp.seconds,
+        skipped,
+    }
+}
+
+/// Notes the stages of a pass over `set`: the shared work (decoding, the first
+/// forward pass, and writing the store) as `shared`, the image-pass methods' own.
+fn pass_stages(
+    stages: &mut Vec<(String, f64)>,
+    shared: String,
+    pass: &ImagePass,
+    set: &EvalSet,
+    rp: &RangePass,
+) {
+    stages.push((shared, rp.shared_seconds));
+    if !pass.methods.is_empty() {
+        stages.push((
+            format!(
+                "image pass {}, {}: backward and perturbed forward passes",
+                method_names(pass.methods),
+                set.name
+            ),
+            rp.seconds.iter().sum(),
+        ));
+    }
+}
+
+/// The image-pass methods alone over `set` (no store to extract, or it is
+/// complete): the same pass as [`extract_store`]'s, its outputs not kept.
+fn image_pass(
+    req: &BenchmarkRequest,
+    m: &RoleModel,
+    set: &EvalSet,
+    pass: &ImagePass,
+    log: &RunLog,
+    stages: &mut Vec<(String, f64)>,
+) -> Result<SetScores> {
+    let items = set.folder.items();
+    let (ex, rp) = run_pass(req, m, set, &items, Layers::LOGITS, pass)?;
+    log.line(format!(
+        "{}: image pass over {} ({} images) in {:.2} s ({:.2} s the methods' own)",
+        method_names(pass.methods),
+        set.name,
+        items.len(),
+        rp.shared_seconds + rp.seconds.iter().sum::<f64>(),
+        rp.seconds.iter().sum::<f64>()
+    ));
+    pass_stages(
+        stages,
+        format!(
+            "image pass {}, {}: decoding and first forward pass",
+            method_names(pass.methods),
+            set.name
+        ),
+        pass,
+        set,
+        &rp,
+    );
+    Ok(pass_scores(rp, ex.skipped.len()))
+}
+
+/// Extracts the planned store (one shard) with the image-pass methods of `pass`
+/// on the same batches, or finds it complete (then `pass` runs alone,
+/// [`image_pass`]). Returns the store's rows and the image-pass methods' scores
+/// (None without any).
 fn extract_store(
     req: &BenchmarkRequest,
     m: &RoleModel,
     set: &EvalSet,
     plan: &StorePlan,
+    pass: &ImagePass,
     log: &RunLog,
-) -> Result<(StoreData, f64)> {
+    stages: &mut Vec<(String, f64)>,
+) -> Result<(StoreData, Option<SetScores>)> {
     let (items, dir) = (&plan.items, plan.dir.as_path());
     let layers = Layers::parse(&plan.manifest.layers)?;
     let manifest = store::prepare_for(dir, &plan.manifest, "another --name or --logdir")?;
-    let mut secs = 0.0;
+    let mut pass_sc = None;
     if store::complete_shard(dir, &manifest, 0)?.is_some() {
         log.line(format!(
             "{} model, {}: store {} is complete, reused",
@@ -385,29 +510,12 @@ fn extract_store(
             set.name,
             dir.display()
         ));
+        stages.push((format!("extract {} model, {}", m.role, set.name), 0.0));
+        if !pass.methods.is_empty() {
+            pass_sc = Some(image_pass(req, m, set, pass, log, stages)?);
+        }
     } else {
-        let started = Instant::now();
-        let bar = crate::progress::bar(items.len() as u64, &format!("{} {}", m.role, set.name));
-        let opts = ExtractOptions {
-            batch: req.batch,
-            workers: req.workers,
-            crop: req.crop,
-            skip_bad: req.skip_bad_images,
-            device: req.device,
-            layers,
-        };
-        let ex = crate::runtime::catch_torch(|| {
-            extract_range(&m.loaded.model, items, 0..items.len(), &opts, &|n| {
-                bar.inc(n)
-            })
-        })
-        .with_context(|| {
-            format!(
-                "extracting {} with the {} model (--batch {}, --crop {})",
-                set.name, m.role, req.batch, req.crop
-            )
-        })??;
-        bar.finish_and_clear();
+        let (ex, mut rp) = run_pass(req, m, set, items, layers, pass)?;
         for (i, s) in &ex.skipped {
             log.line(format!(
                 "skipped unreadable image {} (index {i}): {}",
@@ -416,22 +524,45 @@ fn extract_store(
             ));
         }
         let device = crate::runtime::device_name(req.device);
+        let t0 = Instant::now();
         store::write_shard(dir, &manifest, 0, &ex, &plan.rel, &device)?;
-        secs = started.elapsed().as_secs_f64();
+        rp.shared_seconds += t0.elapsed().as_secs_f64();
+        let own: f64 = rp.seconds.iter().sum();
+        let secs = rp.shared_seconds + own;
+        let with = if pass.methods.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", with the image pass of {} ({own:.2} s of it their backward and perturbed forward passes)",
+                method_names(pass.methods)
+            )
+        };
         log.line(format!(
-            "{} model, {}: extracted {} images into {} in {secs:.2} s ({:.1} images/s)",
+            "{} model, {}: extracted {} images into {} in {secs:.2} s ({:.1} images/s){with}",
             m.role,
             set.name,
             items.len(),
             dir.display(),
             items.len() as f64 / secs.max(1e-9)
         ));
+        let shared = if pass.methods.is_empty() {
+            format!("extract {} model, {}", m.role, set.name)
+        } else {
+            format!(
+                "extract {} model, {} (decoding and forward pass shared with the image pass)",
+                m.role, set.name
+            )
+        };
+        pass_stages(stages, shared, pass, set, &rp);
+        if !pass.methods.is_empty() {
+            pass_sc = Some(pass_scores(rp, ex.skipped.len()));
+        }
     }
     let index = store::open(dir, false)?;
     if !index.manifest.complete {
         store::mark_complete(&index)?;
     }
-    Ok((store::load(dir)?, secs))
+    Ok((store::load(dir)?, pass_sc))
 }
 
 /// Scores of one set: per method, per image; seconds per method; images skipped.
@@ -667,14 +798,23 @@ pub fn run(req: &BenchmarkRequest) -> Result<BenchmarkOutcome> {
     let mut posthoc_settings = None;
     for (m, plan) in models.iter().zip(&plans) {
         let (store_methods, pass_methods) = (&plan.store_methods, &plan.pass_methods);
+        // The methods that perturb the images ride on the extraction's pass over
+        // each set (or take a pass of their own when nothing is extracted).
+        let pass_ms: Vec<Method> = pass_methods
+            .iter()
+            .map(|&i| image_methods[i].clone())
+            .collect();
+        let pass = ImagePass { methods: &pass_ms };
+        let mut pass_sc: Vec<SetScores> = Vec::new();
+        let sets: Vec<&EvalSet> = std::iter::once(&id).chain(&oods).collect();
         if !store_methods.is_empty() {
             let ms: Vec<Method> = store_methods.iter().map(|&i| methods[i].clone()).collect();
             let base = req.run_dir.join("stores").join(m.role);
             let mut stores = Vec::new();
-            for (set, p) in std::iter::once(&id).chain(&oods).zip(&plan.stores) {
-                let (s, secs) = extract_store(req, m, set, p, &log)?;
-                stages.push((format!("extract {} model, {}", m.role, set.name), secs));
+            for (set, p) in sets.iter().zip(&plan.stores) {
+                let (s, sc) = extract_store(req, m, set, p, &pass, &log, &mut stages)?;
                 stores.push(s);
+                pass_sc.extend(sc);
             }
             let (id_store, ood_stores) = (&stores[0], &stores[1..]);
             let t0 = Instant::now();
@@ -713,70 +853,18 @@ pub fn run(req: &BenchmarkRequest) -> Result<BenchmarkOutcome> {
                 store_dirs[i] = Some(base.clone());
                 scores[i] = Some(MethodScores::take(k, &mut id_sc, &mut ood_sc, false));
             }
-        }
-        // 3. The methods that perturb the images: one pass per set for all of them.
-        if !pass_methods.is_empty() {
-            let ms: Vec<Method> = pass_methods
-                .iter()
-                .map(|&i| image_methods[i].clone())
-                .collect();
-            let opts = EvalOptions {
-                batch: req.batch,
-                workers: req.workers,
-                crop: req.crop,
-                skip_bad: req.skip_bad_images,
-                device: req.device,
-            };
-            let label = ms.iter().map(Method::name).collect::<Vec<_>>().join("+");
-            let pass = |set: &EvalSet| -> Result<crate::eval::SplitScores> {
-                let t0 = Instant::now();
-                let out = crate::runtime::catch_torch(|| {
-                    score_split(
-                        &m.loaded.model,
-                        set,
-                        &ms,
-                        &opts,
-                        &format!("{label} {}", set.name),
-                    )
-                })
-                .with_context(|| {
-                    format!(
-                        "scoring {} with {label} from the images (--batch {}, --crop {})",
-                        set.name, req.batch, req.crop
-                    )
-                })??;
-                log.line(format!(
-                    "{label}: image pass over {} ({} images) in {:.2} s",
-                    set.name,
-                    set.folder.len(),
-                    t0.elapsed().as_secs_f64()
-                ));
-                Ok(out)
-            };
-            let t0 = Instant::now();
-            let id_sc = pass(&id)?;
-            stages.push((
-                format!("image pass {label}, {}", id.name),
-                t0.elapsed().as_secs_f64(),
-            ));
-            let mut ood_sc = Vec::new();
-            for o in &oods {
-                let t0 = Instant::now();
-                ood_sc.push(pass(o)?);
-                stages.push((
-                    format!("image pass {label}, {}", o.name),
-                    t0.elapsed().as_secs_f64(),
-                ));
+        } else if !pass_ms.is_empty() {
+            for set in &sets {
+                pass_sc.push(image_pass(req, m, set, &pass, &log, &mut stages)?);
             }
-            let set = |s: crate::eval::SplitScores| SetScores {
-                skipped: s.skipped.len(),
-                scores: s.scores,
-                seconds: s.seconds,
-            };
-            let mut id_sc = set(id_sc);
-            let mut ood_sc: Vec<SetScores> = ood_sc.into_iter().map(set).collect();
+        }
+        // 3. The image-pass methods' scores, from those passes.
+        if !pass_ms.is_empty() {
+            let (id_sc, ood_sc) = pass_sc
+                .split_first_mut()
+                .context("internal: no image pass")?;
             for (k, &i) in pass_methods.iter().enumerate() {
-                scores[i] = Some(MethodScores::take(k, &mut id_sc, &mut ood_sc, true));
+                scores[i] = Some(MethodScores::take(k, id_sc, ood_sc, true));
             }
         }
     }
