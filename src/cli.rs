@@ -103,7 +103,7 @@ pub struct BenchmarkArgs {
     /// ODIN temperature [default: 1000].
     #[arg(long, alias = "temperature_odin", value_name = "T")]
     pub temperature_odin: Option<f64>,
-    /// ODIN input perturbation; > 0 takes one image pass per set [default: 0].
+    /// ODIN input perturbation; > 0 perturbs the images, sharing the flat model's extraction pass [default: 0].
     #[arg(long, alias = "epsilon_odin", value_name = "EPS")]
     pub epsilon_odin: Option<f64>,
     /// Energy temperature [default: 1].
