@@ -842,7 +842,9 @@ pub fn run(req: &BenchmarkRequest) -> Result<BenchmarkOutcome> {
                 format!("score {} from the {} model's stores", ms.len(), m.role),
                 t0.elapsed().as_secs_f64(),
             ));
-            posthoc_settings = prepared.map(|p| p.settings);
+            if let Some(p) = prepared {
+                posthoc_settings = Some(p.settings);
+            }
             let mut id_sc = SetScores::of_store(id_sc, id_store);
             let mut ood_sc: Vec<SetScores> = ood_sc
                 .into_iter()
