@@ -99,18 +99,39 @@ pub struct BenchmarkArgs {
     /// Tuned Mahalanobis parameters (tune-mahalanobis), for Mahalanobis.
     #[arg(long, alias = "mahalanobis_param_path", value_name = "PATH")]
     pub mahalanobis_param_path: Option<PathBuf>,
-    /// Methods, comma-separated: MOS, MSP, ODIN, Energy, KL_Div, Mahalanobis.
+    /// Methods, comma-separated: MOS, MSP, ODIN, Energy, KL_Div, Mahalanobis, and the
+    /// post-hoc MaxLogit, GradNorm, ReAct, KNN, ViM, ASH-P, ASH-B, ASH-S, DICE (flat model).
     #[arg(long, value_delimiter = ',', value_name = "METHODS")]
     pub score: Vec<String>,
     /// ODIN temperature [default: 1000].
     #[arg(long, alias = "temperature_odin", value_name = "T")]
     pub temperature_odin: Option<f64>,
-    /// ODIN input perturbation; > 0 takes one image pass per set [default: 0].
+    /// ODIN input perturbation; > 0 perturbs the images, sharing the flat model's extraction pass [default: 0].
     #[arg(long, alias = "epsilon_odin", value_name = "EPS")]
     pub epsilon_odin: Option<f64>,
     /// Energy temperature [default: 1].
     #[arg(long, alias = "temperature_energy", value_name = "T")]
     pub temperature_energy: Option<f64>,
+    /// A store of in-distribution training images extracted with the flat model
+    /// (mos extract --layers logits,features), for ReAct, KNN, ViM and DICE; what is
+    /// fitted is saved in the run directory (fit.safetensors) and reused.
+    #[arg(long, value_name = "STORE")]
+    pub fit: Option<PathBuf>,
+    /// ReAct: clip at this percentile of the training activations [default: 90].
+    #[arg(long, alias = "react_percentile", value_name = "P")]
+    pub react_percentile: Option<f64>,
+    /// KNN: the k-th nearest training feature [default: 1000, the original's ImageNet k].
+    #[arg(long, alias = "knn_k", value_name = "K")]
+    pub knn_k: Option<i64>,
+    /// ViM: principal dimension [default: 1000 for D >= 2048, 512 for D >= 768, else D/2].
+    #[arg(long, alias = "vim_dim", value_name = "DIM")]
+    pub vim_dim: Option<i64>,
+    /// ASH-P/B/S: prune this percentile of each image's activations [default: 90].
+    #[arg(long, alias = "ash_percentile", value_name = "P")]
+    pub ash_percentile: Option<f64>,
+    /// DICE: keep the head's weights whose contribution is above this percentile [default: 70].
+    #[arg(long, alias = "dice_percentile", value_name = "P")]
+    pub dice_percentile: Option<f64>,
     /// Published numbers to compare with (JSON, a tolerance per cell); the exit status
     /// is 1 when a cell is outside its tolerance.
     #[arg(long, value_name = "FILE")]
@@ -1022,19 +1043,19 @@ pub struct PostHocArgs {
     #[arg(long, alias = "model_path", value_name = "FILE")]
     pub model_path: Option<PathBuf>,
     /// ReAct: clip at this percentile of the training activations.
-    #[arg(long, default_value_t = 90.0, value_name = "P")]
+    #[arg(long, default_value_t = crate::pipeline::posthoc::REACT_PERCENTILE, value_name = "P")]
     pub react_percentile: f64,
     /// KNN: the k-th nearest training feature (the original's ImageNet k; OpenOOD uses 50).
-    #[arg(long, default_value_t = 1000, value_name = "K")]
+    #[arg(long, default_value_t = crate::pipeline::posthoc::KNN_K, value_name = "K")]
     pub knn_k: i64,
     /// ViM: principal dimension; default 1000 for D >= 2048, 512 for D >= 768, else D/2.
     #[arg(long, value_name = "DIM")]
     pub vim_dim: Option<i64>,
     /// ASH-P/B/S: prune this percentile of each image's activations.
-    #[arg(long, default_value_t = 90.0, value_name = "P")]
+    #[arg(long, default_value_t = crate::pipeline::posthoc::ASH_PERCENTILE, value_name = "P")]
     pub ash_percentile: f64,
     /// DICE: keep the head's weights whose contribution is above this percentile.
-    #[arg(long, default_value_t = 70.0, value_name = "P")]
+    #[arg(long, default_value_t = crate::pipeline::posthoc::DICE_PERCENTILE, value_name = "P")]
     pub dice_percentile: f64,
     /// Device of the post-hoc methods: auto (CUDA device 0 if available, else CPU), cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto", value_name = "DEVICE")]

@@ -38,16 +38,7 @@ impl EvalSet {
     }
 
     fn items(&self) -> Arc<Vec<Item>> {
-        Arc::new(
-            self.folder
-                .samples
-                .iter()
-                .map(|(p, l)| Item {
-                    path: p.clone(),
-                    target: vec![*l as i64],
-                })
-                .collect(),
-        )
+        Arc::new(self.folder.items())
     }
 }
 

@@ -326,6 +326,25 @@ fn image_pass_methods_equal_test_baseline() {
         report.contains("image pass ODIN+Mahalanobis, ood_b"),
         "{report}"
     );
+    // The flat model's extraction carried the image pass: one pass over each set.
+    let log = std::fs::read_to_string(run.join("benchmark.log")).unwrap();
+    assert_eq!(
+        log.matches("with the image pass of ODIN+Mahalanobis")
+            .count(),
+        3,
+        "{log}"
+    );
+    assert_eq!(log.matches("image pass over").count(), 0, "{log}");
+    // A rerun finds the stores complete: the image pass runs alone, same rows.
+    ok(&mut benchmark(&s, "bench", &maha, "0.002"));
+    let log = std::fs::read_to_string(run.join("benchmark.log")).unwrap();
+    assert_eq!(log.matches("is complete, reused").count(), 6, "{log}");
+    assert_eq!(
+        log.matches("ODIN+Mahalanobis: image pass over").count(),
+        3,
+        "{log}"
+    );
+    same_rows(&results(&run.join("results.json")), &rows);
 }
 
 #[test]
@@ -388,4 +407,105 @@ fn bad_input_stops_before_any_work() {
         base(&s).arg("--config").arg(&cfg),
         &["c.json", "unknown field `scores`", "line 2", "snake_case"],
     );
+}
+
+/// The post-hoc methods in `mos benchmark`: the flat model's stores keep the
+/// pre-logit features, the head comes from --flat-model-path, the statistics
+/// from --fit (saved in the run directory, reused on a rerun), and the rows equal
+/// `mos score`'s on the benchmark's own stores with the same flags.
+#[test]
+fn posthoc_methods_equal_mos_score_on_the_stores() {
+    let s = setup();
+    let fit = s.root.join("fit_store");
+    ok(mos()
+        .arg("extract")
+        .arg("--model-path")
+        .arg(&s.flat)
+        .arg("--datadir")
+        .arg(&s.id)
+        .arg("--output")
+        .arg(&fit)
+        .args(["--layers", "logits,features"])
+        .args(SETTINGS));
+    let methods = "MSP,MaxLogit,GradNorm,ReAct,KNN,ViM,ASH-S,DICE";
+    let hyper = ["--knn-k", "3", "--react-percentile", "80"];
+    let no_maha = s.root.join("unused");
+    let bench = || {
+        let mut cmd = benchmark_with(&s, "ph", &no_maha, "0", methods, [&s.group, &s.flat]);
+        cmd.arg("--fit").arg(&fit).args(hyper);
+        cmd
+    };
+    ok(&mut bench());
+    let run = s.root.join("runs/ph");
+    let rows = results(&run.join("results.json"));
+    assert_eq!(rows.len(), 16);
+    assert!(run.join("fit.safetensors").is_file());
+    let knn = rows.iter().find(|r| r["method"] == "KNN").unwrap();
+    assert_eq!(knn["settings"]["posthoc"]["knn_k"], 3, "{knn}");
+    let react = rows.iter().find(|r| r["method"] == "ReAct").unwrap();
+    assert_eq!(react["settings"]["posthoc"]["react_percentile"], 80.0);
+
+    // mos score on the benchmark's flat stores, with the same checkpoint and fit.
+    let stores = run.join("stores/flat");
+    ok(mos()
+        .arg("score")
+        .arg("--id")
+        .arg(stores.join("id_val"))
+        .arg("--ood")
+        .arg(stores.join("ood_a"))
+        .arg("--ood")
+        .arg(stores.join("ood_b"))
+        .args(["--score", methods, "--device", "cpu"])
+        .arg("--model-path")
+        .arg(&s.flat)
+        .arg("--fit")
+        .arg(&fit)
+        .args(hyper)
+        .arg("--logdir")
+        .arg(s.root.join("runs"))
+        .args(["--name", "score"]));
+    same_rows(&rows, &results(&s.root.join("runs/score/results.json")));
+
+    // A rerun reuses the stores and what was fitted (KNN reads its bank again).
+    ok(&mut bench());
+    let log = std::fs::read_to_string(run.join("benchmark.log")).unwrap();
+    assert_eq!(log.matches("is complete, reused").count(), 3, "{log}");
+    for fitted in ["ReAct: the 80th percentile", "ViM: dimension"] {
+        assert_eq!(log.matches(fitted).count(), 1, "{log}");
+    }
+    same_rows(&results(&run.join("results.json")), &rows);
+    // Other settings for the same run directory: its stores are not mixed, and the
+    // hint names the benchmark's flags.
+    bench()
+        .arg("--skip-bad-images")
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("extracted with other settings"))
+        .stderr(predicate::str::contains("Use another --name or --logdir"));
+
+    // A method that needs --fit without it, and a bad percentile: errors before
+    // any store is extracted.
+    for (extra, what) in [
+        (
+            vec![],
+            "--score ReAct,DICE needs training statistics: give --fit",
+        ),
+        (
+            vec!["--fit", "x", "--dice-percentile", "100"],
+            "--dice-percentile 100: must be a percentile in (0, 100)",
+        ),
+    ] {
+        let mut cmd = benchmark_with(
+            &s,
+            "ph_bad",
+            &no_maha,
+            "0",
+            "MSP,ReAct,DICE",
+            [&s.group, &s.flat],
+        );
+        let out = cmd.args(&extra).assert().code(1).get_output().clone();
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains(what), "{what} not in {err}");
+        assert!(!s.root.join("runs/ph_bad/stores").exists(), "{err}");
+    }
 }

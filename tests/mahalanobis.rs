@@ -276,3 +276,65 @@ fn fgsm_images_match_pytorch() {
     assert!(adv.max().double_value(&[]) <= 1.0);
     assert_no_grads(&vs);
 }
+
+/// `mos benchmark`'s shared pass (pipeline::extract::forward_with_pass): one
+/// forward pass with a graph gives the stored outputs and, from the same graph,
+/// the input gradients of ODIN and Mahalanobis; every value equals the separate
+/// passes of test-baseline (ood::odin, pipeline::mahalanobis::score) and the
+/// extraction's no-grad forward (forward_batch) bit for bit: the same operations on
+/// the same values, each gradient through the part of the graph its loss depends on.
+#[test]
+fn shared_pass_equals_the_separate_passes() {
+    use mos::pipeline::extract::{forward_batch, forward_with_pass, ImagePass, Layers};
+    use mos::pipeline::mahalanobis::MahalanobisParams;
+    use mos::pipeline::score::Method;
+    let (vs, model) = r14();
+    let exp = expected();
+    let x = read_named(&exp, "x");
+    let gaussians = || layers().into_iter().map(|l| l.gaussian).collect();
+    let w = Vec::<f64>::try_from(read_named(&exp, "lr_w")).unwrap();
+    let b = read_named(&exp, "lr_b").double_value(&[]);
+    let params = MahalanobisParams {
+        layers: gaussians(),
+        lr_weight: w,
+        lr_bias: b,
+        magnitude: 0.0014,
+    };
+    let (t, eps) = (1000.0, 0.002);
+    let methods = [
+        Method::Odin {
+            temperature: t,
+            epsilon: eps,
+        },
+        Method::Mahalanobis(std::rc::Rc::new(params)),
+    ];
+    let all = Layers {
+        logits: true,
+        features: true,
+        mahalanobis: true,
+    };
+    for layers in [Layers::LOGITS, all] {
+        let (out, ps) =
+            forward_with_pass(&model, &x, layers, &ImagePass { methods: &methods }).unwrap();
+        let want = forward_batch(&model, &x, layers);
+        assert!(out.logits.equal(&want.logits), "logits");
+        assert_eq!(out.features.is_some(), want.features.is_some());
+        if let (Some(a), Some(b)) = (&out.features, &want.features) {
+            assert!(a.equal(b), "features");
+        }
+        assert_eq!(out.layers.len(), want.layers.len());
+        for (l, (a, b)) in out.layers.iter().zip(&want.layers).enumerate() {
+            assert!(a.equal(b), "layer {l}");
+        }
+        assert!(!out.logits.requires_grad());
+        let odin = mos::ood::odin(&|t: &Tensor| model.forward(t), &x, t, eps).unwrap();
+        assert!(ps.scores[0].equal(&odin.to_kind(Kind::Double)), "ODIN");
+        let Method::Mahalanobis(p) = &methods[1] else {
+            unreachable!()
+        };
+        let maha = mos::pipeline::mahalanobis::score(&model, p, &x).unwrap();
+        assert!(ps.scores[1].equal(&maha), "Mahalanobis");
+        assert_eq!(ps.seconds.len(), 2);
+    }
+    assert_no_grads(&vs);
+}

@@ -10,6 +10,7 @@ use crate::cli::BenchmarkArgs;
 use crate::device::DeviceSpec;
 use crate::model::Variant;
 use crate::pipeline::benchmark::{self, BenchmarkRequest, SetSpec};
+use crate::pipeline::posthoc;
 use crate::pipeline::score::MethodSettings;
 
 /// A set in a config file: a path, or `{"path", "images", "name"}` (the
@@ -72,6 +73,12 @@ struct Config {
     temperature_odin: Option<f64>,
     epsilon_odin: Option<f64>,
     temperature_energy: Option<f64>,
+    fit: Option<PathBuf>,
+    react_percentile: Option<f64>,
+    knn_k: Option<i64>,
+    vim_dim: Option<i64>,
+    ash_percentile: Option<f64>,
+    dice_percentile: Option<f64>,
     published: Option<PathBuf>,
     logdir: Option<PathBuf>,
     name: Option<String>,
@@ -250,6 +257,21 @@ fn request(args: &BenchmarkArgs) -> Result<BenchmarkRequest> {
                 .or(cfg.mahalanobis_param_path),
             model: Some(model),
         },
+        posthoc: {
+            let d = posthoc::Settings::default();
+            posthoc::Settings {
+                react_percentile: pick(
+                    args.react_percentile,
+                    cfg.react_percentile,
+                    d.react_percentile,
+                ),
+                knn_k: args.knn_k.or(cfg.knn_k).unwrap_or(d.knn_k),
+                vim_dim: args.vim_dim.or(cfg.vim_dim),
+                ash_percentile: pick(args.ash_percentile, cfg.ash_percentile, d.ash_percentile),
+                dice_percentile: pick(args.dice_percentile, cfg.dice_percentile, d.dice_percentile),
+            }
+        },
+        fit: args.fit.clone().or(cfg.fit),
         published: args.published.clone().or(cfg.published),
         run_dir: logdir.join(name),
         batch: args.batch.or(cfg.batch).unwrap_or(256),
@@ -288,6 +310,18 @@ pub fn run(args: &BenchmarkArgs) -> Result<()> {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    /// `mos benchmark` parsed from `flags`.
+    fn args(flags: &[&str]) -> BenchmarkArgs {
+        let argv = ["mos", "benchmark"].iter().chain(flags);
+        match <crate::cli::Cli as clap::Parser>::try_parse_from(argv)
+            .unwrap()
+            .command
+        {
+            crate::cli::Command::Benchmark(a) => a,
+            _ => panic!("not mos benchmark"),
+        }
+    }
 
     /// Every config key is a long flag of `mos benchmark`, in snake_case.
     #[test]
@@ -331,16 +365,9 @@ mod tests {
         )
         .unwrap();
         let parse = |extra: &[&str]| {
-            let mut argv = vec!["mos", "benchmark", "--config", cfg.to_str().unwrap()];
-            argv.extend(extra);
-            let crate::cli::Command::Benchmark(a) =
-                <crate::cli::Cli as clap::Parser>::try_parse_from(argv)
-                    .unwrap()
-                    .command
-            else {
-                panic!()
-            };
-            request(&a)
+            let mut flags = vec!["--config", cfg.to_str().unwrap()];
+            flags.extend(extra);
+            request(&args(&flags))
         };
         let r = parse(&[]).unwrap();
         assert_eq!(r.in_set.images, Some(5));
@@ -379,35 +406,31 @@ mod tests {
     }
 
     /// The shipped configs read, and their published numbers cover every method
-    /// and OOD set they run.
+    /// and OOD set they run; the paper's config also runs GradNorm, whose published
+    /// row (its own paper's) is read.
     #[test]
     fn shipped_configs_are_complete() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        for (file, sets) in [
+        for (file, sets, methods) in [
             (
                 "mos_cvpr21.json",
                 vec!["iNaturalist", "SUN", "Places", "Textures"],
+                "MSP,ODIN,Mahalanobis,Energy,KL_Div,MOS,GradNorm",
             ),
-            ("demo.json", vec!["mnist", "fashion_inverted"]),
+            (
+                "demo.json",
+                vec!["mnist", "fashion_inverted"],
+                "MSP,ODIN,Energy,KL_Div,Mahalanobis,MOS",
+            ),
         ] {
             let cfg = root.join("configs/benchmarks").join(file);
-            let argv = [
-                "mos",
-                "benchmark",
-                "--config",
-                cfg.to_str().unwrap(),
-                "--device",
-                "cpu",
-            ];
-            let crate::cli::Command::Benchmark(a) =
-                <crate::cli::Cli as clap::Parser>::try_parse_from(argv)
-                    .unwrap()
-                    .command
-            else {
-                panic!()
-            };
-            let r = request(&a).unwrap();
-            assert_eq!(r.score.len(), 6, "{file}");
+            let cfg = cfg.to_str().unwrap();
+            let r = request(&args(&["--config", cfg, "--device", "cpu"])).unwrap();
+            let mut got = r.score.clone();
+            got.sort();
+            let mut want: Vec<&str> = methods.split(',').collect();
+            want.sort();
+            assert_eq!(got, want, "{file}");
             let names: Vec<String> = r.out_sets.iter().map(set_name).collect();
             assert_eq!(names, sets, "{file}");
             assert!(r.out_sets.iter().all(|s| s.images.is_some()), "{file}");
@@ -423,5 +446,28 @@ mod tests {
                 }
             }
         }
+        let p =
+            benchmark::read_published(&root.join("configs/benchmarks/mos_cvpr21_published.json"))
+                .unwrap();
+        let gradnorm: Vec<(&str, f64, f64)> = p
+            .cells
+            .iter()
+            .filter(|c| c.method == "GradNorm")
+            .map(|c| (c.set.as_str(), c.fpr95, c.auroc))
+            .collect();
+        // GradNorm (NeurIPS 2021), Table 1: FPR95 / AUROC.
+        assert_eq!(
+            gradnorm,
+            [
+                ("iNaturalist", 50.03, 90.33),
+                ("SUN", 46.48, 89.03),
+                ("Places", 60.86, 84.82),
+                ("Textures", 61.42, 81.07)
+            ]
+        );
+        assert!(p.cells.iter().filter(|c| c.method == "GradNorm").all(|c| c
+            .source
+            .as_deref()
+            .is_some_and(|s| s.contains("NeurIPS 2021"))));
     }
 }

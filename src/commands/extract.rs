@@ -38,15 +38,7 @@ fn read_data(args: &ExtractArgs) -> Result<(Vec<Item>, Vec<String>, i64)> {
         None => {
             let folder = ImageFolder::new(&args.datadir)
                 .with_context(|| format!("--datadir {}", args.datadir.display()))?;
-            let items = folder
-                .samples
-                .iter()
-                .map(|(p, l)| Item {
-                    path: p.clone(),
-                    target: vec![*l as i64],
-                })
-                .collect();
-            (items, folder.classes.len() as i64)
+            (folder.items(), folder.classes.len() as i64)
         }
     };
     let paths = items.iter().map(|i| rel(&i.path)).collect();

@@ -9,9 +9,9 @@ use anyhow::{bail, Context, Result};
 use crate::cli::ScoreArgs;
 use crate::eval::MethodResult;
 use crate::metrics::ood_metrics;
-use crate::pipeline::posthoc::{self, PostHoc};
+use crate::pipeline::posthoc;
 use crate::pipeline::score::{
-    kl_scores, methods_from_names, score_rows, Method, MethodSettings, RowScores,
+    kl_scores, methods_from_names, posthoc_methods, score_store, Method, MethodSettings,
 };
 use crate::pipeline::store::{self, StoreData, MANIFEST};
 use crate::report::{csv_path, merge_results, table, write_scores_csv, ScoreColumns};
@@ -38,13 +38,7 @@ fn methods(args: &ScoreArgs) -> Result<Vec<Method>> {
 
 /// The post-hoc request of the flags (validated before any store is read).
 fn posthoc_request(args: &ScoreArgs, methods: &[Method]) -> Result<Option<posthoc::Request>> {
-    let list: Vec<PostHoc> = methods
-        .iter()
-        .filter_map(|m| match m {
-            Method::PostHoc(p) => Some(*p),
-            _ => None,
-        })
-        .collect();
+    let list = posthoc_methods(methods);
     if list.is_empty() {
         return Ok(None);
     }
@@ -115,26 +109,6 @@ fn check_store(s: &StoreData, methods: &[Method], group_config: Option<&Path>) -
         }
     }
     Ok(())
-}
-
-/// Scores of one store, timed.
-fn score_store(
-    s: &StoreData,
-    methods: &[Method],
-    posthoc: Option<&posthoc::Prepared>,
-) -> Result<RowScores> {
-    let mut out = score_rows(methods, &s.logits, &s.layers, &s.batches())
-        .with_context(|| format!("store {}", s.dir.display()))?;
-    for (m, method) in methods.iter().enumerate() {
-        if let (Method::PostHoc(p), Some(prepared)) = (method, posthoc) {
-            let t0 = Instant::now();
-            out.scores[m] = prepared
-                .score_rows(*p, &s.logits, s.features.as_ref())
-                .with_context(|| format!("store {}", s.dir.display()))?;
-            out.seconds[m] += t0.elapsed().as_secs_f64();
-        }
-    }
-    Ok(out)
 }
 
 pub fn run(args: &ScoreArgs) -> Result<()> {

@@ -91,6 +91,17 @@ impl ImageFolder {
         self.samples.len()
     }
 
+    /// The samples as loader items (path, label as the one-element target).
+    pub fn items(&self) -> Vec<super::loader::Item> {
+        self.samples
+            .iter()
+            .map(|(p, l)| super::loader::Item {
+                path: p.clone(),
+                target: vec![*l as i64],
+            })
+            .collect()
+    }
+
     /// Whether there is no sample (never true for a folder built by [`Self::new`]).
     pub fn is_empty(&self) -> bool {
         self.samples.is_empty()

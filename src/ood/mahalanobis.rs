@@ -343,7 +343,7 @@ impl GaussianLayer {
     /// The loss of the input pre-processing, differentiable in `feats`: the batch
     /// mean of 1/2 (f - mu_c*)^T P (f - mu_c*) with c* = argmax_c s_c (the
     /// original's `torch.mean(-pure_gau)`).
-    fn loss(&self, feats: &Tensor) -> Result<Tensor> {
+    pub fn loss(&self, feats: &Tensor) -> Result<Tensor> {
         let best = tch::no_grad(|| self.class_scores(feats))?.argmax(1, false);
         let z = self.features(feats, "Mahalanobis loss")? - self.mean.index_select(0, &best);
         Ok((z.matmul(&self.p) * &z)
@@ -359,9 +359,8 @@ pub fn class_scores(feats: &Tensor, mean: &Tensor, precision: &Tensor) -> Result
     GaussianLayer::new(mean, precision)?.class_scores(feats)
 }
 
-/// The sign of d loss / dx as +1 (gradient >= 0) or -1, in the kind of x. Only the
-/// input's gradient is computed; works inside `no_grad`.
-fn input_gradient_sign(
+/// d loss / dx. Only the input's gradient is computed; works inside `no_grad`.
+fn input_gradient(
     what: &str,
     x: &Tensor,
     loss_of: &dyn Fn(&Tensor) -> Result<Tensor>,
@@ -383,7 +382,7 @@ fn input_gradient_sign(
             "{what}: the model's output does not depend on its input"
         )));
     }
-    Ok(grad.ge(0.0).to_kind(x.kind()) * 2.0 - 1.0)
+    Ok(grad)
 }
 
 fn check_batch(out: &Tensor, x: &Tensor, what: &str) -> Result<()> {
@@ -414,8 +413,10 @@ pub fn perturb_input(
         check_batch(&f, input, "Mahalanobis: the layer's features")?;
         layer.loss(&f)
     };
-    let g = input_gradient_sign("Mahalanobis input pre-processing", x, &loss_of)?;
-    Ok(x.detach() - g * magnitude)
+    let grad = input_gradient("Mahalanobis input pre-processing", x, &loss_of)?;
+    Ok(crate::ood::scores::step_against_gradient(
+        x, &grad, magnitude,
+    ))
 }
 
 /// m_l = max_c s_c(f(x~)) with x~ the pre-processed input (x itself when
@@ -433,9 +434,19 @@ pub fn mahalanobis_layer_score(
     } else {
         perturb_input(forward_layer, x, layer, magnitude)?
     };
+    layer_score_of(forward_layer, &input, layer)
+}
+
+/// m_l = max_c s_c(f(x~)) of an input already pre-processed, without a graph.
+/// Returns `[N]` float64.
+pub fn layer_score_of(
+    forward_layer: &dyn Fn(&Tensor) -> Tensor,
+    input: &Tensor,
+    layer: &GaussianLayer,
+) -> Result<Tensor> {
     tch::no_grad(|| {
-        let f = forward_layer(&input);
-        check_batch(&f, &input, "Mahalanobis: the layer's features")?;
+        let f = forward_layer(input);
+        check_batch(&f, input, "Mahalanobis: the layer's features")?;
         layer.max_score(&f)
     })
 }
@@ -508,8 +519,9 @@ pub fn fgsm_adversarial(
         let labels = check_labels(labels, n, k, logits.device())?;
         Ok(logits.cross_entropy_loss::<Tensor>(&labels, None, Reduction::Mean, -100, 0.0))
     };
-    let g = input_gradient_sign("FGSM", x, &loss_of)?;
-    Ok((x.detach() + g * step).clamp(0.0, 1.0))
+    let g = input_gradient("FGSM", x, &loss_of)?;
+    let sign = g.ge(0.0).to_kind(x.kind()) * 2.0 - 1.0;
+    Ok((x.detach() + sign * step).clamp(0.0, 1.0))
 }
 
 #[cfg(test)]

@@ -64,11 +64,7 @@ pub fn odin_perturb(
     }
     let input = x.detach().set_requires_grad(true);
     let grad = tch::with_grad(|| -> Result<Tensor> {
-        let logits = logits_of(forward, &input)?;
-        let pseudo = logits.argmax(1, false);
-        let loss = (logits / temperature)
-            .log_softmax(1, None)
-            .g_nll_loss::<Tensor>(&pseudo, None, Reduction::Mean, -100);
+        let loss = odin_loss(&logits_of(forward, &input)?, temperature);
         // libtorch's engine crashes on a root without a graph: check first.
         if !loss.requires_grad() {
             return Err(OodError::Invalid(
@@ -89,8 +85,38 @@ pub fn odin_perturb(
             ))
         }
     })?;
+    Ok(step_against_gradient(x, &grad, epsilon))
+}
+
+/// ODIN's loss, differentiable in the logits: the batch mean of the cross-entropy
+/// of `logits / T` against its own argmax. `logits` [N, C] as the model gave them
+/// (in the score's kind, see [`odin_perturb`]).
+pub fn odin_loss(logits: &Tensor, temperature: f64) -> Tensor {
+    let logits = to_score_kind(logits);
+    let pseudo = logits.argmax(1, false);
+    (logits / temperature)
+        .log_softmax(1, None)
+        .g_nll_loss::<Tensor>(&pseudo, None, Reduction::Mean, -100)
+}
+
+/// `x - step * sign(grad)` with the sign +1 where the gradient is >= 0, else -1
+/// (the input pre-processing of ODIN and of Mahalanobis), detached, in the kind of x.
+pub fn step_against_gradient(x: &Tensor, grad: &Tensor, step: f64) -> Tensor {
     let sign = grad.ge(0.0).to_kind(x.kind()) * 2.0 - 1.0;
-    Ok(x.detach() - sign * epsilon)
+    x.detach() - sign * step
+}
+
+/// ODIN's score of an input already perturbed: `max softmax(forward(x') / T)`
+/// without a graph. x' [N, ...] -> [N].
+pub fn odin_score_of(
+    forward: &dyn Fn(&Tensor) -> Tensor,
+    perturbed: &Tensor,
+    temperature: f64,
+) -> Result<Tensor> {
+    tch::no_grad(|| {
+        let logits = logits_of(forward, perturbed)?;
+        Ok((logits / temperature).softmax(1, None).amax(1, false))
+    })
 }
 
 /// ODIN score (docs/scores.md#odin): `max softmax(forward(x') / T)` with x' =
@@ -114,10 +140,7 @@ pub fn odin(
     } else {
         odin_perturb(forward, x, temperature, epsilon)?
     };
-    tch::no_grad(|| {
-        let logits = logits_of(forward, &input)?;
-        Ok((logits / temperature).softmax(1, None).amax(1, false))
-    })
+    odin_score_of(forward, &input, temperature)
 }
 
 /// Checks an integer label vector [n] with values in 0..num_classes; returns it as

@@ -5,10 +5,13 @@
 //! fits its role (group or flat). Then each (model, set) pair is extracted once
 //! into a feature store in the run directory ([`super::extract`], [`super::store`];
 //! a rerun finds them complete and recomputes nothing), the methods a store serves
-//! are scored from the stores ([`super::score`]), the methods that perturb the
-//! images (ODIN with epsilon > 0, Mahalanobis with magnitude > 0) take one image
-//! pass per set ([`crate::eval::score_split`]), and the rows go to `results.json`
-//! and `report.md`, with the published numbers side by side when given.
+//! are scored from the stores ([`super::score`], the post-hoc methods with
+//! [`super::posthoc`]), the methods that perturb the images (ODIN with epsilon > 0,
+//! Mahalanobis with magnitude > 0) ride on the flat model's extraction: one pass
+//! over each set whose first forward pass, with a graph, gives both the stored
+//! outputs and their input gradients ([`super::extract::forward_with_pass`]; a pass
+//! of their own when the store is already complete), and the rows go to
+//! `results.json` and `report.md`, with the published numbers side by side when given.
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -16,11 +19,15 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::Device;
 
-use super::extract::{extract_range, ExtractOptions, Layers};
-use super::score::{kl_scores, methods_from_names, score_rows, Method, MethodSettings};
+use super::extract::{extract_range_with, ExtractOptions, Extracted, ImagePass, Layers, RangePass};
+use super::posthoc;
+use super::score::{
+    canonical_name, kl_scores, methods_from_names, posthoc_methods, score_store, Method,
+    MethodSettings, RowScores,
+};
 use super::store::{self, Manifest, StoreData};
 use crate::data::loader::Item;
-use crate::eval::{score_split, EvalOptions, EvalSet, MethodResult};
+use crate::eval::{EvalSet, MethodResult};
 use crate::metrics::ood_metrics;
 use crate::model::weights::{load_model, resolve_weight_path, with_head_hint, LoadedModel};
 use crate::model::Variant;
@@ -49,6 +56,11 @@ pub struct BenchmarkRequest {
     pub score: Vec<String>,
     /// Method settings (temperatures, epsilon, group config, Mahalanobis parameters).
     pub settings: MethodSettings,
+    /// The post-hoc methods' hyper-parameters (docs/scores.md#post-hoc-methods-from-feature-stores).
+    pub posthoc: posthoc::Settings,
+    /// `--fit`: a store of in-distribution training images extracted with the flat
+    /// model, for ReAct, KNN, ViM and DICE.
+    pub fit: Option<PathBuf>,
     pub published: Option<PathBuf>,
     /// `<logdir>/<name>`.
     pub run_dir: PathBuf,
@@ -70,6 +82,10 @@ pub struct PublishedCell {
     pub fpr95: f64,
     pub auroc_tolerance: f64,
     pub fpr95_tolerance: f64,
+    /// Where this cell comes from, when not from the file's `source` (e.g. a
+    /// later paper's row on the same benchmark).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// A file of published numbers (`--published`; docs/benchmark.md).
@@ -129,16 +145,10 @@ pub fn read_published(path: &Path) -> Result<Published> {
     Ok(p)
 }
 
-/// The results name of a method as `--score` spells it (e.g. `kl` -> `KL_Div`).
+/// The results name of a method as `--score` spells it (e.g. `kl` -> `KL_Div`,
+/// `gradnorm` -> `GradNorm`): every method `--score` knows.
 fn canonical_method(name: &str) -> Result<String> {
-    if name.trim().eq_ignore_ascii_case("mos") {
-        return Ok("MOS".into());
-    }
-    let s: crate::ood::Score = name
-        .trim()
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!("{e}, or MOS"))?;
-    Ok(s.as_str().to_string())
+    Ok(canonical_name(name)?.to_string())
 }
 
 /// One published cell against the measured one.
@@ -270,26 +280,25 @@ fn load_role(
     })
 }
 
-/// Extracts `set` with `m` into the store `dir` (one shard), or finds it complete.
-/// Returns the store's rows and the seconds spent extracting (0 when reused).
-fn extract_store(
+/// A store to extract: the set's items, their paths relative to its root, and
+/// the store's manifest (before [`store::prepare`]).
+struct StorePlan {
+    items: Vec<Item>,
+    rel: Vec<String>,
+    manifest: Manifest,
+    dir: PathBuf,
+}
+
+/// The store of `set` extracted with `m` into `dir` (one shard), planned.
+fn plan_store(
     req: &BenchmarkRequest,
     m: &RoleModel,
     set: &EvalSet,
     layers: Layers,
-    dir: &Path,
-    log: &RunLog,
-) -> Result<(StoreData, f64)> {
+    dir: PathBuf,
+) -> Result<StorePlan> {
     let root = &set.folder.root;
-    let items: Vec<Item> = set
-        .folder
-        .samples
-        .iter()
-        .map(|(p, l)| Item {
-            path: p.clone(),
-            target: vec![*l as i64],
-        })
-        .collect();
+    let items = set.folder.items();
     let rel: Vec<String> = items
         .iter()
         .map(|i| {
@@ -351,8 +360,149 @@ fn extract_store(
         complete: false,
     };
     manifest.fingerprint = manifest.compute_fingerprint();
-    let manifest = store::prepare(dir, &manifest)?;
-    let mut secs = 0.0;
+    Ok(StorePlan {
+        items,
+        rel,
+        manifest,
+        dir,
+    })
+}
+
+/// Runs `pass` over the images of `set` with `m`, keeping the outputs `layers`
+/// asks for: one decoding and one first forward pass per batch for both.
+fn run_pass(
+    req: &BenchmarkRequest,
+    m: &RoleModel,
+    set: &EvalSet,
+    items: &[Item],
+    layers: Layers,
+    pass: &ImagePass,
+) -> Result<(Extracted, RangePass)> {
+    let label = pass_label(m, pass);
+    let bar = crate::progress::bar(items.len() as u64, &format!("{label} {}", set.name));
+    let opts = ExtractOptions {
+        batch: req.batch,
+        workers: req.workers,
+        crop: req.crop,
+        skip_bad: req.skip_bad_images,
+        device: req.device,
+        layers,
+    };
+    let out = crate::runtime::catch_torch(|| {
+        extract_range_with(&m.loaded.model, items, 0..items.len(), &opts, pass, &|n| {
+            bar.inc(n)
+        })
+    })
+    .with_context(|| {
+        format!(
+            "{label} of {} (--batch {}, --crop {})",
+            set.name, req.batch, req.crop
+        )
+    })??;
+    bar.finish_and_clear();
+    Ok(out)
+}
+
+/// What a pass over a set does, for messages: "extracting with the flat model",
+/// "+ ODIN+Mahalanobis".
+fn pass_label(m: &RoleModel, pass: &ImagePass) -> String {
+    if pass.methods.is_empty() {
+        format!("{} model", m.role)
+    } else {
+        format!("{} model + {}", m.role, method_names(pass.methods))
+    }
+}
+
+fn method_names(methods: &[Method]) -> String {
+    methods
+        .iter()
+        .map(Method::name)
+        .collect::<Vec<_>>()
+        .join("+")
+}
+
+/// The image-pass methods' scores of a set from `pass`'s results.
+fn pass_scores(rp: RangePass, skipped: usize) -> SetScores {
+    SetScores {
+        scores: rp.scores,
+        seconds: rp.seconds,
+        skipped,
+    }
+}
+
+/// Notes the stages of a pass over `set`: the shared work (decoding, the first
+/// forward pass, and writing the store) as `shared`, the image-pass methods' own.
+fn pass_stages(
+    stages: &mut Vec<(String, f64)>,
+    shared: String,
+    pass: &ImagePass,
+    set: &EvalSet,
+    rp: &RangePass,
+) {
+    stages.push((shared, rp.shared_seconds));
+    if !pass.methods.is_empty() {
+        stages.push((
+            format!(
+                "image pass {}, {}: backward and perturbed forward passes",
+                method_names(pass.methods),
+                set.name
+            ),
+            rp.seconds.iter().sum(),
+        ));
+    }
+}
+
+/// The image-pass methods alone over `set` (no store to extract, or it is
+/// complete): the same pass as [`extract_store`]'s, its outputs not kept.
+fn image_pass(
+    req: &BenchmarkRequest,
+    m: &RoleModel,
+    set: &EvalSet,
+    pass: &ImagePass,
+    log: &RunLog,
+    stages: &mut Vec<(String, f64)>,
+) -> Result<SetScores> {
+    let items = set.folder.items();
+    let (ex, rp) = run_pass(req, m, set, &items, Layers::LOGITS, pass)?;
+    log.line(format!(
+        "{}: image pass over {} ({} images) in {:.2} s ({:.2} s the methods' own)",
+        method_names(pass.methods),
+        set.name,
+        items.len(),
+        rp.shared_seconds + rp.seconds.iter().sum::<f64>(),
+        rp.seconds.iter().sum::<f64>()
+    ));
+    pass_stages(
+        stages,
+        format!(
+            "image pass {}, {}: decoding and first forward pass",
+            method_names(pass.methods),
+            set.name
+        ),
+        pass,
+        set,
+        &rp,
+    );
+    Ok(pass_scores(rp, ex.skipped.len()))
+}
+
+/// Extracts the planned store (one shard) with the image-pass methods of `pass`
+/// on the same batches, or finds it complete (then `pass` runs alone,
+/// [`image_pass`]). Returns the store's rows and the image-pass methods' scores
+/// (None without any).
+fn extract_store(
+    req: &BenchmarkRequest,
+    m: &RoleModel,
+    set: &EvalSet,
+    plan: &StorePlan,
+    pass: &ImagePass,
+    log: &RunLog,
+    stages: &mut Vec<(String, f64)>,
+) -> Result<(StoreData, Option<SetScores>)> {
+    let (items, dir) = (&plan.items, plan.dir.as_path());
+    let layers = Layers::parse(&plan.manifest.layers)?;
+    let manifest = store::prepare_for(dir, &plan.manifest, "another --name or --logdir")?;
+    let mut pass_sc = None;
     if store::complete_shard(dir, &manifest, 0)?.is_some() {
         log.line(format!(
             "{} model, {}: store {} is complete, reused",
@@ -360,29 +510,12 @@ fn extract_store(
             set.name,
             dir.display()
         ));
+        stages.push((format!("extract {} model, {}", m.role, set.name), 0.0));
+        if !pass.methods.is_empty() {
+            pass_sc = Some(image_pass(req, m, set, pass, log, stages)?);
+        }
     } else {
-        let started = Instant::now();
-        let bar = crate::progress::bar(items.len() as u64, &format!("{} {}", m.role, set.name));
-        let opts = ExtractOptions {
-            batch: req.batch,
-            workers: req.workers,
-            crop: req.crop,
-            skip_bad: req.skip_bad_images,
-            device: req.device,
-            layers,
-        };
-        let ex = crate::runtime::catch_torch(|| {
-            extract_range(&m.loaded.model, &items, 0..items.len(), &opts, &|n| {
-                bar.inc(n)
-            })
-        })
-        .with_context(|| {
-            format!(
-                "extracting {} with the {} model (--batch {}, --crop {})",
-                set.name, m.role, req.batch, req.crop
-            )
-        })??;
-        bar.finish_and_clear();
+        let (ex, mut rp) = run_pass(req, m, set, items, layers, pass)?;
         for (i, s) in &ex.skipped {
             log.line(format!(
                 "skipped unreadable image {} (index {i}): {}",
@@ -391,22 +524,62 @@ fn extract_store(
             ));
         }
         let device = crate::runtime::device_name(req.device);
-        store::write_shard(dir, &manifest, 0, &ex, &rel, &device)?;
-        secs = started.elapsed().as_secs_f64();
+        let t0 = Instant::now();
+        store::write_shard(dir, &manifest, 0, &ex, &plan.rel, &device)?;
+        rp.shared_seconds += t0.elapsed().as_secs_f64();
+        let own: f64 = rp.seconds.iter().sum();
+        let secs = rp.shared_seconds + own;
+        let with = if pass.methods.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", with the image pass of {} ({own:.2} s of it their backward and perturbed forward passes)",
+                method_names(pass.methods)
+            )
+        };
         log.line(format!(
-            "{} model, {}: extracted {} images into {} in {secs:.2} s ({:.1} images/s)",
+            "{} model, {}: extracted {} images into {} in {secs:.2} s ({:.1} images/s){with}",
             m.role,
             set.name,
             items.len(),
             dir.display(),
             items.len() as f64 / secs.max(1e-9)
         ));
+        let shared = if pass.methods.is_empty() {
+            format!("extract {} model, {}", m.role, set.name)
+        } else {
+            format!(
+                "extract {} model, {} (decoding and forward pass shared with the image pass)",
+                m.role, set.name
+            )
+        };
+        pass_stages(stages, shared, pass, set, &rp);
+        if !pass.methods.is_empty() {
+            pass_sc = Some(pass_scores(rp, ex.skipped.len()));
+        }
     }
     let index = store::open(dir, false)?;
     if !index.manifest.complete {
         store::mark_complete(&index)?;
     }
-    Ok((store::load(dir)?, secs))
+    Ok((store::load(dir)?, pass_sc))
+}
+
+/// Scores of one set: per method, per image; seconds per method; images skipped.
+struct SetScores {
+    scores: Vec<Vec<f64>>,
+    seconds: Vec<f64>,
+    skipped: usize,
+}
+
+impl SetScores {
+    fn of_store(r: RowScores, s: &StoreData) -> Self {
+        SetScores {
+            scores: r.scores,
+            seconds: r.seconds,
+            skipped: s.skipped.len(),
+        }
+    }
 }
 
 /// Scores of one method: the ID set and each OOD set, with seconds and counts.
@@ -418,6 +591,24 @@ struct MethodScores {
     skipped_id: usize,
     skipped_ood: Vec<usize>,
     image_pass: bool,
+}
+
+impl MethodScores {
+    /// Method `k`'s scores, taken out of the sets' scores.
+    fn take(k: usize, id: &mut SetScores, oods: &mut [SetScores], image_pass: bool) -> Self {
+        MethodScores {
+            id: std::mem::take(&mut id.scores[k]),
+            id_seconds: id.seconds[k],
+            oods: oods
+                .iter_mut()
+                .map(|s| std::mem::take(&mut s.scores[k]))
+                .collect(),
+            ood_seconds: oods.iter().map(|s| s.seconds[k]).collect(),
+            skipped_id: id.skipped,
+            skipped_ood: oods.iter().map(|s| s.skipped).collect(),
+            image_pass,
+        }
+    }
 }
 
 /// Runs the benchmark end to end (see the module's documentation).
@@ -457,15 +648,20 @@ pub fn run(req: &BenchmarkRequest) -> Result<BenchmarkOutcome> {
     settings.model = Some(req.model);
     // Methods as a store scores them (CPU) and as an image pass runs them (device).
     let methods = methods_from_names(&req.score, &settings, Device::Cpu)?;
-    if let Some(m) = methods.iter().find(|m| matches!(m, Method::PostHoc(_))) {
-        bail!(
-            "--score {}: the post-hoc methods (docs/scores.md) are not part of mos benchmark yet; \
-             extract the flat model's stores with mos extract --layers logits,features and run \
-             mos score --score {} --model-path CHECKPOINT [--fit STORE] on them",
-            m.name(),
-            m.name()
-        );
-    }
+    // The post-hoc methods score the flat model's stores with its head (read from
+    // --flat-model-path) and the training statistics of --fit, as mos score does.
+    let posthoc_req = {
+        let list = posthoc_methods(&methods);
+        req.posthoc.validate()?;
+        (!list.is_empty()).then(|| posthoc::Request {
+            methods: list,
+            settings: req.posthoc.clone(),
+            fit: req.fit.clone(),
+            model_path: req.flat_model_path.clone(),
+            run_dir: req.run_dir.clone(),
+            device: req.device,
+        })
+    };
     let image_methods = if req.device == Device::Cpu {
         methods.clone()
     } else {
@@ -544,6 +740,41 @@ pub fn run(req: &BenchmarkRequest) -> Result<BenchmarkOutcome> {
         )?);
     }
 
+    // Which methods each model's stores serve and which take the image pass, and
+    // the stores, planned (and the post-hoc methods' statistics checked) before
+    // any image is forwarded.
+    struct Plan {
+        store_methods: Vec<usize>,
+        pass_methods: Vec<usize>,
+        stores: Vec<StorePlan>,
+    }
+    let mut plans = Vec::new();
+    for m in &models {
+        let (store_methods, pass_methods): (Vec<usize>, Vec<usize>) = m
+            .methods
+            .iter()
+            .partition(|&&i| methods[i].needs_images().is_none());
+        // The stores serve the store methods; with none, nothing is extracted.
+        let mut stores = Vec::new();
+        if !store_methods.is_empty() {
+            let ms: Vec<Method> = store_methods.iter().map(|&i| methods[i].clone()).collect();
+            let layers = super::score::store_layers(&ms);
+            let base = req.run_dir.join("stores").join(m.role);
+            for set in std::iter::once(&id).chain(&oods) {
+                stores.push(plan_store(req, m, set, layers, base.join(&set.name))?);
+            }
+        }
+        if let (Some(r), true) = (&posthoc_req, m.role == "flat") {
+            let id_plan = stores.first().context("internal: no flat store planned")?;
+            posthoc::precheck(r, &id_plan.manifest, &id_plan.dir)?;
+        }
+        plans.push(Plan {
+            store_methods,
+            pass_methods,
+            stores,
+        });
+    }
+
     // 2. Extraction: each (model, set) once, into the run directory's stores.
     let log = RunLog::open(&req.run_dir, "benchmark.log")?;
     let started = Instant::now();
@@ -564,38 +795,35 @@ pub fn run(req: &BenchmarkRequest) -> Result<BenchmarkOutcome> {
     let mut stages: Vec<(String, f64)> = Vec::new();
     let mut scores: Vec<Option<MethodScores>> = (0..methods.len()).map(|_| None).collect();
     let mut store_dirs: Vec<Option<PathBuf>> = vec![None; methods.len()];
-    for m in &models {
-        let store_methods: Vec<usize> = m
-            .methods
+    let mut posthoc_settings = None;
+    for (m, plan) in models.iter().zip(&plans) {
+        let (store_methods, pass_methods) = (&plan.store_methods, &plan.pass_methods);
+        // The methods that perturb the images ride on the extraction's pass over
+        // each set (or take a pass of their own when nothing is extracted).
+        let pass_ms: Vec<Method> = pass_methods
             .iter()
-            .copied()
-            .filter(|&i| methods[i].needs_images().is_none())
+            .map(|&i| image_methods[i].clone())
             .collect();
-        let pass_methods: Vec<usize> = m
-            .methods
-            .iter()
-            .copied()
-            .filter(|&i| methods[i].needs_images().is_some())
-            .collect();
-        // The stores serve the store methods; with none, nothing is extracted.
+        let pass = ImagePass { methods: &pass_ms };
+        let mut pass_sc: Vec<SetScores> = Vec::new();
+        let sets: Vec<&EvalSet> = std::iter::once(&id).chain(&oods).collect();
         if !store_methods.is_empty() {
             let ms: Vec<Method> = store_methods.iter().map(|&i| methods[i].clone()).collect();
-            let layers = super::score::store_layers(&ms);
             let base = req.run_dir.join("stores").join(m.role);
-            let (id_store, secs) = extract_store(req, m, &id, layers, &base.join(&id.name), &log)?;
-            stages.push((format!("extract {} model, {}", m.role, id.name), secs));
-            let mut ood_stores = Vec::new();
-            for o in &oods {
-                let (s, secs) = extract_store(req, m, o, layers, &base.join(&o.name), &log)?;
-                stages.push((format!("extract {} model, {}", m.role, o.name), secs));
-                ood_stores.push(s);
+            let mut stores = Vec::new();
+            for (set, p) in sets.iter().zip(&plan.stores) {
+                let (s, sc) = extract_store(req, m, set, p, &pass, &log, &mut stages)?;
+                stores.push(s);
+                pass_sc.extend(sc);
             }
+            let (id_store, ood_stores) = (&stores[0], &stores[1..]);
             let t0 = Instant::now();
-            let rows = |s: &StoreData| {
-                score_rows(&ms, &s.logits, &s.layers, &s.batches())
-                    .with_context(|| format!("store {}", s.dir.display()))
+            let prepared = match (&posthoc_req, m.role == "flat") {
+                (Some(r), true) => Some(posthoc::prepare(r, id_store, &log)?),
+                _ => None,
             };
-            let mut id_sc = rows(&id_store)?;
+            let rows = |s: &StoreData| score_store(s, &ms, prepared.as_ref());
+            let mut id_sc = rows(id_store)?;
             let mut ood_sc = ood_stores.iter().map(rows).collect::<Result<Vec<_>>>()?;
             if let Some(k) = ms.iter().position(|m| matches!(m, Method::KlDiv)) {
                 let t = Instant::now();
@@ -614,89 +842,31 @@ pub fn run(req: &BenchmarkRequest) -> Result<BenchmarkOutcome> {
                 format!("score {} from the {} model's stores", ms.len(), m.role),
                 t0.elapsed().as_secs_f64(),
             ));
+            if let Some(p) = prepared {
+                posthoc_settings = Some(p.settings);
+            }
+            let mut id_sc = SetScores::of_store(id_sc, id_store);
+            let mut ood_sc: Vec<SetScores> = ood_sc
+                .into_iter()
+                .zip(ood_stores)
+                .map(|(r, s)| SetScores::of_store(r, s))
+                .collect();
             for (k, &i) in store_methods.iter().enumerate() {
                 store_dirs[i] = Some(base.clone());
-                scores[i] = Some(MethodScores {
-                    id: std::mem::take(&mut id_sc.scores[k]),
-                    id_seconds: id_sc.seconds[k],
-                    oods: ood_sc
-                        .iter_mut()
-                        .map(|s| std::mem::take(&mut s.scores[k]))
-                        .collect(),
-                    ood_seconds: ood_sc.iter().map(|s| s.seconds[k]).collect(),
-                    skipped_id: id_store.skipped.len(),
-                    skipped_ood: ood_stores.iter().map(|s| s.skipped.len()).collect(),
-                    image_pass: false,
-                });
+                scores[i] = Some(MethodScores::take(k, &mut id_sc, &mut ood_sc, false));
+            }
+        } else if !pass_ms.is_empty() {
+            for set in &sets {
+                pass_sc.push(image_pass(req, m, set, &pass, &log, &mut stages)?);
             }
         }
-        // 3. The methods that perturb the images: one pass per set for all of them.
-        if !pass_methods.is_empty() {
-            let ms: Vec<Method> = pass_methods
-                .iter()
-                .map(|&i| image_methods[i].clone())
-                .collect();
-            let opts = EvalOptions {
-                batch: req.batch,
-                workers: req.workers,
-                crop: req.crop,
-                skip_bad: req.skip_bad_images,
-                device: req.device,
-            };
-            let label = ms.iter().map(Method::name).collect::<Vec<_>>().join("+");
-            let pass = |set: &EvalSet| -> Result<crate::eval::SplitScores> {
-                let t0 = Instant::now();
-                let out = crate::runtime::catch_torch(|| {
-                    score_split(
-                        &m.loaded.model,
-                        set,
-                        &ms,
-                        &opts,
-                        &format!("{label} {}", set.name),
-                    )
-                })
-                .with_context(|| {
-                    format!(
-                        "scoring {} with {label} from the images (--batch {}, --crop {})",
-                        set.name, req.batch, req.crop
-                    )
-                })??;
-                log.line(format!(
-                    "{label}: image pass over {} ({} images) in {:.2} s",
-                    set.name,
-                    set.folder.len(),
-                    t0.elapsed().as_secs_f64()
-                ));
-                Ok(out)
-            };
-            let t0 = Instant::now();
-            let mut id_sc = pass(&id)?;
-            stages.push((
-                format!("image pass {label}, {}", id.name),
-                t0.elapsed().as_secs_f64(),
-            ));
-            let mut ood_sc = Vec::new();
-            for o in &oods {
-                let t0 = Instant::now();
-                ood_sc.push(pass(o)?);
-                stages.push((
-                    format!("image pass {label}, {}", o.name),
-                    t0.elapsed().as_secs_f64(),
-                ));
-            }
+        // 3. The image-pass methods' scores, from those passes.
+        if !pass_ms.is_empty() {
+            let (id_sc, ood_sc) = pass_sc
+                .split_first_mut()
+                .context("internal: no image pass")?;
             for (k, &i) in pass_methods.iter().enumerate() {
-                scores[i] = Some(MethodScores {
-                    id: std::mem::take(&mut id_sc.scores[k]),
-                    id_seconds: id_sc.seconds[k],
-                    oods: ood_sc
-                        .iter_mut()
-                        .map(|s| std::mem::take(&mut s.scores[k]))
-                        .collect(),
-                    ood_seconds: ood_sc.iter().map(|s| s.seconds[k]).collect(),
-                    skipped_id: id_sc.skipped.len(),
-                    skipped_ood: ood_sc.iter().map(|s| s.skipped.len()).collect(),
-                    image_pass: true,
-                });
+                scores[i] = Some(MethodScores::take(k, id_sc, ood_sc, true));
             }
         }
     }
@@ -734,6 +904,10 @@ pub fn run(req: &BenchmarkRequest) -> Result<BenchmarkOutcome> {
                     format!("stores {}", store_dirs[i].as_deref().unwrap_or(Path::new("")).display())
                 },
             });
+            let mut row_settings = row_settings;
+            if let (Method::PostHoc(_), Some(p)) = (method, &posthoc_settings) {
+                row_settings["posthoc"] = p.clone();
+            }
             rows.push(MethodResult {
                 method: method.name().to_string(),
                 in_dataset: id.name.clone(),
@@ -863,6 +1037,17 @@ fn report_markdown(
             "\n## Against the published numbers\n\nSource: {}\n\n",
             p.source
         ));
+        let mut others: Vec<(&str, &str)> = Vec::new();
+        for cell in &p.cells {
+            if let Some(src) = &cell.source {
+                if !others.contains(&(cell.method.as_str(), src.as_str())) {
+                    others.push((&cell.method, src));
+                }
+            }
+        }
+        for (method, src) in others {
+            s.push_str(&format!("Source of {method}'s cells: {src}\n\n"));
+        }
         if !p.tolerance_note.is_empty() {
             s.push_str(&format!("Tolerances: {}\n\n", p.tolerance_note));
         }
@@ -914,6 +1099,7 @@ mod tests {
             fpr95: f,
             auroc_tolerance: ta,
             fpr95_tolerance: tf,
+            source: None,
         };
         let p = Published {
             source: "s".into(),
@@ -953,6 +1139,20 @@ mod tests {
             r#"{"source": "x", "cells": [{"method": "KL", "set": "SUN", "auroc": 50, "fpr95": 50, "auroc_tolerance": 1, "fpr95_tolerance": 1}]}"#,
         );
         assert_eq!(read_published(&f).unwrap().cells[0].method, "KL_Div");
+        // Every method --score knows, post-hoc ones included, with a cell's source.
+        write(
+            r#"{"source": "x", "cells": [{"method": "gradnorm", "set": "SUN", "auroc": 50, "fpr95": 50, "auroc_tolerance": 1, "fpr95_tolerance": 1, "source": "y"},
+                {"method": "ash_s", "set": "SUN", "auroc": 50, "fpr95": 50, "auroc_tolerance": 1, "fpr95_tolerance": 1}]}"#,
+        );
+        let p = read_published(&f).unwrap();
+        assert_eq!(
+            (p.cells[0].method.as_str(), p.cells[0].source.as_deref()),
+            ("GradNorm", Some("y"))
+        );
+        assert_eq!(
+            (p.cells[1].method.as_str(), p.cells[1].source.as_deref()),
+            ("ASH-S", None)
+        );
         write(
             r#"{"source": "x", "cells": [{"method": "Foo", "set": "SUN", "auroc": 50, "fpr95": 50, "auroc_tolerance": 1, "fpr95_tolerance": 1}]}"#,
         );

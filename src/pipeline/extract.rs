@@ -15,8 +15,12 @@
 use std::ops::Range;
 use std::sync::Arc;
 
+use std::time::Instant;
+
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
+
+use super::score::{to_f64_vec, Method};
 
 use crate::data::loader::{Item, Loader, LoaderOptions, Mode, Skipped};
 use crate::data::EvalTransform;
@@ -116,6 +120,101 @@ pub fn forward_batch(model: &ResNetV2, x: &Tensor, layers: Layers) -> Outputs {
     })
 }
 
+/// The methods that perturb the images (ODIN with epsilon > 0, Mahalanobis with
+/// a magnitude > 0), run on the batches of an extraction: their first forward pass
+/// (with a graph from the input) is the extraction's forward pass.
+pub struct ImagePass<'a> {
+    pub methods: &'a [Method],
+}
+
+/// What [`forward_with_pass`] gives besides the outputs: per method, the batch's
+/// scores [N] (float64, on the device) and the seconds of its own work (its
+/// backward pass and its forward passes of the perturbed input).
+pub struct PassScores {
+    pub scores: Vec<Tensor>,
+    pub seconds: Vec<f64>,
+}
+
+/// One forward pass of `x` with a graph from the input, giving the outputs
+/// `layers` asks for (the same values as [`forward_batch`]) and, from the same
+/// graph, the input gradients of the image-pass methods, then their perturbed
+/// forward passes. ODIN's loss is taken on the logits, Mahalanobis' per layer on
+/// the layer's spatial mean, each gradient through the part of the graph its loss
+/// depends on: the values of `test-baseline`'s separate passes
+/// ([`crate::ood::odin`], [`super::mahalanobis::score`]).
+pub fn forward_with_pass(
+    model: &ResNetV2,
+    x: &Tensor,
+    layers: Layers,
+    pass: &ImagePass,
+) -> Result<(Outputs, PassScores)> {
+    let maha = pass
+        .methods
+        .iter()
+        .any(|m| matches!(m, Method::Mahalanobis(_)));
+    let means_needed = maha || layers.mahalanobis;
+    let input = x.detach().set_requires_grad(true);
+    let (means, pooled, logits) = tch::with_grad(|| {
+        // As forward_batch computes them.
+        let mut means = Vec::new();
+        let mut out = model.stage(0, &input);
+        for s in 1..=4 {
+            if means_needed {
+                means.push(spatial_mean(&out).to_kind(Kind::Float));
+            }
+            out = model.stage(s, &out);
+        }
+        if means_needed {
+            means.push(spatial_mean(&out).to_kind(Kind::Float));
+        }
+        let pooled = model.pre_logits(&out);
+        let logits = model.head_of_pooled(&pooled);
+        (means, pooled, logits)
+    });
+    let mut scores = Vec::with_capacity(pass.methods.len());
+    let mut seconds = Vec::with_capacity(pass.methods.len());
+    for method in pass.methods {
+        let t0 = Instant::now();
+        let s = match method {
+            Method::Odin {
+                temperature,
+                epsilon,
+            } if *epsilon != 0.0 => {
+                let loss = crate::ood::scores::odin_loss(&logits, *temperature);
+                let grad = super::mahalanobis::input_gradient(&loss, &input, "ODIN")?;
+                let perturbed = crate::ood::scores::step_against_gradient(x, &grad, *epsilon);
+                crate::ood::scores::odin_score_of(
+                    &|t: &Tensor| model.forward(t),
+                    &perturbed,
+                    *temperature,
+                )?
+            }
+            Method::Mahalanobis(p) if p.magnitude != 0.0 => {
+                super::mahalanobis::score_from_graph(model, p, x, &input, &means)?
+            }
+            other => bail!(
+                "internal: {} does not perturb the images; it is scored from the outputs",
+                other.name()
+            ),
+        };
+        // Wait for the device so the time is the method's.
+        let s = s.to_kind(Kind::Double);
+        let _ = s.to_device(Device::Cpu);
+        scores.push(s);
+        seconds.push(t0.elapsed().as_secs_f64());
+    }
+    let outputs = Outputs {
+        logits: logits.detach(),
+        features: layers.features.then(|| pooled.detach().flatten(1, -1)),
+        layers: if layers.mahalanobis {
+            means.iter().map(Tensor::detach).collect()
+        } else {
+            Vec::new()
+        },
+    };
+    Ok((outputs, PassScores { scores, seconds }))
+}
+
 /// The loader of evaluation images in dataset order.
 pub fn eval_loader(items: Arc<Vec<Item>>, opts: &ExtractOptions) -> Result<Loader> {
     Ok(Loader::new(
@@ -163,6 +262,37 @@ pub fn extract_range(
     opts: &ExtractOptions,
     on_batch: &dyn Fn(u64),
 ) -> Result<Extracted> {
+    let none = ImagePass { methods: &[] };
+    Ok(extract_range_with(model, items, range, opts, &none, on_batch)?.0)
+}
+
+/// The scores of the image-pass methods of [`extract_range_with`]: per method, per
+/// kept row; seconds per method (its own work, see [`PassScores`]); and the seconds
+/// of everything else (decoding, waiting for the loader, the shared forward pass,
+/// copying the outputs).
+pub struct RangePass {
+    pub scores: Vec<Vec<f64>>,
+    pub seconds: Vec<f64>,
+    pub shared_seconds: f64,
+}
+
+/// [`extract_range`], with the image-pass methods of `pass` scored on the same
+/// batches, sharing each batch's decoding and first forward pass
+/// ([`forward_with_pass`]).
+pub fn extract_range_with(
+    model: &ResNetV2,
+    items: &[Item],
+    range: Range<usize>,
+    opts: &ExtractOptions,
+    pass: &ImagePass,
+    on_batch: &dyn Fn(u64),
+) -> Result<(Extracted, RangePass)> {
+    let started = Instant::now();
+    let mut rp = RangePass {
+        scores: vec![Vec::new(); pass.methods.len()],
+        seconds: vec![0.0; pass.methods.len()],
+        shared_seconds: 0.0,
+    };
     let b = opts.batch.max(1);
     let first = range.start / b * b;
     let last = range.end.div_ceil(b) * b;
@@ -195,9 +325,18 @@ pub fn extract_range(
             continue;
         }
         let (x, _) = batch.to_tensors(opts.device);
-        let out = forward_batch(model, &x, opts.layers);
         // Kept rows are contiguous: the range is an interval of the batch's order.
         let (start, len) = (keep[0] as i64, keep.len() as i64);
+        let out = if pass.methods.is_empty() {
+            forward_batch(model, &x, opts.layers)
+        } else {
+            let (out, ps) = forward_with_pass(model, &x, opts.layers, pass)?;
+            for (m, s) in ps.scores.iter().enumerate() {
+                rp.scores[m].extend(to_f64_vec(&s.narrow(0, start, len))?);
+                rp.seconds[m] += ps.seconds[m];
+            }
+            out
+        };
         logits.push(cpu(&out.logits.narrow(0, start, len)));
         if let Some(f) = &out.features {
             features.push(cpu(&f.narrow(0, start, len)));
@@ -212,7 +351,8 @@ pub fn extract_range(
     }
     let cat = |v: &[Tensor]| -> Option<Tensor> { (!v.is_empty()).then(|| Tensor::cat(v, 0)) };
     let head = model.head_size;
-    Ok(Extracted {
+    rp.shared_seconds = started.elapsed().as_secs_f64() - rp.seconds.iter().sum::<f64>();
+    let ex = Extracted {
         indices,
         labels,
         logits: cat(&logits)
@@ -237,7 +377,8 @@ pub fn extract_range(
             Vec::new()
         },
         skipped,
-    })
+    };
+    Ok((ex, rp))
 }
 
 #[cfg(test)]

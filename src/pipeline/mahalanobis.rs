@@ -129,3 +129,54 @@ pub(crate) fn regression_inputs(
     )?;
     Ok(m.to_kind(Kind::Float).to_kind(Kind::Double))
 }
+
+/// The Mahalanobis score of a batch whose first forward pass was already run with
+/// a graph from `input` (the batch `x` requiring grad): `feats[l]` are layer l's
+/// features [N, D_l] of that pass. Each layer's input pre-processing takes its
+/// gradient from that graph (kept for the other layers and methods), then its own
+/// forward of the perturbed input: the same values as [`score`], whose first
+/// forward per layer this pass replaces (docs/benchmark.md).
+pub fn score_from_graph(
+    model: &ResNetV2,
+    p: &MahalanobisParams,
+    x: &Tensor,
+    input: &Tensor,
+    feats: &[Tensor],
+) -> Result<Tensor> {
+    if feats.len() != p.layers.len() {
+        bail!(
+            "internal: {} feature layers for {} Gaussian layers",
+            feats.len(),
+            p.layers.len()
+        );
+    }
+    let mut cols = Vec::with_capacity(feats.len());
+    for (l, (f, g)) in feats.iter().zip(&p.layers).enumerate() {
+        let loss = g.loss(f)?;
+        let grad = input_gradient(&loss, input, "Mahalanobis input pre-processing")?;
+        let perturbed = crate::ood::scores::step_against_gradient(x, &grad, p.magnitude);
+        cols.push(crate::ood::mahalanobis::layer_score_of(
+            &|t: &Tensor| layer_features(model, l, t),
+            &perturbed,
+            g,
+        )?);
+    }
+    let m = Tensor::stack(&cols, 1)
+        .to_kind(Kind::Float)
+        .to_kind(Kind::Double);
+    Ok(score_from_regression(&m, &p.lr_weight, p.lr_bias)?)
+}
+
+/// d loss / d input through a graph that is kept for further gradients.
+pub(crate) fn input_gradient(loss: &Tensor, input: &Tensor, what: &str) -> Result<Tensor> {
+    // libtorch's engine crashes on a root without a graph: check first.
+    if !loss.requires_grad() {
+        bail!("{what}: the loss does not depend on the input through a graph");
+    }
+    let mut grads = Tensor::f_run_backward(&[loss], &[input], true, false)?;
+    let grad = grads.remove(0);
+    if !grad.defined() {
+        bail!("{what}: the model's output does not depend on its input");
+    }
+    Ok(grad)
+}

@@ -98,6 +98,15 @@ impl PostHoc {
     }
 }
 
+/// `--react-percentile`'s default: the original's ImageNet setting.
+pub const REACT_PERCENTILE: f64 = 90.0;
+/// `--knn-k`'s default: the original's ImageNet k (OpenOOD uses 50).
+pub const KNN_K: i64 = 1000;
+/// `--ash-percentile`'s default: the original's ImageNet setting.
+pub const ASH_PERCENTILE: f64 = 90.0;
+/// `--dice-percentile`'s default: the original's ImageNet setting.
+pub const DICE_PERCENTILE: f64 = 70.0;
+
 /// The methods' hyper-parameters (`--react-percentile`, `--knn-k`, `--vim-dim`,
 /// `--ash-percentile`, `--dice-percentile`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -108,6 +117,19 @@ pub struct Settings {
     pub vim_dim: Option<i64>,
     pub ash_percentile: f64,
     pub dice_percentile: f64,
+}
+
+impl Default for Settings {
+    /// The original repositories' ImageNet settings.
+    fn default() -> Self {
+        Settings {
+            react_percentile: REACT_PERCENTILE,
+            knn_k: KNN_K,
+            vim_dim: None,
+            ash_percentile: ASH_PERCENTILE,
+            dice_percentile: DICE_PERCENTILE,
+        }
+    }
 }
 
 impl Settings {
@@ -439,6 +461,62 @@ fn source_of(path: &Path, m: &Manifest, rows: usize) -> FitSource {
         data_fingerprint: m.data_fingerprint.clone(),
         rows,
     }
+}
+
+/// The checks of [`prepare`] that need no store's rows, for a command that is
+/// about to extract the ID store described by `id` (its manifest, written into
+/// `id_dir`): the settings, and that the methods needing training statistics have
+/// them, from `--fit` (a store of the same model and settings, with features) or
+/// from the run directory's fit of the same model. `mos benchmark` calls it before
+/// any image is forwarded.
+pub fn precheck(req: &Request, id: &Manifest, id_dir: &Path) -> Result<()> {
+    req.settings.validate()?;
+    let need_fit: Vec<&str> = req
+        .methods
+        .iter()
+        .filter(|p| p.needs_fit())
+        .map(|p| p.name())
+        .collect();
+    if need_fit.is_empty() {
+        return Ok(());
+    }
+    match &req.fit {
+        Some(p) => {
+            let fm = store::read_manifest(p).context("--fit")?;
+            check_same_model(id, id_dir, &fm, p)?;
+            let rows: usize = store::open(p, false)
+                .with_context(|| format!("--fit {}", p.display()))?
+                .shards
+                .iter()
+                .map(|s| s.rows)
+                .sum();
+            if req.methods.contains(&PostHoc::Knn) && req.settings.knn_k as usize > rows {
+                bail!(
+                    "--knn-k {}: larger than the bank: the fit store {} has {rows} images",
+                    req.settings.knn_k,
+                    p.display()
+                );
+            }
+        }
+        None => match read_fit(&req.run_dir)? {
+            Some(s)
+                if s.info.source.checkpoint_sha256 == id.checkpoint_sha256
+                    && s.info.source.model == id.model => {}
+            Some(s) => bail!(
+                "{}: fitted on a store of another model ({}, checkpoint SHA-256 {}) than this run's ({}, {}); give --fit with a store of this model, or another --name",
+                req.run_dir.join(FIT_FILE).display(),
+                s.info.source.model,
+                s.info.source.checkpoint_sha256,
+                id.model,
+                id.checkpoint_sha256
+            ),
+            None => bail!(
+                "--score {} needs training statistics: give --fit STORE, a store of in-distribution training images extracted with the same model (mos extract --layers logits,features over a training list)",
+                need_fit.join(",")
+            ),
+        },
+    }
+    Ok(())
 }
 
 /// Prepares the methods of `req` for the ID store `id` (whose features are

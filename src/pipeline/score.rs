@@ -123,6 +123,8 @@ pub fn methods_from_names(
     }
     let mut out: Vec<Method> = Vec::new();
     for name in names {
+        // Every name is checked (and spelled) as results name it.
+        canonical_name(name).context("--score")?;
         let method = if let Some(p) = super::posthoc::PostHoc::parse(name) {
             Method::PostHoc(p)
         } else if name.trim().eq_ignore_ascii_case("mos") {
@@ -135,14 +137,7 @@ pub fn methods_from_names(
                     .with_context(|| format!("--group-config {}", path.display()))?,
             )
         } else {
-            let score: ood::Score = name
-                .trim()
-                .parse()
-                .map_err(|e: String| {
-                    anyhow::anyhow!(
-                        "--score: {e}, or MOS, MaxLogit, GradNorm, ReAct, KNN, ViM, ASH-P, ASH-B, ASH-S, DICE"
-                    )
-                })?;
+            let score: ood::Score = name.trim().parse().map_err(anyhow::Error::msg)?;
             match score {
                 ood::Score::Msp => Method::Msp,
                 ood::Score::Odin => Method::Odin {
@@ -169,6 +164,37 @@ pub fn methods_from_names(
         out.push(method);
     }
     Ok(out)
+}
+
+/// The name results give the method `--score` calls `name` (case-insensitive;
+/// `KL` and `kl-div` are `KL_Div`, `ash_s` is `ASH-S`): one of [`METHOD_NAMES`] or
+/// of the post-hoc methods ([`super::posthoc::PostHoc::ALL`]).
+pub fn canonical_name(name: &str) -> Result<&'static str> {
+    if let Some(p) = super::posthoc::PostHoc::parse(name) {
+        return Ok(p.name());
+    }
+    if name.trim().eq_ignore_ascii_case("mos") {
+        return Ok("MOS");
+    }
+    let score: ood::Score = name.trim().parse().map_err(|e: String| {
+        let posthoc: Vec<&str> = super::posthoc::PostHoc::ALL
+            .iter()
+            .map(|p| p.name())
+            .collect();
+        anyhow::anyhow!("{e}, or MOS, {}", posthoc.join(", "))
+    })?;
+    Ok(score.as_str())
+}
+
+/// The post-hoc methods among `methods`, in order.
+pub fn posthoc_methods(methods: &[Method]) -> Vec<super::posthoc::PostHoc> {
+    methods
+        .iter()
+        .filter_map(|m| match m {
+            Method::PostHoc(p) => Some(*p),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The outputs a store must keep for `methods` besides the logits.
@@ -297,6 +323,29 @@ pub fn score_rows(
         } else {
             Tensor::cat(&probs, 0)
         });
+    }
+    Ok(out)
+}
+
+/// Scores every row of the store `s` with `methods`: [`score_rows`], then the
+/// post-hoc methods with `posthoc` (prepared by [`super::posthoc::prepare`]),
+/// each timed. `mos score` and `mos benchmark` score their stores here.
+pub fn score_store(
+    s: &super::store::StoreData,
+    methods: &[Method],
+    posthoc: Option<&super::posthoc::Prepared>,
+) -> Result<RowScores> {
+    let mut out = score_rows(methods, &s.logits, &s.layers, &s.batches())
+        .with_context(|| format!("store {}", s.dir.display()))?;
+    for (m, method) in methods.iter().enumerate() {
+        if let Method::PostHoc(p) = method {
+            let prepared = posthoc.context("internal: the post-hoc methods were not prepared")?;
+            let t0 = Instant::now();
+            out.scores[m] = prepared
+                .score_rows(*p, &s.logits, s.features.as_ref())
+                .with_context(|| format!("store {}", s.dir.display()))?;
+            out.seconds[m] += t0.elapsed().as_secs_f64();
+        }
     }
     Ok(out)
 }

@@ -306,6 +306,12 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
 /// has the same settings (else an error naming every difference; nothing is
 /// written). Returns the store's manifest. Safe when several shards start at once.
 pub fn prepare(dir: &Path, m: &Manifest) -> Result<Manifest> {
+    prepare_for(dir, m, "another --output")
+}
+
+/// [`prepare`] for a command whose flag that chooses the store is not `--output`:
+/// `elsewhere` says how to pick another store (e.g. "another --name or --logdir").
+pub fn prepare_for(dir: &Path, m: &Manifest, elsewhere: &str) -> Result<Manifest> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create store {}", dir.display()))?;
     let path = dir.join(MANIFEST);
@@ -325,7 +331,7 @@ pub fn prepare(dir: &Path, m: &Manifest) -> Result<Manifest> {
     let diffs = existing.differences(m);
     if !diffs.is_empty() {
         bail!(
-            "{}: the store was extracted with other settings; refusing to mix them (nothing was written):\n  {}\nUse another --output, or delete the store to start over",
+            "{}: the store was extracted with other settings; refusing to mix them (nothing was written):\n  {}\nUse {elsewhere}, or delete the store to start over",
             path.display(),
             diffs.join("\n  ")
         );
