@@ -10,34 +10,13 @@ use anyhow::Result;
 use tch::{nn, Kind, Tensor};
 
 use crate::cli::BenchTrainArgs;
-use crate::dist::{Backend, ProcessGroup, Timeouts};
+use crate::dist::Timeouts;
 use crate::model::{Freeze, ResNetV2};
 use crate::train::sgd::Sgd;
 
 pub fn run(args: &BenchTrainArgs) -> Result<()> {
     let mut device = args.device.device.resolve()?;
-    let rv = crate::dist::rendezvous()
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        // torchrun-style variables make a process group even for one process (as
-        // torchrun does: `mos launch --nproc-per-node 1` runs the c10d path); a
-        // one-task Slurm allocation is an ordinary single process.
-        .filter(|rv| rv.world_size > 1 || rv.source == "torchrun");
-    let pg = match &rv {
-        Some(rv) => {
-            let backend = if device.is_cuda() {
-                device = tch::Device::Cuda(rv.local_rank);
-                Backend::Nccl(rv.local_rank)
-            } else {
-                Backend::Gloo
-            };
-            Some(ProcessGroup::new(
-                rv,
-                backend,
-                Timeouts::with_heartbeat(60.0),
-            )?)
-        }
-        None => None,
-    };
+    let pg = crate::dist::join_from_env(&mut device, Timeouts::with_heartbeat(60.0))?;
     let bucket_bytes = ((args.bucket_mb * (1 << 20) as f64) as usize).max(1);
     let freeze = Freeze::from_num_block_open(args.num_block_open).map_err(anyhow::Error::msg)?;
     tch::manual_seed(0);

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use tch::{nn, Kind, Tensor};
 
 use crate::cli::{FinetuneArgs, Init};
@@ -21,7 +21,7 @@ use crate::data::loader::{
 };
 use crate::data::transform::{EvalTransform, Rng, TrainTransform};
 use crate::data::{read_flat_list, read_group_list};
-use crate::dist::{Backend, ProcessGroup, Timeouts};
+use crate::dist::{ProcessGroup, Timeouts};
 use crate::groupconfig::read_group_config;
 use crate::model::checkpoint::{self, Checkpoint, CheckpointMeta};
 use crate::model::weights::{load_strict, read_state_dict};
@@ -300,36 +300,14 @@ pub fn run(args: &FinetuneArgs, head: Head) -> Result<()> {
     }
     let micro = args.batch / args.batch_split;
     let mut device = args.device.device.resolve()?;
-    // Several processes (docs/distributed.md): one device each; NCCL on CUDA (the
-    // device is LOCAL_RANK), Gloo on the CPU.
-    let rv = crate::dist::rendezvous()
-        .map_err(|e| anyhow!("{e}"))?
-        // torchrun-style variables make a process group even for one process (as
-        // torchrun does: `mos launch --nproc-per-node 1` runs the c10d path); a
-        // one-task Slurm allocation is an ordinary single process.
-        .filter(|rv| rv.world_size > 1 || rv.source == "torchrun");
-    let dist = match &rv {
-        Some(rv) => {
-            let backend = if device.is_cuda() {
-                device = tch::Device::Cuda(rv.local_rank);
-                Backend::Nccl(rv.local_rank)
-            } else {
-                Backend::Gloo
-            };
-            let pg = ProcessGroup::new(rv, backend, Timeouts::with_heartbeat(args.dist_timeout))
-                .with_context(|| {
-                    format!(
-                        "rank {} of {} ({} rendezvous at {}:{})",
-                        rv.rank, rv.world_size, rv.source, rv.master_addr, rv.master_port
-                    )
-                })?;
-            Some(Dist {
+    // Several processes (docs/distributed.md): one device each.
+    let dist =
+        crate::dist::join_from_env(&mut device, Timeouts::with_heartbeat(args.dist_timeout))?.map(
+            |pg| Dist {
                 pg,
                 bucket_bytes: ((args.bucket_mb * (1 << 20) as f64) as usize).max(1),
-            })
-        }
-        None => None,
-    };
+            },
+        );
     let (rank, world) = dist
         .as_ref()
         .map_or((0, 1), |d| (d.pg.rank, d.pg.world_size));

@@ -104,6 +104,40 @@ pub fn all_reduce_values(
         .map_err(|e| DistError::Invalid(e.to_string()))
 }
 
+/// Joins the process group the environment describes (docs/distributed.md#rendezvous),
+/// or returns `None` for an ordinary single process. torchrun-style variables make a
+/// group even for one process (as torchrun does: `mos launch --nproc-per-node 1` runs
+/// the c10d path); a one-task Slurm allocation stays a single process. On CUDA the
+/// device becomes `cuda:LOCAL_RANK` (one process per GPU) with NCCL; on the CPU, Gloo.
+pub fn join_from_env(
+    device: &mut tch::Device,
+    timeouts: Timeouts,
+) -> anyhow::Result<Option<ProcessGroup>> {
+    let Some(rv) = rendezvous()
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .filter(|rv| rv.world_size > 1 || rv.source == "torchrun")
+    else {
+        return Ok(None);
+    };
+    let backend = if device.is_cuda() {
+        *device = tch::Device::Cuda(rv.local_rank);
+        Backend::Nccl(rv.local_rank)
+    } else {
+        Backend::Gloo
+    };
+    let pg = ProcessGroup::new(&rv, backend, timeouts).map_err(|e| {
+        anyhow::anyhow!(
+            "rank {} of {} ({} rendezvous at {}:{}): {e}",
+            rv.rank,
+            rv.world_size,
+            rv.source,
+            rv.master_addr,
+            rv.master_port
+        )
+    })?;
+    Ok(Some(pg))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
