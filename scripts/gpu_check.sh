@@ -90,8 +90,8 @@ python3 $py compare-scores "$d/base_cuda.csv" "$d/base_cpu.csv" 1e-2 Mahalanobis
 echo
 echo "### NCCL process group, world size 1 (docs/distributed.md): mos launch -- finetune-flat on CUDA vs one plain process"
 # build.rs compiles the NCCL shim only with complete CUDA headers (docs/distributed.md):
-# e.g. MOS_CUDA_INCLUDE=<site>/nvidia/cu13/include from PyPI nvidia-cuda-crt and
-# nvidia-cuda-cccl, or a CUDA toolkit in /usr/local/cuda.
+# scripts/lib.sh installs them from PyPI for the torch wheel; with your own LIBTORCH set
+# MOS_CUDA_INCLUDE or have a CUDA toolkit in /usr/local/cuda.
 if ! nm "$mos" 2>/dev/null | grep -q ProcessGroupNCCL; then
     echo "FAIL: this mos was built without NCCL (no complete CUDA headers at build time; see docs/distributed.md#building-c10d-headers-gloo-and-nccl)"
     fail=1

@@ -87,7 +87,40 @@ mos_libtorch_env() {
         LIBTORCH="$home/site/torch"
         mos_check_libtorch_dir "$LIBTORCH" || return 1
         export LIBTORCH
+        # The CUDA wheel's c10d NCCL backend: build.rs compiles mos' NCCL shim only
+        # with complete CUDA headers (docs/distributed.md#building-c10d-headers-gloo-and-nccl).
+        if [ -f "$LIBTORCH/lib/libtorch_cuda.so" ] && [ -z "${MOS_CUDA_INCLUDE:-}" ]; then
+            mos_cuda_headers "$(dirname "$home")/cuda-headers-13.0" || return 1
+        fi
     fi
+}
+
+# mos_cuda_headers DIR: the CUDA runtime headers the torch wheel leaves out (crt/ from
+# PyPI nvidia-cuda-crt, nv/target from nvidia-cuda-cccl; 13.0 as the wheel's CUDA),
+# installed once into DIR; exports MOS_CUDA_INCLUDE for build.rs.
+mos_cuda_headers() {
+    local dir=$1
+    if [ ! -f "$dir/.complete" ]; then
+        exec 8>"$dir.lock"
+        flock 8
+        if [ ! -f "$dir/.complete" ]; then
+            local partial="$dir.partial.$$"
+            rm -rf "$partial"
+            mos_log "installing PyPI nvidia-cuda-crt and nvidia-cuda-cccl 13.0 (headers for the NCCL backend, about 20 MB) into $dir"
+            if ! "${PYTHON:-python3}" -m pip install --disable-pip-version-check --no-cache-dir --quiet --no-deps \
+                --target "$partial" "nvidia-cuda-crt==13.0.*" "nvidia-cuda-cccl==13.0.*"; then
+                rm -rf "$partial"
+                flock -u 8
+                mos_log "error: pip install nvidia-cuda-crt nvidia-cuda-cccl failed"
+                return 1
+            fi
+            touch "$partial/.complete"
+            rm -rf "$dir"
+            mv "$partial" "$dir"
+        fi
+        flock -u 8
+    fi
+    export MOS_CUDA_INCLUDE="$dir/nvidia/cu13/include"
 }
 
 # The Python packages of the references (tests/fixtures/make_*.py) and of the
