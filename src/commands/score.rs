@@ -137,29 +137,12 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
                 );
             }
         }
-        let (a, b) = (&id.manifest, &s.manifest);
-        for (what, x, y) in [
-            ("model", a.model.clone(), b.model.clone()),
-            (
-                "head size",
-                a.head_size.to_string(),
-                b.head_size.to_string(),
-            ),
-            (
-                "checkpoint SHA-256",
-                a.checkpoint_sha256.clone(),
-                b.checkpoint_sha256.clone(),
-            ),
-            ("crop", a.crop.to_string(), b.crop.to_string()),
-            ("precision", a.precision.clone(), b.precision.clone()),
-        ] {
-            if x != y {
-                bail!(
-                    "{} and {}: extracted with another {what} ({x} vs {y}); ID and OOD stores must come from the same model and settings",
-                    args.id.join(MANIFEST).display(),
-                    path.join(MANIFEST).display()
-                );
-            }
+        if let Some((what, x, y)) = id.manifest.model_difference(&s.manifest) {
+            bail!(
+                "{} and {}: extracted with another {what} ({x} vs {y}); ID and OOD stores must come from the same model and settings",
+                args.id.join(MANIFEST).display(),
+                path.join(MANIFEST).display()
+            );
         }
         oods.push(s);
     }

@@ -368,28 +368,12 @@ pub fn check_same_model(
     fit: &Manifest,
     fit_dir: &Path,
 ) -> Result<()> {
-    for (what, x, y) in [
-        ("model", id.model.clone(), fit.model.clone()),
-        (
-            "checkpoint SHA-256",
-            id.checkpoint_sha256.clone(),
-            fit.checkpoint_sha256.clone(),
-        ),
-        (
-            "head size",
-            id.head_size.to_string(),
-            fit.head_size.to_string(),
-        ),
-        ("crop", id.crop.to_string(), fit.crop.to_string()),
-        ("precision", id.precision.clone(), fit.precision.clone()),
-    ] {
-        if x != y {
-            bail!(
-                "--fit {}: extracted with another {what} than the ID store {} ({y} vs {x}); the training statistics must come from the same model and settings",
-                fit_dir.join(MANIFEST).display(),
-                id_dir.join(MANIFEST).display()
-            );
-        }
+    if let Some((what, x, y)) = id.model_difference(fit) {
+        bail!(
+            "--fit {}: extracted with another {what} than the ID store {} ({y} vs {x}); the training statistics must come from the same model and settings",
+            fit_dir.join(MANIFEST).display(),
+            id_dir.join(MANIFEST).display()
+        );
     }
     if !fit.layers.iter().any(|l| l == "features") {
         bail!(

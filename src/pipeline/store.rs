@@ -170,6 +170,29 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// The first model setting (model, head size, checkpoint SHA-256, crop, precision)
+    /// in which `other` differs from this store, as (what, this value, other value):
+    /// stores scored together, or a fit store and its ID store, must agree on all.
+    pub fn model_difference(&self, other: &Manifest) -> Option<(&'static str, String, String)> {
+        [
+            ("model", self.model.clone(), other.model.clone()),
+            (
+                "head size",
+                self.head_size.to_string(),
+                other.head_size.to_string(),
+            ),
+            (
+                "checkpoint SHA-256",
+                self.checkpoint_sha256.clone(),
+                other.checkpoint_sha256.clone(),
+            ),
+            ("crop", self.crop.to_string(), other.crop.to_string()),
+            ("precision", self.precision.clone(), other.precision.clone()),
+        ]
+        .into_iter()
+        .find(|(_, x, y)| x != y)
+    }
+
     /// The settings that decide the stored numbers (paths as given are not among
     /// them: the checkpoint and the data are identified by their content).
     pub fn settings(&self) -> Vec<(&'static str, String)> {
