@@ -503,3 +503,79 @@ fn metrics_steps(d: &Data, name: &str) -> u64 {
         .max()
         .unwrap()
 }
+
+/// The images named as skipped in a run's train.log: (kind, path), sorted.
+fn skipped_in_log(d: &Data, name: &str) -> Vec<(String, String)> {
+    let log = std::fs::read_to_string(d.root.join("runs").join(name).join("train.log")).unwrap();
+    let mut named: Vec<(String, String)> = log
+        .lines()
+        .filter_map(|l| {
+            let rest = l.split("skipped unreadable ").nth(1)?;
+            let (kind, rest) = rest.split_once(" image ")?;
+            let (path, _) = rest.split_once(": ")?;
+            Some((kind.to_string(), path.to_string()))
+        })
+        .collect();
+    named.sort();
+    named
+}
+
+#[test]
+fn unreadable_images_are_skipped_as_one_process_skips_them_and_every_rank_s_are_logged() {
+    let d = data();
+    // Four of the 60 training images and the first and last of the 30 validation
+    // images are not images: the six steps read every training image at least once,
+    // and each rank validates a contiguous half of the validation list.
+    for (list, picks) in [
+        ("train_flat.txt", &[5, 20, 35, 50][..]),
+        ("val_flat.txt", &[0, 29]),
+    ] {
+        let lines = std::fs::read_to_string(d.root.join("data/lists").join(list)).unwrap();
+        let lines: Vec<&str> = lines.lines().collect();
+        for &i in picks {
+            let rel = lines[i].split_whitespace().next().unwrap();
+            std::fs::write(d.root.join("data/fashion/train").join(rel), b"not an image").unwrap();
+        }
+    }
+    let sched = ["--schedule", "2,4,6", "--eval-every", "3"];
+    mos()
+        .args(args(
+            &d,
+            "start",
+            &["--schedule", "2,4,6", "--max-steps", "1"],
+        ))
+        .assert()
+        .success();
+    mos().args(args(&d, "one", &sched)).assert().success();
+    launch(2, &args(&d, "two", &sched)).assert().success();
+    let (w0, w1, w2) = (
+        flat(&weights(&d, "start")),
+        flat(&weights(&d, "one")),
+        flat(&weights(&d, "two")),
+    );
+    assert_same_model(&w0, &w1, &w2, "unreadable images, 2 processes");
+    let (m1, m2) = (metrics(&d, "one"), metrics(&d, "two"));
+    assert_same_metrics(&m1, &m2, "unreadable images");
+    let train_skipped: u64 = m2.iter().filter_map(|r| r["train_skipped"].as_u64()).sum();
+    assert!(train_skipped >= 4, "{m2:?}");
+    assert!(
+        m2.iter().any(|r| r["val_skipped"].as_u64() == Some(2)),
+        "{m2:?}"
+    );
+    // train.log of the 2-process run names what both ranks skipped: every event the
+    // one-process run names, and rank 1 met some of them.
+    let (one, two) = (skipped_in_log(&d, "one"), skipped_in_log(&d, "two"));
+    assert_eq!(one.len() as u64, train_skipped + 2, "{one:?}");
+    assert_eq!(one, two);
+    let log = std::fs::read_to_string(d.root.join("runs/two/train.log")).unwrap();
+    for kind in ["training", "validation"] {
+        assert!(
+            log.contains(&format!("rank 1: skipped unreadable {kind} image")),
+            "{log}"
+        );
+    }
+    let done = format!(
+        "({train_skipped} unreadable training images skipped, 2 unreadable validation images)"
+    );
+    assert!(log.contains(&done), "{log}");
+}

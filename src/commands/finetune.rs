@@ -2,8 +2,9 @@
 //! initialisation (or random), zero head, freezing by `--num-block-open`,
 //! BiT-HyperRule schedule, SGD with momentum and correct gradient accumulation,
 //! mixup, validation and atomic checkpoints, exact resume, Ctrl-C saves.
-//! Unreadable training and validation images are skipped, named in train.log and
-//! counted in metrics.jsonl (`train_skipped`, `val_skipped`); validation loss and
+//! Unreadable training and validation images are skipped, named in train.log (those
+//! of every rank of a multi-process run: rank 0 gathers them through the rendezvous
+//! store) and counted in metrics.jsonl (`train_skipped`, `val_skipped`); validation loss and
 //! top-1 are over the images read (`val_images`).
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -136,17 +137,72 @@ struct Validation {
     /// (this process's; `skipped_count` counts those of all processes).
     skipped: Vec<Skipped>,
     skipped_count: usize,
+    /// On rank 0, the other ranks' unreadable images: (rank, path, reason).
+    others_skipped: Vec<(usize, String, String)>,
 }
 
 /// The data-parallel side of a run: the process group and the bucket size.
 struct Dist {
     pg: ProcessGroup,
     bucket_bytes: usize,
+    /// Calls of [`Dist::gather`] so far (each call's store keys are new).
+    gathers: std::cell::Cell<u64>,
 }
 
 impl Dist {
+    fn next_tag(&self) -> u64 {
+        let t = self.gathers.get();
+        self.gathers.set(t + 1);
+        t
+    }
+
     fn sum(&self, values: &[f64], device: tch::Device) -> Result<Vec<f64>> {
         Ok(crate::dist::all_reduce_values(&self.pg, values, device)?)
+    }
+
+    /// `values` summed over the ranks, followed by every rank's `count` (one slot per
+    /// rank): one all-reduce.
+    fn sum_with_counts(
+        &self,
+        values: &[f64],
+        count: usize,
+        device: tch::Device,
+    ) -> Result<(Vec<f64>, Vec<usize>)> {
+        let mut v = values.to_vec();
+        v.extend(
+            (0..self.pg.world_size).map(|r| if r == self.pg.rank { count as f64 } else { 0.0 }),
+        );
+        let s = self.sum(&v, device)?;
+        let counts = s[values.len()..].iter().map(|&c| c as usize).collect();
+        Ok((s[..values.len()].to_vec(), counts))
+    }
+
+    /// Hands rank 0 the items of the ranks whose `counts` are not zero (all ranks agree
+    /// on `counts`, from [`Dist::sum_with_counts`]), through the rendezvous store, so
+    /// that train.log names what every rank skipped. `tag` is new for each call.
+    fn gather<T: serde::Serialize + serde::de::DeserializeOwned>(
+        &self,
+        tag: &str,
+        counts: &[usize],
+        mine: &[T],
+    ) -> Result<Vec<(usize, Vec<T>)>> {
+        let has: Vec<bool> = counts.iter().map(|&c| c > 0).collect();
+        if !has.iter().skip(1).any(|&h| h) {
+            return Ok(Vec::new());
+        }
+        let bytes = match has[self.pg.rank] && self.pg.rank != 0 {
+            true => serde_json::to_vec(mine)?,
+            false => Vec::new(),
+        };
+        self.pg
+            .gather_to_root(tag, &has, &bytes)?
+            .into_iter()
+            .map(|(r, b)| {
+                let items = serde_json::from_slice(&b)
+                    .with_context(|| format!("rank {r}'s {tag} from the rendezvous store"))?;
+                Ok((r, items))
+            })
+            .collect()
     }
 }
 
@@ -193,12 +249,20 @@ fn validate(
         n += batch.len();
     }
     let mut skipped_count = skipped.len();
+    let mut others_skipped = Vec::new();
     if let Some(d) = dist {
-        let v = d.sum(
-            &[loss_sum, correct as f64, n as f64, skipped.len() as f64],
-            device,
-        )?;
-        (loss_sum, correct, n, skipped_count) = (v[0], v[1] as i64, v[2] as usize, v[3] as usize);
+        let (v, counts) =
+            d.sum_with_counts(&[loss_sum, correct as f64, n as f64], skipped.len(), device)?;
+        (loss_sum, correct, n) = (v[0], v[1] as i64, v[2] as usize);
+        skipped_count = counts.iter().sum();
+        let mine: Vec<(String, String)> = skipped
+            .iter()
+            .map(|s| (s.path.to_string_lossy().into_owned(), s.reason.clone()))
+            .collect();
+        let tag = format!("val-skipped/{}", d.next_tag());
+        for (r, items) in d.gather(&tag, &counts, &mine)? {
+            others_skipped.extend(items.into_iter().map(|(p, why)| (r, p, why)));
+        }
     }
     if n == 0 {
         let first = skipped
@@ -217,6 +281,7 @@ fn validate(
         images: n,
         skipped,
         skipped_count,
+        others_skipped,
     })
 }
 
@@ -306,6 +371,7 @@ pub fn run(args: &FinetuneArgs, head: Head) -> Result<()> {
             |pg| Dist {
                 pg,
                 bucket_bytes: ((args.bucket_mb * (1 << 20) as f64) as usize).max(1),
+                gathers: Default::default(),
             },
         );
     let (rank, world) = dist
@@ -544,8 +610,11 @@ fn train_loop(
         config: serde_json::json!({ "position": pos, "run": run.config }),
     };
     let (mut loss_acc, mut images, mut last) = (0.0, 0usize, Instant::now());
-    // Unreadable training images: in all (this process), and in the current step.
+    // Unreadable training images: in all steps done (all ranks), and in the current
+    // step (this rank's until the step's all-reduce, then all ranks').
     let (mut skipped, mut step_skipped) = (0usize, 0usize);
+    // Another rank's lines on unreadable images of the current step, for rank 0's log.
+    let mut step_lines: Vec<String> = Vec::new();
     let n_train = data.train.len();
     loop {
         let mode = Mode::Train {
@@ -571,7 +640,6 @@ fn train_loop(
             let chunk_start = pos.batch_in_epoch * micro;
             pos.batch_in_epoch += 1;
             for s in &batch.skipped {
-                skipped += 1;
                 step_skipped += 1;
                 let line = format!(
                     "skipped unreadable training image {}: {}",
@@ -580,7 +648,7 @@ fn train_loop(
                 );
                 match run.rank0 {
                     true => run.log.line(line),
-                    false => eprintln!("rank {rank}: {line}"),
+                    false => step_lines.push(line),
                 }
             }
             // The global micro-batch: the positions (in the order) of the images
@@ -678,18 +746,23 @@ fn train_loop(
             if let Some(d) = dist {
                 let grads = sgd.gradients_for_reduce();
                 crate::dist::all_reduce_sum(&d.pg, &grads, d.bucket_bytes)?;
-                // All ranks agree on the skipped count and on stopping.
-                let v = d.sum(
-                    &[
-                        step_skipped as f64,
-                        f64::from(u8::from(interrupted)),
-                        images as f64,
-                    ],
+                // All ranks agree on the skipped count and on stopping; rank 0 logs
+                // what the others skipped.
+                let (v, counts) = d.sum_with_counts(
+                    &[f64::from(u8::from(interrupted)), images as f64],
+                    step_skipped,
                     device,
                 )?;
-                step_skipped = v[0] as usize;
-                interrupted = v[1] > 0.0;
-                images = v[2] as usize;
+                interrupted = v[0] > 0.0;
+                images = v[1] as usize;
+                step_skipped = counts.iter().sum();
+                let tag = format!("train-skipped/{}", d.next_tag());
+                for (r, lines) in d.gather(&tag, &counts, &step_lines)? {
+                    for line in lines {
+                        run.log.line(format!("rank {r}: {line}"));
+                    }
+                }
+                step_lines.clear();
             }
             sgd.step(lr)?;
             pos.step += 1;
@@ -697,6 +770,7 @@ fn train_loop(
             run.record(serde_json::json!({
                 "step": pos.step, "lr": lr, "loss": train_loss, "train_skipped": step_skipped,
             }))?;
+            skipped += step_skipped;
             step_skipped = 0;
             let secs = last.elapsed().as_secs_f64();
             bar.set_position(pos.step);
@@ -708,19 +782,17 @@ fn train_loop(
             let done = pos.step >= end;
             if done || args.eval_every.is_some_and(|e| e > 0 && pos.step % e == 0) {
                 let v = validate(model, data, val, args, device, micro, dist)?;
-                for s in &v.skipped {
-                    if run.val_skipped.insert(s.path.clone()) {
-                        if !run.rank0 {
-                            eprintln!(
-                                "rank {rank}: skipped unreadable validation image {}: {}",
-                                s.path.display(),
-                                s.reason
-                            );
-                        }
+                let own = v.skipped.iter().map(|s| (None, s.path.clone(), &s.reason));
+                let others = v
+                    .others_skipped
+                    .iter()
+                    .map(|(r, p, why)| (Some(*r), PathBuf::from(p), why));
+                for (r, path, why) in own.chain(others) {
+                    if run.val_skipped.insert(path.clone()) {
+                        let from = r.map(|r| format!("rank {r}: ")).unwrap_or_default();
                         run.log.line(format!(
-                            "skipped unreadable validation image {}: {}",
-                            s.path.display(),
-                            s.reason
+                            "{from}skipped unreadable validation image {}: {why}",
+                            path.display()
                         ));
                     }
                 }

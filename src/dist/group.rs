@@ -28,6 +28,20 @@ extern "C" {
         delta: i64,
         err: *mut *mut c_char,
     ) -> i64;
+    fn mos_store_set(
+        store: *mut c_void,
+        key: *const c_char,
+        data: *const u8,
+        len: i64,
+        err: *mut *mut c_char,
+    ) -> i32;
+    fn mos_store_get(
+        store: *mut c_void,
+        key: *const c_char,
+        out: *mut *mut u8,
+        err: *mut *mut c_char,
+    ) -> i64;
+    fn mos_store_delete(store: *mut c_void, key: *const c_char, err: *mut *mut c_char) -> i32;
     fn mos_store_free(store: *mut c_void);
     fn mos_pg_new_gloo(
         store: *mut c_void,
@@ -131,6 +145,50 @@ impl Store {
             return Err(DistError::C10d(take_error(err)));
         }
         Ok(v)
+    }
+
+    fn set(&self, key: &str, value: &[u8]) -> Result<()> {
+        let k = cstring(key)?;
+        let mut err = std::ptr::null_mut();
+        // SAFETY: live store handle, valid C string, `value` readable for its length.
+        let rc = unsafe {
+            mos_store_set(
+                self.0,
+                k.as_ptr(),
+                value.as_ptr(),
+                value.len() as i64,
+                &mut err,
+            )
+        };
+        if rc != 0 {
+            return Err(DistError::C10d(take_error(err)));
+        }
+        Ok(())
+    }
+
+    /// The value of `key`, waiting for it up to the store's timeout.
+    fn get(&self, key: &str) -> Result<Vec<u8>> {
+        let k = cstring(key)?;
+        let (mut out, mut err) = (std::ptr::null_mut(), std::ptr::null_mut());
+        // SAFETY: live store handle, valid C string and out-pointers.
+        let len = unsafe { mos_store_get(self.0, k.as_ptr(), &mut out, &mut err) };
+        if len < 0 || out.is_null() {
+            return Err(DistError::C10d(take_error(err)));
+        }
+        // SAFETY: the shim malloc'ed `len` (+1) bytes at `out`; copied, then freed once.
+        let v = unsafe { std::slice::from_raw_parts(out, len as usize) }.to_vec();
+        unsafe { mos_dist_free_string(out.cast()) };
+        Ok(v)
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        let k = cstring(key)?;
+        let mut err = std::ptr::null_mut();
+        // SAFETY: live store handle, valid C string.
+        if unsafe { mos_store_delete(self.0, k.as_ptr(), &mut err) } != 0 {
+            return Err(DistError::C10d(take_error(err)));
+        }
+        Ok(())
     }
 }
 
@@ -393,6 +451,37 @@ impl ProcessGroup {
             return Err(self.failed("barrier", err));
         }
         Ok(())
+    }
+
+    /// Hands rank 0 the bytes of the other ranks that have any, through the
+    /// rendezvous store (c10d's TCPStore). `has[r]` says whether rank `r` sends; all
+    /// ranks must agree on it (e.g. from an all-reduce of counts) and on `tag`, which
+    /// must be new for each call. Rank 0 gets `(rank, bytes)` in rank order, the others
+    /// an empty list. Rank 0 waits for each key; a rank lost before sending is caught
+    /// by the heartbeat.
+    pub fn gather_to_root(
+        &self,
+        tag: &str,
+        has: &[bool],
+        mine: &[u8],
+    ) -> Result<Vec<(usize, Vec<u8>)>> {
+        let key = |r: usize| format!("mos/gather/{tag}/{r}");
+        if self.rank != 0 {
+            if has.get(self.rank).copied().unwrap_or(false) {
+                self.store.set(&key(self.rank), mine)?;
+            }
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for (r, _) in has.iter().enumerate().skip(1).filter(|(_, h)| **h) {
+            let k = key(r);
+            let v = self.store.get(&k).map_err(|e| {
+                DistError::C10d(format!("getting rank {r}'s {tag} from the store: {e}"))
+            })?;
+            self.store.delete(&k)?;
+            out.push((r, v));
+        }
+        Ok(out)
     }
 
     /// Leaves the group cleanly: marks this rank done (so the others stop watching

@@ -199,6 +199,21 @@ mod group_tests {
             assert_eq!(Vec::<f32>::try_from(&b[1]).unwrap(), [1.0]);
             let v = all_reduce_values(&pg, &[r as f64, 1.0], tch::Device::Cpu).unwrap();
             assert_eq!(v, [1.0, 2.0]);
+            // Rank 1's bytes reach rank 0 (empty ones too); a rank that has none sends
+            // nothing and rank 0 does not wait for it.
+            let mine = format!("from {rank}\n");
+            let g = pg
+                .gather_to_root("a", &[true, true], mine.as_bytes())
+                .unwrap();
+            let g2 = pg.gather_to_root("b", &[true, true], &[]).unwrap();
+            let g3 = pg.gather_to_root("c", &[true, false], b"unsent").unwrap();
+            if rank == 0 {
+                assert_eq!(g, [(1, b"from 1\n".to_vec())]);
+                assert_eq!(g2, [(1, Vec::new())]);
+                assert!(g3.is_empty());
+            } else {
+                assert!(g.is_empty() && g2.is_empty() && g3.is_empty());
+            }
             pg.finish().unwrap();
         };
         let h = std::thread::spawn(move || run(1));

@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -82,6 +83,36 @@ int64_t mos_store_add(void* store, const char* key, int64_t delta, char** err) {
     return -1;
   }
   return value;
+}
+
+int mos_store_set(void* store, const char* key, const uint8_t* data, int64_t len, char** err) {
+  return guarded(err, [&] {
+    std::vector<uint8_t> value(data, data + len);
+    (*static_cast<StorePtr*>(store))->set(key, value);
+  });
+}
+
+int64_t mos_store_get(void* store, const char* key, uint8_t** out, char** err) {
+  int64_t len = -1;
+  *out = nullptr;
+  int rc = guarded(err, [&] {
+    std::vector<uint8_t> value = (*static_cast<StorePtr*>(store))->get(key);
+    // malloc(0) may return NULL: one byte more.
+    auto* buf = static_cast<uint8_t*>(malloc(value.size() + 1));
+    if (buf == nullptr) {
+      throw std::bad_alloc();
+    }
+    if (!value.empty()) {
+      memcpy(buf, value.data(), value.size());
+    }
+    *out = buf;
+    len = static_cast<int64_t>(value.size());
+  });
+  return rc == 0 ? len : -1;
+}
+
+int mos_store_delete(void* store, const char* key, char** err) {
+  return guarded(err, [&] { (*static_cast<StorePtr*>(store))->deleteKey(key); });
 }
 
 void mos_store_free(void* store) {
