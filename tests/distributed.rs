@@ -186,33 +186,39 @@ fn assert_same_metrics(a: &[serde_json::Value], b: &[serde_json::Value], what: &
     }
 }
 
+/// Trains run `start` (one step, whose learning rate is 0 in the warm-up: its
+/// checkpoint holds the initial weights) and run `one` (one process) with `sched`
+/// (`--schedule S [--eval-every E]`), the references of [`assert_like_one_process`].
+fn train_references(d: &Data, sched: &[&str]) {
+    let first = [&sched[..2], &["--max-steps", "1"]].concat();
+    mos().args(args(d, "start", &first)).assert().success();
+    mos().args(args(d, "one", sched)).assert().success();
+}
+
+/// Run `name` ended with the model and the metrics of run `one` (see
+/// [`train_references`]).
+fn assert_like_one_process(d: &Data, name: &str, what: &str) {
+    let (w0, w1, wn) = (
+        flat(&weights(d, "start")),
+        flat(&weights(d, "one")),
+        flat(&weights(d, name)),
+    );
+    assert_same_model(&w0, &w1, &wn, what);
+    assert_same_metrics(&metrics(d, "one"), &metrics(d, name), what);
+}
+
 #[test]
 fn two_and_three_processes_train_the_one_process_model_and_extract_in_shards() {
     let d = data();
     let sched = ["--schedule", "2,4,6", "--eval-every", "3"];
-    // Step 1 has learning rate 0 (warm-up): its checkpoint holds the initial weights.
-    mos()
-        .args(args(
-            &d,
-            "start",
-            &["--schedule", "2,4,6", "--max-steps", "1"],
-        ))
-        .assert()
-        .success();
-    mos().args(args(&d, "one", &sched)).assert().success();
+    train_references(&d, &sched);
     for n in [2usize, 3] {
         let name = format!("n{n}");
         launch(n, &args(&d, &name, &sched))
             .assert()
             .success()
             .stderr(predicate::str::contains(format!("{n} processes (Gloo)")));
-        let (w0, w1, wn) = (
-            flat(&weights(&d, "start")),
-            flat(&weights(&d, "one")),
-            flat(&weights(&d, &name)),
-        );
-        assert_same_model(&w0, &w1, &wn, &name);
-        assert_same_metrics(&metrics(&d, "one"), &metrics(&d, &name), &name);
+        assert_like_one_process(&d, &name, &name);
         assert_eq!(weights(&d, &name).meta.unwrap().step, 6);
         let config =
             std::fs::read_to_string(d.root.join("runs").join(&name).join("config.json")).unwrap();
@@ -417,25 +423,11 @@ fn with_mixup_two_processes_train_the_one_process_model() {
         .collect();
     std::fs::write(d.root.join("data/lists/train_flat.txt"), big).unwrap();
     let sched = ["--schedule", "2,4,5"];
-    mos()
-        .args(args(
-            &d,
-            "start",
-            &["--schedule", "2,4,5", "--max-steps", "1"],
-        ))
-        .assert()
-        .success();
-    mos().args(args(&d, "one", &sched)).assert().success();
+    train_references(&d, &sched);
     launch(2, &args(&d, "two", &sched)).assert().success();
     let config = std::fs::read_to_string(d.root.join("runs/two/config.json")).unwrap();
     assert!(config.contains("\"mixup_alpha\": 0.1"), "{config}");
-    let (w0, w1, w2) = (
-        flat(&weights(&d, "start")),
-        flat(&weights(&d, "one")),
-        flat(&weights(&d, "two")),
-    );
-    assert_same_model(&w0, &w1, &w2, "mixup, 2 processes");
-    assert_same_metrics(&metrics(&d, "one"), &metrics(&d, "two"), "mixup");
+    assert_like_one_process(&d, "two", "mixup, 2 processes");
 }
 
 #[test]
@@ -538,24 +530,10 @@ fn unreadable_images_are_skipped_as_one_process_skips_them_and_every_rank_s_are_
         }
     }
     let sched = ["--schedule", "2,4,6", "--eval-every", "3"];
-    mos()
-        .args(args(
-            &d,
-            "start",
-            &["--schedule", "2,4,6", "--max-steps", "1"],
-        ))
-        .assert()
-        .success();
-    mos().args(args(&d, "one", &sched)).assert().success();
+    train_references(&d, &sched);
     launch(2, &args(&d, "two", &sched)).assert().success();
-    let (w0, w1, w2) = (
-        flat(&weights(&d, "start")),
-        flat(&weights(&d, "one")),
-        flat(&weights(&d, "two")),
-    );
-    assert_same_model(&w0, &w1, &w2, "unreadable images, 2 processes");
-    let (m1, m2) = (metrics(&d, "one"), metrics(&d, "two"));
-    assert_same_metrics(&m1, &m2, "unreadable images");
+    assert_like_one_process(&d, "two", "unreadable images, 2 processes");
+    let m2 = metrics(&d, "two");
     let train_skipped: u64 = m2.iter().filter_map(|r| r["train_skipped"].as_u64()).sum();
     assert!(train_skipped >= 4, "{m2:?}");
     assert!(
