@@ -6,25 +6,10 @@ use std::path::{Path, PathBuf};
 
 mod common;
 
+use common::cli::{mos, ok, pngs, run_ok, tune_mahalanobis, SMALL};
+
 use assert_cmd::Command;
 use predicates::prelude::*;
-
-fn mos() -> Command {
-    Command::cargo_bin("mos").unwrap()
-}
-
-/// Writes `n` small PNGs with distinct content into `dir/class`.
-fn images(dir: &Path, class: &str, n: usize, seed: u32) {
-    let d = dir.join(class);
-    std::fs::create_dir_all(&d).unwrap();
-    for i in 0..n {
-        let img = image::RgbImage::from_fn(20 + i as u32, 18 + (i as u32 % 3), |x, y| {
-            let v = (x * 7 + y * 13 + seed * 31 + i as u32 * 17) % 256;
-            image::Rgb([v as u8, (255 - v) as u8, ((v * 3 + x) % 256) as u8])
-        });
-        img.save(d.join(format!("img_{i}.png"))).unwrap();
-    }
-}
 
 struct Setup {
     _dir: tempfile::TempDir,
@@ -43,10 +28,10 @@ fn setup() -> Setup {
     let root = dir.path().to_path_buf();
     let id = root.join("data/id_val");
     let oods = [root.join("data/ood_a"), root.join("data/ood_b")];
-    images(&id, "a_class", 4, 1);
-    images(&id, "b_class", 3, 2);
-    images(&oods[0], "images", 5, 3);
-    images(&oods[1], "images", 4, 4);
+    pngs(&id, "a_class", 4, 1);
+    pngs(&id, "b_class", 3, 2);
+    pngs(&oods[0], "images", 5, 3);
+    pngs(&oods[1], "images", 4, 4);
     let flat = root.join("flat.safetensors");
     common::random_checkpoint(&flat, 2, None, 7, 0.5);
     let group = root.join("group.safetensors");
@@ -64,62 +49,13 @@ fn setup() -> Setup {
     }
 }
 
-const SETTINGS: [&str; 10] = [
-    "--model",
-    "ResNetV2-R14x0.5",
-    "--crop",
-    "32",
-    "--batch",
-    "2",
-    "--workers",
-    "2",
-    "--device",
-    "cpu",
-];
-
-fn ok(cmd: &mut Command) -> String {
-    let out = cmd.assert().success().get_output().clone();
-    String::from_utf8(out.stdout).unwrap()
-}
-
 fn results(path: &Path) -> Vec<serde_json::Value> {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 /// Tuned Mahalanobis parameters with the given magnitudes searched.
 fn tune(s: &Setup, name: &str, magnitudes: &str) -> PathBuf {
-    // The regression's 5 folds need 5 images of each kind: the list twice.
-    let mut list = String::new();
-    for _ in 0..2 {
-        for (c, n) in [("a_class", 4), ("b_class", 3)] {
-            for i in 0..n {
-                list.push_str(&format!("{c}/img_{i}.png {}\n", (c == "b_class") as u8));
-            }
-        }
-    }
-    std::fs::write(s.root.join("list.txt"), list).unwrap();
-    ok(mos()
-        .arg("tune-mahalanobis")
-        .arg("--datadir")
-        .arg(&s.id)
-        .arg("--train-list")
-        .arg(s.root.join("list.txt"))
-        .arg("--val-list")
-        .arg(s.root.join("list.txt"))
-        .arg("--model-path")
-        .arg(&s.flat)
-        .arg("--logdir")
-        .arg(s.root.join("runs"))
-        .args([
-            "--name",
-            name,
-            "--num-lr-samples",
-            "5",
-            "--magnitudes",
-            magnitudes,
-        ])
-        .args(SETTINGS));
-    s.root.join("runs").join(name)
+    tune_mahalanobis(&s.root, &s.id, &s.flat, name, magnitudes)
 }
 
 /// `mos benchmark` of the setup with every method, run `name`.
@@ -158,7 +94,7 @@ fn benchmark_with(
         .arg("--logdir")
         .arg(s.root.join("runs"))
         .args(["--name", name])
-        .args(SETTINGS);
+        .args(SMALL);
     cmd
 }
 
@@ -175,7 +111,7 @@ fn test_commands(s: &Setup, name: &str, maha: &Path, epsilon: &str) -> Vec<serde
             .arg("--logdir")
             .arg(s.root.join("runs"))
             .args(["--name", name])
-            .args(SETTINGS);
+            .args(SMALL);
     };
     let mut cmd = mos();
     cmd.arg("test-mos")
@@ -281,9 +217,11 @@ fn benchmark_equals_the_test_commands_resumes_and_compares() {
 
     // Published numbers: all within tolerance, then one cell 0.6 off (> 0.5).
     let good = published(&s, &rows, 0.0);
-    let out = ok(benchmark(&s, "bench", &maha0, "0")
-        .arg("--published")
-        .arg(&good));
+    let (out, _) = run_ok(
+        benchmark(&s, "bench", &maha0, "0")
+            .arg("--published")
+            .arg(&good),
+    );
     assert!(
         out.contains("all 12 published cells within their tolerance"),
         "{out}"
@@ -426,7 +364,7 @@ fn posthoc_methods_equal_mos_score_on_the_stores() {
         .arg("--output")
         .arg(&fit)
         .args(["--layers", "logits,features"])
-        .args(SETTINGS));
+        .args(SMALL));
     let methods = "MSP,MaxLogit,GradNorm,ReAct,KNN,ViM,ASH-S,DICE";
     let hyper = ["--knn-k", "3", "--react-percentile", "80"];
     let no_maha = s.root.join("unused");

@@ -4,12 +4,10 @@ use std::path::{Path, PathBuf};
 
 mod common;
 
+use common::cli::{mos, SMALL};
+
 use assert_cmd::Command;
 use predicates::prelude::*;
-
-fn mos() -> Command {
-    Command::cargo_bin("mos").unwrap()
-}
 
 /// Writes `n` small PNGs with distinct content into `dir/class`.
 fn images(dir: &Path, class: &str, n: usize, seed: u32) {
@@ -62,18 +60,7 @@ fn common(cmd: &mut Command, s: &Setup, name: &str) {
     cmd.arg("--logdir")
         .arg(s.root.join("runs"))
         .args(["--name", name]);
-    cmd.args([
-        "--model",
-        "ResNetV2-R14x0.5",
-        "--crop",
-        "32",
-        "--batch",
-        "2",
-        "--workers",
-        "2",
-        "--device",
-        "cpu",
-    ]);
+    cmd.args(SMALL);
 }
 
 /// Checks the table `mos` printed against the rows of results.json: one line per

@@ -6,33 +6,10 @@ use std::path::{Path, PathBuf};
 
 mod common;
 
-use assert_cmd::Command;
-
-fn mos() -> Command {
-    Command::cargo_bin("mos").unwrap()
-}
+use common::cli::{fails, mos, ok};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Expects exit code 1 with an `Error:` line (no panic); returns stderr.
-fn fails(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains("Error: ") && !err.contains("panicked"),
-        "{err}"
-    );
-    err
 }
 
 fn json(p: &Path) -> serde_json::Value {

@@ -6,8 +6,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
+use assert_cmd::Command;
+use common::cli::{mos, ok};
 use common::Rng;
 use mos::model::checkpoint;
 use mos::ood::posthoc::{self as ph, Ash, Head, KnnBlocks};
@@ -17,10 +18,6 @@ use tch::{Kind, Tensor};
 
 const C: i64 = 10;
 const D: i64 = 1024; // ResNetV2-R14x0.5's pre-logit width
-
-fn mos() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_mos"))
-}
 
 /// A random head saved as a checkpoint; returns its path and SHA-256.
 fn head_checkpoint(path: &Path, seed: u64) -> (Head, String) {
@@ -126,21 +123,10 @@ fn score(s: &Setup, methods: &str, name: &str) -> Command {
     cmd
 }
 
-fn ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "{cmd:?} failed:\n{err}");
-    err
-}
-
 /// The error of a command that must fail with exit code 1, before any scoring
 /// (no results.json in its run directory).
 fn fails(cmd: &mut Command, run: &Path) -> String {
-    let out = cmd.output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "{cmd:?} should fail:\n{err}");
-    assert!(err.contains("Error: "), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
+    let err = common::cli::fails(cmd);
     assert!(
         !run.join("results.json").exists(),
         "scored before the error:\n{err}"

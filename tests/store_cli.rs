@@ -6,26 +6,11 @@ use std::path::{Path, PathBuf};
 
 mod common;
 
+use common::cli::{fails, mos, ok, pngs, tune_mahalanobis, SMALL};
+
 use assert_cmd::Command;
 use predicates::prelude::*;
 use tch::Tensor;
-
-fn mos() -> Command {
-    Command::cargo_bin("mos").unwrap()
-}
-
-/// Writes `n` small PNGs with distinct content into `dir/class`.
-fn images(dir: &Path, class: &str, n: usize, seed: u32) {
-    let d = dir.join(class);
-    std::fs::create_dir_all(&d).unwrap();
-    for i in 0..n {
-        let img = image::RgbImage::from_fn(20 + i as u32, 18 + (i as u32 % 3), |x, y| {
-            let v = (x * 7 + y * 13 + seed * 31 + i as u32 * 17) % 256;
-            image::Rgb([v as u8, (255 - v) as u8, ((v * 3 + x) % 256) as u8])
-        });
-        img.save(d.join(format!("img_{i}.png"))).unwrap();
-    }
-}
 
 struct Setup {
     _dir: tempfile::TempDir,
@@ -41,9 +26,9 @@ fn setup() -> Setup {
     let root = dir.path().to_path_buf();
     let id = root.join("data/id_val");
     let ood = root.join("data/ood_set");
-    images(&id, "a_class", 4, 1);
-    images(&id, "b_class", 3, 2);
-    images(&ood, "images", 5, 3);
+    pngs(&id, "a_class", 4, 1);
+    pngs(&id, "b_class", 3, 2);
+    pngs(&ood, "images", 5, 3);
     let flat = root.join("flat.safetensors");
     common::random_checkpoint(&flat, 2, None, 7, 0.5);
     Setup {
@@ -54,19 +39,6 @@ fn setup() -> Setup {
         flat,
     }
 }
-
-const SETTINGS: [&str; 10] = [
-    "--model",
-    "ResNetV2-R14x0.5",
-    "--crop",
-    "32",
-    "--batch",
-    "2",
-    "--workers",
-    "2",
-    "--device",
-    "cpu",
-];
 
 /// `mos extract` of `data` with `ckpt` into `store`.
 fn extract(data: &Path, ckpt: &Path, store: &Path) -> Command {
@@ -85,7 +57,7 @@ fn extract_at(data: &Path, ckpt: &Path, store: &Path, crop: &str) -> Command {
         .arg(ckpt)
         .arg("--output")
         .arg(store)
-        .args(SETTINGS.iter().map(|a| if *a == "32" { crop } else { a }));
+        .args(SMALL.iter().map(|a| if *a == "32" { crop } else { a }));
     cmd
 }
 
@@ -102,7 +74,7 @@ fn test_command(s: &Setup, command: &str, ckpt: &Path, name: &str) -> Command {
         .args(["--name", name])
         .arg("--model-path")
         .arg(ckpt)
-        .args(SETTINGS);
+        .args(SMALL);
     cmd
 }
 
@@ -117,23 +89,6 @@ fn score(s: &Setup, id: &Path, ood: &[&Path], name: &str) -> Command {
         .arg(s.root.join("runs"))
         .args(["--name", name]);
     cmd
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "{cmd:?} failed:\n{err}");
-    err
-}
-
-/// The error message of a command that must fail with exit code 1.
-fn fails(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "{cmd:?} should fail:\n{err}");
-    assert!(err.contains("Error: "), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
-    err
 }
 
 fn results(path: &Path) -> Vec<serde_json::Value> {
@@ -292,7 +247,7 @@ fn scores_from_stores_equal_the_test_commands_bit_for_bit() {
 
     // Two OOD stores at once: one row per method and OOD set, a CSV per set.
     let ood2 = s.root.join("data/ood_two");
-    images(&ood2, "x", 3, 5);
+    pngs(&ood2, "x", 3, 5);
     let ood2_store = s.root.join("stores/ood_two");
     ok(&mut extract(&ood2, &s.flat, &ood2_store));
     let csv = s.root.join("two.csv");
@@ -313,38 +268,7 @@ fn scores_from_stores_equal_the_test_commands_bit_for_bit() {
 #[test]
 fn mahalanobis_with_magnitude_zero_from_a_store_equals_test_baseline() {
     let s = setup();
-    // The regression's 5 folds need 5 images of each kind: the list twice.
-    let mut list = String::new();
-    for _ in 0..2 {
-        for (c, n) in [("a_class", 4), ("b_class", 3)] {
-            for i in 0..n {
-                list.push_str(&format!("{c}/img_{i}.png {}\n", (c == "b_class") as u8));
-            }
-        }
-    }
-    std::fs::write(s.root.join("list.txt"), list).unwrap();
-    ok(mos()
-        .arg("tune-mahalanobis")
-        .arg("--datadir")
-        .arg(&s.id)
-        .arg("--train-list")
-        .arg(s.root.join("list.txt"))
-        .arg("--val-list")
-        .arg(s.root.join("list.txt"))
-        .arg("--model-path")
-        .arg(&s.flat)
-        .arg("--logdir")
-        .arg(s.root.join("runs"))
-        .args([
-            "--name",
-            "maha",
-            "--num-lr-samples",
-            "5",
-            "--magnitudes",
-            "0",
-        ])
-        .args(SETTINGS));
-    let params = s.root.join("runs/maha");
+    let params = tune_mahalanobis(&s.root, &s.id, &s.flat, "maha", "0");
     let base_csv = s.root.join("base.csv");
     ok(test_command(&s, "test-baseline", &s.flat, "base")
         .args(["--score", "Mahalanobis,MSP", "--mahalanobis-param-path"])
@@ -489,7 +413,7 @@ fn sharded_stores_equal_an_unsharded_one() {
                 .arg(&s.flat)
                 .arg("--output")
                 .arg(&slurm)
-                .args(SETTINGS)
+                .args(SMALL)
                 .args(layers)
                 .env("SLURM_ARRAY_TASK_ID", id.to_string())
                 .env("SLURM_ARRAY_TASK_MIN", "1")

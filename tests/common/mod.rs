@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use tch::{nn, Kind, Tensor};
 
+pub mod cli;
+
 pub fn fixture(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
