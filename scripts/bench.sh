@@ -50,7 +50,8 @@
 # nothing).
 # With no section, runs them all. The Python side runs in the pinned reference
 # environment of scripts/lib.sh (mos_python_env: a venv with numpy, scipy,
-# scikit-learn, Pillow, torchvision and the setup cache's torch), made on first use.
+# scikit-learn, Pillow, torchvision and the setup cache's torch), made on first use,
+# or in MOS_PYTHON; MOS_BIN names a mos binary to measure instead of building one.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=lib.sh
@@ -95,9 +96,17 @@ if [ "$smoke" = 1 ]; then
     dist_buckets="4"
     ph_id=200 ph_ood=100 ph_fit=300 knn_q=50 knn_bank=400 knn_k=50
 fi
-scripts/build.sh >/dev/null
-mos=target/release/mos
-py=$(mos_python_env)
+# MOS_BIN: a mos built elsewhere (no build here); MOS_PYTHON: a Python that has torch,
+# numpy, scipy, scikit-learn and Pillow (no reference venv made here). A GPU machine
+# with no Rust toolchain and no network runs it so (scripts/gpu_check.sh).
+if [ -n "${MOS_BIN:-}" ]; then
+    mos=$MOS_BIN
+    [ -x "$mos" ] || { echo "bench: MOS_BIN=$mos is not an executable" >&2; exit 2; }
+else
+    scripts/build.sh >/dev/null
+    mos=target/release/mos
+fi
+py=${MOS_PYTHON:-$(mos_python_env)}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 threads=$(nproc)

@@ -2,7 +2,9 @@
 # CUDA check, for a GPU machine whose python3 has torch 2.11.0 (+cu130) and no
 # Rust toolchain: runs the carried target/release/mos against that torch's
 # library directory, fails unless CUDA is available, and compares forward passes
-# on CUDA against the CPU and against PyTorch. Prints a report (keep it in
+# on CUDA against the CPU and against PyTorch, runs the pipeline and a 1-GPU NCCL
+# process group, and measures Table 1's cost at paper scale (set
+# MOS_GPU_CHECK_PAPER_SCALE=0 to skip that). Prints a report (keep it in
 # docs/GPU.md). Usage: scripts/gpu_check.sh [OUTPUT_DIR]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -105,4 +107,15 @@ n[1]=plain1
 # One rank: NCCL's all-reduce is a copy, so only cuDNN's nondeterminism separates them.
 python3 $py compare "$d/nccl1/checkpoint.safetensors" "$d/plain1/checkpoint.safetensors" --tol 1e-3 | tail -1 || fail=1
 echo
+echo "### Table 1 at paper scale (docs/benchmark.md): scripts/bench.sh paper-scale on CUDA"
+# The carried binary and this machine's python3 (torch, scikit-learn, Pillow): no
+# build, no reference venv. 2,048 JPEGs with ImageNet validation's sizes through
+# BiT-S-R101x1 at 480x480, then the image passes of ODIN and Mahalanobis on 2 x 256.
+if [ "${MOS_GPU_CHECK_PAPER_SCALE:-1}" = 1 ]; then
+    MOS_BIN="$mos" MOS_PYTHON=python3 MOS_DEVICE=cuda scripts/bench.sh paper-scale --rounds 1 || fail=1
+else
+    echo "skipped (MOS_GPU_CHECK_PAPER_SCALE=0)"
+fi
+echo
+echo "gpu_check: $SECONDS s in all"
 if [ "$fail" = 0 ]; then echo "RESULT: PASS"; else echo "RESULT: FAIL"; exit 1; fi
