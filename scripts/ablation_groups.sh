@@ -12,7 +12,8 @@
 # Usage: scripts/ablation_groups.sh [RUN_DIR]       (default runs/ablation-<date>-<time>)
 # Environment (defaults in brackets):
 #   ABLATION_GROUPS    group counts of kmeans and random ["2 3 4 5"]
-#   ABLATION_SCHEDULE  finetune --schedule of every model ["50,600,850,1000", the demo's]
+#   ABLATION_SCHEDULE  finetune --schedule of every model ["100,1200,1700,2000", the demo's]
+#   ABLATION_PRECROP   finetune --precrop (random crops of 32 from it) [36, the demo's]
 #   ABLATION_DATA      mos demo-data sizes ["" = the demo's 7000/1000/2000/2000]
 #   ABLATION_SEED      seed of training, k-means and random groups [0]
 #   MOS_DEVICE         --device [auto]
@@ -25,7 +26,8 @@ scripts/build.sh
 mos=target/release/mos
 run=${1:-runs/ablation-$(date +%Y%m%d-%H%M%S)}
 counts=${ABLATION_GROUPS:-2 3 4 5}
-schedule=${ABLATION_SCHEDULE:-50,600,850,1000}
+schedule=${ABLATION_SCHEDULE:-100,1200,1700,2000}
+precrop=${ABLATION_PRECROP:-36}
 seed=${ABLATION_SEED:-0}
 data=$run/data
 mkdir -p "$run/groups"
@@ -38,7 +40,7 @@ train_dir=$data/fashion/train
 model=(--model ResNetV2-R14x0.5 --crop 32 --device "${MOS_DEVICE:-auto}")
 last=${schedule##*,}
 train=(--init none --dataset fashion-mnist --datadir "$train_dir" --batch 64 --schedule "$schedule"
-       --eval-every "$last" --precrop 32 --num-block-open -1 --base-lr 0.03 --seed "$seed"
+       --eval-every "$last" --precrop "$precrop" --num-block-open -1 --base-lr 0.03 --seed "$seed"
        --workers "$(nproc)" --logdir "$run")
 
 # Features for k-means: a flat-softmax model's pre-logits of the training images.
@@ -85,7 +87,7 @@ EOF
 done
 
 echo
-echo "Grouping ablation, Fashion-MNIST test vs MNIST (schedule $schedule, seed $seed):"
+echo "Grouping ablation, Fashion-MNIST test vs MNIST (schedule $schedule, precrop $precrop, seed $seed):"
 cat "$table"
 echo
 echo "[ablation] table in $table; took $(( $(date +%s) - start )) s"

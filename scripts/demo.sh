@@ -31,8 +31,8 @@ echo "[demo] run directory: $run (seed $seed)"
 "$mos" demo-data --out "$data"
 groups=configs/fashion_mnist_groups.json
 model=(--model ResNetV2-R14x0.5 --crop 32 --device "${MOS_DEVICE:-auto}")
-train=(--init none --dataset fashion-mnist --datadir "$data/fashion/train" --batch 64 --schedule 50,600,850,1000 --eval-every 500
-       --precrop 32 --num-block-open -1 --base-lr 0.03 --seed "$seed" --workers "$(nproc)" --logdir "$run")
+train=(--init none --dataset fashion-mnist --datadir "$data/fashion/train" --batch 64 --schedule 100,1200,1700,2000 --eval-every 500
+       --precrop 36 --num-block-open -1 --base-lr 0.03 --seed "$seed" --workers "$(nproc)" --logdir "$run")
 
 "$mos" finetune-group --name finetune_group "${model[@]}" "${train[@]}" --group-config "$groups" \
     --train-list "$data/lists/train_group.txt" --val-list "$data/lists/val_group.txt"
