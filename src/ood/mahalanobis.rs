@@ -366,17 +366,22 @@ fn input_gradient(
     loss_of: &dyn Fn(&Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
     let input = x.detach().set_requires_grad(true);
-    let grad = tch::with_grad(|| -> Result<Tensor> {
-        let loss = loss_of(&input)?;
-        if !loss.requires_grad() {
-            return Err(MahalanobisError::Invalid(format!(
-                "{what}: the loss does not depend on the input through a graph (the model \
-                 must not run under no_grad or detach its input)"
-            )));
-        }
-        let mut grads = Tensor::f_run_backward(&[&loss], &[&input], false, false)?;
-        Ok(grads.remove(0))
-    })?;
+    tch::with_grad(|| gradient_of(&loss_of(&input)?, &input, false, what))
+}
+
+/// d loss / d input (`input` a leaf that requires grad), with libtorch's engine
+/// guarded: a loss without a graph is an error (the engine would crash), and so is
+/// an input the loss does not depend on. `keep_graph` keeps the graph for further
+/// gradients (the shared image pass of `mos benchmark` takes several).
+pub fn gradient_of(loss: &Tensor, input: &Tensor, keep_graph: bool, what: &str) -> Result<Tensor> {
+    if !loss.requires_grad() {
+        return Err(MahalanobisError::Invalid(format!(
+            "{what}: the loss does not depend on the input through a graph (the model \
+             must not run under no_grad or detach its input)"
+        )));
+    }
+    let mut grads = Tensor::f_run_backward(&[loss], &[input], keep_graph, false)?;
+    let grad = grads.remove(0);
     if !grad.defined() {
         return Err(MahalanobisError::Invalid(format!(
             "{what}: the model's output does not depend on its input"

@@ -181,7 +181,7 @@ pub fn forward_with_pass(
                 epsilon,
             } if *epsilon != 0.0 => {
                 let loss = crate::ood::scores::odin_loss(&logits, *temperature);
-                let grad = super::mahalanobis::input_gradient(&loss, &input, "ODIN")?;
+                let grad = crate::ood::mahalanobis::gradient_of(&loss, &input, true, "ODIN")?;
                 let perturbed = crate::ood::scores::step_against_gradient(x, &grad, *epsilon);
                 crate::ood::scores::odin_score_of(
                     &|t: &Tensor| model.forward(t),

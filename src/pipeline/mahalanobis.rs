@@ -153,7 +153,12 @@ pub fn score_from_graph(
     let mut cols = Vec::with_capacity(feats.len());
     for (l, (f, g)) in feats.iter().zip(&p.layers).enumerate() {
         let loss = g.loss(f)?;
-        let grad = input_gradient(&loss, input, "Mahalanobis input pre-processing")?;
+        let grad = crate::ood::mahalanobis::gradient_of(
+            &loss,
+            input,
+            true,
+            "Mahalanobis input pre-processing",
+        )?;
         let perturbed = crate::ood::scores::step_against_gradient(x, &grad, p.magnitude);
         cols.push(crate::ood::mahalanobis::layer_score_of(
             &|t: &Tensor| layer_features(model, l, t),
@@ -165,18 +170,4 @@ pub fn score_from_graph(
         .to_kind(Kind::Float)
         .to_kind(Kind::Double);
     Ok(score_from_regression(&m, &p.lr_weight, p.lr_bias)?)
-}
-
-/// d loss / d input through a graph that is kept for further gradients.
-pub(crate) fn input_gradient(loss: &Tensor, input: &Tensor, what: &str) -> Result<Tensor> {
-    // libtorch's engine crashes on a root without a graph: check first.
-    if !loss.requires_grad() {
-        bail!("{what}: the loss does not depend on the input through a graph");
-    }
-    let mut grads = Tensor::f_run_backward(&[loss], &[input], true, false)?;
-    let grad = grads.remove(0);
-    if !grad.defined() {
-        bail!("{what}: the model's output does not depend on its input");
-    }
-    Ok(grad)
 }
