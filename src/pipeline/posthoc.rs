@@ -447,6 +447,41 @@ fn source_of(path: &Path, m: &Manifest, rows: usize) -> FitSource {
     }
 }
 
+/// The fit saved in the run directory must come from the ID store's model.
+fn check_saved_fit(s: &Fitted, run_dir: &Path, id: &Manifest, id_dir: &Path) -> Result<()> {
+    if s.info.source.checkpoint_sha256 != id.checkpoint_sha256 || s.info.source.model != id.model {
+        bail!(
+            "{}: fitted on a store of another model ({}, checkpoint SHA-256 {}) than the ID store {} ({}, {}); give --fit with a store of this model, or another --name",
+            run_dir.join(FIT_FILE).display(),
+            s.info.source.model,
+            s.info.source.checkpoint_sha256,
+            id_dir.display(),
+            id.model,
+            id.checkpoint_sha256
+        );
+    }
+    Ok(())
+}
+
+/// KNN's k must not exceed the fit store's `rows` (its bank).
+fn check_knn_bank(req: &Request, rows: usize, fit: &Path) -> Result<()> {
+    if req.methods.contains(&PostHoc::Knn) && req.settings.knn_k as usize > rows {
+        bail!(
+            "--knn-k {}: larger than the bank: the fit store {} has {rows} images",
+            req.settings.knn_k,
+            fit.display()
+        );
+    }
+    Ok(())
+}
+
+/// The error of methods (`need`, comma-separated) that need a fit and have none.
+fn no_fit(need: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "--score {need} needs training statistics: give --fit STORE, a store of in-distribution training images extracted with the same model (mos extract --layers logits,features over a training list)"
+    )
+}
+
 /// The checks of [`prepare`] that need no store's rows, for a command that is
 /// about to extract the ID store described by `id` (its manifest, written into
 /// `id_dir`): the settings, and that the methods needing training statistics have
@@ -474,33 +509,13 @@ pub fn precheck(req: &Request, id: &Manifest, id_dir: &Path) -> Result<()> {
                 .iter()
                 .map(|s| s.rows)
                 .sum();
-            if req.methods.contains(&PostHoc::Knn) && req.settings.knn_k as usize > rows {
-                bail!(
-                    "--knn-k {}: larger than the bank: the fit store {} has {rows} images",
-                    req.settings.knn_k,
-                    p.display()
-                );
-            }
+            check_knn_bank(req, rows, p)
         }
         None => match read_fit(&req.run_dir)? {
-            Some(s)
-                if s.info.source.checkpoint_sha256 == id.checkpoint_sha256
-                    && s.info.source.model == id.model => {}
-            Some(s) => bail!(
-                "{}: fitted on a store of another model ({}, checkpoint SHA-256 {}) than this run's ({}, {}); give --fit with a store of this model, or another --name",
-                req.run_dir.join(FIT_FILE).display(),
-                s.info.source.model,
-                s.info.source.checkpoint_sha256,
-                id.model,
-                id.checkpoint_sha256
-            ),
-            None => bail!(
-                "--score {} needs training statistics: give --fit STORE, a store of in-distribution training images extracted with the same model (mos extract --layers logits,features over a training list)",
-                need_fit.join(",")
-            ),
+            Some(s) => check_saved_fit(&s, &req.run_dir, id, id_dir),
+            None => Err(no_fit(&need_fit.join(","))),
         },
     }
-    Ok(())
 }
 
 /// Prepares the methods of `req` for the ID store `id` (whose features are
@@ -576,23 +591,11 @@ pub fn prepare(req: &Request, id: &StoreData, log: &RunLog) -> Result<Prepared> 
                 Fitted::empty(source_of(p, fm, 0))
             }
             (Some(s), None) => {
-                if s.info.source.checkpoint_sha256 != m.checkpoint_sha256 || s.info.source.model != m.model {
-                    bail!(
-                        "{}: fitted on a store of another model ({}, checkpoint SHA-256 {}) than the ID store {} ({}, {}); give --fit with a store of this model, or another --name",
-                        req.run_dir.join(FIT_FILE).display(),
-                        s.info.source.model,
-                        s.info.source.checkpoint_sha256,
-                        id.dir.display(),
-                        m.model,
-                        m.checkpoint_sha256
-                    );
-                }
+                check_saved_fit(&s, &req.run_dir, m, &id.dir)?;
                 s
             }
             (None, Some((p, fm))) => Fitted::empty(source_of(p, fm, 0)),
-            (None, None) => bail!(
-                "--score {need_fit} needs training statistics: give --fit STORE, a store of in-distribution training images extracted with the same model (mos extract --layers logits,features over a training list)"
-            ),
+            (None, None) => return Err(no_fit(&need_fit)),
         };
         let react_ok =
             f.info.react.as_ref().map(|r| r.percentile) == Some(req.settings.react_percentile);
@@ -623,13 +626,7 @@ pub fn prepare(req: &Request, id: &StoreData, log: &RunLog) -> Result<Prepared> 
             }
             check_same_model(m, &id.dir, &index.manifest, &path)?;
             let rows: usize = index.shards.iter().map(|s| s.rows).sum();
-            if req.methods.contains(&PostHoc::Knn) && req.settings.knn_k as usize > rows {
-                bail!(
-                    "--knn-k {}: larger than the bank: the fit store {} has {rows} images",
-                    req.settings.knn_k,
-                    path.display()
-                );
-            }
+            check_knn_bank(req, rows, &path)?;
             f.info.source = source_of(&path, &index.manifest, rows);
             log.line(format!(
                 "reading the fit store {} ({rows} images)",
