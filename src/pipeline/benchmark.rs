@@ -746,6 +746,10 @@ pub fn run(req: &BenchmarkRequest) -> Result<BenchmarkOutcome> {
     struct Plan {
         store_methods: Vec<usize>,
         pass_methods: Vec<usize>,
+        /// The store methods as the stores score them.
+        store_ms: Vec<Method>,
+        /// `<run>/stores/<role>`, with one store per set in `stores`.
+        base: PathBuf,
         stores: Vec<StorePlan>,
     }
     let mut plans = Vec::new();
@@ -755,11 +759,11 @@ pub fn run(req: &BenchmarkRequest) -> Result<BenchmarkOutcome> {
             .iter()
             .partition(|&&i| methods[i].needs_images().is_none());
         // The stores serve the store methods; with none, nothing is extracted.
+        let store_ms: Vec<Method> = store_methods.iter().map(|&i| methods[i].clone()).collect();
+        let base = req.run_dir.join("stores").join(m.role);
         let mut stores = Vec::new();
         if !store_methods.is_empty() {
-            let ms: Vec<Method> = store_methods.iter().map(|&i| methods[i].clone()).collect();
-            let layers = super::score::store_layers(&ms);
-            let base = req.run_dir.join("stores").join(m.role);
+            let layers = super::score::store_layers(&store_ms);
             for set in std::iter::once(&id).chain(&oods) {
                 stores.push(plan_store(req, m, set, layers, base.join(&set.name))?);
             }
@@ -771,6 +775,8 @@ pub fn run(req: &BenchmarkRequest) -> Result<BenchmarkOutcome> {
         plans.push(Plan {
             store_methods,
             pass_methods,
+            store_ms,
+            base,
             stores,
         });
     }
@@ -808,8 +814,7 @@ pub fn run(req: &BenchmarkRequest) -> Result<BenchmarkOutcome> {
         let mut pass_sc: Vec<SetScores> = Vec::new();
         let sets: Vec<&EvalSet> = std::iter::once(&id).chain(&oods).collect();
         if !store_methods.is_empty() {
-            let ms: Vec<Method> = store_methods.iter().map(|&i| methods[i].clone()).collect();
-            let base = req.run_dir.join("stores").join(m.role);
+            let ms = &plan.store_ms;
             let mut stores = Vec::new();
             for (set, p) in sets.iter().zip(&plan.stores) {
                 let (s, sc) = extract_store(req, m, set, p, &pass, &log, &mut stages)?;
@@ -822,7 +827,7 @@ pub fn run(req: &BenchmarkRequest) -> Result<BenchmarkOutcome> {
                 (Some(r), true) => Some(posthoc::prepare(r, id_store, &log)?),
                 _ => None,
             };
-            let rows = |s: &StoreData| score_store(s, &ms, prepared.as_ref());
+            let rows = |s: &StoreData| score_store(s, ms, prepared.as_ref());
             let mut id_sc = rows(id_store)?;
             let mut ood_sc = ood_stores.iter().map(rows).collect::<Result<Vec<_>>>()?;
             if let Some(k) = ms.iter().position(|m| matches!(m, Method::KlDiv)) {
@@ -852,7 +857,7 @@ pub fn run(req: &BenchmarkRequest) -> Result<BenchmarkOutcome> {
                 .map(|(r, s)| SetScores::of_store(r, s))
                 .collect();
             for (k, &i) in store_methods.iter().enumerate() {
-                store_dirs[i] = Some(base.clone());
+                store_dirs[i] = Some(plan.base.clone());
                 scores[i] = Some(MethodScores::take(k, &mut id_sc, &mut ood_sc, false));
             }
         } else if !pass_ms.is_empty() {
