@@ -150,12 +150,6 @@ struct Dist {
 }
 
 impl Dist {
-    fn next_tag(&self) -> u64 {
-        let t = self.gathers.get();
-        self.gathers.set(t + 1);
-        t
-    }
-
     fn sum(&self, values: &[f64], device: tch::Device) -> Result<Vec<f64>> {
         Ok(crate::dist::all_reduce_values(&self.pg, values, device)?)
     }
@@ -179,13 +173,17 @@ impl Dist {
 
     /// Hands rank 0 the items of the ranks whose `counts` are not zero (all ranks agree
     /// on `counts`, from [`Dist::sum_with_counts`]), through the rendezvous store, so
-    /// that train.log names what every rank skipped. `tag` is new for each call.
+    /// that train.log names what every rank skipped. Every rank calls it at the same
+    /// points; `what` names the items, and each call's store keys are new.
     fn gather<T: serde::Serialize + serde::de::DeserializeOwned>(
         &self,
-        tag: &str,
+        what: &str,
         counts: &[usize],
         mine: &[T],
     ) -> Result<Vec<(usize, Vec<T>)>> {
+        let n = self.gathers.get();
+        self.gathers.set(n + 1);
+        let tag = format!("{what}/{n}");
         let has: Vec<bool> = counts.iter().map(|&c| c > 0).collect();
         if !has.iter().skip(1).any(|&h| h) {
             return Ok(Vec::new());
@@ -195,7 +193,7 @@ impl Dist {
             false => Vec::new(),
         };
         self.pg
-            .gather_to_root(tag, &has, &bytes)?
+            .gather_to_root(&tag, &has, &bytes)?
             .into_iter()
             .map(|(r, b)| {
                 let items = serde_json::from_slice(&b)
@@ -259,8 +257,7 @@ fn validate(
             .iter()
             .map(|s| (s.path.to_string_lossy().into_owned(), s.reason.clone()))
             .collect();
-        let tag = format!("val-skipped/{}", d.next_tag());
-        for (r, items) in d.gather(&tag, &counts, &mine)? {
+        for (r, items) in d.gather("val-skipped", &counts, &mine)? {
             others_skipped.extend(items.into_iter().map(|(p, why)| (r, p, why)));
         }
     }
@@ -756,8 +753,7 @@ fn train_loop(
                 interrupted = v[0] > 0.0;
                 images = v[1] as usize;
                 step_skipped = counts.iter().sum();
-                let tag = format!("train-skipped/{}", d.next_tag());
-                for (r, lines) in d.gather(&tag, &counts, &step_lines)? {
+                for (r, lines) in d.gather("train-skipped", &counts, &step_lines)? {
                     for line in lines {
                         run.log.line(format!("rank {r}: {line}"));
                     }
