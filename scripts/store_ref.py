@@ -31,6 +31,25 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 
+def fingerprint(m):
+    """The manifest's fingerprint as mos computes it (Manifest::compute_fingerprint in
+    src/pipeline/store.rs): SHA-256 of the settings' `name=value` lines."""
+    settings = [
+        ("format", m["format"]), ("mos version", m["mos_version"]), ("model", m["model"]),
+        ("checkpoint SHA-256", m["checkpoint_sha256"]),
+        ("checkpoint format", m["checkpoint_format"]), ("head size", m["head_size"]),
+        ("classes", m["num_classes"]), ("crop", m["crop"]), ("batch", m["batch"]),
+        ("precision", m["precision"]),
+        ("skip bad images", "true" if m["skip_bad_images"] else "false"),
+        ("layers", ",".join(m["layers"])), ("images", m["images"]),
+        ("data fingerprint", m["data_fingerprint"]), ("shards", m["num_shards"]),
+    ]
+    if m.get("group_config") is not None:
+        settings.append(("group config", ",".join(str(g) for g in m["group_config"])))
+    text = "".join(f"{k}={v}\n" for k, v in settings)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def write_shard(d, manifest, tensors, paths):
     stem = "shard-00000-of-00001"
     meta = {"format": "mos-store-shard-v1", "fingerprint": manifest["fingerprint"],
@@ -67,8 +86,9 @@ def synthetic(d, rows, classes, seed, groups=0):
         "layers": ["logits"], "datadir": d, "list": None,
         "dataset": os.path.basename(d.rstrip("/")), "images": rows,
         "data_fingerprint": f"synthetic-{seed}", "num_shards": 1,
-        "fingerprint": f"synthetic-{head}", "command": ["mos", "extract"], "complete": True,
+        "fingerprint": "", "command": ["mos", "extract"], "complete": True,
     }
+    manifest["fingerprint"] = fingerprint(manifest)
     with open(os.path.join(d, "manifest.json"), "w") as f:
         json.dump(manifest, f)
     write_shard(d, manifest, {"logits": logits, "labels": labels}, paths)
@@ -107,9 +127,10 @@ def features(d, rows, head_path, seed, shift="0"):
         "layers": ["logits", "features"], "datadir": d, "list": None,
         "dataset": os.path.basename(d.rstrip("/")), "images": rows,
         "data_fingerprint": f"synthetic-{seed}", "num_shards": 1,
-        "fingerprint": f"synthetic-features-{seed}-{rows}", "command": ["mos", "extract"],
+        "fingerprint": "", "command": ["mos", "extract"],
         "complete": True,
     }
+    manifest["fingerprint"] = fingerprint(manifest)
     with open(os.path.join(d, "manifest.json"), "w") as f:
         json.dump(manifest, f)
     write_shard(d, manifest, {"logits": logits, "features": feats, "labels": labels}, paths)

@@ -88,6 +88,44 @@ pub fn read_group_config(path: &Path) -> Result<GroupConfig> {
     Ok(cfg)
 }
 
+/// Whether a group split could be compared with the one the model was trained with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SplitCheck {
+    /// The same split.
+    Same,
+    /// `source` records no split (e.g. the paper's `.pth.tar`): the message to log.
+    Unchecked(String),
+}
+
+/// Compares the split of `--group-config path` (`given`) with the one `source`
+/// (a checkpoint or a store's manifest) records. A different split is an error
+/// naming both: MOS scored with another split than the model was trained with
+/// gives plausible but wrong numbers.
+pub fn check_split(
+    given: &[i64],
+    path: &Path,
+    recorded: Option<&[i64]>,
+    source: &str,
+) -> Result<SplitCheck> {
+    let show = |g: &[i64]| format!("{g:?}");
+    match recorded {
+        Some(r) if r == given => Ok(SplitCheck::Same),
+        Some(r) => bail!(
+            "--group-config {} splits the classes as {} ({} groups), but {source} was trained with the split {} ({} groups); MOS needs the split the model was trained with: give that group config",
+            path.display(),
+            show(given),
+            given.len(),
+            show(r),
+            r.len()
+        ),
+        None => Ok(SplitCheck::Unchecked(format!(
+            "the group split of --group-config {} ({}) could not be checked: {source} records none",
+            path.display(),
+            show(given)
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,5 +179,26 @@ mod tests {
             read_group_config(&dir.path().join("none.npy")).unwrap_err()
         );
         assert!(e.contains("none.npy"), "{e}");
+    }
+
+    #[test]
+    fn a_split_other_than_the_recorded_one_is_refused() {
+        let p = Path::new("g.json");
+        assert_eq!(
+            check_split(&[4, 2, 3, 1], p, Some(&[4, 2, 3, 1]), "ckpt").unwrap(),
+            SplitCheck::Same
+        );
+        let e = check_split(&[5, 1, 3, 1], p, Some(&[4, 2, 3, 1]), "ckpt")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("[5, 1, 3, 1]") && e.contains("[4, 2, 3, 1]"),
+            "{e}"
+        );
+        assert!(e.contains("g.json") && e.contains("ckpt"), "{e}");
+        match check_split(&[4, 2, 3, 1], p, None, "bit.pth.tar").unwrap() {
+            SplitCheck::Unchecked(line) => assert!(line.contains("bit.pth.tar records none")),
+            other => panic!("{other:?}"),
+        }
     }
 }

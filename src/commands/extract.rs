@@ -113,18 +113,31 @@ pub fn run(args: &ExtractArgs) -> Result<()> {
         fingerprint: String::new(),
         command: command_without_shard_flags(),
         complete: false,
+        group_config: loaded
+            .state
+            .meta
+            .as_ref()
+            .and_then(|g| g.group_config.clone()),
     };
     manifest.fingerprint = manifest.compute_fingerprint();
     let manifest = store::prepare(&args.output, &manifest)?;
     let log = RunLog::open(&args.output, store::LOG)?;
     let (k, n) = (shard.index, shard.count);
     let stem = store::shard_stem(k, n);
-    if let Some(idx) = store::complete_shard(&args.output, &manifest, k)? {
-        log.line(format!(
-            "shard {k} of {n} ({stem}, {} images) is already complete: skipped",
-            idx.rows
-        ));
-        return Ok(());
+    match store::complete_shard(&args.output, &manifest, k)? {
+        store::ShardStatus::Complete(idx) => {
+            log.line(format!(
+                "shard {k} of {n} ({stem}, {} images) is already complete: skipped",
+                idx.rows
+            ));
+            return Ok(());
+        }
+        store::ShardStatus::Damaged(why) => {
+            log.line(format!(
+                "shard {k} of {n} ({stem}) fails verification, extracting it again: {why}"
+            ));
+        }
+        store::ShardStatus::Absent => {}
     }
     let range = store::shard_range(items.len(), n, k);
     log.line(format!(
@@ -156,11 +169,7 @@ pub fn run(args: &ExtractArgs) -> Result<()> {
     let extracted = extract_range(&loaded.model, &items, range.clone(), &opts, &|n| bar.inc(n))?;
     bar.finish_and_clear();
     for (i, s) in &extracted.skipped {
-        log.line(format!(
-            "skipped unreadable image {} (index {i}): {}",
-            s.path.display(),
-            s.reason
-        ));
+        log.line(crate::pipeline::extract::skip_line(*i, s));
     }
     let secs = started.elapsed().as_secs_f64();
     let idx = store::write_shard(

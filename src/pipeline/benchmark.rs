@@ -28,6 +28,7 @@ use super::score::{
 use super::store::{self, Manifest, StoreData};
 use crate::data::loader::Item;
 use crate::eval::{EvalSet, MethodResult};
+use crate::groupconfig::{check_split, SplitCheck};
 use crate::metrics::ood_metrics;
 use crate::model::weights::{load_model, resolve_weight_path, with_head_hint, LoadedModel};
 use crate::model::Variant;
@@ -358,6 +359,12 @@ fn plan_store(
         fingerprint: String::new(),
         command,
         complete: false,
+        group_config: m
+            .loaded
+            .state
+            .meta
+            .as_ref()
+            .and_then(|g| g.group_config.clone()),
     };
     manifest.fingerprint = manifest.compute_fingerprint();
     Ok(StorePlan {
@@ -503,7 +510,16 @@ fn extract_store(
     let layers = Layers::parse(&plan.manifest.layers)?;
     let manifest = store::prepare_for(dir, &plan.manifest, "another --name or --logdir")?;
     let mut pass_sc = None;
-    if store::complete_shard(dir, &manifest, 0)?.is_some() {
+    let status = store::complete_shard(dir, &manifest, 0)?;
+    if let store::ShardStatus::Damaged(why) = &status {
+        log.line(format!(
+            "{} model, {}: store {} fails verification, extracting it again: {why}",
+            m.role,
+            set.name,
+            dir.display()
+        ));
+    }
+    if matches!(status, store::ShardStatus::Complete(_)) {
         log.line(format!(
             "{} model, {}: store {} is complete, reused",
             m.role,
@@ -517,11 +533,7 @@ fn extract_store(
     } else {
         let (ex, mut rp) = run_pass(req, m, set, items, layers, pass)?;
         for (i, s) in &ex.skipped {
-            log.line(format!(
-                "skipped unreadable image {} (index {i}): {}",
-                s.path.display(),
-                s.reason
-            ));
+            log.line(crate::pipeline::extract::skip_line(*i, s));
         }
         let device = crate::runtime::device_name(req.device);
         let t0 = Instant::now();
@@ -694,6 +706,8 @@ pub fn run(req: &BenchmarkRequest) -> Result<BenchmarkOutcome> {
         .filter(|&m| !methods[m].needs_group_model())
         .collect();
     let mut models = Vec::new();
+    // Lines for the log, which is opened once every check has passed.
+    let mut notes: Vec<String> = Vec::new();
     if !group_idx.is_empty() {
         let Some(path) = &req.group_model_path else {
             bail!("--score MOS needs --group-model-path (the group-softmax checkpoint)");
@@ -714,7 +728,21 @@ pub fn run(req: &BenchmarkRequest) -> Result<BenchmarkOutcome> {
             "--group-model-path must be a group-softmax checkpoint with {id_classes} classes + {} groups = {head} logits; a flat-softmax checkpoint (one logit per class) belongs to --flat-model-path",
             slices.num_groups()
         );
-        models.push(load_role(req, "group", path, head, hint, group_idx)?);
+        let model = load_role(req, "group", path, head, hint, group_idx)?;
+        let recorded = model
+            .loaded
+            .state
+            .meta
+            .as_ref()
+            .and_then(|m| m.group_config.as_deref());
+        let given = settings.group_config.as_deref().unwrap_or(Path::new(""));
+        let source = format!("--group-model-path {}", path.display());
+        if let SplitCheck::Unchecked(line) =
+            check_split(slices.classes_per_group(), given, recorded, &source)?
+        {
+            notes.push(line);
+        }
+        models.push(model);
     }
     if !flat_idx.is_empty() {
         let Some(path) = &req.flat_model_path else {
@@ -798,6 +826,9 @@ pub fn run(req: &BenchmarkRequest) -> Result<BenchmarkOutcome> {
         req.batch,
         crate::runtime::device_name(req.device)
     ));
+    for line in notes {
+        log.line(line);
+    }
     let mut stages: Vec<(String, f64)> = Vec::new();
     let mut scores: Vec<Option<MethodScores>> = (0..methods.len()).map(|_| None).collect();
     let mut store_dirs: Vec<Option<PathBuf>> = vec![None; methods.len()];

@@ -216,6 +216,43 @@ pub fn forward_with_pass(
 }
 
 /// The loader of evaluation images in dataset order.
+/// Why an image with non-finite outputs was left out (`--skip-bad-images`).
+pub const NON_FINITE: &str = "the network's outputs are not finite (NaN or infinite)";
+
+/// The log line of an image left out of a store: unreadable, or with outputs
+/// that are not finite.
+pub fn skip_line(index: usize, s: &Skipped) -> String {
+    let what = if s.reason == NON_FINITE {
+        "image"
+    } else {
+        "unreadable image"
+    };
+    format!(
+        "skipped {what} {} (index {index}): {}",
+        s.path.display(),
+        s.reason
+    )
+}
+
+/// Per row of `[start, start + len)`: whether every output of the row (logits,
+/// features, Mahalanobis layers) is finite. One copy to the CPU per batch.
+fn finite_rows(out: &Outputs, start: i64, len: i64) -> Result<Vec<bool>> {
+    let rows = |t: &Tensor| {
+        t.narrow(0, start, len)
+            .isfinite()
+            .flatten(1, -1)
+            .all_dim(1, false)
+    };
+    let mut ok = rows(&out.logits);
+    if let Some(f) = &out.features {
+        ok = ok.logical_and(&rows(f));
+    }
+    for t in &out.layers {
+        ok = ok.logical_and(&rows(t));
+    }
+    Ok(Vec::<bool>::try_from(ok.to_device(Device::Cpu))?)
+}
+
 pub fn eval_loader(items: Arc<Vec<Item>>, opts: &ExtractOptions) -> Result<Loader> {
     Ok(Loader::new(
         items,
@@ -327,24 +364,64 @@ pub fn extract_range_with(
         let (x, _) = batch.to_tensors(opts.device);
         // Kept rows are contiguous: the range is an interval of the batch's order.
         let (start, len) = (keep[0] as i64, keep.len() as i64);
-        let out = if pass.methods.is_empty() {
-            forward_batch(model, &x, opts.layers)
+        let (out, pass_scores) = if pass.methods.is_empty() {
+            (forward_batch(model, &x, opts.layers), None)
         } else {
             let (out, ps) = forward_with_pass(model, &x, opts.layers, pass)?;
+            (out, Some(ps))
+        };
+        // An image whose outputs are not finite is refused, or left out and
+        // reported with --skip-bad-images: nothing non-finite is ever stored.
+        let finite = finite_rows(&out, start, len)?;
+        let mut rows: Vec<usize> = Vec::with_capacity(keep.len());
+        for (j, &r) in keep.iter().enumerate() {
+            if finite[j] {
+                rows.push(r);
+                continue;
+            }
+            let i = batch.indices[r];
+            let path = window[i].path.clone();
+            if !opts.skip_bad {
+                bail!(
+                    "{} (dataset index {}): the network's outputs for this image are not finite (NaN or infinite); refusing to store them (pass --skip-bad-images to leave such images out, reported)",
+                    path.display(),
+                    first + i
+                );
+            }
+            skipped.push((
+                first + i,
+                Skipped {
+                    path,
+                    reason: NON_FINITE.into(),
+                },
+            ));
+        }
+        // The kept rows' positions in the batch (all of [start, start + len) as a rule).
+        let select = |t: &Tensor| -> Tensor {
+            if rows.len() == keep.len() {
+                t.narrow(0, start, len)
+            } else {
+                let at: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+                t.index_select(0, &Tensor::from_slice(&at).to_device(t.device()))
+            }
+        };
+        if let Some(ps) = pass_scores {
             for (m, s) in ps.scores.iter().enumerate() {
-                rp.scores[m].extend(to_f64_vec(&s.narrow(0, start, len))?);
+                rp.scores[m].extend(to_f64_vec(&select(s))?);
                 rp.seconds[m] += ps.seconds[m];
             }
-            out
-        };
-        logits.push(cpu(&out.logits.narrow(0, start, len)));
+        }
+        if rows.is_empty() {
+            continue;
+        }
+        logits.push(cpu(&select(&out.logits)));
         if let Some(f) = &out.features {
-            features.push(cpu(&f.narrow(0, start, len)));
+            features.push(cpu(&select(f)));
         }
         for (l, t) in out.layers.iter().enumerate() {
-            layers[l].push(cpu(&t.narrow(0, start, len)));
+            layers[l].push(cpu(&select(t)));
         }
-        for &r in &keep {
+        for &r in &rows {
             indices.push(first + batch.indices[r]);
             labels.push(batch.targets[r][0]);
         }

@@ -30,7 +30,9 @@ pub struct MahalanobisParams {
 }
 
 pub(crate) fn named(path: &Path) -> Result<Vec<(String, Tensor)>> {
-    Ok(checkpoint::load(path)?.model)
+    let tensors = checkpoint::load(path)?.model;
+    super::store::check_tensors_finite(&tensors, path)?;
+    Ok(tensors)
 }
 
 /// The class means and precisions of `path`'s tensors `t`, checked (see

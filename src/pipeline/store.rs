@@ -167,6 +167,10 @@ pub struct Manifest {
     /// Set by `mos merge` once every shard is there and checked.
     #[serde(default)]
     pub complete: bool,
+    /// Classes per group the checkpoint records (a group-softmax model of ours);
+    /// absent for a flat model and for checkpoints that record none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_config: Option<Vec<i64>>,
 }
 
 impl Manifest {
@@ -188,6 +192,11 @@ impl Manifest {
             ),
             ("crop", self.crop.to_string(), other.crop.to_string()),
             ("precision", self.precision.clone(), other.precision.clone()),
+            (
+                "group split",
+                split_name(self.group_config.as_deref()),
+                split_name(other.group_config.as_deref()),
+            ),
         ]
         .into_iter()
         .find(|(_, x, y)| x != y)
@@ -196,7 +205,7 @@ impl Manifest {
     /// The settings that decide the stored numbers (paths as given are not among
     /// them: the checkpoint and the data are identified by their content).
     pub fn settings(&self) -> Vec<(&'static str, String)> {
-        vec![
+        let mut v = vec![
             ("format", self.format.clone()),
             ("mos version", self.mos_version.clone()),
             ("model", self.model.clone()),
@@ -212,7 +221,74 @@ impl Manifest {
             ("images", self.images.to_string()),
             ("data fingerprint", self.data_fingerprint.clone()),
             ("shards", self.num_shards.to_string()),
-        ]
+        ];
+        // Only when recorded, so that the stores made before it keep their fingerprint.
+        if let Some(g) = &self.group_config {
+            v.push(("group config", split_name(Some(g))));
+        }
+        v
+    }
+
+    /// Checks that the recorded fingerprint is the SHA-256 of the recorded
+    /// settings; else names the edited field, from the settings the shard
+    /// indices in `dir` copied at extraction (when they have them).
+    pub fn verify(&self, dir: &Path) -> Result<()> {
+        let computed = self.compute_fingerprint();
+        if computed == self.fingerprint {
+            return Ok(());
+        }
+        let path = dir.join(MANIFEST);
+        let ours: BTreeMap<String, String> = self
+            .settings()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        // The settings as a shard index recorded them at extraction.
+        let recorded = shard_index_files(dir).into_iter().find_map(|f| {
+            let text = std::fs::read_to_string(&f).ok()?;
+            let idx: ShardIndex = serde_json::from_str(&text).ok()?;
+            (!idx.settings.is_empty()).then_some((f, idx.settings))
+        });
+        if let Some((f, theirs)) = recorded {
+            let mut edited: Vec<String> = Vec::new();
+            for key in ours.keys().chain(theirs.keys()) {
+                let (a, b) = (ours.get(key), theirs.get(key));
+                if a != b
+                    && !edited
+                        .iter()
+                        .any(|e| e.starts_with(&format!("{} ", json_field(key))))
+                {
+                    edited.push(format!(
+                        "{} says {}, but the shards were extracted with {}",
+                        json_field(key),
+                        a.map_or("nothing", String::as_str),
+                        b.map_or("nothing", String::as_str)
+                    ));
+                }
+            }
+            if edited.is_empty() {
+                bail!(
+                    "{}: its fingerprint field was edited: it says {}, but its settings (and {}) give {computed}; restore it or extract the store again",
+                    path.display(),
+                    self.fingerprint,
+                    f.display()
+                );
+            }
+            bail!(
+                "{}: edited after extraction, refusing to read the store: {}; restore the manifest or extract the store again",
+                path.display(),
+                edited.join("; ")
+            );
+        }
+        bail!(
+            "{}: edited after extraction, refusing to read the store: its settings ({}) no longer give its fingerprint {} (they give {computed}); restore the manifest or extract the store again",
+            path.display(),
+            ours.keys()
+                .map(|k| json_field(k))
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.fingerprint
+        )
     }
 
     /// SHA-256 of the settings.
@@ -226,12 +302,23 @@ impl Manifest {
 
     /// The settings in which `other` (this run) differs from `self` (the store).
     pub fn differences(&self, other: &Manifest) -> Vec<String> {
-        self.settings()
+        let theirs: BTreeMap<&str, String> = other.settings().into_iter().collect();
+        let mut out: Vec<String> = self
+            .settings()
             .into_iter()
-            .zip(other.settings())
-            .filter(|(a, b)| a.1 != b.1)
-            .map(|((k, a), (_, b))| format!("{k}: the store has {a}, this run {b}"))
-            .collect()
+            .filter(|(k, a)| theirs.get(k) != Some(a))
+            .map(|(k, a)| {
+                let b = theirs.get(k).map_or("none", String::as_str);
+                format!("{k}: the store has {a}, this run {b}")
+            })
+            .collect();
+        if self.group_config.is_none() && other.group_config.is_some() {
+            out.push(format!(
+                "group config: the store has none, this run {}",
+                split_name(other.group_config.as_deref())
+            ));
+        }
+        out
     }
 
     /// The command that extracts shard `k`.
@@ -243,6 +330,48 @@ impl Manifest {
         ));
         words.join(" ")
     }
+}
+
+/// A group split as messages and settings write it: `4,2,3,1`, or `none`.
+pub fn split_name(g: Option<&[i64]>) -> String {
+    match g {
+        Some(g) => g.iter().map(i64::to_string).collect::<Vec<_>>().join(","),
+        None => "none".into(),
+    }
+}
+
+/// The manifest field of a setting's name (for messages).
+fn json_field(setting: &str) -> &str {
+    match setting {
+        "mos version" => "mos_version",
+        "checkpoint SHA-256" => "checkpoint_sha256",
+        "checkpoint format" => "checkpoint_format",
+        "head size" => "head_size",
+        "classes" => "num_classes",
+        "skip bad images" => "skip_bad_images",
+        "data fingerprint" => "data_fingerprint",
+        "shards" => "num_shards",
+        "group config" => "group_config",
+        other => other,
+    }
+}
+
+/// The shard index files (`shard-K-of-N.json`) in a store, sorted.
+fn shard_index_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.ends_with(".json") && parse_shard_name(n).is_some())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
 }
 
 fn shell_quote(w: &str) -> String {
@@ -321,8 +450,10 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
             env!("CARGO_PKG_VERSION")
         );
     }
-    serde_json::from_value(value)
-        .with_context(|| format!("{}: not a mos store manifest", path.display()))
+    let m: Manifest = serde_json::from_value(value)
+        .with_context(|| format!("{}: not a mos store manifest", path.display()))?;
+    m.verify(dir)?;
+    Ok(m)
 }
 
 /// Creates the store with `m` as its manifest, or checks that the existing one
@@ -394,6 +525,10 @@ pub struct ShardIndex {
     /// Where it was computed and by which mos (informative).
     pub device: String,
     pub mos_version: String,
+    /// The manifest's settings at extraction ([`Manifest::settings`]): what an
+    /// edited manifest is compared with to name the edited field.
+    #[serde(default)]
+    pub settings: BTreeMap<String, String>,
 }
 
 /// Writes shard `k`'s tensors, then its index. `rel_paths[i]`: the path of
@@ -448,6 +583,11 @@ pub fn write_shard(
         sha256: hex(&Sha256::digest(&bytes)),
         device: device.to_string(),
         mos_version: env!("CARGO_PKG_VERSION").to_string(),
+        settings: m
+            .settings()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
     };
     write_atomic(
         &dir.join(format!("{stem}.json")),
@@ -515,19 +655,79 @@ fn read_index(dir: &Path, m: &Manifest, k: usize) -> Result<ShardIndex> {
     Ok(idx)
 }
 
+/// What a rerun finds of shard `k` ([`complete_shard`]).
+#[derive(Debug)]
+pub enum ShardStatus {
+    /// Its index fits the manifest and its tensor file has the recorded size and SHA-256.
+    Complete(Box<ShardIndex>),
+    /// No index yet (never extracted, or interrupted before its index was written).
+    Absent,
+    /// An index is there, but its tensor file is missing, truncated or changed
+    /// (the reason): the shard must be computed again, never used.
+    Damaged(String),
+}
+
 /// Whether shard `k` is complete: its index is there, fits the manifest and
-/// describes the tensor file beside it (same size). `Ok(None)` when it must be
-/// (re)computed; an error when an index belongs to another extraction.
-pub fn complete_shard(dir: &Path, m: &Manifest, k: usize) -> Result<Option<ShardIndex>> {
+/// describes the tensor file beside it (same size and SHA-256). An error when an
+/// index belongs to another extraction.
+pub fn complete_shard(dir: &Path, m: &Manifest, k: usize) -> Result<ShardStatus> {
     let json = dir.join(format!("{}.json", shard_stem(k, m.num_shards)));
     if !json.exists() {
-        return Ok(None);
+        return Ok(ShardStatus::Absent);
     }
     let idx = read_index(dir, m, k)?;
-    let size = std::fs::metadata(dir.join(&idx.file))
-        .map(|md| md.len())
-        .ok();
-    Ok((size == Some(idx.bytes)).then_some(idx))
+    Ok(match check_tensor_file(dir, m, k, &idx) {
+        Ok(()) => ShardStatus::Complete(Box::new(idx)),
+        Err(e) => ShardStatus::Damaged(format!("{e:#}")),
+    })
+}
+
+/// Checks shard `k`'s tensor file against its index: present, of the recorded
+/// size and SHA-256. The error names the file and the command that recomputes it.
+fn check_tensor_file(dir: &Path, m: &Manifest, k: usize, idx: &ShardIndex) -> Result<()> {
+    let file = check_size(dir, m, k, idx)?;
+    let sha = sha256_file(&file)?;
+    check_sha(&file, &sha, m, k, idx)
+}
+
+/// Checks that shard `k`'s tensor file is there with the recorded size; its path.
+fn check_size(dir: &Path, m: &Manifest, k: usize, idx: &ShardIndex) -> Result<PathBuf> {
+    let file = dir.join(&idx.file);
+    let n = m.num_shards;
+    let size = std::fs::metadata(&file)
+        .with_context(|| {
+            format!(
+                "{}: missing, but its index {} is there (rerun the extraction of shard {k}: {})",
+                file.display(),
+                shard_stem(k, n) + ".json",
+                m.shard_command(k)
+            )
+        })?
+        .len();
+    if size != idx.bytes {
+        bail!(
+            "{}: {size} bytes, but its index records {} (truncated or replaced); delete {} and rerun: {}",
+            file.display(),
+            idx.bytes,
+            shard_stem(k, n) + ".json",
+            m.shard_command(k)
+        );
+    }
+    Ok(file)
+}
+
+/// The error of a tensor file whose SHA-256 `sha` is not the one its index records.
+fn check_sha(file: &Path, sha: &str, m: &Manifest, k: usize, idx: &ShardIndex) -> Result<()> {
+    if sha != idx.sha256 {
+        bail!(
+            "{}: its SHA-256 is {sha}, but its index records {} (the file was changed after extraction); delete {} and rerun: {}",
+            file.display(),
+            idx.sha256,
+            shard_stem(k, m.num_shards) + ".json",
+            m.shard_command(k)
+        );
+    }
+    Ok(())
 }
 
 /// A store whose shards are all there and consistent.
@@ -574,37 +774,10 @@ pub fn open(dir: &Path, verify_hash: bool) -> Result<StoreIndex> {
     let mut shards = Vec::with_capacity(n);
     for k in 0..n {
         let idx = read_index(dir, &m, k)?;
-        let file = dir.join(&idx.file);
-        let size = std::fs::metadata(&file)
-            .with_context(|| {
-                format!(
-                    "{}: missing, but its index {} is there (rerun the extraction of shard {k}: {})",
-                    file.display(),
-                    shard_stem(k, n) + ".json",
-                    m.shard_command(k)
-                )
-            })?
-            .len();
-        if size != idx.bytes {
-            bail!(
-                "{}: {size} bytes, but its index records {} (truncated or replaced); delete {} and rerun: {}",
-                file.display(),
-                idx.bytes,
-                shard_stem(k, n) + ".json",
-                m.shard_command(k)
-            );
-        }
         if verify_hash {
-            let sha = sha256_file(&file)?;
-            if sha != idx.sha256 {
-                bail!(
-                    "{}: its SHA-256 is {sha}, but its index records {} (the file was changed); delete {} and rerun: {}",
-                    file.display(),
-                    idx.sha256,
-                    shard_stem(k, n) + ".json",
-                    m.shard_command(k)
-                );
-            }
+            check_tensor_file(dir, &m, k, &idx)?;
+        } else {
+            check_size(dir, &m, k, &idx)?;
         }
         shards.push(idx);
     }
@@ -697,10 +870,12 @@ pub fn load(dir: &Path) -> Result<StoreData> {
     let mut parts: BTreeMap<String, Vec<Tensor>> = BTreeMap::new();
     let (mut paths, mut indices, mut labels, mut skipped) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for idx in &store.shards {
+    for (k, idx) in store.shards.iter().enumerate() {
         let file = dir.join(&idx.file);
         let bytes =
             std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+        // Verified on every read: the bytes scored are the bytes extracted.
+        check_sha(&file, &hex(&Sha256::digest(&bytes)), m, k, idx)?;
         let ckpt = checkpoint::load_bytes(&bytes)
             .with_context(|| format!("{}: not a readable safetensors file", file.display()))?;
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
@@ -740,6 +915,9 @@ pub fn load(dir: &Path) -> Result<StoreData> {
                     t.kind(),
                     t.size()
                 );
+            }
+            if kind == Kind::Float {
+                check_finite(&t, dir, &file, name, idx)?;
             }
             Ok(t)
         };
@@ -787,6 +965,65 @@ pub fn load(dir: &Path) -> Result<StoreData> {
     })
 }
 
+/// Refuses a stored tensor with a NaN or infinite value, naming the store, the
+/// shard's file, the tensor, the first such row and its image.
+fn check_finite(t: &Tensor, dir: &Path, file: &Path, name: &str, idx: &ShardIndex) -> Result<()> {
+    let Some(row) = first_nonfinite_row(t) else {
+        return Ok(());
+    };
+    let bad = t.isfinite().logical_not();
+    let count = i64::try_from(bad.sum(Kind::Int64)).unwrap_or(-1);
+    let rows = if t.dim() > 1 {
+        i64::try_from(bad.flatten(1, -1).any_dim(1, false).sum(Kind::Int64)).unwrap_or(-1)
+    } else {
+        count
+    };
+    bail!(
+        "store {}: {} holds {count} non-finite value(s) (NaN or infinite) in '{name}', in {rows} row(s); the first is row {row} of the shard, image {} (dataset index {}); nothing is scored from it: extract the store again (mos extract refuses such images, or leaves them out with --skip-bad-images)",
+        dir.display(),
+        file.display(),
+        idx.paths.get(row).map_or("?", String::as_str),
+        idx.indices.get(row).map_or("?".to_string(), usize::to_string)
+    )
+}
+
+/// Refuses a file of fitted values (`fit.safetensors`, Mahalanobis parameters)
+/// with a NaN or infinite value in a floating-point tensor, naming the file and
+/// the tensor.
+pub fn check_tensors_finite(tensors: &[(String, Tensor)], file: &Path) -> Result<()> {
+    for (name, t) in tensors {
+        let float = matches!(
+            t.kind(),
+            Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
+        );
+        if float && first_nonfinite_row(&t.reshape([-1])).is_some() {
+            bail!(
+                "{}: tensor '{name}' holds a NaN or infinite value; nothing is scored with it (fit or tune it again)",
+                file.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The first row (dimension 0) of `t` with a NaN or infinite value, if any.
+pub fn first_nonfinite_row(t: &Tensor) -> Option<usize> {
+    if t.numel() == 0 {
+        return None;
+    }
+    let ok = t.isfinite();
+    let rows = if t.dim() > 1 {
+        ok.flatten(1, -1).all_dim(1, false)
+    } else {
+        ok
+    };
+    if bool::try_from(rows.all()).unwrap_or(false) {
+        return None;
+    }
+    let first = rows.logical_not().nonzero().flatten(0, -1);
+    i64::try_from(first.get(0)).ok().map(|r| r as usize)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -811,6 +1048,27 @@ mod tests {
         assert_eq!(shard_range(10, 4, 1), 3..6);
         assert_eq!(shard_range(10, 4, 2), 6..8);
         assert_eq!(shard_range(10, 4, 3), 8..10);
+    }
+
+    #[test]
+    fn the_first_non_finite_row_is_found() {
+        let t = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]).reshape([3, 2]);
+        assert_eq!(first_nonfinite_row(&t), None);
+        for (at, v) in [(3, f32::NAN), (5, f32::INFINITY), (2, f32::NEG_INFINITY)] {
+            let mut x = vec![1.0f32; 6];
+            x[at] = v;
+            let t = Tensor::from_slice(&x).reshape([3, 2]);
+            assert_eq!(first_nonfinite_row(&t), Some(at / 2), "{v} at {at}");
+            let e = check_tensors_finite(&[("m".into(), t)], Path::new("fit.safetensors"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("fit.safetensors") && e.contains("'m'"), "{e}");
+        }
+        let empty = Tensor::zeros([0, 4], (Kind::Float, tch::Device::Cpu));
+        assert_eq!(first_nonfinite_row(&empty), None);
+        // Integer tensors are not checked.
+        let labels = Tensor::from_slice(&[1i64, 2]);
+        assert!(check_tensors_finite(&[("l".into(), labels)], Path::new("x")).is_ok());
     }
 
     #[test]
