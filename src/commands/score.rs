@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::cli::ScoreArgs;
 use crate::eval::MethodResult;
+use crate::groupconfig::{check_split, SplitCheck};
 use crate::metrics::ood_metrics;
 use crate::pipeline::posthoc;
 use crate::pipeline::score::{
@@ -120,6 +121,19 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
     let names: Vec<&str> = methods.iter().map(Method::name).collect();
     let id = store::load(&args.id).with_context(|| format!("--id {}", args.id.display()))?;
     check_store(&id, &methods, args.group_config.as_deref())?;
+    for method in &methods {
+        if let (Method::Mos(slices), Some(path)) = (method, &args.group_config) {
+            let source = format!("the store {} (its checkpoint)", args.id.display());
+            if let SplitCheck::Unchecked(line) = check_split(
+                slices.classes_per_group(),
+                path,
+                id.manifest.group_config.as_deref(),
+                &source,
+            )? {
+                log.line(line);
+            }
+        }
+    }
     let mut oods = Vec::new();
     for path in &args.ood {
         let s = store::load(path).with_context(|| format!("--ood {}", path.display()))?;
