@@ -296,6 +296,17 @@ fn bad_arguments_are_errors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("1..64"), "{e}");
+    // No more training rows than the principal dimension: its space is undetermined.
+    let few = x.train.narrow(0, 0, 8);
+    let few_logits = x.train_logits.narrow(0, 0, 8);
+    let e = ph::vim_fit(&few, &few_logits, &x.head, 8)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("8 training rows") && e.contains("more than 8"),
+        "{e}"
+    );
+    assert!(ph::vim_fit(&few, &few_logits, &x.head, 7).is_ok());
     let wrong = Tensor::zeros([3, 5], (Kind::Float, Device::Cpu));
     assert!(ph::react(&wrong, &x.head, 1.0).is_err());
     assert!(ph::gradnorm(&x.logits, &wrong).is_err());

@@ -70,6 +70,7 @@ fn make_store(dir: &Path, ckpt: &Path, sha: &str, head: &Head, rows: usize, seed
         fingerprint: String::new(),
         command: vec!["mos".into(), "extract".into()],
         complete: true,
+        group_config: None,
     };
     m.fingerprint = m.compute_fingerprint();
     let m = store::prepare(dir, &m).unwrap();

@@ -432,8 +432,13 @@ pub fn vim_fit(features: &Tensor, logits: &Tensor, head: &Head, dim: i64) -> Res
             "ViM: the principal dimension must be in 1..{d} (the features' width), got {dim}"
         )));
     }
-    if n < 1 {
-        return Err(OodError::Invalid("ViM: no training features".into()));
+    if n <= dim {
+        // With N <= dim rows the covariance has rank < dim + 1: part of the
+        // principal space is an arbitrary basis of its null space, so the
+        // residual space (and α) would be arbitrary too.
+        return Err(OodError::Invalid(format!(
+            "ViM: {n} training rows, but fitting a principal space of dimension {dim} needs more than {dim} rows (the covariance of fewer rows leaves the residual space undetermined)"
+        )));
     }
     let u = vim_origin(head)?.to_device(h.device());
     let mut cov = Tensor::zeros([d, d], (Kind::Double, h.device()));

@@ -179,6 +179,47 @@ pub struct FitSource {
     pub data_fingerprint: String,
     /// Images (rows) in the store.
     pub rows: usize,
+    /// The rest of the model settings the statistics depend on (absent in fits
+    /// written before they were recorded: such a fit is not reused).
+    #[serde(default)]
+    pub head_size: Option<i64>,
+    #[serde(default)]
+    pub crop: Option<usize>,
+    #[serde(default)]
+    pub precision: Option<String>,
+}
+
+impl FitSource {
+    /// The first model setting in which the fit store differs from the store `id`
+    /// about to be scored, as (what, the fit's value, the store's value).
+    pub fn model_difference(&self, id: &Manifest) -> Option<(&'static str, String, String)> {
+        let known = |v: Option<String>| v.unwrap_or_else(|| "not recorded".into());
+        [
+            ("model", self.model.clone(), id.model.clone()),
+            (
+                "checkpoint SHA-256",
+                self.checkpoint_sha256.clone(),
+                id.checkpoint_sha256.clone(),
+            ),
+            (
+                "head size",
+                known(self.head_size.map(|h| h.to_string())),
+                id.head_size.to_string(),
+            ),
+            (
+                "crop",
+                known(self.crop.map(|c| c.to_string())),
+                id.crop.to_string(),
+            ),
+            (
+                "precision",
+                known(self.precision.clone()),
+                id.precision.clone(),
+            ),
+        ]
+        .into_iter()
+        .find(|(_, a, b)| a != b)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -255,6 +296,7 @@ pub fn read_fit(dir: &Path) -> Result<Option<Fitted>> {
         })?;
     let ckpt = checkpoint::load_bytes(&bytes)
         .with_context(|| format!("{}: not a readable safetensors file", path.display()))?;
+    store::check_tensors_finite(&ckpt.model, &path)?;
     let get = |name: &str| -> Result<Tensor> {
         ckpt.model
             .iter()
@@ -436,8 +478,13 @@ pub fn load_head(
 }
 
 fn source_of(path: &Path, m: &Manifest, rows: usize) -> FitSource {
+    // Absolute, so that a rerun from another working directory finds the store.
+    let store = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     FitSource {
-        store: path.display().to_string(),
+        store: store.display().to_string(),
+        head_size: Some(m.head_size),
+        crop: Some(m.crop),
+        precision: Some(m.precision.clone()),
         fingerprint: m.fingerprint.clone(),
         model: m.model.clone(),
         checkpoint_sha256: m.checkpoint_sha256.clone(),
@@ -447,30 +494,43 @@ fn source_of(path: &Path, m: &Manifest, rows: usize) -> FitSource {
     }
 }
 
-/// The fit saved in the run directory must come from the ID store's model.
+/// The fit saved in the run directory must come from the ID store's model and
+/// settings (model, checkpoint, head size, crop, precision): statistics of other
+/// features are never reused.
 fn check_saved_fit(s: &Fitted, run_dir: &Path, id: &Manifest, id_dir: &Path) -> Result<()> {
-    if s.info.source.checkpoint_sha256 != id.checkpoint_sha256 || s.info.source.model != id.model {
+    if let Some((what, fit, store)) = s.info.source.model_difference(id) {
         bail!(
-            "{}: fitted on a store of another model ({}, checkpoint SHA-256 {}) than the ID store {} ({}, {}); give --fit with a store of this model, or another --name",
+            "{}: fitted on {} with {what} {fit}, but the ID store {} has {what} {store}; statistics of other features are not reused: give --fit with a store of this model and settings to fit again, or another --name",
             run_dir.join(FIT_FILE).display(),
-            s.info.source.model,
-            s.info.source.checkpoint_sha256,
+            s.info.source.store,
             id_dir.display(),
-            id.model,
-            id.checkpoint_sha256
         );
     }
     Ok(())
 }
 
-/// KNN's k must not exceed the fit store's `rows` (its bank).
-fn check_knn_bank(req: &Request, rows: usize, fit: &Path) -> Result<()> {
+/// The fit store's `rows` must be enough for every method asked for: at least
+/// one; KNN's k at most the bank; ViM's principal dimension (for features
+/// `width` wide, when known) below the rows.
+fn check_fit_rows(req: &Request, rows: usize, fit: &Path, width: Option<i64>) -> Result<()> {
+    if rows == 0 {
+        bail!("--fit {}: the store has no images", fit.display());
+    }
     if req.methods.contains(&PostHoc::Knn) && req.settings.knn_k as usize > rows {
         bail!(
             "--knn-k {}: larger than the bank: the fit store {} has {rows} images",
             req.settings.knn_k,
             fit.display()
         );
+    }
+    if let (true, Some(d)) = (req.methods.contains(&PostHoc::Vim), width) {
+        let dim = req.settings.vim_dim_for(d)?;
+        if rows as i64 <= dim {
+            bail!(
+                "ViM of dimension {dim} (--vim-dim) needs more fit rows than {dim}, but the fit store {} has {rows} images (fewer leave its residual space undetermined): give a larger --fit store or a smaller --vim-dim",
+                fit.display()
+            );
+        }
     }
     Ok(())
 }
@@ -509,7 +569,12 @@ pub fn precheck(req: &Request, id: &Manifest, id_dir: &Path) -> Result<()> {
                 .iter()
                 .map(|s| s.rows)
                 .sum();
-            check_knn_bank(req, rows, p)
+            let width = id
+                .model
+                .parse::<crate::model::Variant>()
+                .ok()
+                .map(|v| v.head_in());
+            check_fit_rows(req, rows, p, width)
         }
         None => match read_fit(&req.run_dir)? {
             Some(s) => check_saved_fit(&s, &req.run_dir, id, id_dir),
@@ -626,7 +691,7 @@ pub fn prepare(req: &Request, id: &StoreData, log: &RunLog) -> Result<Prepared> 
             }
             check_same_model(m, &id.dir, &index.manifest, &path)?;
             let rows: usize = index.shards.iter().map(|s| s.rows).sum();
-            check_knn_bank(req, rows, &path)?;
+            check_fit_rows(req, rows, &path, Some(dim))?;
             f.info.source = source_of(&path, &index.manifest, rows);
             log.line(format!(
                 "reading the fit store {} ({rows} images)",
@@ -637,9 +702,6 @@ pub fn prepare(req: &Request, id: &StoreData, log: &RunLog) -> Result<Prepared> 
                 format!("{}: no pre-logit features", path.join(MANIFEST).display())
             })?;
             let feats = feats.to_device(req.device);
-            if rows == 0 {
-                bail!("--fit {}: the store has no images", path.display());
-            }
             for p in &req.methods {
                 match p {
                     PostHoc::React if !react_ok => {
