@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use tch::{nn, Kind, Tensor};
 
 pub mod cli;
+pub mod svg;
 
 pub fn fixture(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
