@@ -198,7 +198,22 @@ fn benchmark_equals_the_test_commands_resumes_and_compares() {
     let log = std::fs::read_to_string(run.join("benchmark.log")).unwrap();
     // (group, flat) x (id_val, ood_a, ood_b), each extracted once.
     assert_eq!(log.matches("extracted").count(), 6, "{log}");
-    assert!(run.join("stores/flat/ood_b/manifest.json").is_file());
+    // The flat model's store of ood_b: complete, of that model, checkpoint, crop,
+    // images and layers (the logits and Mahalanobis' feature layers).
+    let text = std::fs::read_to_string(run.join("stores/flat/ood_b/manifest.json")).unwrap();
+    let m: mos::pipeline::store::Manifest = serde_json::from_str(&text).unwrap();
+    assert!(m.complete, "{text}");
+    assert_eq!(
+        (m.model.as_str(), m.crop, m.images, m.num_shards),
+        ("ResNetV2-R14x0.5", 32, 4, 1),
+        "{text}"
+    );
+    assert_eq!(m.dataset, "ood_b");
+    assert_eq!(m.layers, ["logits", "mahalanobis"]);
+    assert_eq!(
+        m.checkpoint_sha256,
+        mos::pipeline::store::sha256_file(&s.flat).unwrap()
+    );
     let report = std::fs::read_to_string(run.join("report.md")).unwrap();
     assert!(
         report.contains(
@@ -378,7 +393,39 @@ fn posthoc_methods_equal_mos_score_on_the_stores() {
     let run = s.root.join("runs/ph");
     let rows = results(&run.join("results.json"));
     assert_eq!(rows.len(), 16);
-    assert!(run.join("fit.safetensors").is_file());
+    // The saved fit: ReAct's threshold at --react-percentile 80 as logged, DICE's
+    // mean and ViM at the default dimension of 1024 features (512), fitted on the 7
+    // images of the fit store.
+    let (fit_json, tensors) = common::read_fit(&run);
+    let log = std::fs::read_to_string(run.join("benchmark.log")).unwrap();
+    assert_eq!(fit_json["source"]["rows"], 7, "{fit_json}");
+    assert_eq!(fit_json["source"]["store"], fit.display().to_string());
+    assert_eq!(fit_json["react"]["percentile"], 80.0, "{fit_json}");
+    let t = common::logged_number(&log, "the 80th percentile of the training activations is ");
+    assert!(t.is_finite() && t > 0.0, "{log}");
+    let saved = fit_json["react"]["threshold"].as_f64().unwrap();
+    assert!(common::json_f64_eq(saved, t), "{fit_json} vs {log}");
+    assert_eq!(fit_json["dice_mean"], true, "{fit_json}");
+    assert_eq!(fit_json["vim"]["dim"], 512, "{fit_json}");
+    let alpha = common::logged_number(&log, "ViM: dimension 512, alpha ");
+    let saved = fit_json["vim"]["alpha"].as_f64().unwrap();
+    assert!(common::json_f64_eq(saved, alpha), "{fit_json} vs {log}");
+    let shapes: Vec<(&str, Vec<i64>)> = tensors
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.size()))
+        .collect();
+    assert_eq!(
+        shapes,
+        [
+            ("dice.mean", vec![1024]),
+            ("react.threshold", vec![1]),
+            ("vim.alpha", vec![1]),
+            ("vim.ns", vec![1024, 512]),
+            ("vim.u", vec![1024]),
+        ]
+    );
+    assert_eq!(common::to_vec(&tensors[1].1), [t]);
+    assert_eq!(common::to_vec(&tensors[2].1), [alpha]);
     let knn = rows.iter().find(|r| r["method"] == "KNN").unwrap();
     assert_eq!(knn["settings"]["posthoc"]["knn_k"], 3, "{knn}");
     let react = rows.iter().find(|r| r["method"] == "ReAct").unwrap();

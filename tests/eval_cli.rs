@@ -193,8 +193,22 @@ fn baselines_share_a_pass_and_write_everything() {
     assert!(std::fs::read_to_string(run.join("test.log"))
         .unwrap()
         .contains("results in"));
-    assert!(run.join("MSP_id_val_vs_ood_set_hist.svg").exists());
-    assert!(run.join("KL_Div_id_val_vs_ood_set_roc.svg").exists());
+    // The plots draw the saved scores: MSP's histogram and KL_Div's ROC curve.
+    let (_, id, ood) = mos::report::read_scores_csv(&csv, Some("MSP")).unwrap();
+    common::svg::assert_histogram(
+        &run.join("MSP_id_val_vs_ood_set_hist.svg"),
+        "MSP: id_val vs ood_set",
+        &id,
+        &ood,
+    );
+    let (_, id, ood) = mos::report::read_scores_csv(&csv, Some("KL_Div")).unwrap();
+    let auroc = rows[3]["auroc"].as_f64().unwrap();
+    common::svg::assert_roc(
+        &run.join("KL_Div_id_val_vs_ood_set_roc.svg"),
+        &format!("KL_Div ROC, AUROC {:.2}%", 100.0 * auroc),
+        &id,
+        &ood,
+    );
     let text = std::fs::read_to_string(&csv).unwrap();
     assert!(
         text.starts_with("split,path,MSP,Energy,ODIN,KL_Div\n"),

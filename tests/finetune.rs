@@ -2,6 +2,8 @@
 //! resume, freezing, NaN stop, argument errors.
 use std::path::{Path, PathBuf};
 
+mod common;
+
 use assert_cmd::Command;
 use mos::model::checkpoint;
 use predicates::prelude::*;
@@ -135,10 +137,44 @@ fn flat_run_writes_metrics_checkpoint_log_and_plot() {
     assert!(std::fs::read_to_string(run.join("train.log"))
         .unwrap()
         .contains("done at step 6"));
-    assert!(std::fs::read_to_string(run.join("training.svg"))
-        .unwrap()
-        .contains("</svg>"));
-    assert!(run.join("config.json").exists());
+    // The plot: three panels over the steps, each curve with one point per record.
+    let svg = common::svg::Svg::read(&run.join("training.svg"));
+    for t in [
+        "loss",
+        "learning rate",
+        "val top-1",
+        "train loss",
+        "val loss",
+        "lr",
+    ] {
+        svg.assert_text(t);
+    }
+    assert_eq!(svg.texts().iter().filter(|t| *t == "step").count(), 3);
+    for (colour, points) in [
+        ("#0000FF", 6), // train loss
+        ("#FF0000", 2), // val loss
+        ("#00FF00", 6), // lr
+        ("#FF00FF", 2), // val top-1
+    ] {
+        let lines = svg.lines(colour, "1", "2");
+        assert_eq!(lines.len(), 1, "{colour}");
+        assert_eq!(lines[0].points().len(), points, "{colour}");
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    for (k, v) in [
+        ("model", serde_json::json!("ResNetV2-R14x0.5")),
+        ("train_images", 18.into()),
+        ("head_size", 3.into()),
+        ("batch", 6.into()),
+        ("batch_split", 2.into()),
+        ("schedule", serde_json::json!([2, 4, 6])),
+        ("crop", 24.into()),
+        ("seed", 3.into()),
+        ("world_size", 1.into()),
+    ] {
+        assert_eq!(config[k], v, "{k} in {config}");
+    }
     // The checkpoint serves test-baseline's loader (right head for 3 classes).
     let loaded = mos::model::weights::load_model(&run, None, Some(3), tch::Device::Cpu).unwrap();
     assert_eq!(loaded.model.head_size, 3);

@@ -166,7 +166,6 @@ fn scores_of_the_command_equal_the_library_and_the_fit_is_reused() {
         .arg(&csv));
     assert!(log.contains("training statistics saved"), "{log}");
     let run = s.root.join("runs/run");
-    assert!(run.join("fit.safetensors").is_file() && run.join("fit.json").is_file());
     let (header, rows) = read_csv(&csv);
     assert_eq!(header[2..].join(","), all);
 
@@ -175,7 +174,58 @@ fn scores_of_the_command_equal_the_library_and_the_fit_is_reused() {
     let threshold = ph::percentile(&tf, 90.0).unwrap();
     let bank = ph::l2_normalise(&tf);
     let vim = ph::vim_fit(&tf, &tl, &s.head.to(Kind::Double, tch::Device::Cpu), 100).unwrap();
-    let mask = ph::dice_mask(&s.head, &ph::feature_mean(&tf).unwrap(), 70.0).unwrap();
+    let mean = ph::feature_mean(&tf).unwrap();
+    let mask = ph::dice_mask(&s.head, &mean, 70.0).unwrap();
+
+    // The saved fit holds these statistics, with the settings asked for and the
+    // values the log printed.
+    let (fit, tensors) = common::read_fit(&run);
+    assert_eq!(fit["format"], "mos-posthoc-fit-v1", "{fit}");
+    assert_eq!(fit["source"]["rows"], 120, "{fit}");
+    assert_eq!(fit["source"]["model"], "ResNetV2-R14x0.5", "{fit}");
+    assert_eq!(
+        fit["source"]["store"],
+        s.root.join("train").display().to_string()
+    );
+    assert_eq!(fit["react"]["percentile"], 90.0, "{fit}");
+    let t = common::logged_number(&log, "the 90th percentile of the training activations is ");
+    assert_eq!(t, threshold, "{log}");
+    assert!(
+        common::json_f64_eq(fit["react"]["threshold"].as_f64().unwrap(), t),
+        "{fit}"
+    );
+    assert_eq!(fit["dice_mean"], true, "{fit}");
+    assert_eq!(fit["vim"]["dim"], 100, "{fit}");
+    let alpha = common::logged_number(&log, "ViM: dimension 100, alpha ");
+    assert_eq!(alpha, vim.alpha, "{log}");
+    assert!(
+        common::json_f64_eq(fit["vim"]["alpha"].as_f64().unwrap(), alpha),
+        "{fit}"
+    );
+    let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "dice.mean",
+            "react.threshold",
+            "vim.alpha",
+            "vim.ns",
+            "vim.u"
+        ]
+    );
+    let want: [(&Tensor, Vec<i64>); 5] = [
+        (&mean, vec![D]),
+        (&Tensor::from_slice(&[threshold]), vec![1]),
+        (&Tensor::from_slice(&[vim.alpha]), vec![1]),
+        (&vim.ns, vec![D, D - 100]),
+        (&vim.u, vec![D]),
+    ];
+    for ((name, got), (w, shape)) in tensors.iter().zip(want) {
+        assert_eq!(got.size(), shape, "{name}");
+        let (g, w) = (common::to_vec(got), common::to_vec(w));
+        let differ = g.iter().zip(&w).position(|(a, b)| a != b);
+        assert_eq!(differ, None, "{name}: the first differing element");
+    }
     let mut want: Vec<Vec<f64>> = vec![Vec::new(); 9];
     for set in ["val", "ood"] {
         let (l, f) = load(&s.root.join(set));
@@ -234,6 +284,25 @@ fn scores_of_the_command_equal_the_library_and_the_fit_is_reused() {
         .arg("--model-path")
         .arg(&s.ckpt));
     assert!(log.contains("reading the fit store"), "{log}");
+    // The saved fit now holds ReAct's threshold at 80, and still DICE's mean and ViM.
+    let (fit2, tensors2) = common::read_fit(&run);
+    let t80 = common::logged_number(&log, "the 80th percentile of the training activations is ");
+    assert_eq!(t80, ph::percentile(&tf, 80.0).unwrap(), "{log}");
+    assert!(t80 < threshold, "{t80} {threshold}");
+    assert_eq!(fit2["react"]["percentile"], 80.0, "{fit2}");
+    assert!(
+        common::json_f64_eq(fit2["react"]["threshold"].as_f64().unwrap(), t80),
+        "{fit2}"
+    );
+    assert_eq!(fit2["vim"], fit["vim"]);
+    assert_eq!(fit2["dice_mean"], true);
+    let react = &tensors2
+        .iter()
+        .find(|(n, _)| n == "react.threshold")
+        .unwrap()
+        .1;
+    assert_eq!(common::to_vec(react), [t80]);
+    assert_eq!(tensors2.len(), 5);
 }
 
 #[test]

@@ -177,8 +177,31 @@ fn scores_from_stores_equal_the_test_commands_bit_for_bit() {
         &methods,
     );
     let run = s.root.join("runs/store");
-    assert!(run.join("score.log").exists());
-    assert!(run.join("KL_Div_id_val_vs_ood_set_roc.svg").exists());
+    let log = std::fs::read_to_string(run.join("score.log")).unwrap();
+    assert!(
+        log.contains("plots written to") && log.contains("results in"),
+        "{log}"
+    );
+    // The plots draw the saved scores (the ROC title holds the row's AUROC).
+    let (_, id, ood) = mos::report::read_scores_csv(&store_csv, Some("KL_Div")).unwrap();
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(run.join("results.json")).unwrap()).unwrap();
+    let kl = rows.iter().find(|r| r["method"] == "KL_Div").unwrap();
+    common::svg::assert_roc(
+        &run.join("KL_Div_id_val_vs_ood_set_roc.svg"),
+        &format!(
+            "KL_Div ROC, AUROC {:.2}%",
+            100.0 * kl["auroc"].as_f64().unwrap()
+        ),
+        &id,
+        &ood,
+    );
+    common::svg::assert_histogram(
+        &run.join("KL_Div_id_val_vs_ood_set_hist.svg"),
+        "KL_Div: id_val vs ood_set",
+        &id,
+        &ood,
+    );
     // The store is a report source like any results.json.
     mos()
         .arg("report")

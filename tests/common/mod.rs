@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use tch::{nn, Kind, Tensor};
 
 pub mod cli;
+pub mod svg;
 
 pub fn fixture(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -302,4 +303,42 @@ pub fn random_checkpoint(
         momentum: vec![],
     };
     checkpoint::save(path, &ckpt).expect("checkpoint written");
+}
+
+/// The post-hoc fit saved in a run directory: `fit.json`, and the tensors of
+/// `fit.safetensors` sorted by name. Checks that the safetensors' `fit` metadata
+/// is the same document as `fit.json`.
+pub fn read_fit(run: &std::path::Path) -> (serde_json::Value, Vec<(String, Tensor)>) {
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("fit.json")).unwrap()).unwrap();
+    let path = run.join("fit.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = header.metadata().clone().unwrap_or_default();
+    let inner: serde_json::Value = serde_json::from_str(&meta["fit"]).unwrap();
+    assert_eq!(
+        inner,
+        json,
+        "{}: metadata and fit.json differ",
+        path.display()
+    );
+    let mut tensors = Tensor::read_safetensors(&path).unwrap();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    (json, tensors)
+}
+
+/// The number logged after `prefix` (up to the next space or comma) on the
+/// first line of `log` that has it.
+pub fn logged_number(log: &str, prefix: &str) -> f64 {
+    let rest = log
+        .split(prefix)
+        .nth(1)
+        .unwrap_or_else(|| panic!("no {prefix:?} in {log}"));
+    let token = rest
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .next()
+        .unwrap();
+    token
+        .parse()
+        .unwrap_or_else(|_| panic!("{prefix:?} is followed by {token:?}"))
 }
