@@ -394,8 +394,8 @@ fn posthoc_methods_equal_mos_score_on_the_stores() {
     let rows = results(&run.join("results.json"));
     assert_eq!(rows.len(), 16);
     // The saved fit: ReAct's threshold at --react-percentile 80 as logged, DICE's
-    // mean and ViM at the default dimension of 1024 features (512), fitted on the 7
-    // images of the fit store.
+    // mean and ViM at --vim-dim 4 (1024 features: 1020 residual directions), fitted
+    // on the 7 images of the fit store.
     let (fit_json, tensors) = common::read_fit(&run);
     let log = std::fs::read_to_string(run.join("benchmark.log")).unwrap();
     assert_eq!(fit_json["source"]["rows"], 7, "{fit_json}");
@@ -406,8 +406,8 @@ fn posthoc_methods_equal_mos_score_on_the_stores() {
     let saved = fit_json["react"]["threshold"].as_f64().unwrap();
     assert!(common::json_f64_eq(saved, t), "{fit_json} vs {log}");
     assert_eq!(fit_json["dice_mean"], true, "{fit_json}");
-    assert_eq!(fit_json["vim"]["dim"], 512, "{fit_json}");
-    let alpha = common::logged_number(&log, "ViM: dimension 512, alpha ");
+    assert_eq!(fit_json["vim"]["dim"], 4, "{fit_json}");
+    let alpha = common::logged_number(&log, "ViM: dimension 4, alpha ");
     let saved = fit_json["vim"]["alpha"].as_f64().unwrap();
     assert!(common::json_f64_eq(saved, alpha), "{fit_json} vs {log}");
     let shapes: Vec<(&str, Vec<i64>)> = tensors
@@ -420,7 +420,7 @@ fn posthoc_methods_equal_mos_score_on_the_stores() {
             ("dice.mean", vec![1024]),
             ("react.threshold", vec![1]),
             ("vim.alpha", vec![1]),
-            ("vim.ns", vec![1024, 512]),
+            ("vim.ns", vec![1024, 1020]),
             ("vim.u", vec![1024]),
         ]
     );
