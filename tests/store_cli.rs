@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 mod common;
 
-use common::cli::{fails, mos, ok, pngs, tune_mahalanobis, SMALL};
+use common::cli::{extract_at, fails, mos, ok, pngs, tune_mahalanobis, SMALL};
 
 use assert_cmd::Command;
 use predicates::prelude::*;
@@ -43,22 +43,6 @@ fn setup() -> Setup {
 /// `mos extract` of `data` with `ckpt` into `store`.
 fn extract(data: &Path, ckpt: &Path, store: &Path) -> Command {
     extract_at(data, ckpt, store, "32")
-}
-
-/// [`extract`] at another crop.
-fn extract_at(data: &Path, ckpt: &Path, store: &Path, crop: &str) -> Command {
-    let mut cmd = mos();
-    cmd.env_remove("SLURM_ARRAY_TASK_ID")
-        .env_remove("JOB_COMPLETION_INDEX");
-    cmd.arg("extract")
-        .arg("--datadir")
-        .arg(data)
-        .arg("--model-path")
-        .arg(ckpt)
-        .arg("--output")
-        .arg(store)
-        .args(SMALL.iter().map(|a| if *a == "32" { crop } else { a }));
-    cmd
 }
 
 /// test-mos / test-baseline on the setup's sets, run `name`.

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 mod common;
 
 use assert_cmd::Command;
-use common::cli::{fails, mos, ok, pngs, SMALL};
+use common::cli::{extract_at, fails, mos, ok, pngs, SMALL};
 
 struct Setup {
     _dir: tempfile::TempDir,
@@ -56,18 +56,23 @@ fn setup() -> Setup {
 
 /// `mos extract` of `data` with `ckpt` into `store` at `crop`, with `layers`.
 fn extract(data: &Path, ckpt: &Path, store: &Path, crop: &str, layers: &str) -> Command {
+    let mut cmd = extract_at(data, ckpt, store, crop);
+    cmd.args(["--layers", layers]);
+    cmd
+}
+
+/// `mos COMMAND` over the setup's ID and OOD sets with the small model, as run `name`.
+fn on_sets(s: &Setup, command: &str, name: &str) -> Command {
     let mut cmd = mos();
-    cmd.env_remove("SLURM_ARRAY_TASK_ID")
-        .env_remove("JOB_COMPLETION_INDEX")
-        .arg("extract")
-        .arg("--datadir")
-        .arg(data)
-        .arg("--model-path")
-        .arg(ckpt)
-        .arg("--output")
-        .arg(store)
-        .args(["--layers", layers])
-        .args(SMALL.iter().map(|a| if *a == "32" { crop } else { a }));
+    cmd.arg(command)
+        .arg("--in-datadir")
+        .arg(&s.id)
+        .arg("--out-datadir")
+        .arg(&s.ood)
+        .arg("--logdir")
+        .arg(s.root.join("runs"))
+        .args(["--name", name])
+        .args(SMALL);
     cmd
 }
 
@@ -161,20 +166,11 @@ fn plant_nan(store: &Path, name: &str, element: usize) {
 fn a_group_split_other_than_the_checkpoints_is_refused() {
     let s = setup();
     let test_mos = |config: &Path, ckpt: &Path, name: &str| {
-        let mut cmd = mos();
-        cmd.arg("test-mos")
-            .arg("--in-datadir")
-            .arg(&s.id)
-            .arg("--out-datadir")
-            .arg(&s.ood)
-            .arg("--model-path")
+        let mut cmd = on_sets(&s, "test-mos", name);
+        cmd.arg("--model-path")
             .arg(ckpt)
             .arg("--group-config")
-            .arg(config)
-            .arg("--logdir")
-            .arg(s.root.join("runs"))
-            .args(["--name", name])
-            .args(SMALL);
+            .arg(config);
         cmd
     };
     let e = fails(&mut test_mos(&s.wrong, &s.group, "wrong"));
@@ -211,21 +207,12 @@ fn a_group_split_other_than_the_checkpoints_is_refused() {
 
     // mos benchmark, before any image is forwarded.
     let bench = |config: &Path, name: &str| {
-        let mut cmd = mos();
-        cmd.arg("benchmark")
-            .arg("--in-datadir")
-            .arg(&s.id)
-            .arg("--out-datadir")
-            .arg(&s.ood)
-            .arg("--group-model-path")
+        let mut cmd = on_sets(&s, "benchmark", name);
+        cmd.arg("--group-model-path")
             .arg(&s.group)
             .arg("--group-config")
             .arg(config)
-            .args(["--score", "MOS"])
-            .arg("--logdir")
-            .arg(s.root.join("runs"))
-            .args(["--name", name])
-            .args(SMALL);
+            .args(["--score", "MOS"]);
         cmd
     };
     let e = fails(&mut bench(&s.wrong, "bench-wrong"));
@@ -271,19 +258,10 @@ fn a_store_changed_after_merge_is_not_scored() {
 fn a_benchmark_rerun_recomputes_a_corrupted_store() {
     let s = setup();
     let bench = || {
-        let mut cmd = mos();
-        cmd.arg("benchmark")
-            .arg("--in-datadir")
-            .arg(&s.id)
-            .arg("--out-datadir")
-            .arg(&s.ood)
-            .arg("--flat-model-path")
+        let mut cmd = on_sets(&s, "benchmark", "b");
+        cmd.arg("--flat-model-path")
             .arg(&s.flat)
-            .args(["--score", "MSP,Energy"])
-            .arg("--logdir")
-            .arg(s.root.join("runs"))
-            .args(["--name", "b"])
-            .args(SMALL);
+            .args(["--score", "MSP,Energy"]);
         cmd
     };
     ok(&mut bench());
@@ -344,19 +322,15 @@ fn a_saved_fit_is_reused_only_for_its_model_settings() {
             ok(&mut extract(data, &s.flat, &store, crop, "logits,features"));
         }
     }
-    let posthoc = |cmd: &mut Command| {
+    // The post-hoc methods on the stores of `crop`, in run r.
+    let posthoc = |crop: &str, methods: &str| {
+        let (id, ood) = (st.join(format!("id{crop}")), st.join(format!("ood{crop}")));
+        let mut cmd = score(&s, &id, &ood, methods, "r");
         cmd.arg("--model-path").arg(&s.flat);
+        cmd
     };
     // Fitted on the crop-32 fit store, given relative to the working directory.
-    let mut first = score(
-        &s,
-        &st.join("id32"),
-        &st.join("ood32"),
-        "ReAct,DICE,KNN",
-        "r",
-    );
-    posthoc(&mut first);
-    ok(first
+    ok(posthoc("32", "ReAct,DICE,KNN")
         .current_dir(&st)
         .args(["--fit", "fit32", "--knn-k", "2"]));
     let fit = json(&s.root.join("runs/r/fit.json"));
@@ -364,24 +338,16 @@ fn a_saved_fit_is_reused_only_for_its_model_settings() {
     assert!(Path::new(&recorded).is_absolute(), "{recorded}");
     assert_eq!(fit["source"]["crop"], 32);
     // Reused from another working directory: KNN reads its bank again from there.
-    let mut again = score(
-        &s,
-        &st.join("id32"),
-        &st.join("ood32"),
-        "ReAct,DICE,KNN",
-        "r",
-    );
-    posthoc(&mut again);
-    ok(again.current_dir(&s.root).args(["--knn-k", "2"]));
+    ok(posthoc("32", "ReAct,DICE,KNN")
+        .current_dir(&s.root)
+        .args(["--knn-k", "2"]));
     // The crop-48 stores with the crop-32 fit: refused, naming the crop.
-    let mut other = score(&s, &st.join("id48"), &st.join("ood48"), "ReAct,DICE", "r");
-    posthoc(&mut other);
-    let e = fails(&mut other);
+    let e = fails(&mut posthoc("48", "ReAct,DICE"));
     assert!(e.contains("crop 32") && e.contains("crop 48"), "{e}");
     // With a crop-48 fit store: fitted again.
-    let mut refit = score(&s, &st.join("id48"), &st.join("ood48"), "ReAct,DICE", "r");
-    posthoc(&mut refit);
-    let log = ok(refit.arg("--fit").arg(st.join("fit48")));
+    let log = ok(posthoc("48", "ReAct,DICE")
+        .arg("--fit")
+        .arg(st.join("fit48")));
     assert!(log.contains("fitting again"), "{log}");
     assert_eq!(json(&s.root.join("runs/r/fit.json"))["source"]["crop"], 48);
 }
@@ -508,7 +474,7 @@ fn vim_needs_more_fit_rows_than_its_dimension() {
         .args(["--vim-dim", "4"]);
     let e = fails(&mut cmd);
     assert!(
-        e.contains("1 training rows") && e.contains("more than 4"),
+        e.contains("needs more fit rows than 4") && e.contains("has 1 images"),
         "{e}"
     );
 }

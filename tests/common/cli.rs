@@ -57,6 +57,23 @@ pub fn fails(cmd: &mut Command) -> String {
     err
 }
 
+/// `mos extract` of `data` with `ckpt` into `store` with the small model at `crop`
+/// (no shard variables from the environment).
+pub fn extract_at(data: &Path, ckpt: &Path, store: &Path, crop: &str) -> Command {
+    let mut cmd = mos();
+    cmd.env_remove("SLURM_ARRAY_TASK_ID")
+        .env_remove("JOB_COMPLETION_INDEX");
+    cmd.arg("extract")
+        .arg("--datadir")
+        .arg(data)
+        .arg("--model-path")
+        .arg(ckpt)
+        .arg("--output")
+        .arg(store)
+        .args(SMALL.iter().map(|a| if *a == "32" { crop } else { a }));
+    cmd
+}
+
 /// The small model of the command-line tests, on the CPU.
 pub const SMALL: [&str; 10] = [
     "--model",
