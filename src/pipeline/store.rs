@@ -66,7 +66,8 @@ pub struct ShardSpec {
 /// The shard from `--shard-index`/`--num-shards`, else from a Slurm array
 /// (`SLURM_ARRAY_TASK_ID` - `SLURM_ARRAY_TASK_MIN` of `SLURM_ARRAY_TASK_COUNT`) or a
 /// Kubernetes Indexed Job (`JOB_COMPLETION_INDEX`, with `--num-shards`); flags win
-/// over the environment. Neither: the whole data set (shard 0 of 1).
+/// over the environment. Neither: the whole data set (shard 0 of 1). A Slurm
+/// array with `--num-shards` alone must have that many tasks.
 pub fn resolve_shard(
     num_shards: Option<usize>,
     shard_index: Option<usize>,
@@ -83,6 +84,9 @@ pub fn resolve_shard(
                 .with_context(|| format!("{var}={v}: not a non-negative integer")),
         }
     };
+    if num_shards == Some(0) {
+        bail!("--num-shards must be at least 1");
+    }
     let slurm = match int("SLURM_ARRAY_TASK_ID")? {
         None => None,
         Some(id) => {
@@ -94,6 +98,16 @@ pub fn resolve_shard(
             let min = int("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
             let count = int("SLURM_ARRAY_TASK_COUNT")?
                 .context("SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not")?;
+            if count == 0 {
+                bail!("SLURM_ARRAY_TASK_COUNT=0 (with SLURM_ARRAY_TASK_ID={id}): an array job has at least 1 task");
+            }
+            if let Some(max) = int("SLURM_ARRAY_TASK_MAX")? {
+                if max.checked_sub(min).map(|span| span + 1) != Some(count) {
+                    bail!(
+                        "SLURM_ARRAY_TASK_MIN={min}, SLURM_ARRAY_TASK_MAX={max} and SLURM_ARRAY_TASK_COUNT={count}: not a contiguous array (--array=0-N or 1-N), so the task id is no shard index; rerun a missing shard K of N with --num-shards N --shard-index K"
+                    );
+                }
+            }
             let index = id.checked_sub(min).with_context(|| {
                 format!("SLURM_ARRAY_TASK_ID={id} is below SLURM_ARRAY_TASK_MIN={min}")
             })?;
@@ -104,9 +118,13 @@ pub fn resolve_shard(
     let (index, count, source) = match (shard_index, num_shards, slurm, k8s) {
         (Some(k), Some(n), ..) => (k, n, "--shard-index/--num-shards".to_string()),
         (Some(_), None, ..) => bail!("--shard-index needs --num-shards"),
-        (None, n, Some((k, count)), _) => (
+        (None, Some(n), Some((k, count)), _) if n != count => bail!(
+            "--num-shards {n} disagrees with the Slurm array: SLURM_ARRAY_TASK_COUNT={count} (task {k} of {count}); the array needs one task per shard (--array=0-{}), or give --shard-index K with --num-shards",
+            n - 1
+        ),
+        (None, _, Some((k, count)), _) => (
             k,
-            n.unwrap_or(count),
+            count,
             format!("SLURM_ARRAY_TASK_ID (task {k} of {count})"),
         ),
         (None, Some(n), None, Some(k)) => (k, n, format!("JOB_COMPLETION_INDEX={k}")),
@@ -120,9 +138,6 @@ pub fn resolve_shard(
             "--num-shards {n} needs --shard-index K, or SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX from an array job"
         ),
     };
-    if count == 0 {
-        bail!("--num-shards must be at least 1");
-    }
     if index >= count {
         bail!("shard index {index} (from {source}) is not below the number of shards {count}");
     }
@@ -872,5 +887,64 @@ mod tests {
             ("SLURM_ARRAY_TASK_STEP", "2"),
         ]);
         assert!(resolve_shard(None, None, &step).is_err());
+    }
+
+    #[test]
+    fn slurm_counts_are_checked_and_named() {
+        // A count of 0 names the variable, not a flag nobody gave.
+        let zero = env(&[
+            ("SLURM_ARRAY_TASK_ID", "0"),
+            ("SLURM_ARRAY_TASK_COUNT", "0"),
+        ]);
+        let e = resolve_shard(None, None, &zero).unwrap_err().to_string();
+        assert!(
+            e.contains("SLURM_ARRAY_TASK_COUNT=0") && !e.contains("--num-shards"),
+            "{e}"
+        );
+        // --num-shards 0 names the flag, whatever the environment.
+        let none = env(&[]);
+        for vars in [&none as &dyn Fn(&str) -> Option<String>, &zero] {
+            let e = resolve_shard(Some(0), None, vars).unwrap_err().to_string();
+            assert!(e.contains("--num-shards must be at least 1"), "{e}");
+        }
+        let e = resolve_shard(Some(0), Some(0), &none)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--num-shards must be at least 1"), "{e}");
+        // Task 1 of a 2-task array with --num-shards 4: refused, both named (it
+        // would write shard 1 of 4 and leave shards 2 and 3 to nobody).
+        let two = env(&[
+            ("SLURM_ARRAY_TASK_ID", "1"),
+            ("SLURM_ARRAY_TASK_MIN", "0"),
+            ("SLURM_ARRAY_TASK_COUNT", "2"),
+            ("SLURM_ARRAY_TASK_MAX", "1"),
+        ]);
+        let e = resolve_shard(Some(4), None, &two).unwrap_err().to_string();
+        assert!(
+            e.contains("--num-shards 4") && e.contains("SLURM_ARRAY_TASK_COUNT=2"),
+            "{e}"
+        );
+        // The same count agrees; --shard-index with --num-shards still wins.
+        let s = resolve_shard(Some(2), None, &two).unwrap();
+        assert_eq!((s.index, s.count), (1, 2));
+        let s = resolve_shard(Some(4), Some(3), &two).unwrap();
+        assert_eq!((s.index, s.count), (3, 4));
+        // A resubmitted sparse array (--array=3,7): its task ids are no shard index.
+        let sparse = env(&[
+            ("SLURM_ARRAY_TASK_ID", "7"),
+            ("SLURM_ARRAY_TASK_MIN", "3"),
+            ("SLURM_ARRAY_TASK_MAX", "7"),
+            ("SLURM_ARRAY_TASK_COUNT", "2"),
+        ]);
+        let e = resolve_shard(None, None, &sparse).unwrap_err().to_string();
+        assert!(e.contains("not a contiguous array"), "{e}");
+        let ones = env(&[
+            ("SLURM_ARRAY_TASK_ID", "16"),
+            ("SLURM_ARRAY_TASK_MIN", "1"),
+            ("SLURM_ARRAY_TASK_MAX", "16"),
+            ("SLURM_ARRAY_TASK_COUNT", "16"),
+        ]);
+        let s = resolve_shard(None, None, &ones).unwrap();
+        assert_eq!((s.index, s.count), (15, 16));
     }
 }
