@@ -692,6 +692,17 @@ fn broken_stores_are_clear_errors_and_nothing_is_overwritten() {
         e.contains("shard-00002-of-00003.json") && e.contains("mixes"),
         "{e}"
     );
+    // A shard index beyond the store's count, of the same count: said as it is.
+    std::fs::remove_file(foreign.join("shard-00002-of-00003.json")).unwrap();
+    std::fs::write(foreign.join("shard-00005-of-00002.json"), "{}").unwrap();
+    let e = fails(mos().arg("merge").arg(&foreign));
+    assert!(
+        e.contains("shard-00005-of-00002.json")
+            && e.contains("shard 5 of 2 is not a shard of this extraction")
+            && e.contains("move the file away")
+            && !e.contains("2-shard extraction"),
+        "{e}"
+    );
     // Not a store at all.
     let e = fails(mos().arg("merge").arg(&s.id));
     assert!(e.contains("not a mos feature store"), "{e}");

@@ -571,9 +571,16 @@ pub fn open(dir: &Path, verify_hash: bool) -> Result<StoreIndex> {
         let Some((k, nn)) = parse_shard_name(name) else {
             continue;
         };
-        if nn != n || k >= n {
+        if nn != n {
             bail!(
                 "{}: a shard of a {nn}-shard extraction, but {} says {n} shards: the store mixes two extractions (move the file away)",
+                dir.join(name).display(),
+                dir.join(MANIFEST).display()
+            );
+        }
+        if k >= n {
+            bail!(
+                "{}: shard {k} of {n} is not a shard of this extraction ({} says {n} shards, numbered from 0, so below {n}): move the file away",
                 dir.join(name).display(),
                 dir.join(MANIFEST).display()
             );
