@@ -716,3 +716,42 @@ fn copy_dir(from: &Path, to: &Path) {
         std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
     }
 }
+
+#[test]
+fn a_failed_extraction_does_not_block_the_retry_its_error_suggests() {
+    let s = setup();
+    // An unreadable image, index 4 of 8: in shard 1 of 2.
+    std::fs::write(s.id.join("a_class/img_9.png"), b"\x89PNG truncated").unwrap();
+    let store = s.root.join("stores/new");
+    let e = fails(&mut extract(&s.id, &s.flat, &store));
+    assert!(
+        e.contains("img_9.png") && e.contains("pass --skip-bad-images"),
+        "{e}"
+    );
+    // The failed run took its manifest and its directory away again (it made
+    // the directory, but the store log of the run is kept).
+    assert!(!store.join("manifest.json").exists());
+    let log = std::fs::read_to_string(store.join("store.log")).unwrap();
+    assert!(log.contains("removed"), "{log}");
+    // The retry the error suggests works.
+    ok(extract(&s.id, &s.flat, &store).arg("--skip-bad-images"));
+    ok(mos().arg("merge").arg(&store));
+
+    // A store that another run began keeps its manifest when a shard fails.
+    let two = s.root.join("stores/two");
+    let shards = ["--num-shards", "2", "--shard-index"];
+    ok(extract(&s.id, &s.flat, &two).args(shards).arg("0"));
+    let manifest = std::fs::read(two.join("manifest.json")).unwrap();
+    fails(extract(&s.id, &s.flat, &two).args(shards).arg("1"));
+    assert_eq!(std::fs::read(two.join("manifest.json")).unwrap(), manifest);
+    // So does a store with another process's shard in it, though this run wrote
+    // the manifest.
+    let other = s.root.join("stores/other");
+    std::fs::create_dir_all(&other).unwrap();
+    for ext in ["json", "safetensors"] {
+        let name = format!("shard-00000-of-00002.{ext}");
+        std::fs::copy(two.join(&name), other.join(&name)).unwrap();
+    }
+    fails(extract(&s.id, &s.flat, &other).args(shards).arg("1"));
+    assert!(other.join("manifest.json").is_file());
+}

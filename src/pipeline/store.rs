@@ -350,6 +350,23 @@ pub fn prepare(dir: &Path, m: &Manifest) -> Result<Manifest> {
 /// [`prepare`] for a command whose flag that chooses the store is not `--output`:
 /// `elsewhere` says how to pick another store (e.g. "another --name or --logdir").
 pub fn prepare_for(dir: &Path, m: &Manifest, elsewhere: &str) -> Result<Manifest> {
+    let (m, new) = prepare_new(dir, m, elsewhere)?;
+    if let Some(new) = new {
+        new.keep();
+    }
+    Ok(m)
+}
+
+/// [`prepare_for`], also returning a [`NewStore`] when this call wrote the
+/// manifest (the store is new): an extraction that then fails before writing its
+/// shard drops it, which takes the manifest away again. ([`prepare`] and
+/// [`prepare_for`] keep the store.)
+pub fn prepare_new(
+    dir: &Path,
+    m: &Manifest,
+    elsewhere: &str,
+) -> Result<(Manifest, Option<NewStore>)> {
+    let made_dir = !dir.exists();
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create store {}", dir.display()))?;
     let path = dir.join(MANIFEST);
@@ -360,7 +377,14 @@ pub fn prepare_for(dir: &Path, m: &Manifest, elsewhere: &str) -> Result<Manifest
         let linked = std::fs::hard_link(&tmp, &path);
         let _ = std::fs::remove_file(&tmp);
         match linked {
-            Ok(()) => return Ok(m.clone()),
+            Ok(()) => {
+                let new = NewStore {
+                    dir: dir.to_path_buf(),
+                    made_dir,
+                    kept: false,
+                };
+                return Ok((m.clone(), Some(new)));
+            }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e).with_context(|| format!("cannot write {}", path.display())),
         }
@@ -374,7 +398,60 @@ pub fn prepare_for(dir: &Path, m: &Manifest, elsewhere: &str) -> Result<Manifest
             diffs.join("\n  ")
         );
     }
-    Ok(existing)
+    Ok((existing, None))
+}
+
+/// A store whose manifest this process wrote ([`prepare_new`]). Unless
+/// [`NewStore::keep`] is called once the shard is written, dropping it (the
+/// extraction failed: an error, or a libtorch error's panic) removes the manifest
+/// again when the store holds no shard file yet, and the store directory when this
+/// process made it and it is empty. Otherwise the retry that the error suggests
+/// with other settings (e.g. `--skip-bad-images`) would be refused as a mix of
+/// two extractions. A shard file in the store (another process's work) keeps the
+/// manifest.
+pub struct NewStore {
+    dir: PathBuf,
+    made_dir: bool,
+    kept: bool,
+}
+
+impl NewStore {
+    /// The extraction succeeded: the store stays.
+    pub fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for NewStore {
+    fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        // Shard files and their temporaries (`.shard-...tmp-PID`: one being written).
+        let shards = entries.filter_map(|e| e.ok()).any(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            parse_shard_name(&name).is_some() || name.starts_with(".shard-")
+        });
+        if shards {
+            return;
+        }
+        let manifest = self.dir.join(MANIFEST);
+        if std::fs::remove_file(&manifest).is_err() {
+            return;
+        }
+        // Only an empty directory goes (the store log of this run keeps it).
+        if !(self.made_dir && std::fs::remove_dir(&self.dir).is_ok()) {
+            if let Ok(log) = crate::runlog::RunLog::open(&self.dir, LOG) {
+                log.line(format!(
+                    "the extraction failed before any shard was written: removed the {} it wrote, so that a rerun may use other settings",
+                    manifest.display()
+                ));
+            }
+        }
+    }
 }
 
 /// An image left out of a shard (`--skip-bad-images`).
