@@ -230,6 +230,16 @@ fn scores_from_stores_equal_the_test_commands_bit_for_bit() {
     // Baselines on a group-softmax store, MOS without a config: refused.
     let e = fails(score(&s, &gid, &[&good], "bad").args(["--score", "MSP"]));
     assert!(e.contains("flat-softmax"), "{e}");
+    // A flat model's store of data with fewer classes than its head (the 1-class
+    // OOD set as ID): the message says so, not that it is a group-softmax store.
+    let e = fails(score(&s, &ood_store, &[&id_store], "bad").args(["--score", "MSP"]));
+    assert!(
+        e.contains("head has 2 logits")
+            && e.contains("has only 1 class;")
+            && e.contains(&format!("--datadir {}", s.ood.display()))
+            && e.contains("fewer classes than the model's head"),
+        "{e}"
+    );
     let e = fails(score(&s, &gid, &[&good], "bad").args(["--score", "MOS"]));
     assert!(e.contains("--group-config"), "{e}");
     // ID and OOD stores of different models: refused, both named.
