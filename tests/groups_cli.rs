@@ -183,7 +183,7 @@ fn kmeans_of_a_feature_store_and_random_groups() {
             *v /= n;
         }
     }
-    let c = mos::groups::kmeans::kmeans(&means, d, 2, 4, 3);
+    let c = mos::groups::kmeans::kmeans(&means, d, 2, 4, 3).unwrap();
     let groups = mos::groups::from_labels(&c.labels, 2);
     let want: Vec<Vec<&str>> = groups
         .iter()

@@ -240,7 +240,15 @@ fn make(args: &MakeGroupsArgs, strategy: Strategy) -> Result<()> {
                 .context("--features STORE is required with --strategy kmeans")?;
             let device = args.device.device.resolve()?;
             let (x, d) = class_means(store_dir, n, device)?;
-            let c = kmeans::kmeans(&x, d, k, args.restarts, args.seed);
+            if let Some((c, j, v)) = kmeans::first_non_finite(&x, d) {
+                bail!(
+                    "--features {}: the mean feature of class {c} ({}) is {v} in feature {j}: the store holds non-finite features; extract it again",
+                    store_dir.display(),
+                    names[c]
+                );
+            }
+            let c = kmeans::kmeans(&x, d, k, args.restarts, args.seed)
+                .with_context(|| format!("--features {}", store_dir.display()))?;
             println!(
                 "k-means: {k} groups of {n} class means ({d} features), best inertia {:.6e} of {} restarts ({} Lloyd iterations)",
                 c.inertia,
