@@ -495,3 +495,25 @@ fn posthoc_methods_equal_mos_score_on_the_stores() {
         assert!(!s.root.join("runs/ph_bad/stores").exists(), "{err}");
     }
 }
+
+/// A benchmark that fails on an unreadable image, saying "pass --skip-bad-images",
+/// leaves no store manifest of its own behind, so that the retry with the flag runs
+/// (it was refused: "extracted with other settings").
+#[test]
+fn a_failed_extraction_does_not_block_the_retry_its_error_suggests() {
+    let s = setup();
+    // The first set extracted (the ID set) holds the unreadable image.
+    std::fs::write(s.id.join("a_class/img_9.png"), b"\x89PNG truncated").unwrap();
+    let maha = s.root.join("unused");
+    let bench = || benchmark_with(&s, "skip", &maha, "0", "MSP", [&s.group, &s.flat]);
+    let out = bench().assert().code(1).get_output().clone();
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("img_9.png") && err.contains("pass --skip-bad-images"),
+        "{err}"
+    );
+    let err = ok(bench().arg("--skip-bad-images"));
+    assert!(err.contains("skipped unreadable image"), "{err}");
+    let rows = results(&s.root.join("runs/skip/results.json"));
+    assert_eq!(rows[0]["num_in"], 7, "{rows:?}");
+}

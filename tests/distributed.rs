@@ -323,6 +323,7 @@ fn a_killed_rank_stops_the_others_and_the_run_resumes_with_another_world_size() 
     let err = err0.join().unwrap();
     assert!(!status.success(), "{err}");
     assert!(err.contains("Error: rank 1 stopped responding"), "{err}");
+    assert_one_clean_error(&err);
     // The last checkpoint is intact; 3 processes resume it and end with the weights
     // one process gets for the same steps.
     let at = weights(&d, "run").meta.unwrap().step as u64;
@@ -365,6 +366,50 @@ fn a_killed_rank_stops_the_others_and_the_run_resumes_with_another_world_size() 
     );
     assert_eq!(weights(&d, "run").meta.unwrap().step as u64, at + 2);
     assert_same_model(&w0, &w1, &w3, "2 processes, killed, resumed by 3");
+}
+
+/// A surviving rank's stderr: exactly one `Error:` line, and no C++ stack trace.
+fn assert_one_clean_error(err: &str) {
+    let errors = err.lines().filter(|l| l.starts_with("Error: ")).count();
+    assert_eq!(errors, 1, "{err}");
+    for noise in ["frame #", "Exception raised from", "panicked at"] {
+        assert!(!err.contains(noise), "{noise:?} in {err}");
+    }
+}
+
+#[test]
+fn a_killed_rank_0_leaves_the_other_one_error_line_without_a_cpp_stack_trace() {
+    // Rank 0 serves the rendezvous store: when it dies, the other rank's store client
+    // fails; libtorch logged that failure with a dozen C++ stack frames.
+    let d = data();
+    let a = args(
+        &d,
+        "r0",
+        &[
+            "--schedule",
+            "2,4,100000",
+            "--eval-every",
+            "2",
+            "--dist-timeout",
+            "10",
+        ],
+    );
+    let port = free_port();
+    let mut r0 = rank(&a, 0, 2, port);
+    let mut r1 = rank(&a, 1, 2, port);
+    let ckpt = d.root.join("runs/r0/checkpoint.safetensors");
+    while !ckpt.exists() {
+        assert!(r1.try_wait().unwrap().is_none(), "rank 1 ended early");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    r0.kill().unwrap();
+    r0.wait().unwrap();
+    // The heartbeat makes rank 1 stop by itself (no time limit is asserted).
+    let mut err = String::new();
+    std::io::Read::read_to_string(r1.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!r1.wait().unwrap().success());
+    assert!(err.contains("rank 0 died or is unreachable"), "{err}");
+    assert_one_clean_error(&err);
 }
 
 #[test]

@@ -183,7 +183,7 @@ fn kmeans_of_a_feature_store_and_random_groups() {
             *v /= n;
         }
     }
-    let c = mos::groups::kmeans::kmeans(&means, d, 2, 4, 3);
+    let c = mos::groups::kmeans::kmeans(&means, d, 2, 4, 3).unwrap();
     let groups = mos::groups::from_labels(&c.labels, 2);
     let want: Vec<Vec<&str>> = groups
         .iter()
@@ -346,4 +346,129 @@ fn bad_input_is_a_clear_error() {
         e.contains("flat.txt:2") && e.contains("'n99999999'") && e.contains("no group"),
         "{e}"
     );
+}
+
+/// The bytes of a file.
+fn bytes(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap()
+}
+
+#[test]
+fn outputs_never_overwrite_an_input_and_are_written_atomically() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let classes = d.join("classes.txt");
+    std::fs::write(&classes, "n01440764\nn01443537\nn01484850\n").unwrap();
+    let random = |out: &Path| {
+        let mut cmd = mos();
+        cmd.args([
+            "make-groups",
+            "--strategy",
+            "random",
+            "--num-groups",
+            "2",
+            "--classes",
+        ])
+        .arg(&classes)
+        .arg("--output")
+        .arg(out);
+        cmd
+    };
+    let from = d.join("groups.json");
+    ok(&mut random(&from));
+    let flat = d.join("flat.txt");
+    std::fs::write(
+        &flat,
+        "val/n01440764/a.JPEG 0\nval/n01443537/b.JPEG 1\nval/n01484850/c.JPEG 2\n",
+    )
+    .unwrap();
+    let (from_bytes, flat_bytes) = (bytes(&from), bytes(&flat));
+    let list = |out_list: &Path, out_map: Option<&Path>| {
+        let mut cmd = mos();
+        cmd.args(["make-groups", "--from"])
+            .arg(&from)
+            .arg("--flat-list")
+            .arg(&flat)
+            .arg("--output-list")
+            .arg(out_list);
+        if let Some(m) = out_map {
+            cmd.arg("--output-map").arg(m);
+        }
+        cmd
+    };
+    // The group list onto the flat list, by another spelling of its path.
+    let e = fails(&mut list(
+        &d.join(".").join("flat.txt"),
+        Some(&d.join("m.json")),
+    ));
+    assert!(
+        e.contains("--output-list") && e.contains("same file as --flat-list"),
+        "{e}"
+    );
+    // The map onto the groups file, named or by default (--output-list h.txt: h.map.json).
+    let e = fails(&mut list(&d.join("g.txt"), Some(&from)));
+    assert!(
+        e.contains("--output-map") && e.contains("same file as --from"),
+        "{e}"
+    );
+    let from2 = d.join("h.map.json");
+    std::fs::copy(&from, &from2).unwrap();
+    let e = fails(
+        mos()
+            .args(["make-groups", "--from"])
+            .arg(&from2)
+            .arg("--flat-list")
+            .arg(&flat)
+            .arg("--output-list")
+            .arg(d.join("h.txt")),
+    );
+    assert!(
+        e.contains("--output-map (by default") && e.contains("same file as --from"),
+        "{e}"
+    );
+    assert_eq!(bytes(&from2), from_bytes);
+    // The list and the map onto one file.
+    let e = fails(&mut list(&d.join("g.txt"), Some(&d.join("g.txt"))));
+    assert!(
+        e.contains("--output-map") && e.contains("same file as --output-list"),
+        "{e}"
+    );
+    // A hard link to an input is the input.
+    std::fs::hard_link(&flat, d.join("alias.txt")).unwrap();
+    let e = fails(&mut list(&d.join("alias.txt"), Some(&d.join("m.json"))));
+    assert!(e.contains("same file as --flat-list"), "{e}");
+    assert_eq!(bytes(&from), from_bytes);
+    assert_eq!(bytes(&flat), flat_bytes);
+    assert!(!d.join("g.txt").exists() && !d.join("m.json").exists());
+
+    // Outputs replace earlier ones by a rename: a second name of the old file keeps
+    // its bytes (a write in place would change them, and a full disk would leave a
+    // truncated file).
+    let (out_list, out_map) = (d.join("g.txt"), d.join("m.json"));
+    for p in [&out_list, &out_map] {
+        std::fs::write(p, "old").unwrap();
+        std::fs::hard_link(p, p.with_extension("old")).unwrap();
+    }
+    ok(&mut list(&out_list, Some(&out_map)));
+    for p in [&out_list, &out_map] {
+        assert_eq!(bytes(&p.with_extension("old")), b"old");
+        assert_ne!(bytes(p), b"old");
+    }
+    assert!(std::fs::read_to_string(&out_list)
+        .unwrap()
+        .starts_with("val/n01440764/a.JPEG "));
+
+    // --strategy: --output onto --classes is refused; a groups file is replaced atomically.
+    let e = fails(&mut random(&classes));
+    assert!(
+        e.contains("--output") && e.contains("same file as --classes"),
+        "{e}"
+    );
+    assert!(bytes(&classes).starts_with(b"n01440764\n"));
+    let out = d.join("random.json");
+    std::fs::write(&out, "old").unwrap();
+    std::fs::hard_link(&out, d.join("random.old")).unwrap();
+    ok(&mut random(&out));
+    assert_eq!(bytes(&d.join("random.old")), b"old");
+    assert_eq!(json(&out)["strategy"], "random");
 }

@@ -237,6 +237,16 @@ fn scores_from_stores_equal_the_test_commands_bit_for_bit() {
     // Baselines on a group-softmax store, MOS without a config: refused.
     let e = fails(score(&s, &gid, &[&good], "bad").args(["--score", "MSP"]));
     assert!(e.contains("flat-softmax"), "{e}");
+    // A flat model's store of data with fewer classes than its head (the 1-class
+    // OOD set as ID): the message says so, not that it is a group-softmax store.
+    let e = fails(score(&s, &ood_store, &[&id_store], "bad").args(["--score", "MSP"]));
+    assert!(
+        e.contains("head has 2 logits")
+            && e.contains("has only 1 class;")
+            && e.contains(&format!("--datadir {}", s.ood.display()))
+            && e.contains("fewer classes than the model's head"),
+        "{e}"
+    );
     let e = fails(score(&s, &gid, &[&good], "bad").args(["--score", "MOS"]));
     assert!(e.contains("--group-config"), "{e}");
     // ID and OOD stores of different models: refused, both named.
@@ -699,6 +709,17 @@ fn broken_stores_are_clear_errors_and_nothing_is_overwritten() {
         e.contains("shard-00002-of-00003.json") && e.contains("mixes"),
         "{e}"
     );
+    // A shard index beyond the store's count, of the same count: said as it is.
+    std::fs::remove_file(foreign.join("shard-00002-of-00003.json")).unwrap();
+    std::fs::write(foreign.join("shard-00005-of-00002.json"), "{}").unwrap();
+    let e = fails(mos().arg("merge").arg(&foreign));
+    assert!(
+        e.contains("shard-00005-of-00002.json")
+            && e.contains("shard 5 of 2 is not a shard of this extraction")
+            && e.contains("move the file away")
+            && !e.contains("2-shard extraction"),
+        "{e}"
+    );
     // Not a store at all.
     let e = fails(mos().arg("merge").arg(&s.id));
     assert!(e.contains("not a mos feature store"), "{e}");
@@ -711,4 +732,43 @@ fn copy_dir(from: &Path, to: &Path) {
         let p = e.unwrap().path();
         std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
     }
+}
+
+#[test]
+fn a_failed_extraction_does_not_block_the_retry_its_error_suggests() {
+    let s = setup();
+    // An unreadable image, index 4 of 8: in shard 1 of 2.
+    std::fs::write(s.id.join("a_class/img_9.png"), b"\x89PNG truncated").unwrap();
+    let store = s.root.join("stores/new");
+    let e = fails(&mut extract(&s.id, &s.flat, &store));
+    assert!(
+        e.contains("img_9.png") && e.contains("pass --skip-bad-images"),
+        "{e}"
+    );
+    // The failed run took its manifest and its directory away again (it made
+    // the directory, but the store log of the run is kept).
+    assert!(!store.join("manifest.json").exists());
+    let log = std::fs::read_to_string(store.join("store.log")).unwrap();
+    assert!(log.contains("removed"), "{log}");
+    // The retry the error suggests works.
+    ok(extract(&s.id, &s.flat, &store).arg("--skip-bad-images"));
+    ok(mos().arg("merge").arg(&store));
+
+    // A store that another run began keeps its manifest when a shard fails.
+    let two = s.root.join("stores/two");
+    let shards = ["--num-shards", "2", "--shard-index"];
+    ok(extract(&s.id, &s.flat, &two).args(shards).arg("0"));
+    let manifest = std::fs::read(two.join("manifest.json")).unwrap();
+    fails(extract(&s.id, &s.flat, &two).args(shards).arg("1"));
+    assert_eq!(std::fs::read(two.join("manifest.json")).unwrap(), manifest);
+    // So does a store with another process's shard in it, though this run wrote
+    // the manifest.
+    let other = s.root.join("stores/other");
+    std::fs::create_dir_all(&other).unwrap();
+    for ext in ["json", "safetensors"] {
+        let name = format!("shard-00000-of-00002.{ext}");
+        std::fs::copy(two.join(&name), other.join(&name)).unwrap();
+    }
+    fails(extract(&s.id, &s.flat, &other).args(shards).arg("1"));
+    assert!(other.join("manifest.json").is_file());
 }

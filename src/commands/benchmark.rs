@@ -16,10 +16,28 @@ use crate::pipeline::score::MethodSettings;
 /// A set in a config file: a path, or `{"path", "images", "name"}` (the
 /// expected image count, the name in the results).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(untagged)]
+#[serde(try_from = "serde_json::Value")]
 enum ConfigSet {
     Path(PathBuf),
     Object(ConfigSetObject),
+}
+
+impl TryFrom<serde_json::Value> for ConfigSet {
+    type Error = String;
+
+    /// A path or a set object; a set object's error names its bad key (an
+    /// untagged enum would only say that no variant matched).
+    fn try_from(v: serde_json::Value) -> std::result::Result<Self, String> {
+        match v {
+            serde_json::Value::String(p) => Ok(ConfigSet::Path(p.into())),
+            serde_json::Value::Object(_) => serde_json::from_value(v)
+                .map(ConfigSet::Object)
+                .map_err(|e| format!("a set object: {e}")),
+            other => Err(format!(
+                "a set is a path or {{\"path\": ..., \"images\": N, \"name\": ...}}, not {other}"
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -89,9 +107,37 @@ struct Config {
     device: Option<String>,
 }
 
+/// The sets of a config file, each checked alone so that an error says which
+/// one it is (`in_datadir`, `out_datadir[i]`) and names its path.
+fn check_config_sets(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let mut sets: Vec<(String, &serde_json::Value)> = Vec::new();
+    if let Some(v) = value.get("in_datadir") {
+        sets.push(("in_datadir".into(), v));
+    }
+    if let Some(serde_json::Value::Array(list)) = value.get("out_datadir") {
+        for (i, v) in list.iter().enumerate() {
+            sets.push((format!("out_datadir[{i}]"), v));
+        }
+    }
+    for (at, v) in sets {
+        if let Err(e) = ConfigSet::try_from(v.clone()) {
+            let set = v
+                .get("path")
+                .and_then(|p| p.as_str())
+                .map(|p| format!(" (set {p})"))
+                .unwrap_or_default();
+            bail!("--config {}: {at}{set}: {e}", path.display());
+        }
+    }
+    Ok(())
+}
+
 fn read_config(path: &Path) -> Result<Config> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("--config: cannot read {}", path.display()))?;
+    if let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) {
+        check_config_sets(path, &value)?;
+    }
     serde_json::from_str(&text).map_err(|e| {
         anyhow::anyhow!(
             "--config {}: {e}; its keys are the long flags of mos benchmark in snake_case (\"out_datadir\": [...], \"score\": [...]), a set is a path or {{\"path\": ..., \"images\": N}}",
@@ -403,6 +449,38 @@ mod tests {
             e.contains("unknown field `in-datadir`") && e.contains("snake_case"),
             "{e}"
         );
+        // A set object's unknown key is named, with the set and the file.
+        std::fs::write(
+            &cfg,
+            r#"{"in_datadir": "d/val", "out_datadir": ["d/a", {"path": "d/b", "imgs": 3}]}"#,
+        )
+        .unwrap();
+        let e = parse(&[]).unwrap_err().to_string();
+        assert!(
+            e.contains("unknown field `imgs`")
+                && e.contains("out_datadir[1] (set d/b)")
+                && e.contains(cfg.to_str().unwrap())
+                && !e.contains("untagged"),
+            "{e}"
+        );
+        std::fs::write(
+            &cfg,
+            r#"{"in_datadir": {"pth": "d/val"}, "out_datadir": ["d/a"]}"#,
+        )
+        .unwrap();
+        let e = parse(&[]).unwrap_err().to_string();
+        assert!(
+            e.contains("in_datadir: a set object: unknown field `pth`"),
+            "{e}"
+        );
+        std::fs::write(&cfg, r#"{"in_datadir": "d/val", "out_datadir": [3]}"#).unwrap();
+        let e = parse(&[]).unwrap_err().to_string();
+        assert!(e.contains("out_datadir[0]: a set is a path"), "{e}");
+        // Parsed directly, the set's own error is still the key, not the enum.
+        let e = serde_json::from_str::<Config>(r#"{"in_datadir": {"path": "x", "n": 1}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `n`"), "{e}");
     }
 
     /// The shipped configs read, and their published numbers cover every method

@@ -120,7 +120,9 @@ pub fn run(args: &ExtractArgs) -> Result<()> {
             .and_then(|g| g.group_config.clone()),
     };
     manifest.fingerprint = manifest.compute_fingerprint();
-    let manifest = store::prepare(&args.output, &manifest)?;
+    // A new store whose extraction fails before its shard is written is taken away
+    // again (new_store's drop), so that the retry the error suggests is not refused.
+    let (manifest, new_store) = store::prepare_new(&args.output, &manifest, "another --output")?;
     let log = RunLog::open(&args.output, store::LOG)?;
     let (k, n) = (shard.index, shard.count);
     let stem = store::shard_stem(k, n);
@@ -130,6 +132,9 @@ pub fn run(args: &ExtractArgs) -> Result<()> {
                 "shard {k} of {n} ({stem}, {} images) is already complete: skipped",
                 idx.rows
             ));
+            if let Some(s) = new_store {
+                s.keep();
+            }
             return Ok(());
         }
         store::ShardStatus::Damaged(why) => {
@@ -180,6 +185,9 @@ pub fn run(args: &ExtractArgs) -> Result<()> {
         &rel_paths,
         &device_name(device),
     )?;
+    if let Some(s) = new_store {
+        s.keep();
+    }
     log.line(format!(
         "wrote {} ({} rows, {} skipped, {} bytes) in {secs:.1} s ({:.1} images/s)",
         args.output.join(&idx.file).display(),

@@ -10,6 +10,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::cli::DeviceArgs;
 use crate::groups::{self, kmeans, wordnet, GroupsFile};
+use crate::model::checkpoint::write_atomic;
 use crate::pipeline::store;
 
 /// How `mos make-groups` groups the classes.
@@ -79,6 +80,51 @@ pub struct MakeGroupsArgs {
     pub output_map: Option<PathBuf>,
     #[command(flatten)]
     pub device: DeviceArgs,
+}
+
+/// `p` made absolute with its links resolved; a file yet to be made: its resolved
+/// folder joined with its name.
+fn resolved(p: &Path) -> Option<PathBuf> {
+    if let Ok(c) = p.canonicalize() {
+        return Some(c);
+    }
+    let name = p.file_name()?;
+    let dir = p.parent().filter(|d| !d.as_os_str().is_empty());
+    Some(
+        dir.unwrap_or(Path::new("."))
+            .canonicalize()
+            .ok()?
+            .join(name),
+    )
+}
+
+/// Whether two paths name one file: the same file when both exist (hard links
+/// too), else the same resolved path.
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+        return (x.dev(), x.ino()) == (y.dev(), y.ino());
+    }
+    match (resolved(a), resolved(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// Refuses outputs that are an input or one another: `(flag, path)` each.
+fn check_outputs(outputs: &[(&str, &Path)], inputs: &[(&str, &Path)]) -> Result<()> {
+    for (i, (flag, out)) in outputs.iter().enumerate() {
+        for (other, path) in inputs.iter().chain(&outputs[..i]) {
+            if same_file(out, path) {
+                bail!(
+                    "{flag} {} is the same file as {other} {}: refusing to write over it; give {flag} another path",
+                    out.display(),
+                    path.display()
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The class names and where they came from.
@@ -171,6 +217,12 @@ fn make(args: &MakeGroupsArgs, strategy: Strategy) -> Result<()> {
         .output
         .as_ref()
         .context("--output GROUPS.json is required with --strategy")?;
+    let classes: Vec<(&str, &Path)> = args
+        .classes
+        .iter()
+        .map(|c| ("--classes", c.as_path()))
+        .collect();
+    check_outputs(&[("--output", output)], &classes)?;
     let (names, source) = class_names(args)?
         .context("give the classes: --datadir DIR (its class folders) or --classes FILE")?;
     let n = names.len();
@@ -240,7 +292,15 @@ fn make(args: &MakeGroupsArgs, strategy: Strategy) -> Result<()> {
                 .context("--features STORE is required with --strategy kmeans")?;
             let device = args.device.device.resolve()?;
             let (x, d) = class_means(store_dir, n, device)?;
-            let c = kmeans::kmeans(&x, d, k, args.restarts, args.seed);
+            if let Some((c, j, v)) = kmeans::first_non_finite(&x, d) {
+                bail!(
+                    "--features {}: the mean feature of class {c} ({}) is {v} in feature {j}: the store holds non-finite features; extract it again",
+                    store_dir.display(),
+                    names[c]
+                );
+            }
+            let c = kmeans::kmeans(&x, d, k, args.restarts, args.seed)
+                .with_context(|| format!("--features {}", store_dir.display()))?;
             println!(
                 "k-means: {k} groups of {n} class means ({d} features), best inertia {:.6e} of {} restarts ({} Lloyd iterations)",
                 c.inertia,
@@ -288,6 +348,20 @@ fn list(args: &MakeGroupsArgs, from: &Path) -> Result<()> {
         .output_list
         .as_ref()
         .context("--output-list is required")?;
+    let map_path = args
+        .output_map
+        .clone()
+        .unwrap_or_else(|| out.with_extension("map.json"));
+    let map_flag = if args.output_map.is_some() {
+        "--output-map"
+    } else {
+        "--output-map (by default --output-list with .map.json)"
+    };
+    let mut inputs: Vec<(&str, &Path)> = vec![("--from", from), ("--flat-list", flat)];
+    if let Some(c) = &args.classes {
+        inputs.push(("--classes", c));
+    }
+    check_outputs(&[("--output-list", out), (map_flag, &map_path)], &inputs)?;
     let groups = GroupsFile::read(from)?;
     let names = class_names(args)?;
     let gl = groups::group_list(
@@ -296,11 +370,6 @@ fn list(args: &MakeGroupsArgs, from: &Path) -> Result<()> {
         flat,
         names.as_ref().map(|(n, _)| n.as_slice()),
     )?;
-    std::fs::write(out, &gl.text).with_context(|| format!("cannot write {}", out.display()))?;
-    let map_path = args
-        .output_map
-        .clone()
-        .unwrap_or_else(|| out.with_extension("map.json"));
     let map = json!({
         "note": "group g, class c of the group list is flat label flat_labels[g][c], class classes[g][c]",
         "groups": from.display().to_string(),
@@ -309,8 +378,11 @@ fn list(args: &MakeGroupsArgs, from: &Path) -> Result<()> {
         "flat_labels": gl.flat_labels,
         "classes": gl.classes,
     });
-    std::fs::write(&map_path, serde_json::to_string_pretty(&map)? + "\n")
-        .with_context(|| format!("cannot write {}", map_path.display()))?;
+    write_atomic(out, gl.text.as_bytes())?;
+    write_atomic(
+        &map_path,
+        (serde_json::to_string_pretty(&map)? + "\n").as_bytes(),
+    )?;
     println!(
         "wrote {} ({} lines, {} groups) and its inverse map {}",
         out.display(),

@@ -62,6 +62,33 @@ fn posthoc_request(args: &ScoreArgs, methods: &[Method]) -> Result<Option<postho
     }))
 }
 
+/// Why a store whose head size differs from its data's classes cannot be scored
+/// by `method`, which needs one logit per class: what is wrong, and what to do.
+fn class_mismatch(s: &StoreData, method: &str) -> String {
+    let m = &s.manifest;
+    let manifest = s.dir.join(MANIFEST);
+    let data = match &m.list {
+        Some(list) => format!("--datadir {} --list {list}", m.datadir),
+        None => format!("--datadir {}", m.datadir),
+    };
+    let classes = |n: i64| format!("{n} class{}", if n == 1 { "" } else { "es" });
+    if m.head_size > m.num_classes {
+        format!(
+            "{}: the model's head has {} logits, but the store's data ({data}) has only {}; {method} needs a flat-softmax model's store with one logit per class of its data. Either the data covers fewer classes than the model's head (extract the in-distribution set with every class the model was trained on), or this is a group-softmax model's store (score it with --score MOS and its --group-config)",
+            manifest.display(),
+            m.head_size,
+            classes(m.num_classes)
+        )
+    } else {
+        format!(
+            "{}: the model's head has {} logits, but the store's data ({data}) has {}: more classes than the model predicts; {method} needs one logit per class of the data (extract with the model trained on these classes, or with the data it was trained on)",
+            manifest.display(),
+            m.head_size,
+            classes(m.num_classes)
+        )
+    }
+}
+
 /// Checks that the in-distribution store fits the methods: its classes and head
 /// size for the kind of model, the Mahalanobis layers.
 fn check_store(s: &StoreData, methods: &[Method], group_config: Option<&Path>) -> Result<()> {
@@ -92,13 +119,7 @@ fn check_store(s: &StoreData, methods: &[Method], group_config: Option<&Path>) -
             }
             _ => {
                 if m.head_size != m.num_classes {
-                    bail!(
-                        "{}: the model's head has {} logits for {} classes; {} needs a flat-softmax model's store, one logit per class (a group-softmax store is scored with --score MOS)",
-                        manifest.display(),
-                        m.head_size,
-                        m.num_classes,
-                        method.name()
-                    );
+                    bail!(class_mismatch(s, method.name()));
                 }
                 if matches!(method, Method::Mahalanobis(_)) && s.layers.is_empty() {
                     bail!(

@@ -80,6 +80,8 @@ pub enum DistError {
 
 type Result<T> = std::result::Result<T, DistError>;
 
+/// The shim's error message, without the C++ stack trace that a c10 error's text
+/// carries when it is wrapped into another error's message.
 fn take_error(err: *mut c_char) -> String {
     if err.is_null() {
         return "unknown c10d error".into();
@@ -91,7 +93,7 @@ fn take_error(err: *mut c_char) -> String {
         .to_string();
     // SAFETY: allocated by the shim with strdup.
     unsafe { mos_dist_free_string(err) };
-    s
+    crate::runtime::clean_torch_message(&s)
 }
 
 fn cstring(s: &str) -> Result<CString> {

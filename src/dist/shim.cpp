@@ -3,17 +3,38 @@
 // collectives; it never touches a gloo object (see gloo_decl/gloo/README.md).
 #include "shim.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <mutex>
 #include <new>
 #include <string>
 #include <vector>
 
+#include <c10/util/Logging.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 namespace {
+
+// When a peer dies, c10d's TCPStore client logs a warning on every surviving rank
+// with the socket error's C++ stack trace (a dozen frames), before mos reports the
+// lost rank in its one Error: line. So, once per process: c10 errors carry no C++
+// stack trace (unless TORCH_SHOW_CPP_STACKTRACES=1), and libtorch's C++ log shows
+// errors only (unless TORCH_CPP_LOG_LEVEL is set).
+void quiet_cpp_diagnostics() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    const char* show = std::getenv("TORCH_SHOW_CPP_STACKTRACES");
+    if (show == nullptr || std::strcmp(show, "1") != 0) {
+      c10::SetStackTraceFetcher([]() -> std::string { return std::string(); });
+    }
+    if (std::getenv("TORCH_CPP_LOG_LEVEL") == nullptr) {
+      FLAGS_caffe2_log_level = std::max(FLAGS_caffe2_log_level, 2);
+    }
+  });
+}
 
 using BackendPtr = c10::intrusive_ptr<c10d::Backend>;
 using StorePtr = c10::intrusive_ptr<c10d::Store>;
@@ -61,6 +82,7 @@ void* mos_store_new(const char* host, int port, int is_server, int num_workers,
                     int64_t timeout_ms, char** err) {
   StorePtr* out = nullptr;
   guarded(err, [&] {
+    quiet_cpp_diagnostics();
     c10d::TCPStoreOptions opts;
     opts.port = static_cast<std::uint16_t>(port);
     opts.isServer = is_server != 0;

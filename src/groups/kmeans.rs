@@ -4,6 +4,8 @@
 //! chosen) and Lloyd iterations until no assignment changes, restarted from
 //! several seeds, keeping the lowest inertia. The points are class means (a
 //! thousand or so), so plain f64 loops serve.
+use anyhow::{bail, Result};
+
 use crate::data::transform::Rng;
 
 /// A clustering of `n` points into `k` clusters.
@@ -135,19 +137,46 @@ pub fn lloyd(x: &[f64], d: usize, init: &[f64], max_iter: usize) -> Clustering {
     }
 }
 
+/// The first non-finite value of the points `x` (`d` columns): (point, feature, value).
+pub fn first_non_finite(x: &[f64], d: usize) -> Option<(usize, usize, f64)> {
+    let i = x.iter().position(|v| !v.is_finite())?;
+    Some((i / d.max(1), i % d.max(1), x[i]))
+}
+
 /// The best of `restarts` k-means++ runs (lowest inertia, the earliest on a
-/// tie); restart r draws from `Rng::derive(seed, r)`.
-pub fn kmeans(x: &[f64], d: usize, k: usize, restarts: usize, seed: u64) -> Clustering {
+/// tie); restart r draws from `Rng::derive(seed, r)`. Points with a NaN or an
+/// infinite value are refused (distances to them order nothing), and so is an
+/// inertia that overflows.
+pub fn kmeans(x: &[f64], d: usize, k: usize, restarts: usize, seed: u64) -> Result<Clustering> {
+    if d == 0 || x.len() % d != 0 {
+        bail!("k-means: {} values are not points of {d} features", x.len());
+    }
+    let n = x.len() / d;
+    if k == 0 || k > n {
+        bail!("k-means: {k} clusters of {n} points (it needs 1..={n})");
+    }
+    if let Some((i, j, v)) = first_non_finite(x, d) {
+        bail!("k-means: point {i} has {v} in feature {j}; it needs finite values");
+    }
     let mut best: Option<Clustering> = None;
     for r in 0..restarts.max(1) {
         let mut rng = Rng::derive(seed, r as u64);
         let init = plus_plus(x, d, k, &mut rng);
         let c = lloyd(x, d, &init, 300);
-        if best.as_ref().is_none_or(|b| c.inertia < b.inertia) {
+        if !c.inertia.is_finite() {
+            bail!(
+                "k-means: the inertia is {} (the points' squared distances overflow f64)",
+                c.inertia
+            );
+        }
+        if best
+            .as_ref()
+            .is_none_or(|b| c.inertia.total_cmp(&b.inertia).is_lt())
+        {
             best = Some(c);
         }
     }
-    best.expect("at least one restart")
+    best.ok_or_else(|| anyhow::anyhow!("k-means: no restart ran"))
 }
 
 #[cfg(test)]
@@ -212,8 +241,8 @@ mod tests {
                 x.push(-50.0 * blob as f64 + rng.next_f64());
             }
         }
-        let a = kmeans(&x, 2, 3, 5, 0);
-        assert_eq!(a, kmeans(&x, 2, 3, 5, 0));
+        let a = kmeans(&x, 2, 3, 5, 0).unwrap();
+        assert_eq!(a, kmeans(&x, 2, 3, 5, 0).unwrap());
         for blob in 0..3 {
             let l = &a.labels[blob * 5..blob * 5 + 5];
             assert!(l.iter().all(|&j| j == l[0]), "{:?}", a.labels);
@@ -226,6 +255,28 @@ mod tests {
         let init = plus_plus(&x, 2, 3, &mut Rng::new(1));
         assert!(init.chunks(2).all(|c| x.chunks(2).any(|p| p == c)));
         assert_ne!(&init[0..2], &init[2..4]);
+    }
+
+    #[test]
+    fn non_finite_points_are_refused_by_name() {
+        // One NaN among separated points: before, the NaN distances made every
+        // restart's inertia NaN and a wrong grouping was kept.
+        let mut x = vec![0.0, 0.1, 0.2, 10.0, 10.1, 10.2];
+        x[4] = f64::NAN;
+        let e = kmeans(&x, 1, 2, 3, 0).unwrap_err().to_string();
+        assert!(e.contains("point 4 has NaN in feature 0"), "{e}");
+        let mut y = vec![0.0, 1.0, 2.0, 3.0];
+        y[3] = f64::INFINITY;
+        let e = kmeans(&y, 2, 2, 3, 0).unwrap_err().to_string();
+        assert!(e.contains("point 1 has inf in feature 1"), "{e}");
+        assert_eq!(first_non_finite(&y, 2), Some((1, 1, f64::INFINITY)));
+        assert_eq!(first_non_finite(&[1.0, 2.0], 2), None);
+        // Finite points whose squared distances overflow.
+        let e = kmeans(&[0.0, 1e200, -1e200], 1, 1, 1, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("overflow"), "{e}");
+        assert!(kmeans(&[0.0, 1.0], 1, 3, 1, 0).is_err());
     }
 
     #[test]

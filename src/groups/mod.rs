@@ -100,7 +100,7 @@ impl GroupsFile {
     /// Writes the file as pretty JSON.
     pub fn write(&self, path: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self)? + "\n";
-        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+        crate::model::checkpoint::write_atomic(path, text.as_bytes())
     }
 }
 

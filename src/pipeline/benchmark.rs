@@ -508,7 +508,9 @@ fn extract_store(
 ) -> Result<(StoreData, Option<SetScores>)> {
     let (items, dir) = (&plan.items, plan.dir.as_path());
     let layers = Layers::parse(&plan.manifest.layers)?;
-    let manifest = store::prepare_for(dir, &plan.manifest, "another --name or --logdir")?;
+    // Taken away again if the extraction fails (see store::NewStore).
+    let (manifest, new_store) =
+        store::prepare_new(dir, &plan.manifest, "another --name or --logdir")?;
     let mut pass_sc = None;
     let status = store::complete_shard(dir, &manifest, 0)?;
     if let store::ShardStatus::Damaged(why) = &status {
@@ -569,6 +571,9 @@ fn extract_store(
         if !pass.methods.is_empty() {
             pass_sc = Some(pass_scores(rp, ex.skipped.len()));
         }
+    }
+    if let Some(s) = new_store {
+        s.keep();
     }
     let index = store::open(dir, false)?;
     if !index.manifest.complete {

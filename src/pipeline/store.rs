@@ -66,7 +66,8 @@ pub struct ShardSpec {
 /// The shard from `--shard-index`/`--num-shards`, else from a Slurm array
 /// (`SLURM_ARRAY_TASK_ID` - `SLURM_ARRAY_TASK_MIN` of `SLURM_ARRAY_TASK_COUNT`) or a
 /// Kubernetes Indexed Job (`JOB_COMPLETION_INDEX`, with `--num-shards`); flags win
-/// over the environment. Neither: the whole data set (shard 0 of 1).
+/// over the environment. Neither: the whole data set (shard 0 of 1). A Slurm
+/// array with `--num-shards` alone must have that many tasks.
 pub fn resolve_shard(
     num_shards: Option<usize>,
     shard_index: Option<usize>,
@@ -83,6 +84,21 @@ pub fn resolve_shard(
                 .with_context(|| format!("{var}={v}: not a non-negative integer")),
         }
     };
+    if num_shards == Some(0) {
+        bail!("--num-shards must be at least 1");
+    }
+    // Flags win: with both, the environment is not read (a resubmitted array such as
+    // --array=3,7 passes its task id as --shard-index).
+    if let (Some(k), Some(n)) = (shard_index, num_shards) {
+        if k >= n {
+            bail!("shard index {k} (from --shard-index/--num-shards) is not below the number of shards {n}");
+        }
+        return Ok(ShardSpec {
+            index: k,
+            count: n,
+            source: "--shard-index/--num-shards".to_string(),
+        });
+    }
     let slurm = match int("SLURM_ARRAY_TASK_ID")? {
         None => None,
         Some(id) => {
@@ -94,6 +110,16 @@ pub fn resolve_shard(
             let min = int("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
             let count = int("SLURM_ARRAY_TASK_COUNT")?
                 .context("SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not")?;
+            if count == 0 {
+                bail!("SLURM_ARRAY_TASK_COUNT=0 (with SLURM_ARRAY_TASK_ID={id}): an array job has at least 1 task");
+            }
+            if let Some(max) = int("SLURM_ARRAY_TASK_MAX")? {
+                if max.checked_sub(min).map(|span| span + 1) != Some(count) {
+                    bail!(
+                        "SLURM_ARRAY_TASK_MIN={min}, SLURM_ARRAY_TASK_MAX={max} and SLURM_ARRAY_TASK_COUNT={count}: not a contiguous array (--array=0-N or 1-N), so the task id is no shard index; rerun a missing shard K of N with --num-shards N --shard-index K"
+                    );
+                }
+            }
             let index = id.checked_sub(min).with_context(|| {
                 format!("SLURM_ARRAY_TASK_ID={id} is below SLURM_ARRAY_TASK_MIN={min}")
             })?;
@@ -104,9 +130,13 @@ pub fn resolve_shard(
     let (index, count, source) = match (shard_index, num_shards, slurm, k8s) {
         (Some(k), Some(n), ..) => (k, n, "--shard-index/--num-shards".to_string()),
         (Some(_), None, ..) => bail!("--shard-index needs --num-shards"),
-        (None, n, Some((k, count)), _) => (
+        (None, Some(n), Some((k, count)), _) if n != count => bail!(
+            "--num-shards {n} disagrees with the Slurm array: SLURM_ARRAY_TASK_COUNT={count} (task {k} of {count}); the array needs one task per shard (--array=0-{}), or give --shard-index K with --num-shards",
+            n - 1
+        ),
+        (None, _, Some((k, count)), _) => (
             k,
-            n.unwrap_or(count),
+            count,
             format!("SLURM_ARRAY_TASK_ID (task {k} of {count})"),
         ),
         (None, Some(n), None, Some(k)) => (k, n, format!("JOB_COMPLETION_INDEX={k}")),
@@ -120,9 +150,6 @@ pub fn resolve_shard(
             "--num-shards {n} needs --shard-index K, or SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX from an array job"
         ),
     };
-    if count == 0 {
-        bail!("--num-shards must be at least 1");
-    }
     if index >= count {
         bail!("shard index {index} (from {source}) is not below the number of shards {count}");
     }
@@ -466,6 +493,23 @@ pub fn prepare(dir: &Path, m: &Manifest) -> Result<Manifest> {
 /// [`prepare`] for a command whose flag that chooses the store is not `--output`:
 /// `elsewhere` says how to pick another store (e.g. "another --name or --logdir").
 pub fn prepare_for(dir: &Path, m: &Manifest, elsewhere: &str) -> Result<Manifest> {
+    let (m, new) = prepare_new(dir, m, elsewhere)?;
+    if let Some(new) = new {
+        new.keep();
+    }
+    Ok(m)
+}
+
+/// [`prepare_for`], also returning a [`NewStore`] when this call wrote the
+/// manifest (the store is new): an extraction that then fails before writing its
+/// shard drops it, which takes the manifest away again. ([`prepare`] and
+/// [`prepare_for`] keep the store.)
+pub fn prepare_new(
+    dir: &Path,
+    m: &Manifest,
+    elsewhere: &str,
+) -> Result<(Manifest, Option<NewStore>)> {
+    let made_dir = !dir.exists();
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create store {}", dir.display()))?;
     let path = dir.join(MANIFEST);
@@ -476,7 +520,14 @@ pub fn prepare_for(dir: &Path, m: &Manifest, elsewhere: &str) -> Result<Manifest
         let linked = std::fs::hard_link(&tmp, &path);
         let _ = std::fs::remove_file(&tmp);
         match linked {
-            Ok(()) => return Ok(m.clone()),
+            Ok(()) => {
+                let new = NewStore {
+                    dir: dir.to_path_buf(),
+                    made_dir,
+                    kept: false,
+                };
+                return Ok((m.clone(), Some(new)));
+            }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e).with_context(|| format!("cannot write {}", path.display())),
         }
@@ -490,7 +541,60 @@ pub fn prepare_for(dir: &Path, m: &Manifest, elsewhere: &str) -> Result<Manifest
             diffs.join("\n  ")
         );
     }
-    Ok(existing)
+    Ok((existing, None))
+}
+
+/// A store whose manifest this process wrote ([`prepare_new`]). Unless
+/// [`NewStore::keep`] is called once the shard is written, dropping it (the
+/// extraction failed: an error, or a libtorch error's panic) removes the manifest
+/// again when the store holds no shard file yet, and the store directory when this
+/// process made it and it is empty. Otherwise the retry that the error suggests
+/// with other settings (e.g. `--skip-bad-images`) would be refused as a mix of
+/// two extractions. A shard file in the store (another process's work) keeps the
+/// manifest.
+pub struct NewStore {
+    dir: PathBuf,
+    made_dir: bool,
+    kept: bool,
+}
+
+impl NewStore {
+    /// The extraction succeeded: the store stays.
+    pub fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for NewStore {
+    fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        // Shard files and their temporaries (`.shard-...tmp-PID`: one being written).
+        let shards = entries.filter_map(|e| e.ok()).any(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            parse_shard_name(&name).is_some() || name.starts_with(".shard-")
+        });
+        if shards {
+            return;
+        }
+        let manifest = self.dir.join(MANIFEST);
+        if std::fs::remove_file(&manifest).is_err() {
+            return;
+        }
+        // Only an empty directory goes (the store log of this run keeps it).
+        if !(self.made_dir && std::fs::remove_dir(&self.dir).is_ok()) {
+            if let Ok(log) = crate::runlog::RunLog::open(&self.dir, LOG) {
+                log.line(format!(
+                    "the extraction failed before any shard was written: removed the {} it wrote, so that a rerun may use other settings",
+                    manifest.display()
+                ));
+            }
+        }
+    }
 }
 
 /// An image left out of a shard (`--skip-bad-images`).
@@ -756,9 +860,16 @@ pub fn open(dir: &Path, verify_hash: bool) -> Result<StoreIndex> {
         let Some((k, nn)) = parse_shard_name(name) else {
             continue;
         };
-        if nn != n || k >= n {
+        if nn != n {
             bail!(
                 "{}: a shard of a {nn}-shard extraction, but {} says {n} shards: the store mixes two extractions (move the file away)",
+                dir.join(name).display(),
+                dir.join(MANIFEST).display()
+            );
+        }
+        if k >= n {
+            bail!(
+                "{}: shard {k} of {n} is not a shard of this extraction ({} says {n} shards, numbered from 0, so below {n}): move the file away",
                 dir.join(name).display(),
                 dir.join(MANIFEST).display()
             );
@@ -804,7 +915,8 @@ fn missing_message(dir: &Path, m: &Manifest, missing: &[usize]) -> String {
         msg.push_str(&format!("\n  ... ({} more)", missing.len() - 5));
     }
     msg.push_str(&format!(
-        "\nor, as a Slurm array with task ids from 0: sbatch --array={} ...",
+        "\nor, as a Slurm array whose task ids are the shard indices: MOS_SHARDS={} sbatch --array={} scripts/slurm/extract.sbatch (it passes --num-shards $MOS_SHARDS --shard-index $SLURM_ARRAY_TASK_ID)",
+        m.num_shards,
         list.join(",")
     ));
     msg
@@ -1130,5 +1242,68 @@ mod tests {
             ("SLURM_ARRAY_TASK_STEP", "2"),
         ]);
         assert!(resolve_shard(None, None, &step).is_err());
+    }
+
+    #[test]
+    fn slurm_counts_are_checked_and_named() {
+        // A count of 0 names the variable, not a flag nobody gave.
+        let zero = env(&[
+            ("SLURM_ARRAY_TASK_ID", "0"),
+            ("SLURM_ARRAY_TASK_COUNT", "0"),
+        ]);
+        let e = resolve_shard(None, None, &zero).unwrap_err().to_string();
+        assert!(
+            e.contains("SLURM_ARRAY_TASK_COUNT=0") && !e.contains("--num-shards"),
+            "{e}"
+        );
+        // --num-shards 0 names the flag, whatever the environment.
+        let none = env(&[]);
+        for vars in [&none as &dyn Fn(&str) -> Option<String>, &zero] {
+            let e = resolve_shard(Some(0), None, vars).unwrap_err().to_string();
+            assert!(e.contains("--num-shards must be at least 1"), "{e}");
+        }
+        let e = resolve_shard(Some(0), Some(0), &none)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--num-shards must be at least 1"), "{e}");
+        // Task 1 of a 2-task array with --num-shards 4: refused, both named (it
+        // would write shard 1 of 4 and leave shards 2 and 3 to nobody).
+        let two = env(&[
+            ("SLURM_ARRAY_TASK_ID", "1"),
+            ("SLURM_ARRAY_TASK_MIN", "0"),
+            ("SLURM_ARRAY_TASK_COUNT", "2"),
+            ("SLURM_ARRAY_TASK_MAX", "1"),
+        ]);
+        let e = resolve_shard(Some(4), None, &two).unwrap_err().to_string();
+        assert!(
+            e.contains("--num-shards 4") && e.contains("SLURM_ARRAY_TASK_COUNT=2"),
+            "{e}"
+        );
+        // The same count agrees; --shard-index with --num-shards still wins.
+        let s = resolve_shard(Some(2), None, &two).unwrap();
+        assert_eq!((s.index, s.count), (1, 2));
+        let s = resolve_shard(Some(4), Some(3), &two).unwrap();
+        assert_eq!((s.index, s.count), (3, 4));
+        // A resubmitted sparse array (--array=3,7): its task ids are no shard index.
+        let sparse = env(&[
+            ("SLURM_ARRAY_TASK_ID", "7"),
+            ("SLURM_ARRAY_TASK_MIN", "3"),
+            ("SLURM_ARRAY_TASK_MAX", "7"),
+            ("SLURM_ARRAY_TASK_COUNT", "2"),
+        ]);
+        let e = resolve_shard(None, None, &sparse).unwrap_err().to_string();
+        assert!(e.contains("not a contiguous array"), "{e}");
+        // Resubmitted with its task ids as shard indices (extract.sbatch with
+        // MOS_SHARDS): the flags win and the sparse array is not read.
+        let s = resolve_shard(Some(16), Some(7), &sparse).unwrap();
+        assert_eq!((s.index, s.count), (7, 16));
+        let ones = env(&[
+            ("SLURM_ARRAY_TASK_ID", "16"),
+            ("SLURM_ARRAY_TASK_MIN", "1"),
+            ("SLURM_ARRAY_TASK_MAX", "16"),
+            ("SLURM_ARRAY_TASK_COUNT", "16"),
+        ]);
+        let s = resolve_shard(None, None, &ones).unwrap();
+        assert_eq!((s.index, s.count), (15, 16));
     }
 }
