@@ -94,7 +94,7 @@ if [ "$smoke" = 1 ]; then
     store_id=6 store_ood=4 store_size=32 syn_id=1000 syn_ood=100
     group_classes=200
     dist_buckets="4"
-    ph_id=200 ph_ood=100 ph_fit=300 knn_q=50 knn_bank=400 knn_k=50
+    ph_id=200 ph_ood=100 ph_fit=1100 knn_q=50 knn_bank=400 knn_k=50
 fi
 # MOS_BIN: a mos built elsewhere (no build here); MOS_PYTHON: a Python that has torch,
 # numpy, scipy, scikit-learn and Pillow (no reference venv made here). A GPU machine
