@@ -516,4 +516,26 @@ fn a_failed_extraction_does_not_block_the_retry_its_error_suggests() {
     assert!(err.contains("skipped unreadable image"), "{err}");
     let rows = results(&s.root.join("runs/skip/results.json"));
     assert_eq!(rows[0]["num_in"], 7, "{rows:?}");
+
+    // A bad image in an OOD set, extracted after the ID set: the retry with
+    // --skip-bad-images reuses the complete ID store, which skipped nothing.
+    std::fs::remove_file(s.id.join("a_class/img_9.png")).unwrap();
+    std::fs::write(s.oods[1].join("images/img_9.png"), b"\x89PNG truncated").unwrap();
+    let bench = || benchmark_with(&s, "ood-skip", &maha, "0", "MSP", [&s.group, &s.flat]);
+    let err = String::from_utf8(bench().assert().code(1).get_output().stderr.clone()).unwrap();
+    assert!(
+        err.contains("img_9.png") && err.contains("pass --skip-bad-images"),
+        "{err}"
+    );
+    let err = ok(bench().arg("--skip-bad-images"));
+    assert!(
+        err.contains("id_val: store") && err.contains("is complete, reused"),
+        "{err}"
+    );
+    let rows = results(&s.root.join("runs/ood-skip/results.json"));
+    let b = rows.iter().find(|r| r["out_dataset"] == "ood_b").unwrap();
+    assert_eq!(
+        (rows[0]["num_in"].clone(), b["num_out"].clone()),
+        (7.into(), 4.into())
+    );
 }

@@ -535,6 +535,20 @@ pub fn prepare_new(
     let existing = read_manifest(dir)?;
     let diffs = existing.differences(m);
     if !diffs.is_empty() {
+        // A complete store extracted without --skip-bad-images skipped no image: it
+        // holds what this run with the flag would extract, so it serves it as it is
+        // (its manifest keeps saying skip_bad_images false). The retry that a failed
+        // set's error suggests then reuses the sets that had no bad image.
+        let mut allowing = existing.clone();
+        allowing.skip_bad_images = true;
+        allowing.fingerprint = allowing.compute_fingerprint();
+        if !existing.skip_bad_images
+            && m.skip_bad_images
+            && allowing.differences(m).is_empty()
+            && open(dir, false).is_ok()
+        {
+            return Ok((existing, None));
+        }
         bail!(
             "{}: the store was extracted with other settings; refusing to mix them (nothing was written):\n  {}\nUse {elsewhere}, or delete the store to start over",
             path.display(),
