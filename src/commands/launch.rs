@@ -1,7 +1,7 @@
 //! `mos launch --nproc-per-node N -- COMMAND ...`: starts N local ranks of a
 //! fine-tuning run (the torchrun environment: WORLD_SIZE, RANK, LOCAL_RANK,
 //! MASTER_ADDR, MASTER_PORT) or N shards of an extraction (then merges them), and
-//! stops them all when one fails (docs/distributed.md#mos-launch).
+//! stops them all when one fails (docs/distributed.md, its first section).
 use std::process::{Child, Command as Process, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};

@@ -10,7 +10,7 @@ pub use env::{rendezvous, Rendezvous};
 pub use group::{Backend, DistError, ProcessGroup, Timeouts};
 
 /// Default bucket size of the gradient all-reduce, in MiB (chosen from
-/// `scripts/bench.sh dist`, docs/distributed.md#bucket-size).
+/// `scripts/bench.sh dist`, docs/distributed.md#gradient-all-reduce).
 pub const DEFAULT_BUCKET_MB: f64 = 4.0;
 
 /// Groups tensors (in order) into buckets of at most `bucket_bytes` each (a tensor
