@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::cli::{DeviceArgs, EvalDataArgs, EvalOutputArgs, RunArgs};
 use crate::eval::{finish_kl, metrics_of, score_split, EvalOptions, EvalSet, Method, MethodResult};
-use crate::groupconfig::{check_split, SplitCheck};
+use crate::groupconfig::check_split;
 use crate::model::weights::{load_model, with_head_hint};
 use crate::model::Variant;
 use crate::report::{csv_path, merge_results, table, write_scores_csv, ScoreColumns};
@@ -129,13 +129,9 @@ pub fn run(mut job: EvalJob) -> Result<()> {
     if let HeadCheck::Group { config, .. } = &job.head {
         for method in &job.methods {
             if let Method::Mos(slices) = method {
-                let recorded = loaded
-                    .state
-                    .meta
-                    .as_ref()
-                    .and_then(|m| m.group_config.as_deref());
+                let recorded = loaded.state.group_config();
                 let source = format!("the checkpoint {}", job.model_path.display());
-                if let SplitCheck::Unchecked(line) =
+                if let Some(line) =
                     check_split(slices.classes_per_group(), config, recorded, &source)?
                 {
                     log.line(line);

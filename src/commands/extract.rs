@@ -113,11 +113,7 @@ pub fn run(args: &ExtractArgs) -> Result<()> {
         fingerprint: String::new(),
         command: command_without_shard_flags(),
         complete: false,
-        group_config: loaded
-            .state
-            .meta
-            .as_ref()
-            .and_then(|g| g.group_config.clone()),
+        group_config: loaded.state.group_config().map(<[i64]>::to_vec),
     };
     manifest.fingerprint = manifest.compute_fingerprint();
     // A new store whose extraction fails before its shard is written is taken away

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::cli::ScoreArgs;
 use crate::eval::MethodResult;
-use crate::groupconfig::{check_split, SplitCheck};
+use crate::groupconfig::check_split;
 use crate::metrics::ood_metrics;
 use crate::pipeline::posthoc;
 use crate::pipeline::score::{
@@ -145,7 +145,7 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
     for method in &methods {
         if let (Method::Mos(slices), Some(path)) = (method, &args.group_config) {
             let source = format!("the store {} (its checkpoint)", args.id.display());
-            if let SplitCheck::Unchecked(line) = check_split(
+            if let Some(line) = check_split(
                 slices.classes_per_group(),
                 path,
                 id.manifest.group_config.as_deref(),

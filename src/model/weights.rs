@@ -55,6 +55,12 @@ pub struct StateDict {
 }
 
 impl StateDict {
+    /// The classes per group our checkpoint records (a group-softmax model); None
+    /// for a flat model and for files that record none (the paper's `.pth.tar`).
+    pub fn group_config(&self) -> Option<&[i64]> {
+        self.meta.as_ref()?.group_config.as_deref()
+    }
+
     /// The head size implied by `head.conv.bias`, if present as a vector.
     pub fn head_size(&self) -> Option<i64> {
         self.tensors

@@ -28,7 +28,7 @@ use super::score::{
 use super::store::{self, Manifest, StoreData};
 use crate::data::loader::Item;
 use crate::eval::{EvalSet, MethodResult};
-use crate::groupconfig::{check_split, SplitCheck};
+use crate::groupconfig::check_split;
 use crate::metrics::ood_metrics;
 use crate::model::weights::{load_model, resolve_weight_path, with_head_hint, LoadedModel};
 use crate::model::Variant;
@@ -359,12 +359,7 @@ fn plan_store(
         fingerprint: String::new(),
         command,
         complete: false,
-        group_config: m
-            .loaded
-            .state
-            .meta
-            .as_ref()
-            .and_then(|g| g.group_config.clone()),
+        group_config: m.loaded.state.group_config().map(<[i64]>::to_vec),
     };
     manifest.fingerprint = manifest.compute_fingerprint();
     Ok(StorePlan {
@@ -734,17 +729,10 @@ pub fn run(req: &BenchmarkRequest) -> Result<BenchmarkOutcome> {
             slices.num_groups()
         );
         let model = load_role(req, "group", path, head, hint, group_idx)?;
-        let recorded = model
-            .loaded
-            .state
-            .meta
-            .as_ref()
-            .and_then(|m| m.group_config.as_deref());
+        let recorded = model.loaded.state.group_config();
         let given = settings.group_config.as_deref().unwrap_or(Path::new(""));
         let source = format!("--group-model-path {}", path.display());
-        if let SplitCheck::Unchecked(line) =
-            check_split(slices.classes_per_group(), given, recorded, &source)?
-        {
+        if let Some(line) = check_split(slices.classes_per_group(), given, recorded, &source)? {
             notes.push(line);
         }
         models.push(model);

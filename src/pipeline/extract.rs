@@ -215,7 +215,6 @@ pub fn forward_with_pass(
     Ok((outputs, PassScores { scores, seconds }))
 }
 
-/// The loader of evaluation images in dataset order.
 /// Why an image with non-finite outputs was left out (`--skip-bad-images`).
 pub const NON_FINITE: &str = "the network's outputs are not finite (NaN or infinite)";
 
@@ -253,6 +252,7 @@ fn finite_rows(out: &Outputs, start: i64, len: i64) -> Result<Vec<bool>> {
     Ok(Vec::<bool>::try_from(ok.to_device(Device::Cpu))?)
 }
 
+/// The loader of evaluation images in dataset order.
 pub fn eval_loader(items: Arc<Vec<Item>>, opts: &ExtractOptions) -> Result<Loader> {
     Ok(Loader::new(
         items,

@@ -89,16 +89,8 @@ pub fn resolve_shard(
     }
     // Flags win: with both, the environment is not read (a resubmitted array such as
     // --array=3,7 passes its task id as --shard-index).
-    if let (Some(k), Some(n)) = (shard_index, num_shards) {
-        if k >= n {
-            bail!("shard index {k} (from --shard-index/--num-shards) is not below the number of shards {n}");
-        }
-        return Ok(ShardSpec {
-            index: k,
-            count: n,
-            source: "--shard-index/--num-shards".to_string(),
-        });
-    }
+    let flags = shard_index.is_some() && num_shards.is_some();
+    let int = |var: &str| if flags { Ok(None) } else { int(var) };
     let slurm = match int("SLURM_ARRAY_TASK_ID")? {
         None => None,
         Some(id) => {
@@ -277,22 +269,20 @@ impl Manifest {
             (!idx.settings.is_empty()).then_some((f, idx.settings))
         });
         if let Some((f, theirs)) = recorded {
-            let mut edited: Vec<String> = Vec::new();
-            for key in ours.keys().chain(theirs.keys()) {
-                let (a, b) = (ours.get(key), theirs.get(key));
-                if a != b
-                    && !edited
-                        .iter()
-                        .any(|e| e.starts_with(&format!("{} ", json_field(key))))
-                {
-                    edited.push(format!(
+            let keys: std::collections::BTreeSet<&String> =
+                ours.keys().chain(theirs.keys()).collect();
+            let edited: Vec<String> = keys
+                .into_iter()
+                .filter(|k| ours.get(*k) != theirs.get(*k))
+                .map(|k| {
+                    format!(
                         "{} says {}, but the shards were extracted with {}",
-                        json_field(key),
-                        a.map_or("nothing", String::as_str),
-                        b.map_or("nothing", String::as_str)
-                    ));
-                }
-            }
+                        json_field(k),
+                        ours.get(k).map_or("nothing", String::as_str),
+                        theirs.get(k).map_or("nothing", String::as_str)
+                    )
+                })
+                .collect();
             if edited.is_empty() {
                 bail!(
                     "{}: its fingerprint field was edited: it says {}, but its settings (and {}) give {computed}; restore it or extract the store again",
@@ -329,23 +319,22 @@ impl Manifest {
 
     /// The settings in which `other` (this run) differs from `self` (the store).
     pub fn differences(&self, other: &Manifest) -> Vec<String> {
+        let ours: BTreeMap<&str, String> = self.settings().into_iter().collect();
         let theirs: BTreeMap<&str, String> = other.settings().into_iter().collect();
-        let mut out: Vec<String> = self
-            .settings()
-            .into_iter()
-            .filter(|(k, a)| theirs.get(k) != Some(a))
-            .map(|(k, a)| {
-                let b = theirs.get(k).map_or("none", String::as_str);
-                format!("{k}: the store has {a}, this run {b}")
+        // In the settings' order, then the settings only this run has (a group config).
+        let mut keys: Vec<&str> = self.settings().into_iter().map(|(k, _)| k).collect();
+        keys.extend(theirs.keys().filter(|k| !ours.contains_key(*k)));
+        keys.into_iter()
+            .filter(|k| ours.get(k) != theirs.get(k))
+            .map(|k| {
+                let value = |m: &BTreeMap<&str, String>| m.get(k).cloned().unwrap_or("none".into());
+                format!(
+                    "{k}: the store has {}, this run {}",
+                    value(&ours),
+                    value(&theirs)
+                )
             })
-            .collect();
-        if self.group_config.is_none() && other.group_config.is_some() {
-            out.push(format!(
-                "group config: the store has none, this run {}",
-                split_name(other.group_config.as_deref())
-            ));
-        }
-        out
+            .collect()
     }
 
     /// The command that extracts shard `k`.
@@ -541,7 +530,6 @@ pub fn prepare_new(
         // set's error suggests then reuses the sets that had no bad image.
         let mut allowing = existing.clone();
         allowing.skip_bad_images = true;
-        allowing.fingerprint = allowing.compute_fingerprint();
         if !existing.skip_bad_images
             && m.skip_bad_images
             && allowing.differences(m).is_empty()
