@@ -3,6 +3,7 @@
 //! of processes, and `mos launch -- extract` (docs/distributed.md).
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use assert_cmd::cargo::CommandCargoExt;
@@ -275,7 +276,7 @@ fn rank(a: &[String], rank: usize, world: usize, port: u16) -> Child {
 }
 
 /// Reads the piped stderr of `child` on a thread until the child closes it.
-fn stderr_reader(child: &mut Child) -> std::thread::JoinHandle<String> {
+fn stderr_reader(child: &mut Child) -> JoinHandle<String> {
     let mut pipe = child.stderr.take().unwrap();
     std::thread::spawn(move || {
         let mut s = String::new();
@@ -284,14 +285,15 @@ fn stderr_reader(child: &mut Child) -> std::thread::JoinHandle<String> {
     })
 }
 
-#[test]
-fn a_killed_rank_stops_the_others_and_the_run_resumes_with_another_world_size() {
-    let d = data();
-    // A long schedule (never reached) with a checkpoint every 2 steps; a rank silent
-    // for 10 s is lost.
+/// Ranks 0 and 1 of run `name`: a long schedule (never reached) with a checkpoint
+/// every 2 steps, a rank silent for 10 s lost; both stderrs read while they run
+/// (a full pipe would block them). Returns once the first checkpoint is written;
+/// a rank that ends first fails the test (a rank that hangs is reported lost by
+/// the other after the --dist-timeout, which then ends).
+fn two_ranks_past_a_checkpoint(d: &Data, name: &str) -> ([Child; 2], [JoinHandle<String>; 2]) {
     let a = args(
-        &d,
-        "run",
+        d,
+        name,
         &[
             "--schedule",
             "2,4,100000",
@@ -302,19 +304,26 @@ fn a_killed_rank_stops_the_others_and_the_run_resumes_with_another_world_size() 
         ],
     );
     let port = free_port();
-    let mut r0 = rank(&a, 0, 2, port);
-    let mut r1 = rank(&a, 1, 2, port);
-    // Rank 0's stderr is read while it runs (a full pipe would block it).
-    let err0 = stderr_reader(&mut r0);
-    let ckpt = d.root.join("runs/run/checkpoint.safetensors");
-    // Wait (however long it takes) for the first checkpoint; a rank that ends first
-    // fails the test (a rank that hangs is reported lost by the other after the
-    // --dist-timeout, which then ends).
+    let mut ranks = [rank(&a, 0, 2, port), rank(&a, 1, 2, port)];
+    let errs = [stderr_reader(&mut ranks[0]), stderr_reader(&mut ranks[1])];
+    let ckpt = d
+        .root
+        .join("runs")
+        .join(name)
+        .join("checkpoint.safetensors");
     while !ckpt.exists() {
-        assert!(r0.try_wait().unwrap().is_none(), "rank 0 ended early");
-        assert!(r1.try_wait().unwrap().is_none(), "rank 1 ended early");
+        for (r, child) in ranks.iter_mut().enumerate() {
+            assert!(child.try_wait().unwrap().is_none(), "rank {r} ended early");
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
+    (ranks, errs)
+}
+
+#[test]
+fn a_killed_rank_stops_the_others_and_the_run_resumes_with_another_world_size() {
+    let d = data();
+    let ([mut r0, mut r1], [err0, _]) = two_ranks_past_a_checkpoint(&d, "run");
     r1.kill().unwrap();
     r1.wait().unwrap();
     // Rank 0 ends by itself: it reports rank 1 lost once its heartbeat has been silent
@@ -382,32 +391,12 @@ fn a_killed_rank_0_leaves_the_other_one_error_line_without_a_cpp_stack_trace() {
     // Rank 0 serves the rendezvous store: when it dies, the other rank's store client
     // fails; libtorch logged that failure with a dozen C++ stack frames.
     let d = data();
-    let a = args(
-        &d,
-        "r0",
-        &[
-            "--schedule",
-            "2,4,100000",
-            "--eval-every",
-            "2",
-            "--dist-timeout",
-            "10",
-        ],
-    );
-    let port = free_port();
-    let mut r0 = rank(&a, 0, 2, port);
-    let mut r1 = rank(&a, 1, 2, port);
-    let ckpt = d.root.join("runs/r0/checkpoint.safetensors");
-    while !ckpt.exists() {
-        assert!(r1.try_wait().unwrap().is_none(), "rank 1 ended early");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let ([mut r0, mut r1], [_, err1]) = two_ranks_past_a_checkpoint(&d, "r0");
     r0.kill().unwrap();
     r0.wait().unwrap();
     // The heartbeat makes rank 1 stop by itself (no time limit is asserted).
-    let mut err = String::new();
-    std::io::Read::read_to_string(r1.stderr.as_mut().unwrap(), &mut err).unwrap();
     assert!(!r1.wait().unwrap().success());
+    let err = err1.join().unwrap();
     assert!(err.contains("rank 0 died or is unreachable"), "{err}");
     assert_one_clean_error(&err);
 }
