@@ -76,6 +76,14 @@ fn on_sets(s: &Setup, command: &str, name: &str) -> Command {
     cmd
 }
 
+/// The flat model's logits of the ID and OOD sets, as stores `id` and `ood`.
+fn logit_stores(s: &Setup) -> (PathBuf, PathBuf) {
+    let (id, ood) = (s.root.join("id"), s.root.join("ood"));
+    ok(&mut extract(&s.id, &s.flat, &id, "32", "logits"));
+    ok(&mut extract(&s.ood, &s.flat, &ood, "32", "logits"));
+    (id, ood)
+}
+
 /// `mos score` of `id` against `ood` as run `name`.
 fn score(s: &Setup, id: &Path, ood: &Path, methods: &str, name: &str) -> Command {
     let mut cmd = mos();
@@ -226,9 +234,7 @@ fn a_group_split_other_than_the_checkpoints_is_refused() {
 #[test]
 fn a_store_changed_after_merge_is_not_scored() {
     let s = setup();
-    let (id, ood) = (s.root.join("id"), s.root.join("ood"));
-    ok(&mut extract(&s.id, &s.flat, &id, "32", "logits"));
-    ok(&mut extract(&s.ood, &s.flat, &ood, "32", "logits"));
+    let (id, ood) = logit_stores(&s);
     ok(mos().arg("merge").arg(&id));
     ok(&mut score(&s, &id, &ood, "MSP", "good"));
     let good = metrics(&s.root.join("runs/good/results.json"));
@@ -282,9 +288,7 @@ fn a_benchmark_rerun_recomputes_a_corrupted_store() {
 #[test]
 fn an_edited_manifest_is_refused_naming_the_field() {
     let s = setup();
-    let (id, ood) = (s.root.join("id"), s.root.join("ood"));
-    ok(&mut extract(&s.id, &s.flat, &id, "32", "logits"));
-    ok(&mut extract(&s.ood, &s.flat, &ood, "32", "logits"));
+    let (id, ood) = logit_stores(&s);
     let manifest = id.join("manifest.json");
     let original = read(&manifest);
     for (field, value) in [
