@@ -55,11 +55,11 @@ pub enum Command {
     Merge(MergeArgs),
     /// Start N local ranks of finetune-group/finetune-flat (data-parallel, c10d) or N
     /// shards of extract (then merge); all stop when one fails.
-    Launch(crate::commands::launch::LaunchArgs),
+    Launch(LaunchArgs),
     /// OOD scores, metrics, table and plots from feature stores (no images, no model).
     Score(ScoreArgs),
     /// Group a label space (WordNet taxonomy, feature k-means, random); write group lists.
-    MakeGroups(crate::commands::make_groups::MakeGroupsArgs),
+    MakeGroups(MakeGroupsArgs),
     /// A whole table (methods x OOD sets) in one run: each model and set extracted once,
     /// checked against published numbers.
     Benchmark(BenchmarkArgs),
@@ -96,42 +96,14 @@ pub struct BenchmarkArgs {
     /// The flat-softmax checkpoint (every method but MOS).
     #[arg(long, alias = "flat_model_path", value_name = "FILE")]
     pub flat_model_path: Option<PathBuf>,
-    /// Tuned Mahalanobis parameters (tune-mahalanobis), for Mahalanobis.
-    #[arg(long, alias = "mahalanobis_param_path", value_name = "PATH")]
-    pub mahalanobis_param_path: Option<PathBuf>,
     /// Methods, comma-separated: MOS, MSP, ODIN, Energy, KL_Div, Mahalanobis, and the
     /// post-hoc MaxLogit, GradNorm, ReAct, KNN, ViM, ASH-P, ASH-B, ASH-S, DICE (flat model).
     #[arg(long, value_delimiter = ',', value_name = "METHODS")]
     pub score: Vec<String>,
-    /// ODIN temperature [default: 1000].
-    #[arg(long, alias = "temperature_odin", value_name = "T")]
-    pub temperature_odin: Option<f64>,
-    /// ODIN input perturbation; > 0 perturbs the images, sharing the flat model's extraction pass [default: 0].
-    #[arg(long, alias = "epsilon_odin", value_name = "EPS")]
-    pub epsilon_odin: Option<f64>,
-    /// Energy temperature [default: 1].
-    #[arg(long, alias = "temperature_energy", value_name = "T")]
-    pub temperature_energy: Option<f64>,
-    /// A store of in-distribution training images extracted with the flat model
-    /// (mos extract --layers logits,features), for ReAct, KNN, ViM and DICE; what is
-    /// fitted is saved in the run directory (fit.safetensors) and reused.
-    #[arg(long, value_name = "STORE")]
-    pub fit: Option<PathBuf>,
-    /// ReAct: clip at this percentile of the training activations [default: 90].
-    #[arg(long, alias = "react_percentile", value_name = "P")]
-    pub react_percentile: Option<f64>,
-    /// KNN: the k-th nearest training feature [default: 1000, the original's ImageNet k].
-    #[arg(long, alias = "knn_k", value_name = "K")]
-    pub knn_k: Option<i64>,
-    /// ViM: principal dimension [default: 1000 for D >= 2048, 512 for D >= 768, else D/2].
-    #[arg(long, alias = "vim_dim", value_name = "DIM")]
-    pub vim_dim: Option<i64>,
-    /// ASH-P/B/S: prune this percentile of each image's activations [default: 90].
-    #[arg(long, alias = "ash_percentile", value_name = "P")]
-    pub ash_percentile: Option<f64>,
-    /// DICE: keep the head's weights whose contribution is above this percentile [default: 70].
-    #[arg(long, alias = "dice_percentile", value_name = "P")]
-    pub dice_percentile: Option<f64>,
+    #[command(flatten)]
+    pub baseline: BaselineFlags,
+    #[command(flatten)]
+    pub posthoc: PostHocFlags,
     /// Published numbers to compare with (JSON, a tolerance per cell); the exit status
     /// is 1 when a cell is outside its tolerance.
     #[arg(long, value_name = "FILE")]
@@ -219,6 +191,99 @@ pub struct MergeArgs {
     pub store: PathBuf,
 }
 
+/// Arguments of `mos launch`.
+#[derive(Debug, Clone, Args)]
+pub struct LaunchArgs {
+    /// Processes on this node (one per GPU, or CPU processes).
+    #[arg(long, value_name = "N")]
+    pub nproc_per_node: usize,
+    /// Nodes of the job (each runs its own `mos launch`).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub nnodes: usize,
+    /// This node's index, 0-based (node 0 hosts the rendezvous store).
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    pub node_rank: usize,
+    /// Host of node 0 (default 127.0.0.1 with one node).
+    #[arg(long, value_name = "HOST")]
+    pub master_addr: Option<String>,
+    /// Port of the rendezvous store (default: a free port with one node, else 29500).
+    #[arg(long, value_name = "PORT")]
+    pub master_port: Option<u16>,
+    /// The mos command the ranks run: finetune-group, finetune-flat or extract (or
+    /// bench-train), with its arguments.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// How `mos make-groups` groups the classes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Strategy {
+    /// By the WordNet noun hierarchy (classes are WordNet ids such as n01440764).
+    Taxonomy,
+    /// k-means++ of the class means of a feature store's pre-logits.
+    Kmeans,
+    /// A seeded random partition into groups of as-equal-as-possible sizes.
+    Random,
+}
+
+/// Arguments of `mos make-groups`.
+#[derive(Debug, Clone, Args)]
+pub struct MakeGroupsArgs {
+    /// How to group (makes --output from the classes of --datadir or --classes).
+    #[arg(
+        long,
+        value_enum,
+        required_unless_present = "from",
+        conflicts_with = "from"
+    )]
+    pub strategy: Option<Strategy>,
+    /// The groups file to write (GROUPS.json, read by --group-config).
+    #[arg(long, value_name = "GROUPS.json", requires = "strategy")]
+    pub output: Option<PathBuf>,
+    /// The classes: the class folders of this ImageFolder directory, sorted as ImageFolder sorts them.
+    #[arg(long, value_name = "DIR", conflicts_with = "classes")]
+    pub datadir: Option<PathBuf>,
+    /// The classes: one name per line, in flat-label order (e.g. configs/imagenet/imagenet1k_classes.txt).
+    #[arg(long, value_name = "FILE")]
+    pub classes: Option<PathBuf>,
+    /// taxonomy: the directory of WordNet 3.0's data.noun and index.noun.
+    #[arg(long, alias = "wordnet_dir", default_value = crate::groups::wordnet::DEFAULT_DIR, value_name = "DIR")]
+    pub wordnet_dir: PathBuf,
+    /// taxonomy: the groups' anchor synsets in group order, comma-separated, as ids
+    /// (n00015388) or senses (animal.n.01); `rest` places the group of classes no
+    /// anchor catches (last if not given). Default: the paper's eight groups.
+    #[arg(long, value_delimiter = ',', value_name = "SYNSETS")]
+    pub anchors: Option<Vec<String>>,
+    /// kmeans: a feature store with pre-logits (mos extract --layers logits,features).
+    #[arg(long, value_name = "STORE")]
+    pub features: Option<PathBuf>,
+    /// kmeans, random: the number of groups.
+    #[arg(long, alias = "num_groups", value_name = "K")]
+    pub num_groups: Option<usize>,
+    /// kmeans, random: the seed.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub seed: u64,
+    /// kmeans: k-means++ restarts; the lowest inertia wins.
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    pub restarts: usize,
+    /// Write the group list of --flat-list with the groups of this file.
+    #[arg(long, value_name = "GROUPS.json", requires_all = ["flat_list", "output_list"])]
+    pub from: Option<PathBuf>,
+    /// The flat list (`path label`); a line's class is its path's folder, or
+    /// --classes' name of its label.
+    #[arg(long, alias = "flat_list", value_name = "FILE", requires = "from")]
+    pub flat_list: Option<PathBuf>,
+    /// The group list to write (`path group_index class_index_in_group`).
+    #[arg(long, alias = "output_list", value_name = "FILE", requires = "from")]
+    pub output_list: Option<PathBuf>,
+    /// The inverse map to write (group, class in group -> flat label, class name);
+    /// default: --output-list with .map.json for its extension.
+    #[arg(long, alias = "output_map", value_name = "FILE", requires = "from")]
+    pub output_map: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
 /// Arguments of `mos score`.
 #[derive(Debug, Clone, Args)]
 pub struct ScoreArgs {
@@ -240,35 +305,17 @@ pub struct ScoreArgs {
     /// Classes per group (.npy or .json), for MOS.
     #[arg(long, alias = "group_config", value_name = "FILE")]
     pub group_config: Option<PathBuf>,
-    /// ODIN temperature.
-    #[arg(
-        long,
-        alias = "temperature_odin",
-        default_value_t = 1000.0,
-        value_name = "T"
-    )]
-    pub temperature_odin: f64,
-    /// ODIN input perturbation: only 0 can be computed from a store.
-    #[arg(
-        long,
-        alias = "epsilon_odin",
-        default_value_t = 0.0,
-        value_name = "EPS"
-    )]
-    pub epsilon_odin: f64,
-    /// Energy temperature.
-    #[arg(
-        long,
-        alias = "temperature_energy",
-        default_value_t = 1.0,
-        value_name = "T"
-    )]
-    pub temperature_energy: f64,
-    /// Tuned Mahalanobis parameters with magnitude 0 (needs stores with --layers mahalanobis).
-    #[arg(long, alias = "mahalanobis_param_path", value_name = "PATH")]
-    pub mahalanobis_param_path: Option<PathBuf>,
     #[command(flatten)]
-    pub posthoc: PostHocArgs,
+    pub baseline: BaselineFlags,
+    #[command(flatten)]
+    pub posthoc: PostHocFlags,
+    /// The checkpoint the stores were extracted with, read for its head (ReAct, ViM,
+    /// ASH, DICE); default: the path the ID store's manifest records. Checked by SHA-256.
+    #[arg(long, alias = "model_path", value_name = "FILE")]
+    pub model_path: Option<PathBuf>,
+    /// Device of the post-hoc methods: auto (CUDA device 0 if available, else CPU), cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto", value_name = "DEVICE")]
+    pub device: DeviceSpec,
     #[command(flatten)]
     pub run: RunArgs,
     #[command(flatten)]
@@ -541,8 +588,8 @@ pub struct ReportArgs {
     #[arg(required = true, value_name = "RESULTS")]
     pub results: Vec<PathBuf>,
     /// Output format.
-    #[arg(long, value_enum, default_value_t = crate::report::ReportFormat::Markdown)]
-    pub format: crate::report::ReportFormat,
+    #[arg(long, value_enum, default_value_t = crate::pipeline::report::ReportFormat::Markdown)]
+    pub format: crate::pipeline::report::ReportFormat,
 }
 
 /// Where the run's outputs go: `<logdir>/<name>/`.
@@ -639,34 +686,8 @@ pub struct TestBaselineArgs {
         value_name = "METHODS"
     )]
     pub score: Vec<Score>,
-    /// ODIN temperature.
-    #[arg(
-        long,
-        alias = "temperature_odin",
-        default_value_t = 1000.0,
-        value_name = "T"
-    )]
-    pub temperature_odin: f64,
-    /// ODIN input-perturbation magnitude (0: no perturbation and no backward pass).
-    #[arg(
-        long,
-        alias = "epsilon_odin",
-        default_value_t = 0.0,
-        value_name = "EPS"
-    )]
-    pub epsilon_odin: f64,
-    /// Energy temperature.
-    #[arg(
-        long,
-        alias = "temperature_energy",
-        default_value_t = 1.0,
-        value_name = "T"
-    )]
-    pub temperature_energy: f64,
-    /// Tuned Mahalanobis parameters: the tune-mahalanobis run directory or its
-    /// mahalanobis.safetensors.
-    #[arg(long, alias = "mahalanobis_param_path", value_name = "PATH")]
-    pub mahalanobis_param_path: Option<PathBuf>,
+    #[command(flatten)]
+    pub baseline: BaselineFlags,
     #[command(flatten)]
     pub output: EvalOutputArgs,
     #[command(flatten)]
@@ -854,10 +875,14 @@ mod tests {
         };
         assert_eq!(a.score, vec![Score::Odin]);
         assert_eq!(
-            (a.temperature_odin, a.epsilon_odin, a.temperature_energy),
+            (
+                a.baseline.temperature_odin(),
+                a.baseline.epsilon_odin(),
+                a.baseline.temperature_energy()
+            ),
             (100.0, 0.0014, 2.0)
         );
-        assert_eq!(a.mahalanobis_param_path, Some(PathBuf::from("p")));
+        assert_eq!(a.baseline.mahalanobis_param_path, Some(PathBuf::from("p")));
         assert_eq!(a.data.batch, 32);
         assert_eq!(a.device.device, DeviceSpec::Cuda(1));
         let Command::TestBaseline(b) = parse(&[
@@ -879,7 +904,11 @@ mod tests {
         };
         assert_eq!(b.score, vec![Score::Msp, Score::Energy, Score::KlDiv]);
         assert_eq!(
-            (b.temperature_odin, b.epsilon_odin, b.temperature_energy),
+            (
+                b.baseline.temperature_odin(),
+                b.baseline.epsilon_odin(),
+                b.baseline.temperature_energy()
+            ),
             (1000.0, 0.0, 1.0)
         );
         let Command::TestBaseline(c) = parse(&[
@@ -1031,33 +1060,77 @@ mod tests {
     }
 }
 
-/// Settings of the post-hoc methods of `mos score` (docs/scores.md#post-hoc-methods-from-feature-stores).
-#[derive(Debug, Clone, Args)]
-pub struct PostHocArgs {
-    /// A store of in-distribution training images (same model) for ReAct, KNN, ViM
-    /// and DICE; what is fitted is saved in the run directory (fit.safetensors) and reused.
+/// The settings of ODIN, Energy and Mahalanobis, shared by `mos score`,
+/// `mos test-baseline` and `mos benchmark` (docs/scores.md). A flag not given
+/// takes the original's default ([`BaselineFlags::temperature_odin`] and the
+/// others); `mos benchmark` reads it from its config file first.
+#[derive(Debug, Clone, Default, Args)]
+pub struct BaselineFlags {
+    /// ODIN temperature [default: 1000].
+    #[arg(long, alias = "temperature_odin", value_name = "T")]
+    pub temperature_odin: Option<f64>,
+    /// ODIN input perturbation [default: 0]. At 0 there is no backward pass; a
+    /// positive value perturbs the images, so it needs the model and the images
+    /// (test-baseline; benchmark, sharing the flat model's extraction pass): a store
+    /// gives ODIN only at 0.
+    #[arg(long, alias = "epsilon_odin", value_name = "EPS")]
+    pub epsilon_odin: Option<f64>,
+    /// Energy temperature [default: 1].
+    #[arg(long, alias = "temperature_energy", value_name = "T")]
+    pub temperature_energy: Option<f64>,
+    /// Tuned Mahalanobis parameters: the tune-mahalanobis run directory or its
+    /// mahalanobis.safetensors. From stores (extracted with --layers mahalanobis) only
+    /// parameters with noise magnitude 0 can be used.
+    #[arg(long, alias = "mahalanobis_param_path", value_name = "PATH")]
+    pub mahalanobis_param_path: Option<PathBuf>,
+}
+
+impl BaselineFlags {
+    /// `--temperature-odin`'s default (the original's).
+    pub const TEMPERATURE_ODIN: f64 = 1000.0;
+    /// `--epsilon-odin`'s default (the original's).
+    pub const EPSILON_ODIN: f64 = 0.0;
+    /// `--temperature-energy`'s default (the original's).
+    pub const TEMPERATURE_ENERGY: f64 = 1.0;
+
+    pub fn temperature_odin(&self) -> f64 {
+        self.temperature_odin.unwrap_or(Self::TEMPERATURE_ODIN)
+    }
+
+    pub fn epsilon_odin(&self) -> f64 {
+        self.epsilon_odin.unwrap_or(Self::EPSILON_ODIN)
+    }
+
+    pub fn temperature_energy(&self) -> f64 {
+        self.temperature_energy.unwrap_or(Self::TEMPERATURE_ENERGY)
+    }
+}
+
+/// The settings of the post-hoc methods, shared by `mos score` and
+/// `mos benchmark` (docs/scores.md#post-hoc-methods-from-feature-stores). A flag not
+/// given takes the default of [`crate::pipeline::score::posthoc_fit::Settings`];
+/// `mos benchmark` reads it from its config file first.
+#[derive(Debug, Clone, Default, Args)]
+pub struct PostHocFlags {
+    /// A store of in-distribution training images extracted with the same (flat)
+    /// model (mos extract --layers logits,features), for ReAct, KNN, ViM and DICE;
+    /// what is fitted is saved in the run directory (fit.safetensors) and reused.
     #[arg(long, value_name = "STORE")]
     pub fit: Option<PathBuf>,
-    /// The checkpoint the stores were extracted with, read for its head (ReAct, ViM,
-    /// ASH, DICE); default: the path the ID store's manifest records. Checked by SHA-256.
-    #[arg(long, alias = "model_path", value_name = "FILE")]
-    pub model_path: Option<PathBuf>,
-    /// ReAct: clip at this percentile of the training activations.
-    #[arg(long, default_value_t = crate::pipeline::posthoc::REACT_PERCENTILE, value_name = "P")]
-    pub react_percentile: f64,
-    /// KNN: the k-th nearest training feature (the original's ImageNet k; OpenOOD uses 50).
-    #[arg(long, default_value_t = crate::pipeline::posthoc::KNN_K, value_name = "K")]
-    pub knn_k: i64,
-    /// ViM: principal dimension; default 1000 for D >= 2048, 512 for D >= 768, else D/2.
-    #[arg(long, value_name = "DIM")]
+    /// ReAct: clip at this percentile of the training activations [default: 90].
+    #[arg(long, alias = "react_percentile", value_name = "P")]
+    pub react_percentile: Option<f64>,
+    /// KNN: the k-th nearest training feature [default: 1000, the original's ImageNet
+    /// k; OpenOOD uses 50].
+    #[arg(long, alias = "knn_k", value_name = "K")]
+    pub knn_k: Option<i64>,
+    /// ViM: principal dimension [default: 1000 for D >= 2048, 512 for D >= 768, else D/2].
+    #[arg(long, alias = "vim_dim", value_name = "DIM")]
     pub vim_dim: Option<i64>,
-    /// ASH-P/B/S: prune this percentile of each image's activations.
-    #[arg(long, default_value_t = crate::pipeline::posthoc::ASH_PERCENTILE, value_name = "P")]
-    pub ash_percentile: f64,
-    /// DICE: keep the head's weights whose contribution is above this percentile.
-    #[arg(long, default_value_t = crate::pipeline::posthoc::DICE_PERCENTILE, value_name = "P")]
-    pub dice_percentile: f64,
-    /// Device of the post-hoc methods: auto (CUDA device 0 if available, else CPU), cpu, cuda, cuda:N.
-    #[arg(long, default_value = "auto", value_name = "DEVICE")]
-    pub device: DeviceSpec,
+    /// ASH-P/B/S: prune this percentile of each image's activations [default: 90].
+    #[arg(long, alias = "ash_percentile", value_name = "P")]
+    pub ash_percentile: Option<f64>,
+    /// DICE: keep the head's weights whose contribution is above this percentile [default: 70].
+    #[arg(long, alias = "dice_percentile", value_name = "P")]
+    pub dice_percentile: Option<f64>,
 }

@@ -277,17 +277,19 @@ fn fgsm_images_match_pytorch() {
     assert_no_grads(&vs);
 }
 
-/// `mos benchmark`'s shared pass (pipeline::extract::forward_with_pass): one
+/// `mos benchmark`'s shared pass (pipeline::score::image_pass::forward_with_pass): one
 /// forward pass with a graph gives the stored outputs and, from the same graph,
 /// the input gradients of ODIN and Mahalanobis; every value equals the separate
-/// passes of test-baseline (ood::odin, pipeline::mahalanobis::score) and the
+/// passes of test-baseline (ood::odin, pipeline::score::image_pass::mahalanobis) and the
 /// extraction's no-grad forward (forward_batch) bit for bit: the same operations on
 /// the same values, each gradient through the part of the graph its loss depends on.
 #[test]
 fn shared_pass_equals_the_separate_passes() {
-    use mos::pipeline::extract::{forward_batch, forward_with_pass, ImagePass, Layers};
-    use mos::pipeline::mahalanobis::MahalanobisParams;
+    use mos::pipeline::extract::forward_batch;
+    use mos::pipeline::score::image_pass::{forward_with_pass, ImagePass};
+    use mos::pipeline::score::MahalanobisParams;
     use mos::pipeline::score::Method;
+    use mos::pipeline::vocab::Layers;
     let (vs, model) = r14();
     let exp = expected();
     let x = read_named(&exp, "x");
@@ -332,7 +334,7 @@ fn shared_pass_equals_the_separate_passes() {
         let Method::Mahalanobis(p) = &methods[1] else {
             unreachable!()
         };
-        let maha = mos::pipeline::mahalanobis::score(&model, p, &x).unwrap();
+        let maha = mos::pipeline::score::image_pass::mahalanobis(&model, p, &x).unwrap();
         assert!(ps.scores[1].equal(&maha), "Mahalanobis");
         assert_eq!(ps.seconds.len(), 2);
     }

@@ -167,7 +167,7 @@ fn scores_from_stores_equal_the_test_commands_bit_for_bit() {
         "{log}"
     );
     // The plots draw the saved scores (the ROC title holds the row's AUROC).
-    let (_, id, ood) = mos::report::read_scores_csv(&store_csv, Some("KL_Div")).unwrap();
+    let (_, id, ood) = mos::pipeline::report::read_scores_csv(&store_csv, Some("KL_Div")).unwrap();
     let rows: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(run.join("results.json")).unwrap()).unwrap();
     let kl = rows.iter().find(|r| r["method"] == "KL_Div").unwrap();

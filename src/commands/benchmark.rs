@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use crate::cli::BenchmarkArgs;
+use crate::cli::{BaselineFlags, BenchmarkArgs};
 use crate::device::DeviceSpec;
 use crate::model::Variant;
 use crate::pipeline::benchmark::{self, BenchmarkRequest, SetSpec};
-use crate::pipeline::posthoc;
+use crate::pipeline::score::posthoc_fit as posthoc;
 use crate::pipeline::score::MethodSettings;
 
 /// A set in a config file: a path, or `{"path", "images", "name"}` (the
@@ -285,6 +285,7 @@ fn request(args: &BenchmarkArgs) -> Result<BenchmarkRequest> {
         .or(cfg.name)
         .context("--name is required (on the command line or in --config)")?;
     let pick = |a: Option<f64>, c: Option<f64>, d: f64| a.or(c).unwrap_or(d);
+    let (b, p) = (&args.baseline, &args.posthoc);
     Ok(BenchmarkRequest {
         in_set,
         out_sets,
@@ -293,11 +294,23 @@ fn request(args: &BenchmarkArgs) -> Result<BenchmarkRequest> {
         flat_model_path: args.flat_model_path.clone().or(cfg.flat_model_path),
         score,
         settings: MethodSettings {
-            temperature_odin: pick(args.temperature_odin, cfg.temperature_odin, 1000.0),
-            epsilon_odin: pick(args.epsilon_odin, cfg.epsilon_odin, 0.0),
-            temperature_energy: pick(args.temperature_energy, cfg.temperature_energy, 1.0),
+            temperature_odin: pick(
+                b.temperature_odin,
+                cfg.temperature_odin,
+                BaselineFlags::TEMPERATURE_ODIN,
+            ),
+            epsilon_odin: pick(
+                b.epsilon_odin,
+                cfg.epsilon_odin,
+                BaselineFlags::EPSILON_ODIN,
+            ),
+            temperature_energy: pick(
+                b.temperature_energy,
+                cfg.temperature_energy,
+                BaselineFlags::TEMPERATURE_ENERGY,
+            ),
             group_config: args.group_config.clone().or(cfg.group_config),
-            mahalanobis_param_path: args
+            mahalanobis_param_path: b
                 .mahalanobis_param_path
                 .clone()
                 .or(cfg.mahalanobis_param_path),
@@ -307,17 +320,17 @@ fn request(args: &BenchmarkArgs) -> Result<BenchmarkRequest> {
             let d = posthoc::Settings::default();
             posthoc::Settings {
                 react_percentile: pick(
-                    args.react_percentile,
+                    p.react_percentile,
                     cfg.react_percentile,
                     d.react_percentile,
                 ),
-                knn_k: args.knn_k.or(cfg.knn_k).unwrap_or(d.knn_k),
-                vim_dim: args.vim_dim.or(cfg.vim_dim),
-                ash_percentile: pick(args.ash_percentile, cfg.ash_percentile, d.ash_percentile),
-                dice_percentile: pick(args.dice_percentile, cfg.dice_percentile, d.dice_percentile),
+                knn_k: p.knn_k.or(cfg.knn_k).unwrap_or(d.knn_k),
+                vim_dim: p.vim_dim.or(cfg.vim_dim),
+                ash_percentile: pick(p.ash_percentile, cfg.ash_percentile, d.ash_percentile),
+                dice_percentile: pick(p.dice_percentile, cfg.dice_percentile, d.dice_percentile),
             }
         },
-        fit: args.fit.clone().or(cfg.fit),
+        fit: p.fit.clone().or(cfg.fit),
         published: args.published.clone().or(cfg.published),
         run_dir: logdir.join(name),
         batch: args.batch.or(cfg.batch).unwrap_or(256),

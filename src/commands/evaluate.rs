@@ -6,11 +6,15 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use crate::cli::{DeviceArgs, EvalDataArgs, EvalOutputArgs, RunArgs};
-use crate::eval::{finish_kl, metrics_of, score_split, EvalOptions, EvalSet, Method, MethodResult};
+use crate::data::EvalSet;
 use crate::groupconfig::check_split;
 use crate::model::weights::{load_model, with_head_hint};
 use crate::model::Variant;
-use crate::report::{csv_path, merge_results, table, write_scores_csv, ScoreColumns};
+use crate::pipeline::in_memory::{finish_kl, metrics_of, score_split, EvalOptions};
+use crate::pipeline::report::{
+    csv_path, merge_results, table, write_scores_csv, MethodResult, ScoreColumns,
+};
+use crate::pipeline::score::Method;
 use crate::runlog::RunLog;
 
 /// The head a checkpoint must have for this evaluation, and how to explain a mismatch.

@@ -8,8 +8,9 @@ use crate::cli::ExtractArgs;
 use crate::data::loader::Item;
 use crate::data::{read_flat_list, ImageFolder};
 use crate::model::weights::{load_model, resolve_weight_path};
-use crate::pipeline::extract::{extract_range, ExtractOptions, Layers};
+use crate::pipeline::extract::{extract_range, ExtractOptions};
 use crate::pipeline::store::{self, Manifest};
+use crate::pipeline::vocab::Layers;
 use crate::runlog::RunLog;
 use crate::runtime::{device_name, value_name};
 

@@ -7,33 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser};
+use clap::Parser;
 
-use crate::cli::{Cli, Command, MergeArgs};
-
-/// Arguments of `mos launch`.
-#[derive(Debug, Clone, Args)]
-pub struct LaunchArgs {
-    /// Processes on this node (one per GPU, or CPU processes).
-    #[arg(long, value_name = "N")]
-    pub nproc_per_node: usize,
-    /// Nodes of the job (each runs its own `mos launch`).
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    pub nnodes: usize,
-    /// This node's index, 0-based (node 0 hosts the rendezvous store).
-    #[arg(long, default_value_t = 0, value_name = "K")]
-    pub node_rank: usize,
-    /// Host of node 0 (default 127.0.0.1 with one node).
-    #[arg(long, value_name = "HOST")]
-    pub master_addr: Option<String>,
-    /// Port of the rendezvous store (default: a free port with one node, else 29500).
-    #[arg(long, value_name = "PORT")]
-    pub master_port: Option<u16>,
-    /// The mos command the ranks run: finetune-group, finetune-flat or extract (or
-    /// bench-train), with its arguments.
-    #[arg(last = true, required = true, value_name = "COMMAND")]
-    pub command: Vec<String>,
-}
+use crate::cli::{Cli, Command, LaunchArgs, MergeArgs};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 

@@ -4,83 +4,13 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
-use crate::cli::DeviceArgs;
+use crate::cli::{MakeGroupsArgs, Strategy};
 use crate::groups::{self, kmeans, wordnet, GroupsFile};
 use crate::model::checkpoint::write_atomic;
 use crate::pipeline::store;
-
-/// How `mos make-groups` groups the classes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Strategy {
-    /// By the WordNet noun hierarchy (classes are WordNet ids such as n01440764).
-    Taxonomy,
-    /// k-means++ of the class means of a feature store's pre-logits.
-    Kmeans,
-    /// A seeded random partition into groups of as-equal-as-possible sizes.
-    Random,
-}
-
-/// Arguments of `mos make-groups`.
-#[derive(Debug, Clone, Args)]
-pub struct MakeGroupsArgs {
-    /// How to group (makes --output from the classes of --datadir or --classes).
-    #[arg(
-        long,
-        value_enum,
-        required_unless_present = "from",
-        conflicts_with = "from"
-    )]
-    pub strategy: Option<Strategy>,
-    /// The groups file to write (GROUPS.json, read by --group-config).
-    #[arg(long, value_name = "GROUPS.json", requires = "strategy")]
-    pub output: Option<PathBuf>,
-    /// The classes: the class folders of this ImageFolder directory, sorted as ImageFolder sorts them.
-    #[arg(long, value_name = "DIR", conflicts_with = "classes")]
-    pub datadir: Option<PathBuf>,
-    /// The classes: one name per line, in flat-label order (e.g. configs/imagenet/imagenet1k_classes.txt).
-    #[arg(long, value_name = "FILE")]
-    pub classes: Option<PathBuf>,
-    /// taxonomy: the directory of WordNet 3.0's data.noun and index.noun.
-    #[arg(long, alias = "wordnet_dir", default_value = wordnet::DEFAULT_DIR, value_name = "DIR")]
-    pub wordnet_dir: PathBuf,
-    /// taxonomy: the groups' anchor synsets in group order, comma-separated, as ids
-    /// (n00015388) or senses (animal.n.01); `rest` places the group of classes no
-    /// anchor catches (last if not given). Default: the paper's eight groups.
-    #[arg(long, value_delimiter = ',', value_name = "SYNSETS")]
-    pub anchors: Option<Vec<String>>,
-    /// kmeans: a feature store with pre-logits (mos extract --layers logits,features).
-    #[arg(long, value_name = "STORE")]
-    pub features: Option<PathBuf>,
-    /// kmeans, random: the number of groups.
-    #[arg(long, alias = "num_groups", value_name = "K")]
-    pub num_groups: Option<usize>,
-    /// kmeans, random: the seed.
-    #[arg(long, default_value_t = 0, value_name = "N")]
-    pub seed: u64,
-    /// kmeans: k-means++ restarts; the lowest inertia wins.
-    #[arg(long, default_value_t = 10, value_name = "N")]
-    pub restarts: usize,
-    /// Write the group list of --flat-list with the groups of this file.
-    #[arg(long, value_name = "GROUPS.json", requires_all = ["flat_list", "output_list"])]
-    pub from: Option<PathBuf>,
-    /// The flat list (`path label`); a line's class is its path's folder, or
-    /// --classes' name of its label.
-    #[arg(long, alias = "flat_list", value_name = "FILE", requires = "from")]
-    pub flat_list: Option<PathBuf>,
-    /// The group list to write (`path group_index class_index_in_group`).
-    #[arg(long, alias = "output_list", value_name = "FILE", requires = "from")]
-    pub output_list: Option<PathBuf>,
-    /// The inverse map to write (group, class in group -> flat label, class name);
-    /// default: --output-list with .map.json for its extension.
-    #[arg(long, alias = "output_map", value_name = "FILE", requires = "from")]
-    pub output_map: Option<PathBuf>,
-    #[command(flatten)]
-    pub device: DeviceArgs,
-}
 
 /// `p` made absolute with its links resolved; a file yet to be made: its resolved
 /// folder joined with its name.

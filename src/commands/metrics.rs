@@ -3,7 +3,7 @@ use anyhow::{Context, Result};
 
 use crate::cli::MetricsArgs;
 use crate::metrics::ood_metrics;
-use crate::report::read_scores_csv;
+use crate::pipeline::report::read_scores_csv;
 
 pub fn run(args: &MetricsArgs) -> Result<()> {
     let (column, id, ood) = read_scores_csv(&args.scores, args.method.as_deref())?;

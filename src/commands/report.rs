@@ -2,7 +2,7 @@
 use anyhow::Result;
 
 use crate::cli::ReportArgs;
-use crate::report::{paper_table, read_results};
+use crate::pipeline::report::{paper_table, read_results};
 
 pub fn run(args: &ReportArgs) -> Result<()> {
     let mut rows = Vec::new();

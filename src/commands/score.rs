@@ -7,25 +7,26 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use crate::cli::ScoreArgs;
-use crate::eval::MethodResult;
 use crate::groupconfig::check_split;
 use crate::metrics::ood_metrics;
-use crate::pipeline::posthoc;
+use crate::pipeline::report::{
+    csv_path, merge_results, table, write_scores_csv, MethodResult, ScoreColumns,
+};
+use crate::pipeline::score::posthoc_fit as posthoc;
 use crate::pipeline::score::{
     kl_scores, methods_from_names, posthoc_methods, score_store, Method, MethodSettings,
 };
 use crate::pipeline::store::{self, StoreData, MANIFEST};
-use crate::report::{csv_path, merge_results, table, write_scores_csv, ScoreColumns};
 use crate::runlog::RunLog;
 
 /// The methods of `--score`, with their settings: those a store can serve.
 fn methods(args: &ScoreArgs) -> Result<Vec<Method>> {
     let settings = MethodSettings {
-        temperature_odin: args.temperature_odin,
-        epsilon_odin: args.epsilon_odin,
-        temperature_energy: args.temperature_energy,
+        temperature_odin: args.baseline.temperature_odin(),
+        epsilon_odin: args.baseline.epsilon_odin(),
+        temperature_energy: args.baseline.temperature_energy(),
         group_config: args.group_config.clone(),
-        mahalanobis_param_path: args.mahalanobis_param_path.clone(),
+        mahalanobis_param_path: args.baseline.mahalanobis_param_path.clone(),
         model: None,
     };
     let out = methods_from_names(&args.score, &settings, tch::Device::Cpu)?;
@@ -43,22 +44,22 @@ fn posthoc_request(args: &ScoreArgs, methods: &[Method]) -> Result<Option<postho
     if list.is_empty() {
         return Ok(None);
     }
-    let a = &args.posthoc;
+    let (a, d) = (&args.posthoc, posthoc::Settings::default());
     let settings = posthoc::Settings {
-        react_percentile: a.react_percentile,
-        knn_k: a.knn_k,
+        react_percentile: a.react_percentile.unwrap_or(d.react_percentile),
+        knn_k: a.knn_k.unwrap_or(d.knn_k),
         vim_dim: a.vim_dim,
-        ash_percentile: a.ash_percentile,
-        dice_percentile: a.dice_percentile,
+        ash_percentile: a.ash_percentile.unwrap_or(d.ash_percentile),
+        dice_percentile: a.dice_percentile.unwrap_or(d.dice_percentile),
     };
     settings.validate()?;
     Ok(Some(posthoc::Request {
         methods: list,
         settings,
         fit: a.fit.clone(),
-        model_path: a.model_path.clone(),
+        model_path: args.model_path.clone(),
         run_dir: args.run.logdir.join(&args.run.name),
-        device: a.device.resolve()?,
+        device: args.device.resolve()?,
     }))
 }
 
@@ -188,11 +189,11 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
     let mut settings = serde_json::json!({
         "id_store": args.id,
         "score": names,
-        "temperature_odin": args.temperature_odin,
-        "epsilon_odin": args.epsilon_odin,
-        "temperature_energy": args.temperature_energy,
+        "temperature_odin": args.baseline.temperature_odin(),
+        "epsilon_odin": args.baseline.epsilon_odin(),
+        "temperature_energy": args.baseline.temperature_energy(),
         "group_config": args.group_config,
-        "mahalanobis_param_path": args.mahalanobis_param_path,
+        "mahalanobis_param_path": args.baseline.mahalanobis_param_path,
         "batch": id.manifest.batch,
         "crop": id.manifest.crop,
         "precision": id.manifest.precision,

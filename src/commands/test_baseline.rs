@@ -4,25 +4,31 @@ use anyhow::{bail, Result};
 
 use super::evaluate::{self, EvalJob, HeadCheck};
 use crate::cli::TestBaselineArgs;
-use crate::eval::Method;
 use crate::ood::Score;
-use crate::pipeline::mahalanobis::read_params_for;
+use crate::pipeline::score::mahalanobis_params::read_params_for;
+use crate::pipeline::score::Method;
 
 pub fn run(args: &TestBaselineArgs) -> Result<()> {
+    let b = &args.baseline;
+    let (temperature_odin, epsilon_odin, temperature_energy) = (
+        b.temperature_odin(),
+        b.epsilon_odin(),
+        b.temperature_energy(),
+    );
     let mut methods = Vec::new();
     for score in &args.score {
         let method = match score {
             Score::Msp => Method::Msp,
             Score::Odin => Method::Odin {
-                temperature: args.temperature_odin,
-                epsilon: args.epsilon_odin,
+                temperature: temperature_odin,
+                epsilon: epsilon_odin,
             },
             Score::Energy => Method::Energy {
-                temperature: args.temperature_energy,
+                temperature: temperature_energy,
             },
             Score::KlDiv => Method::KlDiv,
             Score::Mahalanobis => {
-                let Some(path) = &args.mahalanobis_param_path else {
+                let Some(path) = &b.mahalanobis_param_path else {
                     bail!("--score Mahalanobis needs --mahalanobis-param-path (the output of tune-mahalanobis)");
                 };
                 let device = args.device.device.resolve()?;
@@ -35,15 +41,15 @@ pub fn run(args: &TestBaselineArgs) -> Result<()> {
         }
         methods.push(method);
     }
-    if args.epsilon_odin < 0.0 || !args.epsilon_odin.is_finite() {
+    if epsilon_odin < 0.0 || !epsilon_odin.is_finite() {
         bail!(
             "--epsilon-odin {}: must be a non-negative number",
-            args.epsilon_odin
+            epsilon_odin
         );
     }
     for (flag, t) in [
-        ("--temperature-odin", args.temperature_odin),
-        ("--temperature-energy", args.temperature_energy),
+        ("--temperature-odin", temperature_odin),
+        ("--temperature-energy", temperature_energy),
     ] {
         if !(t > 0.0 && t.is_finite()) {
             bail!("{flag} {t}: must be a positive number");
@@ -51,9 +57,9 @@ pub fn run(args: &TestBaselineArgs) -> Result<()> {
     }
     let settings = serde_json::json!({
         "score": args.score.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-        "temperature_odin": args.temperature_odin,
-        "epsilon_odin": args.epsilon_odin,
-        "temperature_energy": args.temperature_energy,
+        "temperature_odin": temperature_odin,
+        "epsilon_odin": epsilon_odin,
+        "temperature_energy": temperature_energy,
     });
     evaluate::run(EvalJob {
         command: "test-baseline",

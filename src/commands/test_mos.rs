@@ -3,9 +3,9 @@ use anyhow::{Context, Result};
 
 use super::evaluate::{self, EvalJob, HeadCheck};
 use crate::cli::TestMosArgs;
-use crate::eval::Method;
 use crate::groupconfig::read_group_config;
 use crate::ood::GroupSlices;
+use crate::pipeline::score::Method;
 
 pub fn run(args: &TestMosArgs) -> Result<()> {
     let cfg = read_group_config(&args.group_config).context("--group-config")?;

@@ -21,8 +21,9 @@ use crate::model::checkpoint::{serialize, write_atomic};
 use crate::model::weights::{load_model, with_head_hint};
 use crate::model::ResNetV2;
 use crate::ood::mahalanobis::{fgsm_adversarial, ClassStats, LayerParams, FGSM_STEP};
-use crate::pipeline::mahalanobis::{
-    gaussian_layers, named, read_layers, regression_inputs, LAYERS, PARAMS,
+use crate::pipeline::score::image_pass::regression_inputs;
+use crate::pipeline::score::mahalanobis_params::{
+    gaussian_layers, named, read_layers, LAYERS, PARAMS,
 };
 use crate::runlog::RunLog;
 

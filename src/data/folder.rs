@@ -172,6 +172,26 @@ fn walk(
     Ok(())
 }
 
+/// One evaluation set: an ImageFolder and its name (the folder's base name, or
+/// the name a benchmark config gives it).
+pub struct EvalSet {
+    pub name: String,
+    pub folder: ImageFolder,
+}
+
+impl EvalSet {
+    /// Opens `dir`; errors name `flag` and the directory.
+    pub fn open(dir: &Path, flag: &str) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let folder = ImageFolder::new(dir).with_context(|| format!("{flag} {}", dir.display()))?;
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| dir.display().to_string());
+        Ok(EvalSet { name, folder })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,7 +18,7 @@ pub mod resize;
 pub mod transform;
 
 pub use decode::{decode_bytes, decode_file, RgbImage};
-pub use folder::{ImageFolder, IMG_EXTENSIONS};
+pub use folder::{EvalSet, ImageFolder, IMG_EXTENSIONS};
 pub use list::{read_flat_list, read_group_list, FlatEntry, GroupEntry};
 pub use resize::{resize_bilinear, ResizePlan};
 pub use transform::{EvalTransform, Rng, TrainTransform};

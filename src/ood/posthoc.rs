@@ -5,7 +5,7 @@
 //! more in-distribution. The training statistics some of them need (ReAct's
 //! threshold, DICE's mean feature, ViM's subspace, KNN's bank) are computed by the
 //! `fit` functions here from training features; reading stores and saving what was
-//! fitted is [`crate::pipeline::posthoc`]'s job.
+//! fitted is `pipeline::score::posthoc_fit`'s job.
 use tch::{Device, Kind, Tensor};
 
 use super::{check_matrix, to_score_kind, OodError, Result};

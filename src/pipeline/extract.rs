@@ -1,7 +1,7 @@
 //! Stage 1 of the pipeline: images -> the network's outputs.
 //!
 //! [`forward_batch`] runs one batch and keeps what [`Layers`] asks for; the test
-//! commands call it with logits only, once per batch ([`crate::eval`]).
+//! commands call it with logits only, once per batch (`pipeline::in_memory`).
 //! [`extract_range`] runs the rows `[start, end)` of a data set (a shard) in the
 //! batches the test commands use: batch j holds the images `[j B, (j + 1) B)`
 //! (B = `--batch`), minus unreadable ones that are skipped. A shard whose edges
@@ -20,63 +20,12 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
-use super::score::{to_f64_vec, Method};
+use super::vocab::{to_f64_vec, Layers, FEATURE_LAYERS};
 
 use crate::data::loader::{Item, Loader, LoaderOptions, Mode, Skipped};
 use crate::data::EvalTransform;
 use crate::model::bit::spatial_mean;
 use crate::model::ResNetV2;
-
-/// The feature layers of the Mahalanobis detector: root and block1..block4.
-pub const FEATURE_LAYERS: usize = 5;
-
-/// Which outputs to keep (`--layers logits,features,mahalanobis`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Layers {
-    /// `logits` [N, head].
-    pub logits: bool,
-    /// `features` [N, 2048 wf]: the pre-logits (the head's input).
-    pub features: bool,
-    /// `layer0`..`layer4` [N, C_l]: spatial means of root and block1..4.
-    pub mahalanobis: bool,
-}
-
-impl Layers {
-    /// Logits only (the test commands).
-    pub const LOGITS: Layers = Layers {
-        logits: true,
-        features: false,
-        mahalanobis: false,
-    };
-
-    /// From `--layers` names (case-insensitive); logits are always kept.
-    pub fn parse(names: &[String]) -> Result<Self> {
-        let mut l = Layers::LOGITS;
-        for n in names {
-            match n.trim().to_ascii_lowercase().as_str() {
-                "logits" => l.logits = true,
-                "features" => l.features = true,
-                "mahalanobis" => l.mahalanobis = true,
-                other => bail!(
-                    "--layers: unknown layer '{other}'; expected logits, features or mahalanobis"
-                ),
-            }
-        }
-        Ok(l)
-    }
-
-    /// The names, in a fixed order (as the manifest records them).
-    pub fn names(&self) -> Vec<String> {
-        let mut v = vec!["logits".to_string()];
-        if self.features {
-            v.push("features".into());
-        }
-        if self.mahalanobis {
-            v.push("mahalanobis".into());
-        }
-        v
-    }
-}
 
 /// The outputs of one batch, on the model's device.
 pub struct Outputs {
@@ -120,14 +69,7 @@ pub fn forward_batch(model: &ResNetV2, x: &Tensor, layers: Layers) -> Outputs {
     })
 }
 
-/// The methods that perturb the images (ODIN with epsilon > 0, Mahalanobis with
-/// a magnitude > 0), run on the batches of an extraction: their first forward pass
-/// (with a graph from the input) is the extraction's forward pass.
-pub struct ImagePass<'a> {
-    pub methods: &'a [Method],
-}
-
-/// What [`forward_with_pass`] gives besides the outputs: per method, the batch's
+/// What a [`BatchPass`] gives besides the outputs: per method, the batch's
 /// scores [N] (float64, on the device) and the seconds of its own work (its
 /// backward pass and its forward passes of the perturbed input).
 pub struct PassScores {
@@ -135,84 +77,25 @@ pub struct PassScores {
     pub seconds: Vec<f64>,
 }
 
-/// One forward pass of `x` with a graph from the input, giving the outputs
-/// `layers` asks for (the same values as [`forward_batch`]) and, from the same
-/// graph, the input gradients of the image-pass methods, then their perturbed
-/// forward passes. ODIN's loss is taken on the logits, Mahalanobis' per layer on
-/// the layer's spatial mean, each gradient through the part of the graph its loss
-/// depends on: the values of `test-baseline`'s separate passes
-/// ([`crate::ood::odin`], [`super::mahalanobis::score`]).
-pub fn forward_with_pass(
-    model: &ResNetV2,
-    x: &Tensor,
-    layers: Layers,
-    pass: &ImagePass,
-) -> Result<(Outputs, PassScores)> {
-    let maha = pass
-        .methods
-        .iter()
-        .any(|m| matches!(m, Method::Mahalanobis(_)));
-    let means_needed = maha || layers.mahalanobis;
-    let input = x.detach().set_requires_grad(true);
-    let (means, pooled, logits) = tch::with_grad(|| {
-        // As forward_batch computes them.
-        let mut means = Vec::new();
-        let mut out = model.stage(0, &input);
-        for s in 1..=4 {
-            if means_needed {
-                means.push(spatial_mean(&out).to_kind(Kind::Float));
-            }
-            out = model.stage(s, &out);
-        }
-        if means_needed {
-            means.push(spatial_mean(&out).to_kind(Kind::Float));
-        }
-        let pooled = model.pre_logits(&out);
-        let logits = model.head_of_pooled(&pooled);
-        (means, pooled, logits)
-    });
-    let mut scores = Vec::with_capacity(pass.methods.len());
-    let mut seconds = Vec::with_capacity(pass.methods.len());
-    for method in pass.methods {
-        let t0 = Instant::now();
-        let s = match method {
-            Method::Odin {
-                temperature,
-                epsilon,
-            } if *epsilon != 0.0 => {
-                let loss = crate::ood::scores::odin_loss(&logits, *temperature);
-                let grad = crate::ood::mahalanobis::gradient_of(&loss, &input, true, "ODIN")?;
-                let perturbed = crate::ood::scores::step_against_gradient(x, &grad, *epsilon);
-                crate::ood::scores::odin_score_of(
-                    &|t: &Tensor| model.forward(t),
-                    &perturbed,
-                    *temperature,
-                )?
-            }
-            Method::Mahalanobis(p) if p.magnitude != 0.0 => {
-                super::mahalanobis::score_from_graph(model, p, x, &input, &means)?
-            }
-            other => bail!(
-                "internal: {} does not perturb the images; it is scored from the outputs",
-                other.name()
-            ),
-        };
-        // Wait for the device so the time is the method's.
-        let s = s.to_kind(Kind::Double);
-        let _ = s.to_device(Device::Cpu);
-        scores.push(s);
-        seconds.push(t0.elapsed().as_secs_f64());
+/// Methods scored on an extraction's batches, sharing each batch's decoding and
+/// first forward pass (the image-pass methods of the score stage,
+/// `pipeline::score::image_pass`). The pass runs that forward pass
+/// itself and gives the outputs `layers` asks for, the same values as
+/// [`forward_batch`], with its methods' scores.
+pub trait BatchPass {
+    /// How many methods it scores.
+    fn len(&self) -> usize;
+    /// Whether it scores no method (then [`extract_range_with`] runs [`forward_batch`]).
+    fn is_empty(&self) -> bool {
+        self.len() == 0
     }
-    let outputs = Outputs {
-        logits: logits.detach(),
-        features: layers.features.then(|| pooled.detach().flatten(1, -1)),
-        layers: if layers.mahalanobis {
-            means.iter().map(Tensor::detach).collect()
-        } else {
-            Vec::new()
-        },
-    };
-    Ok((outputs, PassScores { scores, seconds }))
+    /// One batch: the outputs and the methods' scores.
+    fn forward(
+        &self,
+        model: &ResNetV2,
+        x: &Tensor,
+        layers: Layers,
+    ) -> Result<(Outputs, PassScores)>;
 }
 
 /// Why an image with non-finite outputs was left out (`--skip-bad-images`).
@@ -299,8 +182,7 @@ pub fn extract_range(
     opts: &ExtractOptions,
     on_batch: &dyn Fn(u64),
 ) -> Result<Extracted> {
-    let none = ImagePass { methods: &[] };
-    Ok(extract_range_with(model, items, range, opts, &none, on_batch)?.0)
+    Ok(extract_range_with(model, items, range, opts, None, on_batch)?.0)
 }
 
 /// The scores of the image-pass methods of [`extract_range_with`]: per method, per
@@ -313,21 +195,22 @@ pub struct RangePass {
     pub shared_seconds: f64,
 }
 
-/// [`extract_range`], with the image-pass methods of `pass` scored on the same
-/// batches, sharing each batch's decoding and first forward pass
-/// ([`forward_with_pass`]).
+/// [`extract_range`], with the methods of `pass` scored on the same batches,
+/// sharing each batch's decoding and first forward pass ([`BatchPass`]).
 pub fn extract_range_with(
     model: &ResNetV2,
     items: &[Item],
     range: Range<usize>,
     opts: &ExtractOptions,
-    pass: &ImagePass,
+    pass: Option<&dyn BatchPass>,
     on_batch: &dyn Fn(u64),
 ) -> Result<(Extracted, RangePass)> {
     let started = Instant::now();
+    let pass = pass.filter(|p| !p.is_empty());
+    let n = pass.map_or(0, |p| p.len());
     let mut rp = RangePass {
-        scores: vec![Vec::new(); pass.methods.len()],
-        seconds: vec![0.0; pass.methods.len()],
+        scores: vec![Vec::new(); n],
+        seconds: vec![0.0; n],
         shared_seconds: 0.0,
     };
     let b = opts.batch.max(1);
@@ -364,11 +247,12 @@ pub fn extract_range_with(
         let (x, _) = batch.to_tensors(opts.device);
         // Kept rows are contiguous: the range is an interval of the batch's order.
         let (start, len) = (keep[0] as i64, keep.len() as i64);
-        let (out, pass_scores) = if pass.methods.is_empty() {
-            (forward_batch(model, &x, opts.layers), None)
-        } else {
-            let (out, ps) = forward_with_pass(model, &x, opts.layers, pass)?;
-            (out, Some(ps))
+        let (out, pass_scores) = match pass {
+            None => (forward_batch(model, &x, opts.layers), None),
+            Some(p) => {
+                let (out, ps) = p.forward(model, &x, opts.layers)?;
+                (out, Some(ps))
+            }
         };
         // An image whose outputs are not finite is refused, or left out and
         // reported with --skip-bad-images: nothing non-finite is ever stored.
@@ -456,19 +340,4 @@ pub fn extract_range_with(
         skipped,
     };
     Ok((ex, rp))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn layer_names_parse() {
-        let l = Layers::parse(&["Features".into(), "mahalanobis".into()]).unwrap();
-        assert!(l.logits && l.features && l.mahalanobis);
-        assert_eq!(l.names(), ["logits", "features", "mahalanobis"]);
-        assert_eq!(Layers::parse(&[]).unwrap(), Layers::LOGITS);
-        let e = Layers::parse(&["pixels".into()]).unwrap_err().to_string();
-        assert!(e.contains("unknown layer 'pixels'"), "{e}");
-    }
 }

@@ -23,7 +23,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::{Kind, Tensor};
 
-use super::extract::{Extracted, FEATURE_LAYERS};
+use super::extract::Extracted;
+use super::vocab::FEATURE_LAYERS;
 use crate::model::checkpoint::{self, write_atomic};
 
 /// `format` of `manifest.json`.

@@ -2,45 +2,23 @@
 //! asked for is scored over the in- and the out-of-distribution set, methods that
 //! need only logits sharing one forward pass per batch (docs/scores.md), then the
 //! metrics of docs/metrics.md are computed once per method. Each batch goes
-//! through the pipeline's extract and score stages ([`crate::pipeline`]), the
-//! functions `mos extract` and `mos score` use.
+//! through the pipeline's extract and score stages ([`super::extract`],
+//! [`super::score`]), the functions `mos extract` and `mos score` use, in memory:
+//! nothing is stored.
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
-use crate::data::loader::{Item, Skipped};
-use crate::data::ImageFolder;
+use crate::data::loader::Skipped;
+use crate::data::EvalSet;
 use crate::metrics::{ood_metrics, OodMetrics};
 use crate::model::ResNetV2;
 use crate::ood;
-use crate::pipeline::score::to_f64_vec;
-use crate::pipeline::{extract, score};
-
-pub use crate::pipeline::score::Method;
-
-/// One evaluation set: an ImageFolder and its name (the folder's base name).
-pub struct EvalSet {
-    pub name: String,
-    pub folder: ImageFolder,
-}
-
-impl EvalSet {
-    pub fn open(dir: &std::path::Path, flag: &str) -> Result<Self> {
-        let folder = ImageFolder::new(dir).with_context(|| format!("{flag} {}", dir.display()))?;
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| dir.display().to_string());
-        Ok(EvalSet { name, folder })
-    }
-
-    fn items(&self) -> Arc<Vec<Item>> {
-        Arc::new(self.folder.items())
-    }
-}
+use crate::pipeline::extract;
+use crate::pipeline::score::{self, image_pass, Method};
+use crate::pipeline::vocab::{to_f64_vec, Layers};
 
 /// Scores of one set: per method, per kept image.
 pub struct SplitScores {
@@ -71,7 +49,7 @@ pub fn score_split(
     opts: &EvalOptions,
     label: &str,
 ) -> Result<SplitScores> {
-    let items = set.items();
+    let items = std::sync::Arc::new(set.folder.items());
     let loader = extract::eval_loader(
         items.clone(),
         &extract::ExtractOptions {
@@ -80,7 +58,7 @@ pub fn score_split(
             crop: opts.crop,
             skip_bad: opts.skip_bad,
             device: opts.device,
-            layers: extract::Layers::LOGITS,
+            layers: Layers::LOGITS,
         },
     )?;
     let bar = crate::progress::bar(items.len() as u64, label);
@@ -102,8 +80,7 @@ pub fn score_split(
             continue;
         }
         let (x, y) = batch.to_tensors(opts.device);
-        let logits =
-            need_shared.then(|| extract::forward_batch(model, &x, extract::Layers::LOGITS).logits);
+        let logits = need_shared.then(|| extract::forward_batch(model, &x, Layers::LOGITS).logits);
         if let Some(l) = &logits {
             // Wait for the device so the timing below is per method.
             let _ = l.to_device(Device::Cpu);
@@ -143,7 +120,7 @@ fn score_batch(
         } if *epsilon != 0.0 => {
             ood::odin(&|t: &Tensor| model.forward(t), x, *temperature, *epsilon)?
         }
-        Method::Mahalanobis(p) => crate::pipeline::mahalanobis::score(model, p, x)?,
+        Method::Mahalanobis(p) => image_pass::mahalanobis(model, p, x)?,
         Method::KlDiv => {
             // Scored once both sets are seen (the templates come from the ID set).
             probs.push(score::kl_probs(shared()?));
@@ -183,29 +160,6 @@ pub fn finish_kl(
         s.seconds[m] += secs;
     }
     Ok(())
-}
-
-/// The result of one method on one pair of sets (a row of `results.json`).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
-pub struct MethodResult {
-    pub method: String,
-    pub in_dataset: String,
-    pub out_dataset: String,
-    pub num_in: usize,
-    pub num_out: usize,
-    pub auroc: f64,
-    pub aupr_in: f64,
-    pub aupr_out: f64,
-    /// FPR at 95% ID recall (the paper's convention, ID positive).
-    pub fpr95: f64,
-    /// FPR at 95% OOD recall (OpenOOD v1.5's convention, OOD positive).
-    pub fpr95_ood_positive: f64,
-    pub seconds: f64,
-    /// Images skipped as unreadable (`--skip-bad-images`), both sets.
-    pub skipped: usize,
-    pub model: String,
-    pub model_path: String,
-    pub settings: serde_json::Value,
 }
 
 /// Metrics of method `m` from the two sets' scores.

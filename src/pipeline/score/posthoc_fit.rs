@@ -11,9 +11,10 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use super::store::{self, Manifest, StoreData, MANIFEST};
 use crate::model::checkpoint::{self, write_atomic};
 use crate::ood::posthoc::{self as ph, Ash, Head, KnnBlocks, VimParams};
+use crate::pipeline::store::{self, Manifest, StoreData, MANIFEST};
+use crate::pipeline::vocab::PostHoc;
 use crate::runlog::RunLog;
 
 /// The fitted statistics' file in the run directory.
@@ -24,79 +25,6 @@ pub const FIT_JSON: &str = "fit.json";
 pub const FIT_FORMAT: &str = "mos-posthoc-fit-v1";
 /// Rows scored at once.
 const CHUNK: i64 = 8192;
-
-/// A post-hoc method.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum PostHoc {
-    MaxLogit,
-    GradNorm,
-    React,
-    Knn,
-    Vim,
-    AshP,
-    AshB,
-    AshS,
-    Dice,
-}
-
-impl PostHoc {
-    pub const ALL: [PostHoc; 9] = [
-        PostHoc::MaxLogit,
-        PostHoc::GradNorm,
-        PostHoc::React,
-        PostHoc::Knn,
-        PostHoc::Vim,
-        PostHoc::AshP,
-        PostHoc::AshB,
-        PostHoc::AshS,
-        PostHoc::Dice,
-    ];
-
-    /// The name in results (`MaxLogit`, `GradNorm`, `ReAct`, `KNN`, `ViM`, `ASH-P`,
-    /// `ASH-B`, `ASH-S`, `DICE`).
-    pub fn name(self) -> &'static str {
-        match self {
-            PostHoc::MaxLogit => "MaxLogit",
-            PostHoc::GradNorm => "GradNorm",
-            PostHoc::React => "ReAct",
-            PostHoc::Knn => "KNN",
-            PostHoc::Vim => "ViM",
-            PostHoc::AshP => "ASH-P",
-            PostHoc::AshB => "ASH-B",
-            PostHoc::AshS => "ASH-S",
-            PostHoc::Dice => "DICE",
-        }
-    }
-
-    /// The method named `s` (case-insensitive; `_` for `-`), if it is one.
-    pub fn parse(s: &str) -> Option<Self> {
-        let s = s.trim().to_ascii_lowercase().replace('_', "-");
-        PostHoc::ALL
-            .into_iter()
-            .find(|m| m.name().to_ascii_lowercase() == s)
-    }
-
-    /// Whether it needs training statistics (`--fit`).
-    pub fn needs_fit(self) -> bool {
-        matches!(
-            self,
-            PostHoc::React | PostHoc::Knn | PostHoc::Vim | PostHoc::Dice
-        )
-    }
-
-    /// Whether it needs the head's weights (ViM only to fit its origin).
-    pub fn needs_head(self) -> bool {
-        matches!(
-            self,
-            PostHoc::React | PostHoc::AshP | PostHoc::AshB | PostHoc::AshS | PostHoc::Dice
-        )
-    }
-
-    /// Whether it needs the stored pre-logit features.
-    pub fn needs_features(self) -> bool {
-        self != PostHoc::MaxLogit
-    }
-}
 
 /// `--react-percentile`'s default: the original's ImageNet setting.
 pub const REACT_PERCENTILE: f64 = 90.0;
@@ -924,7 +852,7 @@ impl Prepared {
             let s = scorer
                 .score(&l, f.as_ref())
                 .with_context(|| format!("scoring {}", p.name()))?;
-            out.extend(super::score::to_f64_vec(&s)?);
+            out.extend(crate::pipeline::vocab::to_f64_vec(&s)?);
             start += len;
         }
         Ok(out)

@@ -4,8 +4,15 @@
 //! batch of outputs with a method that needs only the outputs (MOS, MSP, Energy,
 //! ODIN with epsilon 0, Mahalanobis with magnitude 0); KL matching needs the whole
 //! in-distribution set first ([`kl_probs`], [`kl_scores`]). The test commands call
-//! these on each batch of their forward pass ([`crate::eval`]); `mos score` calls
-//! them on the same rows read back from a store ([`score_rows`]).
+//! these on each batch of their forward pass (`pipeline::in_memory`); `mos score` calls
+//! them on the same rows read back from a store ([`score_rows`], [`score_store`]).
+//!
+//! Next to them, what the scores are fitted with and the scores that need images:
+//! - [`posthoc_fit`]: the later post-hoc methods ([`crate::ood::posthoc`]) with their
+//!   settings, the head and the training statistics fitted on a store (`--fit`);
+//! - [`mahalanobis_params`]: the tuned Mahalanobis parameter file;
+//! - [`image_pass`]: ODIN with epsilon > 0 and Mahalanobis with noise, which perturb
+//!   the images and so run on an extraction's batches.
 use std::ops::Range;
 use std::time::Instant;
 
@@ -13,8 +20,14 @@ use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::ood::{self, GroupSlices};
+use crate::pipeline::store::StoreData;
+use crate::pipeline::vocab::{canonical_name, to_f64_vec, Layers, PostHoc};
 
-pub use super::mahalanobis::MahalanobisParams;
+pub mod image_pass;
+pub mod mahalanobis_params;
+pub mod posthoc_fit;
+
+pub use mahalanobis_params::MahalanobisParams;
 
 /// A scoring method with its settings.
 #[derive(Debug, Clone)]
@@ -33,8 +46,8 @@ pub enum Method {
     /// Tuned parameters of `tune-mahalanobis`.
     Mahalanobis(std::rc::Rc<MahalanobisParams>),
     /// A post-hoc method of later papers, scored from stored features by
-    /// [`super::posthoc::Prepared::score_rows`] (not by [`from_outputs`]).
-    PostHoc(super::posthoc::PostHoc),
+    /// [`posthoc_fit::Prepared::score_rows`] (not by [`from_outputs`]).
+    PostHoc(PostHoc),
 }
 
 impl Method {
@@ -96,9 +109,6 @@ pub struct MethodSettings {
     pub model: Option<crate::model::Variant>,
 }
 
-/// The method names `--score` accepts (also KL matching's other spellings).
-pub const METHOD_NAMES: [&str; 6] = ["MOS", "MSP", "ODIN", "Energy", "KL_Div", "Mahalanobis"];
-
 /// The methods named by `--score` (case-insensitive), with their settings read
 /// and checked; Mahalanobis' parameters land on `device`. Every command that
 /// scores by name (`mos score`, `mos benchmark`) builds its methods here.
@@ -125,7 +135,7 @@ pub fn methods_from_names(
     for name in names {
         // Every name is checked (and spelled) as results name it.
         canonical_name(name).context("--score")?;
-        let method = if let Some(p) = super::posthoc::PostHoc::parse(name) {
+        let method = if let Some(p) = PostHoc::parse(name) {
             Method::PostHoc(p)
         } else if name.trim().eq_ignore_ascii_case("mos") {
             let Some(path) = &s.group_config else {
@@ -152,7 +162,7 @@ pub fn methods_from_names(
                     let Some(path) = &s.mahalanobis_param_path else {
                         bail!("--score Mahalanobis needs --mahalanobis-param-path (the output of tune-mahalanobis)");
                     };
-                    Method::Mahalanobis(std::rc::Rc::new(super::mahalanobis::read_params_for(
+                    Method::Mahalanobis(std::rc::Rc::new(mahalanobis_params::read_params_for(
                         path, device, s.model,
                     )?))
                 }
@@ -166,28 +176,8 @@ pub fn methods_from_names(
     Ok(out)
 }
 
-/// The name results give the method `--score` calls `name` (case-insensitive;
-/// `KL` and `kl-div` are `KL_Div`, `ash_s` is `ASH-S`): one of [`METHOD_NAMES`] or
-/// of the post-hoc methods ([`super::posthoc::PostHoc::ALL`]).
-pub fn canonical_name(name: &str) -> Result<&'static str> {
-    if let Some(p) = super::posthoc::PostHoc::parse(name) {
-        return Ok(p.name());
-    }
-    if name.trim().eq_ignore_ascii_case("mos") {
-        return Ok("MOS");
-    }
-    let score: ood::Score = name.trim().parse().map_err(|e: String| {
-        let posthoc: Vec<&str> = super::posthoc::PostHoc::ALL
-            .iter()
-            .map(|p| p.name())
-            .collect();
-        anyhow::anyhow!("{e}, or MOS, {}", posthoc.join(", "))
-    })?;
-    Ok(score.as_str())
-}
-
 /// The post-hoc methods among `methods`, in order.
-pub fn posthoc_methods(methods: &[Method]) -> Vec<super::posthoc::PostHoc> {
+pub fn posthoc_methods(methods: &[Method]) -> Vec<PostHoc> {
     methods
         .iter()
         .filter_map(|m| match m {
@@ -198,8 +188,8 @@ pub fn posthoc_methods(methods: &[Method]) -> Vec<super::posthoc::PostHoc> {
 }
 
 /// The outputs a store must keep for `methods` besides the logits.
-pub fn store_layers(methods: &[Method]) -> super::extract::Layers {
-    let mut l = super::extract::Layers::LOGITS;
+pub fn store_layers(methods: &[Method]) -> Layers {
+    let mut l = Layers::LOGITS;
     l.mahalanobis = methods.iter().any(|m| matches!(m, Method::Mahalanobis(_)));
     l.features = methods.iter().any(|m| matches!(m, Method::PostHoc(_)));
     l
@@ -233,7 +223,7 @@ pub fn from_outputs(method: &Method, logits: &Tensor, layers: &[Tensor]) -> Resu
         }
         Method::KlDiv => bail!("internal: KL matching is scored by kl_scores"),
         Method::PostHoc(p) => bail!(
-            "internal: {} is scored from stored features by pipeline::posthoc",
+            "internal: {} is scored from stored features by pipeline::score::posthoc_fit",
             p.name()
         ),
     })
@@ -266,15 +256,6 @@ pub fn kl_scores(
     Ok(out)
 }
 
-/// A tensor's values as f64, on the CPU.
-pub fn to_f64_vec(t: &Tensor) -> Result<Vec<f64>> {
-    Ok(Vec::<f64>::try_from(
-        t.to_kind(Kind::Double)
-            .to_device(Device::Cpu)
-            .flatten(0, -1),
-    )?)
-}
-
 /// Scores of stored rows: per method, per row; seconds per method; and, when KL
 /// matching is among the methods, the rows' probabilities for [`kl_scores`].
 pub struct RowScores {
@@ -305,7 +286,7 @@ pub fn score_rows(
         for (m, method) in methods.iter().enumerate() {
             let t0 = Instant::now();
             if let Method::PostHoc(_) = method {
-                // Scored from the features by pipeline::posthoc.
+                // Scored from the features by posthoc_fit.
                 continue;
             } else if let Method::KlDiv = method {
                 probs.push(kl_probs(&l));
@@ -328,12 +309,12 @@ pub fn score_rows(
 }
 
 /// Scores every row of the store `s` with `methods`: [`score_rows`], then the
-/// post-hoc methods with `posthoc` (prepared by [`super::posthoc::prepare`]),
+/// post-hoc methods with `posthoc` (prepared by [`posthoc_fit::prepare`]),
 /// each timed. `mos score` and `mos benchmark` score their stores here.
 pub fn score_store(
-    s: &super::store::StoreData,
+    s: &StoreData,
     methods: &[Method],
-    posthoc: Option<&super::posthoc::Prepared>,
+    posthoc: Option<&posthoc_fit::Prepared>,
 ) -> Result<RowScores> {
     let mut out = score_rows(methods, &s.logits, &s.layers, &s.batches())
         .with_context(|| format!("store {}", s.dir.display()))?;

@@ -6,8 +6,30 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use crate::eval::MethodResult;
 use crate::model::checkpoint::write_atomic;
+
+/// The result of one method on one pair of sets (a row of `results.json`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct MethodResult {
+    pub method: String,
+    pub in_dataset: String,
+    pub out_dataset: String,
+    pub num_in: usize,
+    pub num_out: usize,
+    pub auroc: f64,
+    pub aupr_in: f64,
+    pub aupr_out: f64,
+    /// FPR at 95% ID recall (the paper's convention, ID positive).
+    pub fpr95: f64,
+    /// FPR at 95% OOD recall (OpenOOD v1.5's convention, OOD positive).
+    pub fpr95_ood_positive: f64,
+    pub seconds: f64,
+    /// Images skipped as unreadable (`--skip-bad-images`), both sets.
+    pub skipped: usize,
+    pub model: String,
+    pub model_path: String,
+    pub settings: serde_json::Value,
+}
 
 /// Reads a `results.json` (an array of [`MethodResult`]).
 pub fn read_results(path: &Path) -> Result<Vec<MethodResult>> {

@@ -1,7 +1,11 @@
-//! Checks of a Mahalanobis parameter file (`mahalanobis.safetensors`, or the class
-//! statistics `mahalanobis_stats.safetensors`) before anything computes with it:
-//! every tensor present, floating point, finite, and of a shape that fits the
-//! others. What is accepted:
+//! Tuned Mahalanobis parameters: `mos tune-mahalanobis`'s `mahalanobis.safetensors`
+//! (docs/mahalanobis.md), read for test-baseline, `mos score`, `mos benchmark` and
+//! the tuning itself ([`read_params`]). The math is [`crate::ood::mahalanobis`]'s;
+//! the scores of images with noise are [`super::image_pass`]'s.
+//!
+//! A parameter file (or the class statistics `mahalanobis_stats.safetensors`) is
+//! checked before anything computes with it: every tensor present, floating
+//! point, finite, and of a shape that fits the others. What is accepted:
 //!
 //! - `mean.{l}`, l = 0..4: [C, D_l], the class means of layer l (C >= 1 the same
 //!   for every layer, D_l >= 1);
@@ -13,13 +17,14 @@
 //!
 //! Floating point means float16, bfloat16, float32 or float64; the values are
 //! used as float64. Every error names the file and the tensor.
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
-use crate::model::checkpoint::{kind_name, shape};
+use crate::model::checkpoint::{self, kind_name, shape};
 use crate::model::Variant;
+use crate::ood::mahalanobis::{GaussianLayer, LayerParams};
 
 /// The tensor `name` of `t`: present, floating point and finite.
 pub fn float_tensor<'a>(t: &'a [(String, Tensor)], name: &str, file: &Path) -> Result<&'a Tensor> {
@@ -130,6 +135,93 @@ pub fn values(
     Ok(Vec::<f64>::try_from(
         x.to_kind(Kind::Double).flatten(0, -1),
     )?)
+}
+
+/// Feature layers: root and block1..block4.
+pub const LAYERS: usize = 5;
+/// The parameter file in the run directory.
+pub const PARAMS: &str = "mahalanobis.safetensors";
+
+/// Tuned Mahalanobis parameters as `test-baseline` uses them.
+#[derive(Debug)]
+pub struct MahalanobisParams {
+    pub layers: Vec<GaussianLayer>,
+    pub lr_weight: Vec<f64>,
+    pub lr_bias: f64,
+    pub magnitude: f64,
+}
+
+pub(crate) fn named(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    Ok(checkpoint::load(path)?.model)
+}
+
+/// The class means and precisions of `path`'s tensors `t`, checked (see the
+/// module's documentation); with `variant`, against its layers' widths.
+pub(crate) fn read_layers(
+    t: &[(String, Tensor)],
+    path: &Path,
+    variant: Option<Variant>,
+) -> Result<Vec<LayerParams>> {
+    Ok(check_layers(t, LAYERS, path, variant)?
+        .into_iter()
+        .map(|(mean, precision)| LayerParams {
+            mean: mean.to_kind(Kind::Double),
+            precision: precision.to_kind(Kind::Double),
+        })
+        .collect())
+}
+
+/// The layers prepared for scoring on `device`.
+pub(crate) fn gaussian_layers(
+    params: &[LayerParams],
+    device: Device,
+) -> Result<Vec<GaussianLayer>> {
+    Ok(params
+        .iter()
+        .map(|p| GaussianLayer::new(&p.mean.to_device(device), &p.precision.to_device(device)))
+        .collect::<std::result::Result<Vec<_>, _>>()?)
+}
+
+/// Reads `mahalanobis.safetensors` (or the run directory holding it) onto `device`,
+/// checking every tensor (see the module's documentation).
+pub fn read_params(path: &Path, device: Device) -> Result<MahalanobisParams> {
+    read_params_for(path, device, None)
+}
+
+/// [`read_params`], and with `variant` the class means' widths checked against its
+/// layers.
+pub fn read_params_for(
+    path: &Path,
+    device: Device,
+    variant: Option<Variant>,
+) -> Result<MahalanobisParams> {
+    let file: PathBuf = if path.is_dir() {
+        path.join(PARAMS)
+    } else {
+        path.to_path_buf()
+    };
+    let t = named(&file).context("--mahalanobis-param-path")?;
+    let layers = gaussian_layers(&read_layers(&t, &file, variant)?, device)?;
+    let lr_weight = values(
+        &t,
+        "lr_weight",
+        &[&[LAYERS as i64], &[1, LAYERS as i64]],
+        &file,
+    )?;
+    let lr_bias = values(&t, "lr_bias", &[&[1], &[]], &file)?[0];
+    let magnitude = values(&t, "magnitude", &[&[1], &[]], &file)?[0];
+    if magnitude < 0.0 {
+        bail!(
+            "{}: tensor 'magnitude' is {magnitude}; expected a non-negative number",
+            file.display()
+        );
+    }
+    Ok(MahalanobisParams {
+        layers,
+        lr_weight,
+        lr_bias,
+        magnitude,
+    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,266 @@
+//! Step 6 of `mos benchmark`, compare: the published numbers a run is checked
+//! against (`--published`, docs/benchmark.md), read and checked before anything is
+//! computed ([`read_published`]), and the measured rows side by side with them
+//! ([`compare`], [`comparison_table`]).
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::pipeline::report::MethodResult;
+use crate::pipeline::vocab::canonical_name;
+
+/// A published number with its tolerance (both in %).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishedCell {
+    pub method: String,
+    /// The OOD set's name (its folder's base name).
+    pub set: String,
+    pub auroc: f64,
+    pub fpr95: f64,
+    pub auroc_tolerance: f64,
+    pub fpr95_tolerance: f64,
+    /// Where this cell comes from, when not from the file's `source` (e.g. a
+    /// later paper's row on the same benchmark).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+/// A file of published numbers (`--published`; docs/benchmark.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Published {
+    /// Where the numbers come from (shown in the report).
+    pub source: String,
+    /// Why the tolerances are what they are (shown in the report).
+    #[serde(default)]
+    pub tolerance_note: String,
+    pub cells: Vec<PublishedCell>,
+}
+
+/// Reads and checks a published-numbers file: canonical method names, finite
+/// numbers in [0, 100], non-negative tolerances, no cell twice.
+pub fn read_published(path: &Path) -> Result<Published> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--published: cannot read {}", path.display()))?;
+    let mut p: Published = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "--published {}: not a published-numbers file",
+            path.display()
+        )
+    })?;
+    for (i, c) in p.cells.iter_mut().enumerate() {
+        let at = format!("{}: cells[{i}] ({} on {})", path.display(), c.method, c.set);
+        let at = || at.clone();
+        c.method = canonical_method(&c.method).with_context(at)?;
+        for (what, v) in [("auroc", c.auroc), ("fpr95", c.fpr95)] {
+            if !(0.0..=100.0).contains(&v) {
+                bail!("{}: {what} {v} is not a percentage in [0, 100]", at());
+            }
+        }
+        for (what, v) in [
+            ("auroc_tolerance", c.auroc_tolerance),
+            ("fpr95_tolerance", c.fpr95_tolerance),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                bail!("{}: {what} {v} must be a non-negative number", at());
+            }
+        }
+    }
+    for (i, c) in p.cells.iter().enumerate() {
+        if p.cells[..i]
+            .iter()
+            .any(|o| o.method == c.method && o.set == c.set)
+        {
+            bail!(
+                "{}: two cells for {} on {}",
+                path.display(),
+                c.method,
+                c.set
+            );
+        }
+    }
+    Ok(p)
+}
+
+/// The results name of a method as `--score` spells it (e.g. `kl` -> `KL_Div`,
+/// `gradnorm` -> `GradNorm`): every method `--score` knows.
+fn canonical_method(name: &str) -> Result<String> {
+    Ok(canonical_name(name)?.to_string())
+}
+
+/// One published cell against the measured one.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Comparison {
+    pub method: String,
+    pub set: String,
+    pub published_auroc: f64,
+    pub measured_auroc: f64,
+    pub published_fpr95: f64,
+    pub measured_fpr95: f64,
+    pub auroc_tolerance: f64,
+    pub fpr95_tolerance: f64,
+    pub within: bool,
+}
+
+/// Each measured row that has a published cell, against it.
+pub fn compare(p: &Published, rows: &[MethodResult]) -> Vec<Comparison> {
+    let mut out = Vec::new();
+    for r in rows {
+        let Some(c) = p
+            .cells
+            .iter()
+            .find(|c| c.method == r.method && c.set == r.out_dataset)
+        else {
+            continue;
+        };
+        let (a, f) = (100.0 * r.auroc, 100.0 * r.fpr95);
+        // Compared at the two decimals the paper prints.
+        let round = |x: f64| (x * 100.0).round() / 100.0;
+        let within = (round(a) - c.auroc).abs() <= c.auroc_tolerance + 1e-9
+            && (round(f) - c.fpr95).abs() <= c.fpr95_tolerance + 1e-9;
+        out.push(Comparison {
+            method: r.method.clone(),
+            set: r.out_dataset.clone(),
+            published_auroc: c.auroc,
+            measured_auroc: a,
+            published_fpr95: c.fpr95,
+            measured_fpr95: f,
+            auroc_tolerance: c.auroc_tolerance,
+            fpr95_tolerance: c.fpr95_tolerance,
+            within,
+        });
+    }
+    out
+}
+
+/// The side-by-side table of [`compare`] as Markdown.
+pub fn comparison_table(c: &[Comparison]) -> String {
+    let mut out = String::from(
+        "| Method | OOD set | AUROC published | measured | difference | tolerance | FPR95 published | measured | difference | tolerance | within |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for c in c {
+        out.push_str(&format!(
+            "| {} | {} | {:.2} | {:.2} | {:+.2} | {:.2} | {:.2} | {:.2} | {:+.2} | {:.2} | {} |\n",
+            c.method,
+            c.set,
+            c.published_auroc,
+            c.measured_auroc,
+            c.measured_auroc - c.published_auroc,
+            c.auroc_tolerance,
+            c.published_fpr95,
+            c.measured_fpr95,
+            c.measured_fpr95 - c.published_fpr95,
+            c.fpr95_tolerance,
+            if c.within { "yes" } else { "**no**" }
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(method: &str, set: &str, auroc: f64, fpr95: f64) -> MethodResult {
+        MethodResult {
+            method: method.into(),
+            in_dataset: "val".into(),
+            out_dataset: set.into(),
+            num_in: 1,
+            num_out: 1,
+            auroc,
+            aupr_in: 0.0,
+            aupr_out: 0.0,
+            fpr95,
+            fpr95_ood_positive: 0.0,
+            seconds: 0.0,
+            skipped: 0,
+            model: "m".into(),
+            model_path: "p".into(),
+            settings: serde_json::Value::Null,
+        }
+    }
+
+    #[test]
+    fn comparison_uses_each_cells_tolerance() {
+        let cell = |m: &str, a, f, ta, tf| PublishedCell {
+            method: m.into(),
+            set: "SUN".into(),
+            auroc: a,
+            fpr95: f,
+            auroc_tolerance: ta,
+            fpr95_tolerance: tf,
+            source: None,
+        };
+        let p = Published {
+            source: "s".into(),
+            tolerance_note: String::new(),
+            cells: vec![
+                cell("MSP", 80.0, 70.0, 1.0, 2.0),
+                cell("MOS", 90.0, 40.0, 0.5, 0.5),
+            ],
+        };
+        // MSP: 80.9 within 1.0, 71.5 within 2.0; MOS: 90.6 outside 0.5.
+        let rows = [
+            row("MSP", "SUN", 0.809, 0.715),
+            row("MOS", "SUN", 0.906, 0.40),
+            row("Energy", "SUN", 0.5, 0.5),
+        ];
+        let c = compare(&p, &rows);
+        assert_eq!(
+            c.len(),
+            2,
+            "a method without a published cell is not compared"
+        );
+        assert!(c[0].within);
+        assert!(!c[1].within);
+        let t = comparison_table(&c);
+        assert!(
+            t.contains("| MOS | SUN | 90.00 | 90.60 | +0.60 | 0.50 |"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn published_file_errors_name_the_cell() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("p.json");
+        let write = |t: &str| std::fs::write(&f, t).unwrap();
+        write(
+            r#"{"source": "x", "cells": [{"method": "KL", "set": "SUN", "auroc": 50, "fpr95": 50, "auroc_tolerance": 1, "fpr95_tolerance": 1}]}"#,
+        );
+        assert_eq!(read_published(&f).unwrap().cells[0].method, "KL_Div");
+        // Every method --score knows, post-hoc ones included, with a cell's source.
+        write(
+            r#"{"source": "x", "cells": [{"method": "gradnorm", "set": "SUN", "auroc": 50, "fpr95": 50, "auroc_tolerance": 1, "fpr95_tolerance": 1, "source": "y"},
+                {"method": "ash_s", "set": "SUN", "auroc": 50, "fpr95": 50, "auroc_tolerance": 1, "fpr95_tolerance": 1}]}"#,
+        );
+        let p = read_published(&f).unwrap();
+        assert_eq!(
+            (p.cells[0].method.as_str(), p.cells[0].source.as_deref()),
+            ("GradNorm", Some("y"))
+        );
+        assert_eq!(
+            (p.cells[1].method.as_str(), p.cells[1].source.as_deref()),
+            ("ASH-S", None)
+        );
+        write(
+            r#"{"source": "x", "cells": [{"method": "Foo", "set": "SUN", "auroc": 50, "fpr95": 50, "auroc_tolerance": 1, "fpr95_tolerance": 1}]}"#,
+        );
+        let e = format!("{:#}", read_published(&f).unwrap_err());
+        assert!(
+            e.contains("cells[0] (Foo on SUN)") && e.contains("unknown score 'Foo'"),
+            "{e}"
+        );
+        write(
+            r#"{"source": "x", "cells": [{"method": "MSP", "set": "SUN", "auroc": 150, "fpr95": 50, "auroc_tolerance": 1, "fpr95_tolerance": 1}]}"#,
+        );
+        let e = format!("{:#}", read_published(&f).unwrap_err());
+        assert!(e.contains("auroc 150 is not a percentage"), "{e}");
+        write(r#"{"source": "x", "cels": []}"#);
+        let e = format!("{:#}", read_published(&f).unwrap_err());
+        assert!(e.contains("unknown field `cels`"), "{e}");
+    }
+}
