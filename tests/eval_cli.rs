@@ -194,14 +194,14 @@ fn baselines_share_a_pass_and_write_everything() {
         .unwrap()
         .contains("results in"));
     // The plots draw the saved scores: MSP's histogram and KL_Div's ROC curve.
-    let (_, id, ood) = mos::report::read_scores_csv(&csv, Some("MSP")).unwrap();
+    let (_, id, ood) = mos::pipeline::report::read_scores_csv(&csv, Some("MSP")).unwrap();
     common::svg::assert_histogram(
         &run.join("MSP_id_val_vs_ood_set_hist.svg"),
         "MSP: id_val vs ood_set",
         &id,
         &ood,
     );
-    let (_, id, ood) = mos::report::read_scores_csv(&csv, Some("KL_Div")).unwrap();
+    let (_, id, ood) = mos::pipeline::report::read_scores_csv(&csv, Some("KL_Div")).unwrap();
     let auroc = rows[3]["auroc"].as_f64().unwrap();
     common::svg::assert_roc(
         &run.join("KL_Div_id_val_vs_ood_set_roc.svg"),
