@@ -88,6 +88,89 @@ impl EvalTransform {
     }
 }
 
+/// ImageNet's channel means and standard deviations, as torchvision's models use them.
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+/// See [`IMAGENET_MEAN`].
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// torchvision's ImageNet evaluation transform (docs/data.md#torchvision-evaluation):
+/// `Resize(resize)` (the shorter side to `resize` pixels, the longer one
+/// `int(resize * long / short)`, PIL bilinear with its antialiasing), then
+/// `CenterCrop(crop)` (top and left rounded half to even, as Python's `round`), then
+/// `ToTensor()` and `Normalize(mean, std)` in f32. torchvision's ResNets use
+/// Resize(256), CenterCrop(224) and the ImageNet mean and standard deviation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CenterCropTransform {
+    pub resize: usize,
+    pub crop: usize,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl CenterCropTransform {
+    /// Resize(256), CenterCrop(224), ImageNet mean and standard deviation.
+    pub const IMAGENET: CenterCropTransform = CenterCropTransform {
+        resize: 256,
+        crop: 224,
+        mean: IMAGENET_MEAN,
+        std: IMAGENET_STD,
+    };
+
+    /// Length of the output tensor: `3 * crop * crop`.
+    pub fn output_len(&self) -> usize {
+        3 * self.crop * self.crop
+    }
+
+    /// The size `Resize(resize)` gives a `w x h` image: (width, height).
+    pub fn resized_size(&self, w: usize, h: usize) -> (usize, usize) {
+        let (short, long) = if w <= h { (w, h) } else { (h, w) };
+        // Python's int(size * long / short): an exact product, one correctly rounded
+        // division, truncated.
+        let new_long = ((self.resize * long) as f64 / short as f64) as usize;
+        if w <= h {
+            (self.resize, new_long)
+        } else {
+            (new_long, self.resize)
+        }
+    }
+
+    /// Applies the transform, returning a new CHW tensor.
+    pub fn apply(&self, img: &RgbImage) -> Result<Vec<f32>, DataError> {
+        let mut out = vec![0.0; self.output_len()];
+        self.apply_into(img, &mut out)?;
+        Ok(out)
+    }
+
+    /// Applies the transform into `out` (length [`Self::output_len`]).
+    pub fn apply_into(&self, img: &RgbImage, out: &mut [f32]) -> Result<(), DataError> {
+        check_len(out, self.output_len())?;
+        if self.crop > self.resize {
+            return Err(DataError::InvalidArgument(format!(
+                "center crop {} is larger than the resized shorter side {}",
+                self.crop, self.resize
+            )));
+        }
+        let (w, h) = self.resized_size(img.width, img.height);
+        let resized = ResizePlan::new(img.width, img.height, w, h)?.run(img)?;
+        // torchvision: int(round((size - crop) / 2.0)), round half to even.
+        let offset = |size: usize| ((size - self.crop) as f64 / 2.0).round_ties_even() as usize;
+        let (left, top) = (offset(w), offset(h));
+        let plane = self.crop * self.crop;
+        for c in 0..3 {
+            let lut: [f32; 256] =
+                std::array::from_fn(|v| (v as f32 / 255.0 - self.mean[c]) / self.std[c]);
+            let dst = &mut out[c * plane..(c + 1) * plane];
+            for y in 0..self.crop {
+                let row = 3 * ((top + y) * resized.width + left);
+                for x in 0..self.crop {
+                    dst[y * self.crop + x] = lut[resized.data[row + 3 * x + c] as usize];
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// One draw of the train transform's randomness.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CropFlip {
@@ -271,6 +354,52 @@ mod tests {
             }
         }
         assert!(checked >= 4, "only {checked} tensor references");
+    }
+
+    #[test]
+    fn center_crop_tensors_match_torchvision() {
+        // ref/tv/manifest.txt: Resize(41) + CenterCrop(32) of every good fixture (odd
+        // margins: Python's round half to even), and rgb420.jpg at 256 / 224.
+        let text = std::fs::read_to_string(fixtures::dir().join("ref/tv/manifest.txt"))
+            .expect("ref/tv/manifest.txt");
+        let mut checked = 0;
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let f: Vec<&str> = line.split(' ').collect();
+            let (file, resize, crop) = (f[0], f[1].parse().unwrap(), f[2].parse().unwrap());
+            let t = CenterCropTransform {
+                resize,
+                crop,
+                ..CenterCropTransform::IMAGENET
+            };
+            let img = decode_file(&fixtures::dir().join(file)).expect("fixture decodes");
+            let got = t.apply(&img).expect("transform");
+            let want = fixtures::reference_f32(&format!("tv/{file}.{resize}-{crop}.f32"));
+            assert_eq!(got.len(), want.len(), "{file}");
+            let diff = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert_eq!(diff, 0.0, "{file} at {resize}/{crop}: max |diff| {diff}");
+            checked += 1;
+        }
+        assert!(checked >= 40, "only {checked} references");
+    }
+
+    #[test]
+    fn center_crop_sizes_follow_torchvision() {
+        let t = CenterCropTransform::IMAGENET;
+        // int(256 * 500 / 375) = 341; the shorter side may be either.
+        assert_eq!(t.resized_size(500, 375), (341, 256));
+        assert_eq!(t.resized_size(375, 500), (256, 341));
+        assert_eq!(t.resized_size(300, 300), (256, 256));
+        let small = CenterCropTransform {
+            resize: 16,
+            crop: 32,
+            ..t
+        };
+        let e = small.apply(&ramp(20, 20)).unwrap_err().to_string();
+        assert!(e.contains("center crop 32 is larger"), "{e}");
     }
 
     fn ramp(w: usize, h: usize) -> RgbImage {

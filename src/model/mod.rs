@@ -1,6 +1,8 @@
-//! The BiT ResNetV2 backbone (docs/model.md) and its weight files.
+//! The backbones (docs/model.md): BiT ResNetV2 ([`bit`]) and torchvision's ResNets
+//! ([`resnet`]), and their weight files.
 pub mod bit;
 pub mod checkpoint;
+pub mod resnet;
 pub mod variant;
 pub mod weights;
 

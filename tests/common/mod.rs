@@ -59,6 +59,30 @@ pub fn hash_tensor(name: &str, shape: &[i64]) -> Tensor {
     Tensor::from_slice(&v).reshape(shape)
 }
 
+/// The value rule of make_resnet_fixtures.py::tv_hash_tensor (torchvision names).
+pub fn tv_hash_tensor(name: &str, shape: &[i64]) -> Tensor {
+    let n: i64 = shape.iter().product();
+    let u = hash_uniform(name, n as usize);
+    let value = |u: f64| -> f64 {
+        if name.ends_with("running_var") {
+            1.0 + 0.5 * u
+        } else if name.ends_with("running_mean") {
+            0.125 * u
+        } else if shape.len() == 4 || name == "fc.weight" {
+            let fan_in: i64 = shape[1..].iter().product();
+            let e = fan_in.ilog2() as i32 / 2;
+            let top = if name == "fc.weight" { 1 } else { 2 };
+            u * 2f64.powi(top - e)
+        } else if name.ends_with(".weight") {
+            1.0 + 0.25 * u
+        } else {
+            0.125 * u
+        }
+    };
+    let v: Vec<f32> = u.into_iter().map(|u| value(u) as f32).collect();
+    Tensor::from_slice(&v).reshape(shape)
+}
+
 /// Overwrites every variable of `vs` with its hash value.
 pub fn fill_hash_weights(vs: &nn::VarStore) {
     tch::no_grad(|| {
