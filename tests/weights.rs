@@ -67,6 +67,37 @@ fn paper_pth_tar_gives_the_reference_logits() {
 }
 
 #[test]
+fn legacy_torch_checkpoint_reads_like_the_zip_format() {
+    // {'state_dict' ('module.' names), 'epoch', 'arch', 'best_acc1'} in torch.save's
+    // legacy format, and the same state dict in the zip format.
+    let legacy_path = fixture("interop/legacy_checkpoint.pth.tar");
+    let legacy = read_state_dict(&legacy_path).unwrap();
+    let zip = read_state_dict(&fixture("interop/legacy_state_zip.pth")).unwrap();
+    assert_eq!(legacy.format, WeightFormat::TorchLegacy);
+    assert_eq!(zip.format, WeightFormat::TorchZip);
+    assert_eq!(legacy.step, None);
+    assert_eq!(legacy.tensors.len(), 11);
+    assert_eq!(legacy.tensors.len(), zip.tensors.len());
+    for ((name, t), (want_name, want)) in legacy.tensors.iter().zip(&zip.tensors) {
+        assert_eq!(name, want_name);
+        assert_eq!(t.kind(), want.kind(), "{name}");
+        assert_eq!(t.size(), want.size(), "{name}");
+        assert!(t.equal(want), "{name}");
+    }
+    let listing = Command::cargo_bin("mos")
+        .unwrap()
+        .arg("inspect")
+        .arg(&legacy_path)
+        .output()
+        .unwrap();
+    assert!(listing.status.success());
+    let text = String::from_utf8(listing.stdout).unwrap();
+    assert!(text.contains("torch.save legacy format"), "{text}");
+    assert!(text.contains("shared_col"), "{text}");
+    assert!(text.contains("11 tensors"), "{text}");
+}
+
+#[test]
 fn converted_checkpoint_round_trips() {
     let dir = tempfile::tempdir().unwrap();
     let src = paper_checkpoint(dir.path());
@@ -196,11 +227,15 @@ fn unreadable_files_are_clear_errors() {
         e.contains("junk.bin") && e.contains("unknown weight format"),
         "{e}"
     );
+    // A raw pickle that is not a torch.save file of either format.
     let e = format!(
         "{:#}",
-        read_state_dict(&fixture("interop/legacy.pth")).unwrap_err()
+        read_state_dict(&fixture("interop/plain_p5.pkl")).unwrap_err()
     );
-    assert!(e.contains("legacy torch.save format"), "{e}");
+    assert!(
+        e.contains("plain_p5.pkl") && e.contains("without torch.save's magic number"),
+        "{e}"
+    );
     let e = format!(
         "{:#}",
         read_state_dict(&fixture("interop/evil_global.pth")).unwrap_err()

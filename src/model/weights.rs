@@ -29,6 +29,8 @@ pub enum WeightFormat {
     BitNpz,
     /// The paper code's `torch.save` zip (`.pth.tar`).
     TorchZip,
+    /// `torch.save`'s legacy format (torch < 1.6, e.g. torchvision's 2017 ResNet weights).
+    TorchLegacy,
 }
 
 impl fmt::Display for WeightFormat {
@@ -37,6 +39,7 @@ impl fmt::Display for WeightFormat {
             Self::Safetensors => "safetensors",
             Self::BitNpz => "BiT .npz",
             Self::TorchZip => "torch.save zip (.pth.tar)",
+            Self::TorchLegacy => "torch.save legacy format (torch < 1.6)",
         })
     }
 }
@@ -75,12 +78,12 @@ impl StateDict {
 
 /// Tells the format from the file's first bytes (and, for zips, its member names).
 pub fn detect_format(path: &Path) -> Result<WeightFormat> {
-    let mut head = [0u8; 9];
-    let mut f =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let n = f
-        .read(&mut head)
+    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut head = Vec::with_capacity(32);
+    f.take(32)
+        .read_to_end(&mut head)
         .with_context(|| format!("cannot read {}", path.display()))?;
+    let n = head.len();
     if n >= 4 && &head[..4] == b"PK\x03\x04" {
         let names = zip_member_names(path)?;
         if names.iter().any(|m| m.ends_with("data.pkl")) {
@@ -94,11 +97,14 @@ pub fn detect_format(path: &Path) -> Result<WeightFormat> {
             path.display()
         );
     }
-    if n == 9 && head[8] == b'{' {
+    if n >= 9 && head[8] == b'{' {
         return Ok(WeightFormat::Safetensors);
     }
+    if pickle::is_legacy_torch(&head) {
+        return Ok(WeightFormat::TorchLegacy);
+    }
     if n >= 2 && head[0] == 0x80 {
-        // A raw pickle: the legacy torch.save format; the reader explains.
+        // Another raw pickle: the torch reader explains what it is not.
         return Ok(WeightFormat::TorchZip);
     }
     bail!(
@@ -285,7 +291,7 @@ pub fn read_state_dict(path: &Path) -> Result<StateDict> {
     let format = detect_format(path)?;
     let (tensors, meta, momentum, step) = match format {
         WeightFormat::BitNpz => (read_bit_npz(path)?, None, Vec::new(), None),
-        WeightFormat::TorchZip => {
+        WeightFormat::TorchZip | WeightFormat::TorchLegacy => {
             let (t, step) = read_torch(path)?;
             (t, None, Vec::new(), step)
         }

@@ -1,13 +1,20 @@
-//! Reader for PyTorch `torch.save` checkpoints (the zip format of torch >= 1.6, e.g. the
-//! paper's `bit.pth.tar`), built on a small pickle virtual machine that never executes
-//! anything.
+//! Reader for PyTorch `torch.save` checkpoints, built on a small pickle virtual machine
+//! that never executes anything. Both formats are read, to the same [`PyValue`]:
 //!
-//! A checkpoint is a zip holding `<prefix>/data.pkl` (the pickled object),
-//! `<prefix>/data/<key>` (raw storage bytes), `<prefix>/byteorder` (absent = little) and
-//! `<prefix>/version`. The pickle may only name the globals a tensor checkpoint needs
-//! (`collections.OrderedDict`, `torch._utils._rebuild_tensor_v2`,
-//! `torch._utils._rebuild_parameter` and the typed `torch.*Storage` classes); anything else
-//! is refused with [`WeightsError::DisallowedGlobal`]. Sets become [`PyValue::List`].
+//! - the zip format (torch >= 1.6, e.g. the paper's `bit.pth.tar`): a zip holding
+//!   `<prefix>/data.pkl` (the pickled object), `<prefix>/data/<key>` (raw storage bytes),
+//!   `<prefix>/byteorder` (absent = little) and `<prefix>/version`;
+//! - the legacy format (torch < 1.6, or `_use_new_zipfile_serialization=False`, e.g.
+//!   torchvision's `resnet50-19c8e357.pth`): one file holding a sequence of pickles (the
+//!   magic number 0x1950a86a20f9469cfc6c, the format version 1001, a `sys_info` dict, the
+//!   object, the list of storage keys), then for each key an 8-byte little-endian element
+//!   count and the storage's bytes.
+//!
+//! The pickle may only name the globals a tensor checkpoint needs
+//! (`collections.OrderedDict`, `torch._utils._rebuild_tensor_v2`, `torch._utils._rebuild_tensor`
+//! (torch < 0.4), `torch._utils._rebuild_parameter` and the typed `torch.*Storage` classes);
+//! anything else is refused with [`WeightsError::DisallowedGlobal`]. Sets become
+//! [`PyValue::List`].
 //!
 //! Hostile input is bounded: opcodes are interpreted without recursion, every length is
 //! checked against the bytes present, tensor views are bounds-checked against their
@@ -167,13 +174,14 @@ fn output_budget(len: u64) -> usize {
     usize::try_from(len.saturating_mul(4).saturating_add(16 << 20)).unwrap_or(usize::MAX)
 }
 
-/// Reads a `torch.save` zip checkpoint. Tensors come back as [`PyValue::Tensor`].
+/// Reads a `torch.save` checkpoint (zip or legacy format). Tensors come back as
+/// [`PyValue::Tensor`].
 pub fn read_torch_checkpoint(path: &Path) -> Result<PyValue, WeightsError> {
     let io = |e| Problem::Io(e).at(path);
     let mut file = std::fs::File::open(path).map_err(io)?;
     let len = file.metadata().map_err(io)?.len();
-    let mut head = Vec::with_capacity(16);
-    (&mut file).take(16).read_to_end(&mut head).map_err(io)?;
+    let mut head = Vec::with_capacity(32);
+    (&mut file).take(32).read_to_end(&mut head).map_err(io)?;
     file.seek(SeekFrom::Start(0)).map_err(io)?;
     checkpoint_from(BufReader::new(file), len, &head).map_err(|p| p.at(path))
 }
@@ -185,16 +193,25 @@ pub fn read_torch_checkpoint_bytes(data: &[u8], origin: &Path) -> Result<PyValue
 
 /// Reads a plain pickle (no persistent ids, so no tensors), e.g. written by `pickle.dump`.
 pub fn read_pickle_bytes(data: &[u8], origin: &Path) -> Result<PyValue, WeightsError> {
-    let mut no_storage = |_: &str| bad("a persistent id (storage) in a plain pickle");
-    let budget = output_budget(data.len() as u64);
-    unpickle(data, budget, &mut no_storage, false).map_err(|p| p.at(origin))
+    let mut vm = Vm::new(data);
+    vm.run(&mut Storages::Forbidden)
+        .and_then(|top| vm.value(&top, output_budget(data.len() as u64), false))
+        .map_err(|p| p.at(origin))
 }
 
-fn checkpoint_from<R: Read + Seek>(r: R, len: u64, head: &[u8]) -> Result<PyValue, Problem> {
-    // The legacy format is a raw pickle (it starts with PROTO 2 and the LONG1 magic number
-    // 0x1950a86a20f9469cfc6c); any raw pickle gets the same advice.
+fn checkpoint_from<R: Read + Seek>(mut r: R, len: u64, head: &[u8]) -> Result<PyValue, Problem> {
+    if is_legacy_torch(head) {
+        // The storages follow the pickle that refers to them, so read it all (the zip
+        // format holds its members in memory too).
+        let mut data = Vec::new();
+        r.read_to_end(&mut data).map_err(Problem::Io)?;
+        return legacy_from(&data);
+    }
     if head.first() == Some(&0x80) {
-        return Err(Problem::Legacy);
+        return bad(
+            "a raw pickle without torch.save's magic number: not a torch.save file (nor one \
+             of torch < 1.6), or cut short",
+        );
     }
     if !head.starts_with(b"PK") {
         return bad("not a torch.save zip archive (no zip signature)");
@@ -247,16 +264,226 @@ fn checkpoint_from<R: Read + Seek>(r: R, len: u64, head: &[u8]) -> Result<PyValu
     })
 }
 
+/// torch.save's magic number 0x1950a86a20f9469cfc6c, the legacy format's first pickle, as
+/// protocol >= 2 writes it (LONG1, little-endian) ...
+const MAGIC_LONG1: &[u8] = b"\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.";
+/// ... and as protocols 0 and 1 write it (text LONG).
+const MAGIC_TEXT: &[u8] = b"L119547037146038801333356L\n.";
+/// The legacy format's version (torch's `PROTOCOL_VERSION`).
+const LEGACY_VERSION: i64 = 1001;
+
+/// Where the magic-number pickle that opens a legacy torch.save file ends, if `data`
+/// starts with one.
+fn legacy_magic_end(data: &[u8]) -> Option<usize> {
+    if data.starts_with(MAGIC_TEXT) {
+        return Some(MAGIC_TEXT.len());
+    }
+    let mut at = 0;
+    if data.first() == Some(&0x80) {
+        at += 2; // PROTO n
+        if data.get(at) == Some(&0x95) {
+            at += 9; // FRAME (protocol >= 4)
+        }
+    }
+    let end = at + MAGIC_LONG1.len();
+    (data.get(at..end) == Some(MAGIC_LONG1)).then_some(end)
+}
+
+/// Whether a file starting with `head` (its first 32 bytes suffice) is in torch.save's
+/// legacy format.
+pub fn is_legacy_torch(head: &[u8]) -> bool {
+    legacy_magic_end(head).is_some()
+}
+
+/// Prefixes a [`Problem::Malformed`] with the part of the file it concerns.
+fn within(part: &str) -> impl Fn(Problem) -> Problem + '_ {
+    move |p| match p {
+        Problem::Malformed(m) => Problem::Malformed(format!("{part}: {m}")),
+        other => other,
+    }
+}
+
+/// A short description of `v` for messages: the value of a scalar, else its type.
+fn brief(v: &PyValue) -> String {
+    match v {
+        PyValue::None | PyValue::Bool(_) | PyValue::Int(_) | PyValue::Float(_) => {
+            format!("{v:?}")
+        }
+        other => format!("a {}", other.type_name()),
+    }
+}
+
+/// Reads the legacy torch.save format (see the module docs) from the whole file `data`.
+fn legacy_from(data: &[u8]) -> Result<PyValue, Problem> {
+    let part = |p| format!("legacy torch.save format, {p}");
+    let mut pos = legacy_magic_end(data)
+        .ok_or_else(|| Problem::Malformed("no torch.save magic number".into()))?;
+    let small = |pos: &mut usize, part: &str| {
+        let mut vm = Vm::new(&data[*pos..]);
+        let top = vm.run(&mut Storages::Forbidden).map_err(within(part))?;
+        *pos += vm.pos;
+        vm.value(&top, output_budget(data.len() as u64), false)
+            .map_err(within(part))
+    };
+    let version = small(&mut pos, &part("version pickle"))?;
+    if version.as_int() != Some(LEGACY_VERSION) {
+        return Err(Problem::Unsupported(format!(
+            "legacy torch.save format version {} (only {LEGACY_VERSION} is known)",
+            brief(&version)
+        )));
+    }
+    let info = small(&mut pos, &part("sys_info pickle"))?;
+    check_sys_info(&info).map_err(within(&part("sys_info")))?;
+    let object = part("object pickle");
+    let mut vm = Vm::new(&data[pos..]);
+    let top = vm.run(&mut Storages::Deferred).map_err(within(&object))?;
+    pos += vm.pos;
+    let key_list = small(&mut pos, &part("storage key list"))?;
+    read_storages(data, pos, &key_list, &mut vm.roots).map_err(within(&part("storages")))?;
+    vm.value(&top, output_budget(data.len() as u64), false)
+        .map_err(within(&object))
+}
+
+/// Reads the storages that follow the legacy format's pickles, from `pos` to the end of
+/// `data`, in the order of `key_list`: for each, an 8-byte little-endian element count
+/// and the bytes. Every storage the object pickle named (`roots`) must be there, with the
+/// element count the pickle gave.
+fn read_storages(
+    data: &[u8],
+    mut pos: usize,
+    key_list: &PyValue,
+    roots: &mut HashMap<Rc<str>, Root>,
+) -> Result<(), Problem> {
+    let keys = key_list.as_list().ok_or_else(|| {
+        Problem::Malformed(format!("the key list is {}, not a list", brief(key_list)))
+    })?;
+    for (i, key) in keys.iter().enumerate() {
+        let key = key.as_str().ok_or_else(|| {
+            Problem::Malformed(format!("key {} is {}, not a str", i + 1, brief(key)))
+        })?;
+        let what = format!(
+            "storage '{}' ({} of {})",
+            key.escape_default(),
+            i + 1,
+            keys.len()
+        );
+        let root = roots.get_mut(key).ok_or_else(|| {
+            Problem::Malformed(format!("{what} is in the key list but no tensor uses it"))
+        })?;
+        if root.bytes.is_some() {
+            return bad(format!("{what} is listed twice"));
+        }
+        let Some(count) = data.get(pos..pos + 8) else {
+            return bad(format!(
+                "truncated: the element count of {what} is missing at offset {pos}, {} bytes left",
+                data.len() - pos
+            ));
+        };
+        let count = i64::from_le_bytes(count.try_into().expect("8 bytes"));
+        if usize::try_from(count).ok() != Some(root.numel) {
+            return bad(format!(
+                "{what} holds {count} elements in the file, but the pickle says {}",
+                root.numel
+            ));
+        }
+        pos += 8;
+        // numel * size was checked against the file size when the pickle named it.
+        let nbytes = root.numel * root.dtype.size_in_bytes();
+        let Some(bytes) = data.get(pos..pos + nbytes) else {
+            return bad(format!(
+                "truncated: {what} needs {nbytes} bytes ({} elements of {}) at offset {pos}, {} left",
+                root.numel,
+                root.dtype,
+                data.len() - pos
+            ));
+        };
+        root.bytes = Some(Rc::new(bytes.to_vec()));
+        pos += nbytes;
+    }
+    if let Some(key) = roots
+        .iter()
+        .filter(|(_, r)| r.bytes.is_none())
+        .map(|(k, _)| k)
+        .min()
+    {
+        return bad(format!(
+            "storage '{}' is used by a tensor but missing from the key list",
+            key.escape_default()
+        ));
+    }
+    if pos != data.len() {
+        return bad(format!(
+            "{} unexpected bytes after the last storage (offset {pos})",
+            data.len() - pos
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the legacy format's `sys_info` dict: little-endian data and the type sizes
+/// torch has always written (`long` is 4 bytes in torch's `struct` standard sizes, 8 in
+/// some old files; tensors' `LongStorage` is 8 bytes either way).
+fn check_sys_info(info: &PyValue) -> Result<(), Problem> {
+    if info.as_dict().is_none() {
+        return bad(format!("{}, not a dict", brief(info)));
+    }
+    match info.get("little_endian") {
+        Some(PyValue::Bool(true)) => {}
+        Some(PyValue::Bool(false)) => {
+            return Err(Problem::Unsupported(
+                "legacy torch.save file written on a big-endian machine (sys_info \
+                 little_endian=False): re-save it there with torch >= 1.6, which writes \
+                 the zip format"
+                    .into(),
+            ))
+        }
+        Some(other) => return bad(format!("little_endian is {}, not a bool", brief(other))),
+        None => return bad("no little_endian entry"),
+    }
+    if let Some(v) = info.get("protocol_version") {
+        if v.as_int() != Some(LEGACY_VERSION) {
+            return Err(Problem::Unsupported(format!(
+                "legacy torch.save sys_info: protocol_version {} (only {LEGACY_VERSION} is known)",
+                brief(v)
+            )));
+        }
+    }
+    let sizes = info
+        .get("type_sizes")
+        .ok_or_else(|| Problem::Malformed("no type_sizes entry".into()))?;
+    for (name, allowed) in [("short", &[2][..]), ("int", &[4]), ("long", &[4, 8])] {
+        let size = sizes.get(name).and_then(PyValue::as_int);
+        if !size.is_some_and(|n| allowed.contains(&n)) {
+            return Err(Problem::Unsupported(format!(
+                "legacy torch.save sys_info: type_sizes['{name}'] is {size:?}, expected one of {allowed:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Most values (stack + memo + objects) a pickle may hold; real checkpoints hold ~100k.
 const MAX_ITEMS: usize = 1 << 22;
 
 /// Returns the bytes of the storage with the given key.
 type Loader<'a> = dyn FnMut(&str) -> Result<Rc<Vec<u8>>, Problem> + 'a;
 
+/// Where the storages a pickle's persistent ids name come from.
+enum Storages<'l, 'a> {
+    /// Nowhere: a persistent id is an error (a plain pickle).
+    Forbidden,
+    /// Zip format: archive members, read when first named.
+    Members(&'l mut Loader<'a>),
+    /// Legacy format: the storages follow the pickle; they are recorded in
+    /// [`Vm::roots`] and filled in once the pickle has run.
+    Deferred,
+}
+
 /// A global the allow-list admits.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Glob {
     OrderedDict,
+    RebuildTensor,
     RebuildTensorV2,
     RebuildParameter,
     Storage(DType),
@@ -266,6 +493,7 @@ fn resolve_global(module: &str, name: &str) -> Result<Glob, Problem> {
     let storage = |d| Ok(Glob::Storage(d));
     match (module, name) {
         ("collections", "OrderedDict") => Ok(Glob::OrderedDict),
+        ("torch._utils", "_rebuild_tensor") => Ok(Glob::RebuildTensor),
         ("torch._utils", "_rebuild_tensor_v2") => Ok(Glob::RebuildTensorV2),
         ("torch._utils", "_rebuild_parameter") => Ok(Glob::RebuildParameter),
         ("torch", "DoubleStorage") => storage(DType::F64),
@@ -303,8 +531,23 @@ enum Obj {
     List(Vec<Val>),
     Tuple(Vec<Val>),
     Dict(Vec<(Val, Val)>, HashMap<DictKey, usize>),
-    Storage { dtype: DType, bytes: Rc<Vec<u8>> },
+    /// Elements `start..start + numel` of root storage `root` (all of it, except for the
+    /// storage views of old legacy files).
+    Storage {
+        root: Rc<str>,
+        dtype: DType,
+        start: usize,
+        numel: usize,
+    },
     Tensor(View),
+}
+
+/// A storage as its persistent id describes it; `bytes` is `None` until read.
+#[derive(Debug)]
+struct Root {
+    dtype: DType,
+    numel: usize,
+    bytes: Option<Rc<Vec<u8>>>,
 }
 
 /// Key of a dict entry, for replacing entries with an equal str or int key.
@@ -317,7 +560,8 @@ enum DictKey {
 #[derive(Debug)]
 struct View {
     dtype: DType,
-    bytes: Rc<Vec<u8>>,
+    /// The root storage's key; `offset` counts elements from its start.
+    root: Rc<str>,
     offset: usize,
     shape: Vec<usize>,
     strides: Vec<usize>,
@@ -330,6 +574,8 @@ struct Vm<'a> {
     marks: Vec<usize>,
     memo: HashMap<u64, Val>,
     objs: Vec<Obj>,
+    /// The storages the persistent ids named, by key.
+    roots: HashMap<Rc<str>, Root>,
     /// Remaining element copies allowed (bounds quadratic blow-ups).
     work: usize,
 }
@@ -342,23 +588,9 @@ pub(crate) fn unpickle(
     load: &mut Loader<'_>,
     big_endian: bool,
 ) -> Result<PyValue, Problem> {
-    let mut vm = Vm {
-        data,
-        pos: 0,
-        stack: Vec::new(),
-        marks: Vec::new(),
-        memo: HashMap::new(),
-        objs: Vec::new(),
-        work: data.len().saturating_mul(8) + 4096,
-    };
-    let top = vm.run(load)?;
-    let mut conv = Convert {
-        objs: &vm.objs,
-        bytes_left: budget,
-        nodes_left: data.len().saturating_mul(8) + 1024,
-        big_endian,
-    };
-    conv.value(&top, 0)
+    let mut vm = Vm::new(data);
+    let top = vm.run(&mut Storages::Members(load))?;
+    vm.value(&top, budget, big_endian)
 }
 
 fn unexpected<T>(what: &str, v: &Val) -> Result<T, Problem> {
@@ -375,7 +607,34 @@ fn unexpected<T>(what: &str, v: &Val) -> Result<T, Problem> {
     bad(format!("{what}, found {kind}"))
 }
 
-impl Vm<'_> {
+impl<'a> Vm<'a> {
+    /// A VM for the pickle at the start of `data` (bytes after its STOP are left alone).
+    fn new(data: &'a [u8]) -> Self {
+        Vm {
+            data,
+            pos: 0,
+            stack: Vec::new(),
+            marks: Vec::new(),
+            memo: HashMap::new(),
+            objs: Vec::new(),
+            roots: HashMap::new(),
+            work: data.len().saturating_mul(8) + 4096,
+        }
+    }
+
+    /// Materializes `top` (what [`Vm::run`] returned) within `budget` bytes; every
+    /// storage a tensor uses must have its bytes by now.
+    fn value(&self, top: &Val, budget: usize, big_endian: bool) -> Result<PyValue, Problem> {
+        let mut conv = Convert {
+            objs: &self.objs,
+            roots: &self.roots,
+            bytes_left: budget,
+            nodes_left: self.pos.saturating_mul(8) + 1024,
+            big_endian,
+        };
+        conv.value(top, 0)
+    }
+
     fn take(&mut self, n: usize) -> Result<&[u8], Problem> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.data.len());
         let Some(end) = end else {
@@ -542,20 +801,32 @@ impl Vm<'_> {
             .collect()
     }
 
-    /// `_rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks[, metadata])`.
-    fn rebuild_tensor(&mut self, args: &[Val]) -> Result<Val, Problem> {
-        if !(6..=7).contains(&args.len()) {
+    /// `_rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks[, metadata])`
+    /// or, from torch < 0.4, `_rebuild_tensor(storage, offset, size, stride)`.
+    fn rebuild_tensor(&mut self, args: &[Val], v2: bool) -> Result<Val, Problem> {
+        let (name, arity) = if v2 {
+            ("_rebuild_tensor_v2", 6..=7)
+        } else {
+            ("_rebuild_tensor", 4..=4)
+        };
+        if !arity.contains(&args.len()) {
             return bad(format!(
-                "_rebuild_tensor_v2 takes 6 or 7 arguments, got {}",
+                "{name} takes {} arguments, got {}",
+                if v2 { "6 or 7" } else { "4" },
                 args.len()
             ));
         }
-        let (dtype, bytes) = match &args[0] {
+        let (root, dtype, start, storage_numel) = match &args[0] {
             Val::Obj(i) => match self.objs.get(*i) {
-                Some(Obj::Storage { dtype, bytes }) => (*dtype, Rc::clone(bytes)),
-                _ => return bad("_rebuild_tensor_v2: first argument is not a storage"),
+                Some(Obj::Storage {
+                    root,
+                    dtype,
+                    start,
+                    numel,
+                }) => (Rc::clone(root), *dtype, *start, *numel),
+                _ => return bad(format!("{name}: first argument is not a storage")),
             },
-            v => return unexpected("_rebuild_tensor_v2 needs a storage", v),
+            v => return unexpected(&format!("{name} needs a storage"), v),
         };
         let offset = usize::try_from(Self::int(&args[1], "storage offset")?)
             .or_else(|_| bad("negative storage offset"))?;
@@ -564,7 +835,6 @@ impl Vm<'_> {
         if shape.len() != strides.len() {
             return bad("tensor size and stride differ in length");
         }
-        let storage_numel = bytes.len() / dtype.size_in_bytes();
         let numel = checked_numel(&shape);
         if numel != Some(0) {
             let last = shape
@@ -579,8 +849,8 @@ impl Vm<'_> {
         }
         Ok(self.new_obj(Obj::Tensor(View {
             dtype,
-            bytes,
-            offset,
+            root,
+            offset: start + offset,
             shape,
             strides,
         })))
@@ -606,7 +876,8 @@ impl Vm<'_> {
                 }
                 Ok(d)
             }
-            Val::Global(Glob::RebuildTensorV2) => self.rebuild_tensor(&args),
+            Val::Global(Glob::RebuildTensorV2) => self.rebuild_tensor(&args, true),
+            Val::Global(Glob::RebuildTensor) => self.rebuild_tensor(&args, false),
             Val::Global(Glob::RebuildParameter) => match args.first() {
                 Some(t @ Val::Obj(i)) if matches!(self.objs.get(*i), Some(Obj::Tensor(_))) => {
                     Ok(t.clone())
@@ -618,37 +889,114 @@ impl Vm<'_> {
         }
     }
 
-    fn persistent_load(&mut self, pid: &Val, load: &mut Loader<'_>) -> Result<Val, Problem> {
+    /// A storage from its persistent id: `('storage', <torch.*Storage>, key, location,
+    /// numel)` in the zip format, the same plus `view_metadata` (None, or `(view_key,
+    /// offset, size)` for a view of part of the storage) in the legacy format.
+    fn persistent_load(&mut self, pid: &Val, storages: &mut Storages) -> Result<Val, Problem> {
         let parts = self.tuple_vec(pid, "persistent id")?;
-        let [Val::Str(tag), Val::Global(Glob::Storage(dtype)), Val::Str(key), _location, numel] =
+        let legacy = matches!(storages, Storages::Deferred);
+        let arity = if legacy { 6 } else { 5 };
+        let [Val::Str(tag), Val::Global(Glob::Storage(dtype)), Val::Str(key), _location, numel, ..] =
             parts.as_slice()
         else {
-            return bad(
-                "persistent id is not ('storage', <torch storage type>, key, location, numel)",
-            );
+            return bad(format!(
+                "persistent id is not ('storage', <torch storage type>, key, location, numel{})",
+                if legacy { ", view_metadata" } else { "" }
+            ));
         };
+        if parts.len() != arity {
+            return bad(format!(
+                "persistent id has {} items, not {arity}",
+                parts.len()
+            ));
+        }
         if &**tag != "storage" {
             return bad(format!(
                 "persistent id of unknown kind '{}'",
                 tag.escape_default()
             ));
         }
+        let view = parts.get(5);
+        let dtype = *dtype;
         let numel = usize::try_from(Self::int(numel, "storage numel")?)
             .or_else(|_| bad("negative storage numel"))?;
-        let bytes = load(key)?;
-        if numel.checked_mul(dtype.size_in_bytes()) != Some(bytes.len()) {
-            return bad(format!(
-                "storage '{key}' holds {} bytes, not {numel} elements of {dtype}",
-                bytes.len()
-            ));
+        match self.roots.get(key) {
+            Some(r) if (r.dtype, r.numel) == (dtype, numel) => {}
+            Some(r) => {
+                return bad(format!(
+                    "storage '{}' is named as {} elements of {} and as {numel} of {dtype}",
+                    key.escape_default(),
+                    r.numel,
+                    r.dtype
+                ))
+            }
+            None => {
+                let bytes = match storages {
+                    Storages::Forbidden => {
+                        return bad("a persistent id (storage) in a plain pickle")
+                    }
+                    Storages::Members(load) => {
+                        let bytes = load(key)?;
+                        if numel.checked_mul(dtype.size_in_bytes()) != Some(bytes.len()) {
+                            return bad(format!(
+                                "storage '{key}' holds {} bytes, not {numel} elements of {dtype}",
+                                bytes.len()
+                            ));
+                        }
+                        Some(bytes)
+                    }
+                    Storages::Deferred => {
+                        // Bound what the file must hold before anything is allocated.
+                        let fits = numel
+                            .checked_mul(dtype.size_in_bytes())
+                            .is_some_and(|n| n <= self.data.len());
+                        if !fits {
+                            return bad(format!(
+                                "storage '{}' claims {numel} elements of {dtype}, more than the file holds",
+                                key.escape_default()
+                            ));
+                        }
+                        None
+                    }
+                };
+                let root = Root {
+                    dtype,
+                    numel,
+                    bytes,
+                };
+                self.roots.insert(Rc::clone(key), root);
+            }
         }
+        let (start, numel) = match view {
+            None | Some(Val::None) => (0, numel),
+            Some(v) => {
+                let Some([Val::Str(_), Val::Int(offset), Val::Int(size)]) = self.tuple(v) else {
+                    return bad("storage view_metadata is not (key, offset, size)");
+                };
+                let (offset, size) = (*offset, *size);
+                let view = usize::try_from(offset)
+                    .ok()
+                    .zip(usize::try_from(size).ok())
+                    .filter(|&(o, n)| o.checked_add(n).is_some_and(|e| e <= numel));
+                let Some(view) = view else {
+                    return bad(format!(
+                        "storage view (offset {offset}, size {size}) exceeds storage '{}' of {numel} elements",
+                        key.escape_default()
+                    ));
+                };
+                view
+            }
+        };
         Ok(self.new_obj(Obj::Storage {
-            dtype: *dtype,
-            bytes,
+            root: Rc::clone(key),
+            dtype,
+            start,
+            numel,
         }))
     }
 
-    fn run(&mut self, load: &mut Loader<'_>) -> Result<Val, Problem> {
+    /// Runs the pickle up to its STOP (leaving `pos` after it) and returns its value.
+    fn run(&mut self, storages: &mut Storages) -> Result<Val, Problem> {
         loop {
             let at = self.pos;
             if self.stack.len() + self.memo.len() + self.objs.len() > MAX_ITEMS {
@@ -874,7 +1222,7 @@ impl Vm<'_> {
                 b'Q' => {
                     // BINPERSID
                     let pid = self.pop()?;
-                    self.persistent_load(&pid, load)?
+                    self.persistent_load(&pid, storages)?
                 }
                 _ => {
                     let what = match op {
@@ -945,6 +1293,7 @@ fn raw_unicode_escape(b: &[u8]) -> String {
 /// Turns VM values into [`PyValue`]s within the depth, node and byte budgets.
 struct Convert<'a> {
     objs: &'a [Obj],
+    roots: &'a HashMap<Rc<str>, Root>,
     bytes_left: usize,
     nodes_left: usize,
     big_endian: bool,
@@ -1006,7 +1355,10 @@ impl Convert<'_> {
             .and_then(|n| n.checked_mul(item))
             .unwrap_or(usize::MAX);
         self.charge(nbytes)?;
-        let mut data = gather_strided(&t.bytes, item, t.offset, &t.shape, &t.strides)
+        let Some(bytes) = self.roots.get(&t.root).and_then(|r| r.bytes.as_ref()) else {
+            return bad(format!("storage '{}' has no data", t.root.escape_default()));
+        };
+        let mut data = gather_strided(bytes, item, t.offset, &t.shape, &t.strides)
             .ok_or_else(|| Problem::Malformed("tensor view exceeds its storage".into()))?;
         if self.big_endian {
             swap_bytes(&mut data, item);
@@ -1094,18 +1446,82 @@ mod tests {
         size: &[i64],
         stride: &[i64],
     ) -> Vec<u8> {
-        let mut p = b"ctorch._utils\n_rebuild_tensor_v2\n((".to_vec();
+        rebuild_call(true, storage, "0", numel, None, offset, size, stride)
+    }
+
+    /// A tensor rebuilt by `_rebuild_tensor_v2` (`v2`) or `_rebuild_tensor` from storage
+    /// `key`, whose persistent id ends in the pickled `view_metadata` if given (the
+    /// legacy format) and at numel otherwise (the zip format).
+    #[allow(clippy::too_many_arguments)]
+    fn rebuild_call(
+        v2: bool,
+        storage: &str,
+        key: &str,
+        numel: i64,
+        view_metadata: Option<&[u8]>,
+        offset: i64,
+        size: &[i64],
+        stride: &[i64],
+    ) -> Vec<u8> {
+        let f = if v2 {
+            "_rebuild_tensor_v2"
+        } else {
+            "_rebuild_tensor"
+        };
+        let mut p = format!("ctorch._utils\n{f}\n((").into_bytes();
         p.extend(s("storage"));
         p.extend(format!("ctorch\n{storage}\n").bytes());
-        p.extend(s("0"));
+        p.extend(s(key));
         p.extend(s("cpu"));
         p.extend(int(numel));
+        p.extend(view_metadata.unwrap_or_default());
         p.extend(b"tQ");
         p.extend(int(offset));
         p.extend(tuple(size));
         p.extend(tuple(stride));
-        p.extend(b"\x89ccollections\nOrderedDict\n)RtR");
+        if v2 {
+            p.extend(b"\x89ccollections\nOrderedDict\n)R");
+        }
+        p.extend(b"tR");
         p
+    }
+
+    /// A legacy-format file: magic number, `version`, a sys_info dict saying
+    /// little-endian `little` and type size `long`, the object pickle `obj` (a body), the
+    /// storage key list and, per storage, an element count and bytes.
+    fn legacy_file(
+        version: u16,
+        little: bool,
+        long: u8,
+        obj: &[u8],
+        keys: &[&str],
+        storages: &[(i64, &[u8])],
+    ) -> Vec<u8> {
+        let mut f = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.".to_vec();
+        f.extend(framed(&[&b"M"[..], &version.to_le_bytes()].concat()));
+        let mut info = b"}(".to_vec();
+        info.extend(s("protocol_version"));
+        info.extend(b"M\xe9\x03");
+        info.extend(s("little_endian"));
+        info.push(if little { 0x88 } else { 0x89 });
+        info.extend(s("type_sizes"));
+        info.extend(b"}(");
+        for (name, size) in [("short", 2), ("int", 4), ("long", long)] {
+            info.extend(s(name));
+            info.extend([b'K', size]);
+        }
+        info.extend(b"uu");
+        f.extend(framed(&info));
+        f.extend(framed(obj));
+        let mut list = b"](".to_vec();
+        keys.iter().for_each(|k| list.extend(s(k)));
+        list.push(b'e');
+        f.extend(framed(&list));
+        for (count, bytes) in storages {
+            f.extend(count.to_le_bytes());
+            f.extend(*bytes);
+        }
+        f
     }
 
     fn framed(body: &[u8]) -> Vec<u8> {
@@ -1311,19 +1727,74 @@ mod tests {
     }
 
     #[test]
-    fn legacy_and_foreign_files() {
+    fn legacy_format_reads_like_the_zip_format() {
+        let zip = read("legacy_state_zip.pth");
+        let names: Vec<String> = zip.tensors().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names.len(), 11, "{names:?}");
+        for file in [
+            "legacy_state.pth",
+            "legacy_state_p1.pth",
+            "legacy_state_p4.pth",
+        ] {
+            // The same structure, tensor for tensor (dtype, shape, values).
+            assert_eq!(read(file), zip, "{file}");
+        }
+        let legacy = read("legacy_state.pth");
+        let mut checked = 0;
+        for rec in expected().get("torch").arr() {
+            let Some(name) = rec.get("name").str().strip_prefix("legacy/") else {
+                continue;
+            };
+            for (file, v) in [
+                ("legacy_state.pth", &legacy),
+                ("legacy_state_zip.pth", &zip),
+            ] {
+                let t = v.get(name).and_then(PyValue::as_tensor);
+                check_tensor(&format!("{file}:{name}"), t.expect(name), rec);
+            }
+            checked += 1;
+        }
+        assert_eq!(checked, 11);
+        let t = |name| legacy.get(name).and_then(PyValue::as_tensor).expect(name);
+        assert_eq!(
+            t("shared_row").to_f32_vec(),
+            Some(vec![0.5, 0.625, 0.75, 0.875])
+        );
+        assert_eq!(t("shared_col").to_f32_vec(), Some(vec![0.25, 0.75, 1.25]));
+        assert_eq!(t("transposed").shape, [5, 3]);
+        assert_eq!((t("scalar").shape.len(), t("empty").numel()), (0, 0));
+        // The fixture written by the first version of make_interop_fixtures.py.
         let path = fixture("legacy.pth");
         let head = std::fs::read(&path).expect("fixture");
         assert!(head.starts_with(b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"));
-        let err = err_of(read_torch_checkpoint(&path));
-        let msg = err.to_string();
+        let w = read("legacy.pth");
+        let w = w.get("w").and_then(PyValue::as_tensor).expect("w");
+        assert_eq!(w.to_f32_vec(), Some(vec![1.0, 1.0]));
+    }
+
+    #[test]
+    fn legacy_checkpoint_dict() {
+        let v = read("legacy_checkpoint.pth.tar");
+        assert_eq!(v.get("epoch"), Some(&PyValue::Int(3)));
+        assert_eq!(v.get("arch").and_then(PyValue::as_str), Some("x"));
+        assert_eq!(v.get("best_acc1"), Some(&PyValue::Float(76.25)));
+        let sd = v.get("state_dict").and_then(PyValue::as_dict).expect("sd");
+        let zip = read("legacy_state_zip.pth");
+        let want = zip.as_dict().expect("dict");
+        assert_eq!(sd.len(), want.len());
+        for ((k, t), (wk, wt)) in sd.iter().zip(want) {
+            let wk = wk.as_str().expect("key");
+            assert_eq!(k.as_str(), Some(format!("module.{wk}").as_str()));
+            assert_eq!(t, wt, "{wk}");
+        }
+    }
+
+    #[test]
+    fn foreign_files_are_named_errors() {
+        // A raw pickle that is not a legacy torch.save file.
+        let msg = err_of(read_torch_checkpoint(&fixture("plain_p5.pkl"))).to_string();
         assert!(
-            matches!(err, WeightsError::LegacyTorchFormat { .. }),
-            "{msg}"
-        );
-        assert!(
-            msg.contains("legacy.pth")
-                && msg.contains("torch.save(torch.load('OLD', map_location='cpu'), 'NEW')"),
+            msg.contains("plain_p5.pkl") && msg.contains("without torch.save's magic number"),
             "{msg}"
         );
         let npz = err_of(read_torch_checkpoint(&fixture("bit_stored.npz"))).to_string();
@@ -1333,9 +1804,226 @@ mod tests {
         );
         let missing = err_of(read_torch_checkpoint(&fixture("nope.pth"))).to_string();
         assert!(missing.contains("nope.pth"), "{missing}");
-        for junk in [&b""[..], b"hello", b"PK\x03\x04"] {
+        for junk in [&b""[..], b"hello", b"PK\x03\x04", b"\x80\x02N."] {
             assert!(read_torch_checkpoint_bytes(junk, Path::new("j")).is_err());
         }
+    }
+
+    #[test]
+    fn truncated_legacy_files_name_the_file_and_the_missing_part() {
+        let full = std::fs::read(fixture("legacy_state.pth")).expect("fixture");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cut = dir.path().join("cut.pth");
+        let cut_at = |n: usize| {
+            std::fs::write(&cut, &full[..n]).expect("write");
+            err_of(read_torch_checkpoint(&cut)).to_string()
+        };
+        let msg = cut_at(200);
+        assert!(
+            msg.contains("cut.pth") && msg.contains("object pickle: truncated pickle"),
+            "{msg}"
+        );
+        for n in 1..full.len() {
+            let r = read_torch_checkpoint_bytes(&full[..n], Path::new("p.pth"));
+            let msg = err_of(r).to_string();
+            assert!(
+                msg.contains("p.pth") && (msg.contains("truncated") || msg.contains("cut short")),
+                "prefix {n}: {msg}"
+            );
+        }
+        // Cut in the storages: in an element count, in the bytes.
+        let storage = f32s(&[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+        let obj = rebuild_call(true, "FloatStorage", "7", 6, Some(b"N"), 0, &[6], &[1]);
+        let file = legacy_file(1001, true, 4, &obj, &["7"], &[(6, &storage)]);
+        let n = file.len();
+        for (cut, needle) in [
+            (
+                n - 27,
+                "the element count of storage '7' (1 of 1) is missing",
+            ),
+            (
+                n - 5,
+                "storage '7' (1 of 1) needs 24 bytes (6 elements of f32)",
+            ),
+        ] {
+            let msg = err_of(read_torch_checkpoint_bytes(
+                &file[..cut],
+                Path::new("c.pth"),
+            ));
+            let msg = msg.to_string();
+            assert!(
+                msg.contains("c.pth") && msg.contains("truncated") && msg.contains(needle),
+                "{msg}"
+            );
+        }
+        assert!(read_torch_checkpoint_bytes(&full, Path::new("p")).is_ok());
+    }
+
+    #[test]
+    fn crafted_legacy_files() {
+        let storage = f32s(&[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+        let whole = rebuild_call(true, "FloatStorage", "7", 6, Some(b"N"), 1, &[2], &[2]);
+        let with = |obj: &[u8]| legacy_file(1001, true, 4, obj, &["7"], &[(6, &storage)]);
+        let ok = |file: Vec<u8>| {
+            let v = read_torch_checkpoint_bytes(&file, Path::new("l.pth"))
+                .unwrap_or_else(|e| panic!("{e}"));
+            v.as_tensor().expect("tensor").to_f32_vec().expect("f32")
+        };
+        assert_eq!(ok(with(&whole)), [1.0, 3.0]);
+        assert_eq!(
+            ok(legacy_file(1001, true, 8, &whole, &["7"], &[(6, &storage)])),
+            [1.0, 3.0]
+        );
+        // A storage view (old torch): elements 2..5 of the storage; offset 1 within it.
+        let mut view = b"(".to_vec();
+        view.extend(s("v"));
+        view.extend(int(2));
+        view.extend(int(3));
+        view.push(b't');
+        let viewed = rebuild_call(true, "FloatStorage", "7", 6, Some(&view), 1, &[2], &[1]);
+        assert_eq!(ok(with(&viewed)), [3.0, 4.0]);
+        // torch < 0.4: _rebuild_tensor(storage, offset, size, stride).
+        let v1 = rebuild_call(
+            false,
+            "FloatStorage",
+            "7",
+            6,
+            Some(b"N"),
+            2,
+            &[2, 2],
+            &[1, 2],
+        );
+        assert_eq!(ok(with(&v1)), [2.0, 4.0, 3.0, 5.0]);
+
+        let mut view_past = b"(".to_vec();
+        view_past.extend(s("v"));
+        view_past.extend(int(4));
+        view_past.extend(int(3));
+        view_past.push(b't');
+        let zip_pid = tensor_call("FloatStorage", 6, 0, &[1], &[1]);
+        let mut v1_six = whole.clone();
+        let at = v1_six.windows(3).position(|w| w == b"_v2").expect("v2");
+        v1_six.drain(at..at + 3);
+        let two = [
+            &b"("[..],
+            &whole,
+            &rebuild_call(true, "FloatStorage", "8", 1, Some(b"N"), 0, &[1], &[1]),
+            b"l",
+        ]
+        .concat();
+        let bad_cases: Vec<(Vec<u8>, &str)> = vec![
+            (
+                legacy_file(1001, false, 4, &whole, &["7"], &[(6, &storage)]),
+                "big-endian",
+            ),
+            (
+                legacy_file(1001, true, 2, &whole, &["7"], &[(6, &storage)]),
+                "type_sizes['long']",
+            ),
+            (
+                legacy_file(1000, true, 4, &whole, &["7"], &[(6, &storage)]),
+                "version",
+            ),
+            (
+                legacy_file(1001, true, 4, &whole, &[], &[]),
+                "storages: storage '7' is used by a tensor but missing from the key list",
+            ),
+            (
+                legacy_file(1001, true, 4, &two, &["7"], &[(6, &storage)]),
+                "storage '8' is used by a tensor but missing",
+            ),
+            (
+                legacy_file(1001, true, 4, &whole, &["7", "9"], &[(6, &storage)]),
+                "storage '9' (2 of 2) is in the key list but no tensor uses it",
+            ),
+            (
+                legacy_file(
+                    1001,
+                    true,
+                    4,
+                    &whole,
+                    &["7", "7"],
+                    &[(6, &storage), (6, &storage)],
+                ),
+                "listed twice",
+            ),
+            (
+                legacy_file(1001, true, 4, &whole, &["7"], &[(5, &storage)]),
+                "holds 5 elements in the file, but the pickle says 6",
+            ),
+            (
+                legacy_file(1001, true, 4, &whole, &["7"], &[(-1, &storage)]),
+                "holds -1 elements",
+            ),
+            (
+                legacy_file(
+                    1001,
+                    true,
+                    4,
+                    &whole,
+                    &["7"],
+                    &[(6, &[&storage[..], b"x"].concat())],
+                ),
+                "1 unexpected bytes after the last storage",
+            ),
+            (
+                with(&rebuild_call(
+                    true,
+                    "FloatStorage",
+                    "7",
+                    1 << 40,
+                    Some(b"N"),
+                    0,
+                    &[1],
+                    &[1],
+                )),
+                "more than the file holds",
+            ),
+            (
+                with(&rebuild_call(
+                    true,
+                    "FloatStorage",
+                    "7",
+                    6,
+                    Some(&view_past),
+                    0,
+                    &[1],
+                    &[1],
+                )),
+                "exceeds storage '7'",
+            ),
+            (
+                with(&rebuild_call(
+                    true,
+                    "FloatStorage",
+                    "7",
+                    6,
+                    Some(&view),
+                    0,
+                    &[4],
+                    &[1],
+                )),
+                "exceeds its storage of 3 elements",
+            ),
+            (with(&zip_pid), "persistent id has 5 items, not 6"),
+            (with(&v1_six), "_rebuild_tensor takes 4 arguments, got 6"),
+        ];
+        for (file, needle) in bad_cases {
+            let msg = err_of(read_torch_checkpoint_bytes(&file, Path::new("l.pth"))).to_string();
+            assert!(
+                msg.contains(needle) && msg.contains("l.pth"),
+                "{needle}: {msg}"
+            );
+        }
+        // The zip format refuses the legacy persistent id.
+        let legacy_pid = rebuild_call(true, "FloatStorage", "0", 6, Some(b"N"), 0, &[1], &[1]);
+        let r = read_torch_checkpoint_bytes(
+            &ckpt_zip(&framed(&legacy_pid), &storage, None),
+            Path::new("c"),
+        );
+        assert!(err_of(r)
+            .to_string()
+            .contains("persistent id has 6 items, not 5"));
     }
 
     #[test]
@@ -1599,6 +2287,21 @@ mod tests {
         assert!(
             rejected > 500,
             "only {rejected} mutated files were rejected"
+        );
+        // The legacy format has no checksum: most flips land in storage bytes and read.
+        let full = std::fs::read(fixture("legacy_state.pth")).expect("fixture");
+        let mut rejected = 0;
+        for _ in 0..2000 {
+            let mut b = full.clone();
+            for _ in 0..1 + rng.below(3) {
+                let at = rng.below(b.len());
+                b[at] ^= 1 << rng.below(8);
+            }
+            rejected += usize::from(read_torch_checkpoint_bytes(&b, Path::new("m")).is_err());
+        }
+        assert!(
+            rejected > 500,
+            "only {rejected} mutated legacy files were rejected"
         );
         // Mutate the pickle itself, behind the zip's CRC.
         let (pkl, blobs) = parts("checkpoint.pth.tar");

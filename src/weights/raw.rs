@@ -207,17 +207,6 @@ pub enum WeightsError {
         /// `module.name` of the global.
         global: String,
     },
-    /// A pre-1.6 `torch.save` file (raw pickle, not a zip).
-    #[error(
-        "weight file '{path}' is in the legacy torch.save format (a raw pickle, not a zip), \
-         which is not supported; re-save it with \
-         `python -c \"import torch; torch.save(torch.load('OLD', map_location='cpu'), 'NEW')\"` \
-         (torch >= 1.6 writes the zip format)"
-    )]
-    LegacyTorchFormat {
-        /// The file.
-        path: PathBuf,
-    },
 }
 
 /// A reader-internal failure, turned into a [`WeightsError`] once the path is known.
@@ -226,7 +215,6 @@ pub(crate) enum Problem {
     Malformed(String),
     Unsupported(String),
     Global(String),
-    Legacy,
     Io(std::io::Error),
 }
 
@@ -238,7 +226,6 @@ impl Problem {
             Problem::Malformed(detail) => WeightsError::Malformed { path, detail },
             Problem::Unsupported(detail) => WeightsError::Unsupported { path, detail },
             Problem::Global(global) => WeightsError::DisallowedGlobal { path, global },
-            Problem::Legacy => WeightsError::LegacyTorchFormat { path },
             Problem::Io(source) => WeightsError::Io { path, source },
         }
     }
