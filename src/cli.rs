@@ -120,9 +120,14 @@ pub struct BenchmarkArgs {
     /// Images per batch [default: 256].
     #[arg(long, value_name = "N")]
     pub batch: Option<usize>,
-    /// Side of the square images the model sees [default: 480].
+    /// Side of the square images the model sees [default: 480 for BiT, 224 for
+    /// torchvision's models].
     #[arg(long, value_name = "PIXELS")]
     pub crop: Option<usize>,
+    /// torchvision's models: the shorter side before the center crop [default: crop
+    /// x 256 / 224].
+    #[arg(long, value_name = "PIXELS")]
+    pub resize: Option<usize>,
     /// Skip unreadable images (listed in the log, counted in the results).
     #[arg(long, alias = "skip_bad_images")]
     pub skip_bad_images: bool,
@@ -157,9 +162,8 @@ pub struct ExtractArgs {
         value_name = "LAYERS"
     )]
     pub layers: Vec<String>,
-    /// Side of the square images the model sees (the paper: 480).
-    #[arg(long, value_parser = at_least_one, default_value_t = 480, value_name = "PIXELS")]
-    pub crop: usize,
+    #[command(flatten)]
+    pub transform: TransformArgs,
     /// Images per batch (as the test commands' --batch: the same batches give the same bits).
     #[arg(long, value_parser = at_least_one, default_value_t = 256, value_name = "N")]
     pub batch: usize,
@@ -461,9 +465,8 @@ pub struct TuneMahalanobisArgs {
     /// Images per batch.
     #[arg(long, value_parser = at_least_one, default_value_t = 32, value_name = "N")]
     pub batch: usize,
-    /// Side of the square images the model sees.
-    #[arg(long, value_parser = at_least_one, default_value_t = 480, value_name = "PIXELS")]
-    pub crop: usize,
+    #[command(flatten)]
+    pub transform: TransformArgs,
     /// Images of the validation list for each half of the regression data.
     #[arg(long, default_value_t = 500, value_name = "N")]
     pub num_lr_samples: usize,
@@ -619,9 +622,8 @@ pub struct EvalDataArgs {
     /// Images per batch.
     #[arg(long, value_parser = at_least_one, default_value_t = 256, value_name = "N")]
     pub batch: usize,
-    /// Side of the square images the model sees (the paper: 480).
-    #[arg(long, value_parser = at_least_one, default_value_t = 480, value_name = "PIXELS")]
-    pub crop: usize,
+    #[command(flatten)]
+    pub transform: TransformArgs,
     /// Skip unreadable images (listed in the log, counted in the results) instead of
     /// stopping at the first one.
     #[arg(long, alias = "skip_bad_images")]
@@ -694,11 +696,40 @@ pub struct TestBaselineArgs {
     pub device: DeviceArgs,
 }
 
+/// How images are prepared for the model: `--crop`, and `--resize` for torchvision's
+/// models (docs/data.md#transforms).
+#[derive(Debug, Clone, Default, Args)]
+pub struct TransformArgs {
+    /// Side of the square images the model sees [default: 480 for BiT (the paper),
+    /// 224 for torchvision's models].
+    #[arg(long, value_parser = at_least_one, value_name = "PIXELS")]
+    pub crop: Option<usize>,
+    /// torchvision's models: Resize's shorter side before the center crop [default:
+    /// crop x 256 / 224, 256 for 224]. BiT resizes to crop x crop.
+    #[arg(long, value_parser = at_least_one, value_name = "PIXELS")]
+    pub resize: Option<usize>,
+}
+
+impl TransformArgs {
+    /// `--crop`, or the model's default.
+    pub fn crop(&self, model: Variant) -> usize {
+        self.crop.unwrap_or(model.default_crop())
+    }
+
+    /// The model's evaluation transform with these flags.
+    pub fn resolve(&self, model: Variant) -> anyhow::Result<crate::data::ImageTransform> {
+        model
+            .eval_transform(self.crop(model), self.resize)
+            .map_err(anyhow::Error::msg)
+    }
+}
+
 /// `--model`: the architecture.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
-    /// Architecture: BiT-{S,M}-R50x1, -R50x3, -R101x1, -R101x3, -R152x2, -R152x4, or the
-    /// small ResNetV2-R14x0.5, ResNetV2-R26x0.5, ResNetV2-R50x0.5.
+    /// Architecture: BiT-{S,M}-R50x1, -R50x3, -R101x1, -R101x3, -R152x2, -R152x4, the
+    /// small ResNetV2-R14x0.5, ResNetV2-R26x0.5, ResNetV2-R50x0.5, or torchvision's
+    /// resnet18, resnet34, resnet50, resnet101, resnet152 (evaluation only).
     #[arg(long, default_value = "BiT-S-R101x1", value_name = "NAME")]
     pub model: Variant,
 }
@@ -818,7 +849,14 @@ mod tests {
         assert!(a.data.skip_bad_images);
         assert_eq!(a.output.save_scores, Some(PathBuf::from("s.csv")));
         // The original's defaults.
-        assert_eq!((a.data.workers, a.data.batch, a.data.crop), (8, 256, 480));
+        assert_eq!(
+            (
+                a.data.workers,
+                a.data.batch,
+                a.data.transform.crop(a.model.model)
+            ),
+            (8, 256, 480)
+        );
         assert_eq!(a.model.model.name, "BiT-S-R101x1");
         assert_eq!(a.device.device, DeviceSpec::Auto);
         let Command::TestMos(b) = parse(&[

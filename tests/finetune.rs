@@ -177,7 +177,7 @@ fn flat_run_writes_metrics_checkpoint_log_and_plot() {
     }
     // The checkpoint serves test-baseline's loader (right head for 3 classes).
     let loaded = mos::model::weights::load_model(&run, None, Some(3), tch::Device::Cpu).unwrap();
-    assert_eq!(loaded.model.head_size, 3);
+    assert_eq!(loaded.model.head_size(), 3);
 }
 
 #[test]

@@ -291,6 +291,7 @@ fn shared_pass_equals_the_separate_passes() {
     use mos::pipeline::score::Method;
     use mos::pipeline::vocab::Layers;
     let (vs, model) = r14();
+    let model = mos::model::Network::Bit(model);
     let exp = expected();
     let x = read_named(&exp, "x");
     let gaussians = || layers().into_iter().map(|l| l.gaussian).collect();

@@ -218,7 +218,8 @@ fn gradnorm_closed_form_equals_per_image_autograd_through_the_model() {
     let autograd = gradnorm_autograd(&model.head_weight, &images, &|x| model.forward(x));
     let batch = Tensor::cat(&images, 0);
     let layers = mos::pipeline::vocab::Layers::parse(&["features".to_string()]).unwrap();
-    let out = mos::pipeline::extract::forward_batch(&model, &batch, layers);
+    let net = mos::model::Network::Bit(model);
+    let out = mos::pipeline::extract::forward_batch(&net, &batch, layers);
     let closed = to_vec(&ph::gradnorm(&out.logits, out.features.as_ref().unwrap()).unwrap());
     let tol = gradnorm_tol(10, variant.head_in(), U32);
     let errors: Vec<f64> = closed

@@ -71,6 +71,7 @@ fn make_store(dir: &Path, ckpt: &Path, sha: &str, head: &Head, rows: usize, seed
         command: vec!["mos".into(), "extract".into()],
         complete: true,
         group_config: None,
+        resize: None,
     };
     m.fingerprint = m.compute_fingerprint();
     let m = store::prepare(dir, &m).unwrap();

@@ -2,6 +2,9 @@
 //! (tests/fixtures/make_resnet_fixtures.py: the same hash weights, the same input).
 mod common;
 
+use std::path::Path;
+
+use common::cli::{fails, mos, ok};
 use common::{assert_rows_close, fixture, read_named, tv_hash_tensor, U32};
 use mos::model::resnet::{is_bookkeeping, ResNetArch, TorchvisionResNet, RESNETS};
 use tch::{nn, Device, Kind, Tensor};
@@ -132,4 +135,257 @@ fn evaluation_mode_uses_the_running_statistics() {
     let first = tch::no_grad(|| m.forward(&x.narrow(0, 0, 1)));
     assert_rows_close("alone", &first, &both.narrow(0, 0, 1), RESNET_TOL);
     let _ = Tensor::zeros([1], (Kind::Float, Device::Cpu));
+}
+
+/// The image folder of make_resnet_fixtures.py's E2E (committed image fixtures).
+fn e2e_folder(root: &Path) {
+    for (class, files) in [
+        ("a", ["gray.jpg", "rgb420.jpg"]),
+        ("b", ["p.png", "rgb.png"]),
+        ("c", ["portrait.png", "rgba.png"]),
+    ] {
+        std::fs::create_dir_all(root.join(class)).unwrap();
+        for f in files {
+            std::fs::copy(fixture(&format!("images/{f}")), root.join(class).join(f)).unwrap();
+        }
+    }
+}
+
+/// A torchvision-named resnet18 state dict (3-way head, the fixtures' hash
+/// weights, BatchNorm counters included as torchvision writes them) as safetensors.
+fn resnet18_file(path: &Path) {
+    let (vs, _m) = hashed3();
+    let mut named: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .map(|(n, t)| (n, t.detach()))
+        .collect();
+    named.push((
+        "bn1.num_batches_tracked".into(),
+        Tensor::from_slice(&[0i64]).reshape([]),
+    ));
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    Tensor::write_safetensors(&named, path).unwrap();
+}
+
+fn hashed3() -> (nn::VarStore, TorchvisionResNet) {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let m = TorchvisionResNet::new(&vs.root(), "resnet18".parse().unwrap(), 3);
+    tch::no_grad(|| {
+        for (name, mut var) in vs.variables() {
+            var.copy_(&tv_hash_tensor(&name, &var.size()).to_kind(Kind::Float));
+        }
+    });
+    (vs, m)
+}
+
+#[test]
+fn extract_score_and_test_baseline_run_a_torchvision_resnet() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, w) = (
+        dir.path().join("data"),
+        dir.path().join("resnet18.safetensors"),
+    );
+    e2e_folder(&data);
+    resnet18_file(&w);
+    let store = dir.path().join("store");
+    let extract = |out: &Path| {
+        let mut c = mos();
+        c.args([
+            "extract", "--model", "resnet18", "--crop", "32", "--resize", "41",
+        ])
+        .args([
+            "--layers",
+            "logits,features",
+            "--batch",
+            "4",
+            "--workers",
+            "2",
+        ])
+        .args(["--device", "cpu", "--model-path"])
+        .arg(&w)
+        .arg("--datadir")
+        .arg(&data)
+        .arg("--output")
+        .arg(out);
+        c
+    };
+    ok(&mut extract(&store));
+    // The stored outputs are torchvision's on torchvision's pixels.
+    let s = mos::pipeline::store::load(&store).unwrap();
+    let exp = fixture("resnet/expected.safetensors");
+    assert_eq!(s.labels, [0, 0, 1, 1, 2, 2]);
+    assert_eq!(s.manifest.resize, Some(41));
+    assert_eq!(
+        (s.manifest.crop, s.manifest.model.as_str()),
+        (32, "resnet18")
+    );
+    let want = read_named(&exp, "e2e.logits");
+    assert_rows_close("e2e.logits", &s.logits, &want, RESNET_TOL);
+    let feats = s.features.as_ref().unwrap();
+    assert_rows_close(
+        "e2e.features",
+        feats,
+        &read_named(&exp, "e2e.features"),
+        RESNET_TOL,
+    );
+
+    // mos score from the stores, the post-hoc methods reading the head (fc) from
+    // the checkpoint; test-baseline's MSP from the images equals the store's.
+    let ood = dir.path().join("ood");
+    ok(&mut extract(&ood));
+    let logdir = dir.path().join("runs");
+    ok(mos()
+        .args([
+            "score",
+            "--score",
+            "MSP,MaxLogit,ASH-S",
+            "--name",
+            "s",
+            "--device",
+            "cpu",
+        ])
+        .arg("--id")
+        .arg(&store)
+        .arg("--ood")
+        .arg(&ood)
+        .arg("--logdir")
+        .arg(&logdir));
+    ok(mos()
+        .args([
+            "test-baseline",
+            "--model",
+            "resnet18",
+            "--crop",
+            "32",
+            "--resize",
+            "41",
+        ])
+        .args([
+            "--score", "MSP", "--name", "t", "--batch", "4", "--device", "cpu",
+        ])
+        .arg("--model-path")
+        .arg(&w)
+        .arg("--in-datadir")
+        .arg(&data)
+        .arg("--out-datadir")
+        .arg(&data)
+        .arg("--logdir")
+        .arg(&logdir));
+    let rows = |name: &str| -> serde_json::Value {
+        let t = std::fs::read_to_string(logdir.join(name).join("results.json")).unwrap();
+        serde_json::from_str(&t).unwrap()
+    };
+    let (s_rows, t_rows) = (rows("s"), rows("t"));
+    let names: Vec<&str> = s_rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["method"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["MSP", "MaxLogit", "ASH-S"]);
+    assert_eq!(t_rows[0]["settings"]["resize"], 41);
+    for k in ["auroc", "fpr95", "aupr_in"] {
+        assert_eq!(s_rows[0][k], t_rows[0][k], "{k}");
+    }
+    // mos benchmark: the same transform from --crop and --resize, the same rows.
+    let same = dir.path().join("same");
+    e2e_folder(&same);
+    ok(mos()
+        .args([
+            "benchmark",
+            "--model",
+            "resnet18",
+            "--crop",
+            "32",
+            "--resize",
+            "41",
+        ])
+        .args([
+            "--score", "MSP", "--name", "b", "--batch", "4", "--device", "cpu",
+        ])
+        .arg("--flat-model-path")
+        .arg(&w)
+        .arg("--in-datadir")
+        .arg(&data)
+        .arg("--out-datadir")
+        .arg(&same)
+        .arg("--logdir")
+        .arg(&logdir));
+    let b_rows = rows("b");
+    for k in ["auroc", "fpr95", "aupr_in"] {
+        assert_eq!(s_rows[0][k], b_rows[0][k], "{k}");
+    }
+    let m: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(logdir.join("b/stores/flat/data/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (m["crop"].as_u64(), m["resize"].as_u64()),
+        (Some(32), Some(41))
+    );
+}
+
+#[test]
+fn torchvision_models_refuse_what_they_cannot_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, w) = (
+        dir.path().join("data"),
+        dir.path().join("resnet18.safetensors"),
+    );
+    e2e_folder(&data);
+    resnet18_file(&w);
+    let extract = |model: &str, extra: &[&str]| {
+        let mut c = mos();
+        c.args([
+            "extract",
+            "--model",
+            model,
+            "--device",
+            "cpu",
+            "--model-path",
+        ])
+        .arg(&w)
+        .arg("--datadir")
+        .arg(&data)
+        .arg("--output")
+        .arg(dir.path().join(format!("s-{model}")))
+        .args(extra);
+        c
+    };
+    // resnet18 weights for resnet50: the tensors that do not fit are named.
+    let e = fails(&mut extract("resnet50", &[]));
+    assert!(
+        e.contains("layer1.0.conv1.weight") && e.contains("resnet50"),
+        "{e}"
+    );
+    // BiT resizes to crop x crop: --resize is refused, naming the flag.
+    let e = fails(&mut extract("ResNetV2-R14x0.5", &["--resize", "40"]));
+    assert!(e.contains("--resize 40"), "{e}");
+    let e = fails(&mut extract(
+        "resnet18",
+        &["--crop", "64", "--resize", "48"],
+    ));
+    assert!(e.contains("--resize 48 is smaller than --crop 64"), "{e}");
+    let e = fails(&mut extract("resnet18", &["--precision", "bf16"]));
+    assert!(e.contains("float32 only"), "{e}");
+    // Fine-tuning is BiT's.
+    let e = fails(
+        mos()
+            .args([
+                "finetune-flat",
+                "--model",
+                "resnet50",
+                "--name",
+                "f",
+                "--init",
+                "none",
+            ])
+            .arg("--logdir")
+            .arg(dir.path())
+            .arg("--datadir")
+            .arg(&data)
+            .args(["--train-list", "x", "--val-list", "y"]),
+    );
+    assert!(e.contains("runs BiT models only"), "{e}");
 }

@@ -23,8 +23,8 @@ fn expected_logits() -> (Tensor, Tensor) {
 
 fn assert_reference_logits(path: &Path) {
     let loaded = load_model(path, None, None, Device::Cpu).unwrap();
-    assert_eq!(loaded.model.variant.name, "ResNetV2-R14x0.5");
-    assert_eq!(loaded.model.head_size, 10);
+    assert_eq!(loaded.model.variant().name, "ResNetV2-R14x0.5");
+    assert_eq!(loaded.model.head_size(), 10);
     let (x, want) = expected_logits();
     let got = tch::no_grad(|| loaded.model.forward(&x));
     let what = format!("logits of {}", path.display());

@@ -15,6 +15,10 @@ use crate::model::{Freeze, ResNetV2};
 use crate::train::sgd::Sgd;
 
 pub fn run(args: &BenchTrainArgs) -> Result<()> {
+    args.model
+        .model
+        .require_bit("mos bench-train")
+        .map_err(anyhow::Error::msg)?;
     let mut device = args.device.device.resolve()?;
     let pg = crate::dist::join_from_env(&mut device, Timeouts::with_heartbeat(60.0))?;
     let bucket_bytes = ((args.bucket_mb * (1 << 20) as f64) as usize).max(1);

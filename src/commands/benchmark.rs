@@ -103,6 +103,7 @@ struct Config {
     workers: Option<usize>,
     batch: Option<usize>,
     crop: Option<usize>,
+    resize: Option<usize>,
     skip_bad_images: Option<bool>,
     device: Option<String>,
 }
@@ -335,7 +336,8 @@ fn request(args: &BenchmarkArgs) -> Result<BenchmarkRequest> {
         run_dir: logdir.join(name),
         batch: args.batch.or(cfg.batch).unwrap_or(256),
         workers: args.workers.or(cfg.workers).unwrap_or(8),
-        crop: args.crop.or(cfg.crop).unwrap_or(480),
+        crop: args.crop.or(cfg.crop).unwrap_or(model.default_crop()),
+        resize: args.resize.or(cfg.resize),
         skip_bad_images: args.skip_bad_images || cfg.skip_bad_images.unwrap_or(false),
         device: device.resolve()?,
     })

@@ -10,6 +10,9 @@ use crate::model::ResNetV2;
 pub fn run(args: &ConvertArgs) -> Result<()> {
     let sd = read_state_dict(&args.input)?;
     let variant = resolve_variant(&sd, &args.input, args.model)?;
+    variant
+        .require_bit("mos convert")
+        .map_err(anyhow::Error::msg)?;
     let head = sd.head_size().filter(|&h| h > 0).with_context(|| {
         format!(
             "{}: no head.conv.bias vector with at least one entry",

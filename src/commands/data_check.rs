@@ -82,7 +82,7 @@ pub fn run(args: &DataCheckArgs) -> Result<()> {
             epoch: 0,
         }
     } else {
-        Mode::Eval(EvalTransform { size: args.crop })
+        Mode::Eval(EvalTransform { size: args.crop }.into())
     };
     println!("{} images, {} classes", items.len(), counts.len());
     for (class, n) in &counts {

@@ -75,12 +75,17 @@ fn head_hint(job: &EvalJob, id_classes: usize) -> String {
 
 /// Runs the job end to end.
 pub fn run(mut job: EvalJob) -> Result<()> {
+    // Checked before anything is read.
+    let transform = job.data.transform.resolve(job.model)?;
     if let Some(map) = job.settings.as_object_mut() {
         let d = job.data;
         map.insert("in_datadir".into(), serde_json::json!(d.in_datadir));
         map.insert("out_datadir".into(), serde_json::json!(d.out_datadir));
         map.insert("batch".into(), d.batch.into());
-        map.insert("crop".into(), d.crop.into());
+        map.insert("crop".into(), transform.size().into());
+        if let Some(r) = transform.resize() {
+            map.insert("resize".into(), r.into());
+        }
         map.insert("skip_bad_images".into(), d.skip_bad_images.into());
         map.insert("device".into(), job.device.device.to_string().into());
     }
@@ -146,7 +151,7 @@ pub fn run(mut job: EvalJob) -> Result<()> {
     let opts = EvalOptions {
         batch: job.data.batch,
         workers: job.data.workers,
-        crop: job.data.crop,
+        transform,
         skip_bad: job.data.skip_bad_images,
         device,
     };
@@ -157,7 +162,9 @@ pub fn run(mut job: EvalJob) -> Result<()> {
             .with_context(|| {
                 format!(
                     "scoring {} (--batch {}, --crop {})",
-                    set.name, opts.batch, opts.crop
+                    set.name,
+                    opts.batch,
+                    opts.transform.size()
                 )
             })?
     };

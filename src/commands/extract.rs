@@ -84,8 +84,12 @@ pub fn run(args: &ExtractArgs) -> Result<()> {
     let data_fingerprint = store::data_fingerprint(&args.datadir, &labelled)?;
     let weights = resolve_weight_path(&args.model_path)?;
     let checkpoint_sha256 = store::sha256_file(&weights)?;
+    let transform = args.transform.resolve(args.model.model)?;
     let mut loaded = load_model(&weights, Some(args.model.model), None, device)?;
-    loaded.model.precision = args.precision;
+    loaded
+        .model
+        .set_precision(args.precision)
+        .map_err(anyhow::Error::msg)?;
     let dataset = args
         .datadir
         .file_name()
@@ -98,9 +102,9 @@ pub fn run(args: &ExtractArgs) -> Result<()> {
         checkpoint: args.model_path.display().to_string(),
         checkpoint_sha256,
         checkpoint_format: loaded.state.format.to_string(),
-        head_size: loaded.model.head_size,
+        head_size: loaded.model.head_size(),
         num_classes,
-        crop: args.crop,
+        crop: transform.size(),
         batch: args.batch,
         precision: value_name(&args.precision),
         skip_bad_images: args.skip_bad_images,
@@ -115,6 +119,7 @@ pub fn run(args: &ExtractArgs) -> Result<()> {
         command: command_without_shard_flags(),
         complete: false,
         group_config: loaded.state.group_config().map(<[i64]>::to_vec),
+        resize: transform.resize(),
     };
     manifest.fingerprint = manifest.compute_fingerprint();
     // A new store whose extraction fails before its shard is written is taken away
@@ -154,7 +159,7 @@ pub fn run(args: &ExtractArgs) -> Result<()> {
         manifest.checkpoint_format,
         manifest.head_size,
         manifest.layers.join(","),
-        args.crop,
+        transform.size(),
         args.batch,
         device_name(device)
     ));
@@ -163,7 +168,7 @@ pub fn run(args: &ExtractArgs) -> Result<()> {
     let opts = ExtractOptions {
         batch: args.batch,
         workers: args.workers,
-        crop: args.crop,
+        transform,
         skip_bad: args.skip_bad_images,
         device,
         layers,

@@ -218,7 +218,7 @@ fn validate(
 ) -> Result<Validation> {
     let loader = Loader::new(
         val.clone(),
-        Mode::Eval(EvalTransform { size: args.crop }),
+        Mode::Eval(EvalTransform { size: args.crop }.into()),
         LoaderOptions {
             batch: micro,
             workers: args.workers,
@@ -352,6 +352,10 @@ pub fn run(args: &FinetuneArgs, head: Head) -> Result<()> {
         Head::Group => "finetune-group",
         Head::Flat => "finetune-flat",
     };
+    args.model
+        .model
+        .require_bit(command)
+        .map_err(anyhow::Error::msg)?;
     let freeze = Freeze::from_num_block_open(args.num_block_open).map_err(anyhow::Error::msg)?;
     if args.batch_split == 0 || args.batch == 0 || args.batch % args.batch_split != 0 {
         bail!(

@@ -16,8 +16,14 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
         bail!("--batch {}: must be at least 1", args.batch);
     }
     let mut loaded = load_model(&args.model_path, Some(args.model.model), None, device)?;
-    loaded.model.precision = args.precision;
-    loaded.model.channels_last = args.channels_last;
+    let Some(model) = loaded.model.as_bit_mut() else {
+        bail!(
+            "--model {}: mos forward runs BiT models (its --precision and --channels-last options are BiT's); extract a torchvision model's outputs with mos extract",
+            args.model.model.name
+        );
+    };
+    model.precision = args.precision;
+    model.channels_last = args.channels_last;
     let input = checkpoint::load(&args.input)?
         .model
         .into_iter()
@@ -49,7 +55,7 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
     let input = input.to_kind(Kind::Float);
     let n = input.size()[0];
     let (logits, feats) = crate::runtime::catch_torch(|| {
-        run_passes(&loaded.model, &input, args.batch, args.features, device)
+        run_passes(model, &input, args.batch, args.features, device)
     })
     .with_context(|| {
         format!(
@@ -78,7 +84,7 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
     if args.repeat > 0 {
         let start = std::time::Instant::now();
         for _ in 0..args.repeat {
-            let _ = run_passes(&loaded.model, &input, args.batch, false, device);
+            let _ = run_passes(model, &input, args.batch, false, device);
         }
         let secs = start.elapsed().as_secs_f64();
         let images = (n as usize * args.repeat) as f64;

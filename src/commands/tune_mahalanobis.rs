@@ -13,13 +13,13 @@ use crate::cli::TuneMahalanobisArgs;
 use crate::data::list::flat_class_count;
 use crate::data::loader::{Item, Loader, LoaderOptions, Mode};
 use crate::data::read_flat_list;
-use crate::data::transform::EvalTransform;
+use crate::data::ImageTransform;
 use crate::logistic::fit_logistic_cv;
 use crate::metrics::fpr95;
 use crate::model::bit::spatial_mean;
 use crate::model::checkpoint::{serialize, write_atomic};
 use crate::model::weights::{load_model, with_head_hint};
-use crate::model::ResNetV2;
+use crate::model::Network;
 use crate::ood::mahalanobis::{fgsm_adversarial, ClassStats, LayerParams, FGSM_STEP};
 use crate::pipeline::score::image_pass::regression_inputs;
 use crate::pipeline::score::mahalanobis_params::{
@@ -52,20 +52,16 @@ fn items(list: &Path, datadir: &Path, flag: &str) -> Result<Vec<Item>> {
 }
 
 fn class_statistics(
-    model: &ResNetV2,
+    model: &Network,
     train: Vec<Item>,
     classes: i64,
     opts: LoaderOptions,
-    crop: usize,
+    transform: ImageTransform,
     device: Device,
     log: &RunLog,
 ) -> Result<Vec<LayerParams>> {
     let n = train.len() as u64;
-    let loader = Loader::new(
-        Arc::new(train),
-        Mode::Eval(EvalTransform { size: crop }),
-        opts,
-    )?;
+    let loader = Loader::new(Arc::new(train), Mode::Eval(transform), opts)?;
     let bar = crate::progress::bar(n, "statistics");
     let mut stats = ClassStats::new(LAYERS, classes)?;
     for batch in loader {
@@ -135,6 +131,7 @@ pub fn run(args: &TuneMahalanobisArgs) -> Result<()> {
         })
     })?;
     let model = &loaded.model;
+    let transform = args.transform.resolve(args.model.model)?;
     log.line(format!(
         "mos tune-mahalanobis: model {} from {}, {} training and {} validation images, {classes} classes",
         args.model.model.name,
@@ -156,7 +153,7 @@ pub fn run(args: &TuneMahalanobisArgs) -> Result<()> {
         ));
         read_layers(&named(&stats_path)?, &stats_path, Some(args.model.model))?
     } else {
-        let params = class_statistics(model, train, classes, opts, args.crop, device, &log)?;
+        let params = class_statistics(model, train, classes, opts, transform, device, &log)?;
         write_atomic(
             &stats_path,
             &serialize(&layer_tensors(&params), Default::default())?,
@@ -171,11 +168,7 @@ pub fn run(args: &TuneMahalanobisArgs) -> Result<()> {
 
     // M of the first 2m validation images and of their FGSM versions, per magnitude.
     let lr_items: Vec<Item> = val.into_iter().take(2 * m).collect();
-    let loader = Loader::new(
-        Arc::new(lr_items),
-        Mode::Eval(EvalTransform { size: args.crop }),
-        opts,
-    )?;
+    let loader = Loader::new(Arc::new(lr_items), Mode::Eval(transform), opts)?;
     let bar = crate::progress::bar((2 * m) as u64, "magnitudes");
     let (mut id_m, mut adv_m): (Vec<Vec<Tensor>>, Vec<Vec<Tensor>>) = (
         magnitudes.iter().map(|_| Vec::new()).collect(),

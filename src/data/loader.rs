@@ -9,7 +9,9 @@ use std::thread::JoinHandle;
 
 use rayon::prelude::*;
 
-use super::transform::{EvalTransform, Rng, TrainTransform};
+#[cfg(test)]
+use super::transform::EvalTransform;
+use super::transform::{ImageTransform, Rng, TrainTransform};
 use super::{decode_file, DataError};
 
 /// One sample: an image file and its target (`[label]` for flat labels, the
@@ -23,8 +25,8 @@ pub struct Item {
 /// How images become tensors.
 #[derive(Clone, Copy, Debug)]
 pub enum Mode {
-    /// Evaluation: dataset order, [`EvalTransform`].
-    Eval(EvalTransform),
+    /// Evaluation: dataset order, an [`ImageTransform`].
+    Eval(ImageTransform),
     /// Training: order shuffled by `seed` and `epoch`; random crop and flip drawn
     /// per sample from (`seed`, `epoch`, index), whatever the thread schedule.
     Train {
@@ -38,7 +40,7 @@ impl Mode {
     /// Side of the output images.
     pub fn size(&self) -> usize {
         match self {
-            Mode::Eval(t) => t.size,
+            Mode::Eval(t) => t.size(),
             Mode::Train { transform, .. } => transform.crop,
         }
     }
@@ -350,7 +352,7 @@ mod tests {
     fn eval_batches_come_in_dataset_order() {
         let dir = tempfile::tempdir().unwrap();
         let items = Arc::new(write_pngs(dir.path(), 11));
-        let mode = Mode::Eval(EvalTransform { size: 8 });
+        let mode = Mode::Eval(EvalTransform { size: 8 }.into());
         let batches: Vec<Batch> = Loader::new(items.clone(), mode, opts(4, false))
             .unwrap()
             .map(Result::unwrap)
@@ -383,7 +385,7 @@ mod tests {
             },
         );
         let items = Arc::new(items);
-        let mode = Mode::Eval(EvalTransform { size: 8 });
+        let mode = Mode::Eval(EvalTransform { size: 8 }.into());
         let err = Loader::new(items.clone(), mode, opts(3, false))
             .unwrap()
             .find_map(Result::err)

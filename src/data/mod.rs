@@ -21,7 +21,7 @@ pub use decode::{decode_bytes, decode_file, RgbImage};
 pub use folder::{EvalSet, ImageFolder, IMG_EXTENSIONS};
 pub use list::{read_flat_list, read_group_list, FlatEntry, GroupEntry};
 pub use resize::{resize_bilinear, ResizePlan};
-pub use transform::{EvalTransform, Rng, TrainTransform};
+pub use transform::{CenterCropTransform, EvalTransform, ImageTransform, Rng, TrainTransform};
 
 /// Everything that can go wrong while reading image data. Each message names the
 /// file (and the line, for list files) and, for images, the decoder's reason.

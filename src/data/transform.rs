@@ -171,6 +171,51 @@ impl CenterCropTransform {
     }
 }
 
+/// An evaluation transform: BiT's (resize to `crop x crop`, [-1, 1]) or
+/// torchvision's (Resize, CenterCrop, mean and standard deviation).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ImageTransform {
+    Squash(EvalTransform),
+    CenterCrop(CenterCropTransform),
+}
+
+impl ImageTransform {
+    /// The side of the square output.
+    pub fn size(&self) -> usize {
+        match self {
+            ImageTransform::Squash(t) => t.size,
+            ImageTransform::CenterCrop(t) => t.crop,
+        }
+    }
+
+    /// Length of the output tensor: `3 * size * size`.
+    pub fn output_len(&self) -> usize {
+        3 * self.size() * self.size()
+    }
+
+    /// The resized shorter side of a center-crop transform.
+    pub fn resize(&self) -> Option<usize> {
+        match self {
+            ImageTransform::Squash(_) => None,
+            ImageTransform::CenterCrop(t) => Some(t.resize),
+        }
+    }
+
+    /// Applies the transform into `out` (length [`Self::output_len`]).
+    pub fn apply_into(&self, img: &RgbImage, out: &mut [f32]) -> Result<(), DataError> {
+        match self {
+            ImageTransform::Squash(t) => t.apply_into(img, out),
+            ImageTransform::CenterCrop(t) => t.apply_into(img, out),
+        }
+    }
+}
+
+impl From<EvalTransform> for ImageTransform {
+    fn from(t: EvalTransform) -> Self {
+        ImageTransform::Squash(t)
+    }
+}
+
 /// One draw of the train transform's randomness.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CropFlip {

@@ -2,9 +2,11 @@
 //! ([`resnet`]), and their weight files.
 pub mod bit;
 pub mod checkpoint;
+pub mod network;
 pub mod resnet;
 pub mod variant;
 pub mod weights;
 
 pub use bit::{Freeze, Precision, ResNetV2};
-pub use variant::{Variant, VARIANTS};
+pub use network::Network;
+pub use variant::{Family, Variant, TORCHVISION_VARIANTS, VARIANTS};

@@ -193,6 +193,8 @@ impl ResBlock {
 #[derive(Debug)]
 pub struct TorchvisionResNet {
     pub arch: ResNetArch,
+    /// The same architecture as `--model` names it.
+    pub variant: super::variant::Variant,
     pub head_size: i64,
     conv1: nn::Conv2D,
     bn1: nn::BatchNorm,
@@ -220,8 +222,14 @@ impl TorchvisionResNet {
                 })
                 .collect()
         });
+        let variant = super::variant::TORCHVISION_VARIANTS
+            .iter()
+            .find(|v| v.name == arch.name)
+            .copied()
+            .expect("every torchvision ResNet is a variant");
         TorchvisionResNet {
             arch,
+            variant,
             head_size,
             conv1: conv(p / "conv1", 3, 64, 7, 2, 3),
             bn1: bn(p / "bn1", 64),

@@ -3,18 +3,45 @@
 use std::fmt;
 use std::str::FromStr;
 
+/// The network family of an architecture: what builds it, which weights it reads
+/// and how its images are prepared (docs/model.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// BiT's ResNetV2 ([`super::bit`]): images resized to `crop x crop`, in [-1, 1].
+    Bit,
+    /// torchvision's ResNets ([`super::resnet`]): Resize, CenterCrop, ImageNet
+    /// mean and standard deviation.
+    TorchvisionResNet,
+}
+
 /// One architecture: units per stage and the base width (64 x width factor).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Variant {
     pub name: &'static str,
-    /// Number of PreActBottleneck units in block1..block4.
+    /// Number of residual units (blocks) in stage 1..4.
     pub units: [usize; 4],
-    /// Root output channels, `64 * wf`. Stage outputs are 4, 8, 16, 32 times this.
+    /// Root output channels, `64 * wf`. Stage outputs are 4, 8, 16, 32 times this
+    /// (BiT and torchvision's bottleneck ResNets; 1, 2, 4, 8 times for ResNet-18/34).
     pub base: i64,
+    pub family: Family,
 }
 
 const fn v(name: &'static str, units: [usize; 4], base: i64) -> Variant {
-    Variant { name, units, base }
+    Variant {
+        name,
+        units,
+        base,
+        family: Family::Bit,
+    }
+}
+
+const fn tv(name: &'static str, units: [usize; 4]) -> Variant {
+    Variant {
+        name,
+        units,
+        base: 64,
+        family: Family::TorchvisionResNet,
+    }
 }
 
 const R50: [usize; 4] = [3, 4, 6, 3];
@@ -43,22 +70,112 @@ pub const VARIANTS: &[Variant] = &[
     v("ResNetV2-R50x0.5", R50, 32),
 ];
 
+/// torchvision's ResNets `--model` accepts (weights: torchvision's state-dict files).
+pub const TORCHVISION_VARIANTS: &[Variant] = &[
+    tv("resnet18", [2, 2, 2, 2]),
+    tv("resnet34", [3, 4, 6, 3]),
+    tv("resnet50", R50),
+    tv("resnet101", R101),
+    tv("resnet152", R152),
+];
+
 impl Variant {
     /// Channels of the 5 feature layers: root, block1..block4.
     pub fn feature_channels(&self) -> [i64; 5] {
+        if let Some(a) = self.torchvision_resnet() {
+            return a.feature_channels();
+        }
         let b = self.base;
         [b, 4 * b, 8 * b, 16 * b, 32 * b]
     }
 
-    /// Channels entering the head (`2048 * wf`).
+    /// Channels entering the head (`2048 * wf`; 512 for ResNet-18/34).
     pub fn head_in(&self) -> i64 {
+        if let Some(a) = self.torchvision_resnet() {
+            return a.head_in();
+        }
         32 * self.base
+    }
+
+    /// The torchvision architecture, for that family.
+    pub fn torchvision_resnet(&self) -> Option<super::resnet::ResNetArch> {
+        match self.family {
+            Family::TorchvisionResNet => self.name.parse().ok(),
+            Family::Bit => None,
+        }
+    }
+
+    /// The names of the head's weight and bias in the family's state dicts.
+    pub fn head_tensor_names(&self) -> (&'static str, &'static str) {
+        match self.family {
+            Family::Bit => ("head.conv.weight", "head.conv.bias"),
+            Family::TorchvisionResNet => ("fc.weight", "fc.bias"),
+        }
+    }
+
+    /// The side of the square images the model sees by default (`--crop`): 480 for
+    /// BiT (the original's), 224 for torchvision's ImageNet models.
+    pub fn default_crop(&self) -> usize {
+        match self.family {
+            Family::Bit => 480,
+            Family::TorchvisionResNet => 224,
+        }
+    }
+
+    /// The evaluation transform of this architecture at `crop`: BiT's resize to
+    /// `crop x crop`, or torchvision's Resize(`resize`), CenterCrop(`crop`) and the
+    /// ImageNet mean and standard deviation (`resize` by default `crop * 256 / 224`,
+    /// 256 for 224). Errors name the flag.
+    pub fn eval_transform(
+        &self,
+        crop: usize,
+        resize: Option<usize>,
+    ) -> Result<crate::data::ImageTransform, String> {
+        use crate::data::{CenterCropTransform, EvalTransform};
+        if crop == 0 {
+            return Err("--crop must be at least 1".into());
+        }
+        match self.family {
+            Family::Bit => match resize {
+                Some(r) => Err(format!(
+                    "--resize {r}: {} resizes every image to --crop x --crop; --resize applies to torchvision's models",
+                    self.name
+                )),
+                None => Ok(EvalTransform { size: crop }.into()),
+            },
+            Family::TorchvisionResNet => {
+                let resize = resize.unwrap_or(crop * 256 / 224);
+                if resize < crop {
+                    return Err(format!(
+                        "--resize {resize} is smaller than --crop {crop}: the center crop would not fit"
+                    ));
+                }
+                Ok(crate::data::ImageTransform::CenterCrop(CenterCropTransform {
+                    resize,
+                    crop,
+                    ..CenterCropTransform::IMAGENET
+                }))
+            }
+        }
+    }
+
+    /// Refuses a family other than BiT for `what` (a command that only BiT models
+    /// run, such as fine-tuning).
+    pub fn require_bit(&self, what: &str) -> Result<(), String> {
+        match self.family {
+            Family::Bit => Ok(()),
+            Family::TorchvisionResNet => Err(format!(
+                "--model {}: {what} runs BiT models only; torchvision's models are supported by mos extract, score, test-mos, test-baseline, tune-mahalanobis and benchmark",
+                self.name
+            )),
+        }
     }
 
     /// All names, comma-separated, for help texts and errors.
     pub fn all_names() -> String {
         VARIANTS
             .iter()
+            .chain(TORCHVISION_VARIANTS)
             .map(|v| v.name)
             .collect::<Vec<_>>()
             .join(", ")
@@ -70,6 +187,7 @@ impl FromStr for Variant {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         VARIANTS
             .iter()
+            .chain(TORCHVISION_VARIANTS)
             .find(|v| v.name.eq_ignore_ascii_case(s))
             .copied()
             .ok_or_else(|| format!("unknown model '{s}'; known: {}", Variant::all_names()))

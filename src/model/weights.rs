@@ -12,7 +12,9 @@ use tch::{nn, Kind, Tensor};
 
 use super::bit::ResNetV2;
 use super::checkpoint::{self, CheckpointMeta};
-use super::variant::{Variant, VARIANTS};
+use super::network::Network;
+use super::resnet::{is_bookkeeping, TorchvisionResNet};
+use super::variant::{Family, Variant, VARIANTS};
 use crate::weights::npz;
 use crate::weights::pickle::{self, PyValue};
 use crate::weights::raw::{DType, RawTensor};
@@ -66,9 +68,14 @@ impl StateDict {
 
     /// The head size implied by `head.conv.bias`, if present as a vector.
     pub fn head_size(&self) -> Option<i64> {
+        self.head_size_named("head.conv.bias")
+    }
+
+    /// The head size implied by the bias `name` (a vector), if present.
+    pub fn head_size_named(&self, name: &str) -> Option<i64> {
         self.tensors
             .iter()
-            .find(|(n, _)| n == "head.conv.bias")
+            .find(|(n, _)| n == name)
             .and_then(|(_, t)| match t.size()[..] {
                 [n] => Some(n),
                 _ => None,
@@ -462,7 +469,7 @@ pub fn with_head_hint(e: anyhow::Error, hint: impl FnOnce() -> String) -> anyhow
 /// A model with its weights loaded from a file.
 pub struct LoadedModel {
     pub vs: nn::VarStore,
-    pub model: ResNetV2,
+    pub model: Network,
     pub state: StateDict,
 }
 
@@ -501,12 +508,21 @@ pub fn load_model(
     let path = file.as_path();
     let state = read_state_dict(path)?;
     let variant = resolve_variant(&state, path, variant)?;
-    let head = state.head_size().filter(|&h| h > 0).with_context(|| {
-        format!(
-            "{}: no head.conv.bias vector with at least one entry, so no head size",
-            path.display()
-        )
-    })?;
+    let bias = variant.head_tensor_names().1;
+    let head = state
+        .head_size_named(bias)
+        .filter(|&h| h > 0)
+        .with_context(|| {
+            format!(
+                "{}: no {bias} vector with at least one entry, so no head size (--model {} reads {} weights)",
+                path.display(),
+                variant.name,
+                match variant.family {
+                    Family::Bit => "BiT",
+                    Family::TorchvisionResNet => "torchvision",
+                }
+            )
+        })?;
     if let Some(want) = expected_head {
         if want != head {
             return Err(HeadMismatch {
@@ -518,7 +534,14 @@ pub fn load_model(
         }
     }
     let vs = nn::VarStore::new(device);
-    let model = ResNetV2::new(&vs.root(), variant, head);
-    load_strict(&vs, &state.tensors, path, variant.name, &|_| false)?;
+    let model = match variant.torchvision_resnet() {
+        None => Network::Bit(ResNetV2::new(&vs.root(), variant, head)),
+        Some(arch) => Network::TorchvisionResNet(TorchvisionResNet::new(&vs.root(), arch, head)),
+    };
+    // torchvision's BatchNorm counters are no variables (training bookkeeping).
+    let torchvision = variant.family == Family::TorchvisionResNet;
+    load_strict(&vs, &state.tensors, path, variant.name, &|n| {
+        torchvision && is_bookkeeping(n)
+    })?;
     Ok(LoadedModel { vs, model, state })
 }

@@ -23,9 +23,8 @@ use tch::{Device, Kind, Tensor};
 use super::vocab::{to_f64_vec, Layers, FEATURE_LAYERS};
 
 use crate::data::loader::{Item, Loader, LoaderOptions, Mode, Skipped};
-use crate::data::EvalTransform;
-use crate::model::bit::spatial_mean;
-use crate::model::ResNetV2;
+use crate::data::ImageTransform;
+use crate::model::Network;
 
 /// The outputs of one batch, on the model's device.
 pub struct Outputs {
@@ -38,7 +37,7 @@ pub struct Outputs {
 /// One forward pass of `x` (no gradient). With logits only this is
 /// `model.forward(x)`; the other outputs come from the same operations on the same
 /// values, so the logits are the same bits either way.
-pub fn forward_batch(model: &ResNetV2, x: &Tensor, layers: Layers) -> Outputs {
+pub fn forward_batch(model: &Network, x: &Tensor, layers: Layers) -> Outputs {
     tch::no_grad(|| {
         if !layers.features && !layers.mahalanobis {
             return Outputs {
@@ -52,12 +51,12 @@ pub fn forward_batch(model: &ResNetV2, x: &Tensor, layers: Layers) -> Outputs {
         let mut out = model.stage(0, x);
         for s in 1..=4 {
             if layers.mahalanobis {
-                means.push(spatial_mean(&out).to_kind(Kind::Float));
+                means.push(model.layer_feature(&out));
             }
             out = model.stage(s, &out);
         }
         if layers.mahalanobis {
-            means.push(spatial_mean(&out).to_kind(Kind::Float));
+            means.push(model.layer_feature(&out));
         }
         let pooled = model.pre_logits(&out);
         let logits = model.head_of_pooled(&pooled);
@@ -90,12 +89,8 @@ pub trait BatchPass {
         self.len() == 0
     }
     /// One batch: the outputs and the methods' scores.
-    fn forward(
-        &self,
-        model: &ResNetV2,
-        x: &Tensor,
-        layers: Layers,
-    ) -> Result<(Outputs, PassScores)>;
+    fn forward(&self, model: &Network, x: &Tensor, layers: Layers)
+        -> Result<(Outputs, PassScores)>;
 }
 
 /// Why an image with non-finite outputs was left out (`--skip-bad-images`).
@@ -139,7 +134,7 @@ fn finite_rows(out: &Outputs, start: i64, len: i64) -> Result<Vec<bool>> {
 pub fn eval_loader(items: Arc<Vec<Item>>, opts: &ExtractOptions) -> Result<Loader> {
     Ok(Loader::new(
         items,
-        Mode::Eval(EvalTransform { size: opts.crop }),
+        Mode::Eval(opts.transform),
         LoaderOptions {
             batch: opts.batch,
             workers: opts.workers,
@@ -154,7 +149,8 @@ pub fn eval_loader(items: Arc<Vec<Item>>, opts: &ExtractOptions) -> Result<Loade
 pub struct ExtractOptions {
     pub batch: usize,
     pub workers: usize,
-    pub crop: usize,
+    /// The model's evaluation transform.
+    pub transform: ImageTransform,
     pub skip_bad: bool,
     pub device: Device,
     pub layers: Layers,
@@ -176,7 +172,7 @@ pub struct Extracted {
 /// `opts.batch` (see the module's documentation); `on_batch` is told how many of the
 /// range's images each batch settled (for a progress bar).
 pub fn extract_range(
-    model: &ResNetV2,
+    model: &Network,
     items: &[Item],
     range: Range<usize>,
     opts: &ExtractOptions,
@@ -198,7 +194,7 @@ pub struct RangePass {
 /// [`extract_range`], with the methods of `pass` scored on the same batches,
 /// sharing each batch's decoding and first forward pass ([`BatchPass`]).
 pub fn extract_range_with(
-    model: &ResNetV2,
+    model: &Network,
     items: &[Item],
     range: Range<usize>,
     opts: &ExtractOptions,
@@ -311,7 +307,7 @@ pub fn extract_range_with(
         }
     }
     let cat = |v: &[Tensor]| -> Option<Tensor> { (!v.is_empty()).then(|| Tensor::cat(v, 0)) };
-    let head = model.head_size;
+    let head = model.head_size();
     rp.shared_seconds = started.elapsed().as_secs_f64() - rp.seconds.iter().sum::<f64>();
     let ex = Extracted {
         indices,
@@ -320,13 +316,13 @@ pub fn extract_range_with(
             .unwrap_or_else(|| Tensor::zeros([0, head], (Kind::Float, Device::Cpu))),
         features: if opts.layers.features {
             Some(cat(&features).unwrap_or_else(|| {
-                Tensor::zeros([0, model.variant.head_in()], (Kind::Float, Device::Cpu))
+                Tensor::zeros([0, model.variant().head_in()], (Kind::Float, Device::Cpu))
             }))
         } else {
             None
         },
         layers: if opts.layers.mahalanobis {
-            let ch = model.variant.feature_channels();
+            let ch = model.variant().feature_channels();
             layers
                 .iter()
                 .enumerate()

@@ -14,7 +14,7 @@ use tch::{Device, Kind, Tensor};
 use crate::data::loader::Skipped;
 use crate::data::EvalSet;
 use crate::metrics::{ood_metrics, OodMetrics};
-use crate::model::ResNetV2;
+use crate::model::Network;
 use crate::ood;
 use crate::pipeline::extract;
 use crate::pipeline::score::{self, image_pass, Method};
@@ -36,14 +36,15 @@ pub struct SplitScores {
 pub struct EvalOptions {
     pub batch: usize,
     pub workers: usize,
-    pub crop: usize,
+    /// The model's evaluation transform.
+    pub transform: crate::data::ImageTransform,
     pub skip_bad: bool,
     pub device: Device,
 }
 
 /// Scores every image of `set` with every method.
 pub fn score_split(
-    model: &ResNetV2,
+    model: &Network,
     set: &EvalSet,
     methods: &[Method],
     opts: &EvalOptions,
@@ -55,7 +56,7 @@ pub fn score_split(
         &extract::ExtractOptions {
             batch: opts.batch,
             workers: opts.workers,
-            crop: opts.crop,
+            transform: opts.transform,
             skip_bad: opts.skip_bad,
             device: opts.device,
             layers: Layers::LOGITS,
@@ -106,7 +107,7 @@ pub fn score_split(
 }
 
 fn score_batch(
-    model: &ResNetV2,
+    model: &Network,
     method: &Method,
     x: &Tensor,
     logits: Option<&Tensor>,

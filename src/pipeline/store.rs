@@ -191,6 +191,10 @@ pub struct Manifest {
     /// absent for a flat model and for checkpoints that record none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_config: Option<Vec<i64>>,
+    /// The shorter side images are resized to before the center crop (torchvision's
+    /// models); absent for BiT, which resizes to `crop x crop`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resize: Option<usize>,
 }
 
 impl Manifest {
@@ -211,6 +215,11 @@ impl Manifest {
                 other.checkpoint_sha256.clone(),
             ),
             ("crop", self.crop.to_string(), other.crop.to_string()),
+            (
+                "resize",
+                format!("{:?}", self.resize),
+                format!("{:?}", other.resize),
+            ),
             ("precision", self.precision.clone(), other.precision.clone()),
             (
                 "group split",
@@ -245,6 +254,9 @@ impl Manifest {
         // Only when recorded, so that the stores made before it keep their fingerprint.
         if let Some(g) = &self.group_config {
             v.push(("group config", split_name(Some(g))));
+        }
+        if let Some(r) = self.resize {
+            v.push(("resize", r.to_string()));
         }
         v
     }

@@ -78,6 +78,8 @@ pub struct BenchmarkRequest {
     pub batch: usize,
     pub workers: usize,
     pub crop: usize,
+    /// torchvision's models: the shorter side before the center crop.
+    pub resize: Option<usize>,
     pub skip_bad_images: bool,
     pub device: Device,
 }
@@ -96,6 +98,15 @@ impl BenchmarkOutcome {
         self.comparison
             .as_ref()
             .map_or(0, |c| c.iter().filter(|c| !c.within).count())
+    }
+}
+
+impl BenchmarkRequest {
+    /// The models' evaluation transform (`--crop`, `--resize`).
+    pub fn transform(&self) -> Result<crate::data::ImageTransform> {
+        self.model
+            .eval_transform(self.crop, self.resize)
+            .map_err(anyhow::Error::msg)
     }
 }
 

@@ -78,7 +78,7 @@ fn run_pass(
     let opts = ExtractOptions {
         batch: req.batch,
         workers: req.workers,
-        crop: req.crop,
+        transform: req.transform()?,
         skip_bad: req.skip_bad_images,
         device: req.device,
         layers,

@@ -55,6 +55,7 @@ pub(super) fn plan(req: &BenchmarkRequest) -> Result<Plan> {
             req.crop
         );
     }
+    req.transform()?;
     if req.out_sets.is_empty() {
         bail!("no OOD set: give --out-datadir (repeat it for several sets)");
     }
@@ -420,11 +421,11 @@ fn plan_store(
         checkpoint: m.path.display().to_string(),
         checkpoint_sha256: m.sha256.clone(),
         checkpoint_format: m.loaded.state.format.to_string(),
-        head_size: m.loaded.model.head_size,
+        head_size: m.loaded.model.head_size(),
         num_classes: set.folder.classes.len() as i64,
         crop: req.crop,
         batch: req.batch,
-        precision: crate::runtime::value_name(&m.loaded.model.precision),
+        precision: crate::runtime::value_name(&m.loaded.model.precision()),
         skip_bad_images: req.skip_bad_images,
         layers: layers.names(),
         datadir: root.display().to_string(),
@@ -437,6 +438,7 @@ fn plan_store(
         command,
         complete: false,
         group_config: m.loaded.state.group_config().map(<[i64]>::to_vec),
+        resize: req.transform()?.resize(),
     };
     manifest.fingerprint = manifest.compute_fingerprint();
     Ok(StorePlan {

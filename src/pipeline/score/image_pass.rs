@@ -11,8 +11,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::mahalanobis_params::MahalanobisParams;
 use super::Method;
-use crate::model::bit::spatial_mean;
-use crate::model::ResNetV2;
+use crate::model::Network;
 use crate::ood::mahalanobis::{mahalanobis_features, score_from_regression, GaussianLayer};
 use crate::pipeline::extract::{BatchPass, Outputs, PassScores};
 use crate::pipeline::vocab::Layers;
@@ -31,7 +30,7 @@ impl BatchPass for ImagePass<'_> {
 
     fn forward(
         &self,
-        model: &ResNetV2,
+        model: &Network,
         x: &Tensor,
         layers: Layers,
     ) -> Result<(Outputs, PassScores)> {
@@ -47,7 +46,7 @@ impl BatchPass for ImagePass<'_> {
 /// depends on: the values of `test-baseline`'s separate passes
 /// ([`crate::ood::odin`], [`mahalanobis`]).
 pub fn forward_with_pass(
-    model: &ResNetV2,
+    model: &Network,
     x: &Tensor,
     layers: Layers,
     pass: &ImagePass,
@@ -64,12 +63,12 @@ pub fn forward_with_pass(
         let mut out = model.stage(0, &input);
         for s in 1..=4 {
             if means_needed {
-                means.push(spatial_mean(&out).to_kind(Kind::Float));
+                means.push(model.layer_feature(&out));
             }
             out = model.stage(s, &out);
         }
         if means_needed {
-            means.push(spatial_mean(&out).to_kind(Kind::Float));
+            means.push(model.layer_feature(&out));
         }
         let pooled = model.pre_logits(&out);
         let logits = model.head_of_pooled(&pooled);
@@ -120,20 +119,20 @@ pub fn forward_with_pass(
 }
 
 /// Layer-l features (spatial means, [N, D_l]) of `x`.
-pub fn layer_features(model: &ResNetV2, l: usize, x: &Tensor) -> Tensor {
-    spatial_mean(&model.forward_to(x, l)).to_kind(Kind::Float)
+pub fn layer_features(model: &Network, l: usize, x: &Tensor) -> Tensor {
+    model.layer_feature(&model.forward_to(x, l))
 }
 
 /// The Mahalanobis score of a batch (docs/scores.md#mahalanobis): M from the perturbed inputs, then
 /// -P(OOD) of the logistic regression. [N] float64.
-pub fn mahalanobis(model: &ResNetV2, p: &MahalanobisParams, x: &Tensor) -> Result<Tensor> {
+pub fn mahalanobis(model: &Network, p: &MahalanobisParams, x: &Tensor) -> Result<Tensor> {
     let m = regression_inputs(model, &p.layers, x, p.magnitude)?;
     Ok(score_from_regression(&m, &p.lr_weight, p.lr_bias)?)
 }
 
 /// M [N, 5], rounded through float32 as the original feeds the regression.
 pub(crate) fn regression_inputs(
-    model: &ResNetV2,
+    model: &Network,
     layers: &[GaussianLayer],
     x: &Tensor,
     magnitude: f64,
@@ -154,7 +153,7 @@ pub(crate) fn regression_inputs(
 /// forward of the perturbed input: the same values as [`mahalanobis`], whose first
 /// forward per layer this pass replaces (docs/benchmark.md).
 pub fn mahalanobis_from_graph(
-    model: &ResNetV2,
+    model: &Network,
     p: &MahalanobisParams,
     x: &Tensor,
     input: &Tensor,

@@ -392,8 +392,13 @@ pub fn load_head(
             .map(|(_, t)| t.shallow_clone())
             .with_context(|| format!("{}: no tensor '{name}' (the head)", file.display()))
     };
-    let head = Head::new(&find("head.conv.weight")?, &find("head.conv.bias")?)
-        .with_context(|| file.display().to_string())?;
+    // The head's names in the family's state dicts (BiT: a 1x1 conv; torchvision: fc).
+    let (w, b) = id
+        .model
+        .parse::<crate::model::Variant>()
+        .map(|v| v.head_tensor_names())
+        .unwrap_or(("head.conv.weight", "head.conv.bias"));
+    let head = Head::new(&find(w)?, &find(b)?).with_context(|| file.display().to_string())?;
     if head.classes() != id.head_size {
         bail!(
             "{}: a head of {} logits, the stores' has {}",
