@@ -33,7 +33,8 @@ fn env_runs_without_environment_variables() {
         .stdout(predicate::str::contains("libtorch:             2.11.0"))
         .stdout(predicate::str::contains("library dir:"))
         .stdout(predicate::str::contains("CUDA available:"))
-        .stdout(predicate::str::contains("CPU threads:"));
+        .stdout(predicate::str::contains("CPU threads:"))
+        .stdout(predicate::str::contains("models (torchvision): resnet18, resnet34"));
 }
 
 #[test]
@@ -58,6 +59,8 @@ fn env_json_is_complete() {
     let lib = v["libtorch_lib_dir"].as_str().unwrap();
     assert!(std::path::Path::new(lib).join("libtorch_cpu.so").exists());
     assert_eq!(v["cuda_available"], tch::Cuda::is_available());
+    assert_eq!(v["models"]["torchvision"][2], "resnet50");
+    assert_eq!(v["models"]["bit"][0], "BiT-S-R50x1");
 }
 
 #[test]

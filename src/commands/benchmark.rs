@@ -515,6 +515,11 @@ mod tests {
                 vec!["mnist", "fashion_inverted"],
                 "MSP,ODIN,Energy,KL_Div,Mahalanobis,MOS",
             ),
+            (
+                "imagenet_resnet50.json",
+                vec!["iNaturalist", "SUN", "Places", "Textures"],
+                "MSP,ODIN,Energy",
+            ),
         ] {
             let cfg = root.join("configs/benchmarks").join(file);
             let cfg = cfg.to_str().unwrap();
@@ -538,6 +543,25 @@ mod tests {
                     }
                 }
             }
+        }
+        // ReAct's Table 1 (its repository's figs/results.png), ResNet-50: the averages
+        // of the cells are the table's Average column.
+        let r = benchmark::read_published(
+            &root.join("configs/benchmarks/imagenet_resnet50_published.json"),
+        )
+        .unwrap();
+        for (m, fpr, auroc) in [
+            ("MSP", 66.95, 81.99),
+            ("ODIN", 56.48, 85.41),
+            ("Energy", 58.41, 86.17),
+        ] {
+            let cells: Vec<_> = r.cells.iter().filter(|c| c.method == m).collect();
+            assert_eq!(cells.len(), 4, "{m}");
+            let mean = |f: &dyn Fn(&&benchmark::PublishedCell) -> f64| {
+                cells.iter().map(f).sum::<f64>() / 4.0
+            };
+            assert!((mean(&|c| c.fpr95) - fpr).abs() < 0.006, "{m} FPR95");
+            assert!((mean(&|c| c.auroc) - auroc).abs() < 0.006, "{m} AUROC");
         }
         let p =
             benchmark::read_published(&root.join("configs/benchmarks/mos_cvpr21_published.json"))

@@ -20,6 +20,15 @@ pub struct EnvReport {
     /// How CPU memory is allocated: see `runtime::tune_malloc`.
     pub malloc: String,
     pub selected_device: String,
+    /// The architectures `--model` takes, by family.
+    pub models: Models,
+}
+
+/// The `--model` names of each family.
+#[derive(Debug, Serialize)]
+pub struct Models {
+    pub bit: Vec<&'static str>,
+    pub torchvision: Vec<&'static str>,
 }
 
 /// Collects the report; `--device` is resolved so that a bad value fails here too.
@@ -41,6 +50,13 @@ pub fn collect(args: &EnvArgs) -> anyhow::Result<EnvReport> {
         cpu_threads: tch::get_num_threads(),
         malloc: runtime::malloc_setting(),
         selected_device: runtime::device_name(selected),
+        models: Models {
+            bit: crate::model::VARIANTS.iter().map(|v| v.name).collect(),
+            torchvision: crate::model::TORCHVISION_VARIANTS
+                .iter()
+                .map(|v| v.name)
+                .collect(),
+        },
     })
 }
 
@@ -82,6 +98,8 @@ pub fn render(r: &EnvReport) -> String {
         ("CPU threads", r.cpu_threads.to_string()),
         ("malloc", r.malloc.clone()),
         ("--device resolves to", r.selected_device.clone()),
+        ("models (BiT)", r.models.bit.join(", ")),
+        ("models (torchvision)", r.models.torchvision.join(", ")),
     ];
     let mut out = String::new();
     for (k, v) in rows {
