@@ -1,10 +1,11 @@
-//! The backbones (docs/model.md): BiT ResNetV2 ([`bit`]) and torchvision's ResNets
-//! ([`resnet`]), and their weight files.
+//! The backbones (docs/model.md): BiT ResNetV2 ([`bit`]), torchvision's ResNets
+//! ([`resnet`]) and Vision Transformers ([`vit`]), and their weight files.
 pub mod bit;
 pub mod checkpoint;
 pub mod network;
 pub mod resnet;
 pub mod variant;
+pub mod vit;
 pub mod weights;
 
 pub use bit::{Freeze, Precision, ResNetV2};

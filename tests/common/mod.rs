@@ -83,6 +83,28 @@ pub fn tv_hash_tensor(name: &str, shape: &[i64]) -> Tensor {
     Tensor::from_slice(&v).reshape(shape)
 }
 
+/// The value rule of make_vit_fixtures.py::vit_hash_tensor (torchvision's ViT
+/// names).
+pub fn vit_hash_tensor(name: &str, shape: &[i64]) -> Tensor {
+    let n: i64 = shape.iter().product();
+    let u = hash_uniform(name, n as usize);
+    let value = |u: f64| -> f64 {
+        if name == "class_token" || name == "encoder.pos_embedding" {
+            u
+        } else if shape.len() >= 2 {
+            let fan_in: i64 = shape[1..].iter().product();
+            let e = fan_in.ilog2() as i32 / 2;
+            u * 2f64.powi(1 - e)
+        } else if name.ends_with(".weight") {
+            1.0 + 0.25 * u
+        } else {
+            0.125 * u
+        }
+    };
+    let v: Vec<f32> = u.into_iter().map(|u| value(u) as f32).collect();
+    Tensor::from_slice(&v).reshape(shape)
+}
+
 /// Overwrites every variable of `vs` with its hash value.
 pub fn fill_hash_weights(vs: &nn::VarStore) {
     tch::no_grad(|| {

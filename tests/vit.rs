@@ -1,0 +1,188 @@
+//! torchvision's ViTs (src/model/vit.rs) against torchvision 0.26 itself
+//! (tests/fixtures/make_vit_fixtures.py: the same hash weights, the same input).
+mod common;
+
+use common::{assert_rows_close, fixture, hash_uniform, read_named, vit_hash_tensor, U32};
+use mos::model::vit::{TorchvisionViT, ViTArch, VITS};
+use tch::{nn, Device, Kind, Tensor};
+
+/// Two float32 forward passes of ViT-B/16 (ours and torchvision's, or with other
+/// kernels), per sample, relative to the largest entry. They differ only in the
+/// order of their sums; a sum of K products errs by about u32 sqrt(K) relative to
+/// its scale (rounding errors as a random walk), and the errors of different sums
+/// are independent, so they add in quadrature. On the path from the image to a
+/// logit: `conv_proj` (K = 768); per block the projections to q, k, v (768), the
+/// scores q . k (64), the weighted sum of the values (197), `out_proj` (768),
+/// `mlp.0` (768) and `mlp.3` (3,072); the head (768); and 25 LayerNorms whose
+/// statistics sum 768 terms. LayerNorm renormalises the input of every block, so a
+/// block's errors are relative to the residual stream's scale and do not compound
+/// from block to block. The softmax turns an error in a score into a relative error
+/// of its weight as large times the scores' spread, at most 1.25 with the fixtures'
+/// weights (make_vit_fixtures.py asserts it), a gain applied to the q, k and score
+/// sums. That makes u32 sqrt(103,212) = 1.9e-5 per pass, x sqrt(2) for two passes
+/// = 2.7e-5; the tolerance is about 3.7 times that. It is still 4 times below the
+/// 4.2e-4 by which GELU's tanh approximation moves the logits (printed by the
+/// fixture script), so the test tells an exact-erf GELU from it.
+const VIT_TOL: f64 = 1e-4;
+
+/// The model's width and the input's size.
+const D: i64 = 768;
+
+fn tolerance_estimate() -> f64 {
+    let gain = 1.25f64 * 1.25;
+    let per_block = gain * (768.0 + 64.0) + 768.0 + 197.0 + 768.0 + 768.0 + 3072.0;
+    let terms = 12.0 * per_block + 768.0 + 768.0 + 25.0 * 768.0;
+    U32 * terms.sqrt() * 2f64.sqrt()
+}
+
+/// `arch` with a 10-way head and the fixtures' hash weights.
+fn hashed(arch: &str) -> (nn::VarStore, TorchvisionViT) {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let arch: ViTArch = arch.parse().unwrap();
+    let m = TorchvisionViT::new(&vs.root(), arch, 10);
+    tch::no_grad(|| {
+        for (name, mut var) in vs.variables() {
+            var.copy_(&vit_hash_tensor(&name, &var.size()).to_kind(Kind::Float));
+        }
+    });
+    (vs, m)
+}
+
+/// The fixtures' input: u * 4 of the name "vit_input", [2, 3, 224, 224].
+fn input() -> Tensor {
+    let v: Vec<f32> = hash_uniform("vit_input", 2 * 3 * 224 * 224)
+        .into_iter()
+        .map(|u| (u * 4.0) as f32)
+        .collect();
+    Tensor::from_slice(&v).reshape([2, 3, 224, 224])
+}
+
+#[test]
+fn the_tolerance_follows_from_float32() {
+    let est = tolerance_estimate();
+    assert!(3.0 * est < VIT_TOL && VIT_TOL < 4.2e-4 / 2.0, "{est:e}");
+}
+
+#[test]
+fn logits_features_and_pre_logits_match_torchvision() {
+    let exp = fixture("vit/expected.safetensors");
+    let (_vs, m) = hashed("vit_b_16");
+    let x = input();
+    let out = tch::no_grad(|| m.forward_features_and_logits(&x)).unwrap();
+    assert_eq!(out.logits.size(), [2, 10]);
+    assert_eq!(out.pre_logits.size(), [2, D]);
+    assert_eq!(out.features.len(), 5);
+    let mut named = vec![
+        ("logits".to_string(), &out.logits),
+        ("pre_logits".to_string(), &out.pre_logits),
+    ];
+    for (k, f) in out.features.iter().enumerate() {
+        assert_eq!(f.size(), [2, m.arch.feature_dims()[k]], "feat{k}");
+        named.push((format!("feat{k}"), f));
+    }
+    for (name, got) in &named {
+        let key = format!("vit_b_16.{name}");
+        let want = read_named(&exp, &key);
+        assert_rows_close(
+            &format!("{key} vs torchvision float32"),
+            got,
+            &want,
+            VIT_TOL,
+        );
+        let exact = read_named(&exp, &format!("f64.{key}"));
+        assert_rows_close(
+            &format!("{key} vs torchvision float64"),
+            got,
+            &exact,
+            VIT_TOL,
+        );
+    }
+    let head = tch::no_grad(|| m.head_of_pooled(&out.pre_logits));
+    assert!(
+        head.equal(&out.logits),
+        "the logits are the head on the pre-logits"
+    );
+
+    // The second image alone: the same outputs (nothing couples the images of a
+    // batch), and `forward` is the staged pass's logits bit for bit.
+    let x1 = x.narrow(0, 1, 1);
+    let one = tch::no_grad(|| m.forward_features_and_logits(&x1)).unwrap();
+    let logits = tch::no_grad(|| m.forward(&x1)).unwrap();
+    assert!(logits.equal(&one.logits), "forward is the staged pass");
+    assert_rows_close("alone", &one.logits, &out.logits.narrow(0, 1, 1), VIT_TOL);
+    for k in 0..5 {
+        let what = format!("alone feat{k}");
+        let want = out.features[k].narrow(0, 1, 1);
+        assert_rows_close(&what, &one.features[k], &want, VIT_TOL);
+    }
+}
+
+#[test]
+fn other_input_sizes_are_refused() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let m = TorchvisionViT::new(&vs.root(), "vit_b_32".parse().unwrap(), 10);
+    let small = Tensor::zeros([1, 3, 64, 64], (Kind::Float, Device::Cpu));
+    let e = m.forward(&small).unwrap_err().to_string();
+    assert!(
+        e.contains("[N, 3, 224, 224]") && e.contains("[1, 3, 64, 64]") && e.contains("50 rows"),
+        "{e}"
+    );
+    let gray = Tensor::zeros([1, 1, 224, 224], (Kind::Float, Device::Cpu));
+    assert!(m.feature_layers(&gray).is_err());
+    let tokens = Tensor::zeros([1, 49, 768], (Kind::Float, Device::Cpu));
+    let e = m.stage(1, &tokens).unwrap_err().to_string();
+    assert!(e.contains("[N, 50, 768]"), "{e}");
+    assert!(m.stage(5, &tokens).is_err());
+    // Built for 384 (vit_b_16's SWAG weights): 577 position rows, 224 refused.
+    let vs = nn::VarStore::new(Device::Cpu);
+    let arch: ViTArch = "vit_b_16".parse().unwrap();
+    let m = TorchvisionViT::with_image_size(&vs.root(), arch, 10, 384).unwrap();
+    assert_eq!(m.seq_len(), 577);
+    let x = Tensor::zeros([1, 3, 224, 224], (Kind::Float, Device::Cpu));
+    let e = m.forward(&x).unwrap_err().to_string();
+    assert!(e.contains("[N, 3, 384, 384]"), "{e}");
+}
+
+#[test]
+fn variables_are_torchvisions_state_dict_keys() {
+    let text = std::fs::read_to_string(fixture("vit/keys.json")).unwrap();
+    let keys: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(keys["models"]["vit_b_16"]["parameters"], 86_567_656);
+    for arch in VITS {
+        let want = &keys["models"][arch.name];
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _m = TorchvisionViT::new(&vs.root(), *arch, 1000);
+        let vars = vs.variables();
+        let mut expected = Vec::new();
+        for kv in want["keys"].as_array().unwrap() {
+            let k = kv[0].as_str().unwrap();
+            let shape: Vec<i64> = kv[1]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_i64().unwrap())
+                .collect();
+            let var = vars
+                .get(k)
+                .unwrap_or_else(|| panic!("{}: no variable '{k}'", arch.name));
+            assert_eq!(var.size(), shape, "{}: {k}", arch.name);
+            expected.push(k.to_string());
+        }
+        let mut ours: Vec<&String> = vars.keys().collect();
+        ours.sort();
+        expected.sort();
+        assert_eq!(
+            ours,
+            expected.iter().collect::<Vec<_>>(),
+            "{}: the same names, none more",
+            arch.name
+        );
+        let params: i64 = vars.values().map(|v| v.numel() as i64).sum();
+        assert_eq!(
+            params,
+            want["parameters"].as_i64().unwrap(),
+            "{}",
+            arch.name
+        );
+    }
+}
