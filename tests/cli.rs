@@ -34,7 +34,9 @@ fn env_runs_without_environment_variables() {
         .stdout(predicate::str::contains("library dir:"))
         .stdout(predicate::str::contains("CUDA available:"))
         .stdout(predicate::str::contains("CPU threads:"))
-        .stdout(predicate::str::contains("models (torchvision): resnet18, resnet34"));
+        .stdout(predicate::str::contains(
+            "models (torchvision): resnet18, resnet34",
+        ));
 }
 
 #[test]
