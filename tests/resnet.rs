@@ -5,7 +5,9 @@ mod common;
 use std::path::Path;
 
 use common::cli::{fails, mos, ok};
-use common::{assert_rows_close, fixture, read_named, tv_hash_tensor, U32};
+use common::{
+    assert_rows_close, assert_state_dict_keys, fill_with, fixture, read_named, tv_hash_tensor, U32,
+};
 use mos::model::resnet::{is_bookkeeping, ResNetArch, TorchvisionResNet, RESNETS};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -17,17 +19,18 @@ use tch::{nn, Device, Kind, Tensor};
 /// 2.2e-4; the tolerance leaves a factor of about 2 over that bound.
 const RESNET_TOL: f64 = 5e-4;
 
-/// `arch` with a 10-way head and the fixtures' hash weights.
-fn hashed(arch: &str) -> (nn::VarStore, TorchvisionResNet) {
+/// `arch` with a `head`-way head and the fixtures' hash weights.
+fn hashed_with(arch: &str, head: i64) -> (nn::VarStore, TorchvisionResNet) {
     let vs = nn::VarStore::new(Device::Cpu);
     let arch: ResNetArch = arch.parse().unwrap();
-    let m = TorchvisionResNet::new(&vs.root(), arch, 10);
-    tch::no_grad(|| {
-        for (name, mut var) in vs.variables() {
-            var.copy_(&tv_hash_tensor(&name, &var.size()).to_kind(Kind::Float));
-        }
-    });
+    let m = TorchvisionResNet::new(&vs.root(), arch, head);
+    fill_with(&vs, tv_hash_tensor);
     (vs, m)
+}
+
+/// `arch` with a 10-way head and the fixtures' hash weights.
+fn hashed(arch: &str) -> (nn::VarStore, TorchvisionResNet) {
+    hashed_with(arch, 10)
 }
 
 #[test]
@@ -79,47 +82,15 @@ fn variables_are_torchvisions_state_dict_keys() {
     let text = std::fs::read_to_string(fixture("resnet/keys.json")).unwrap();
     let keys: serde_json::Value = serde_json::from_str(&text).unwrap();
     for arch in RESNETS {
-        let want = &keys["models"][arch.name];
         let vs = nn::VarStore::new(Device::Cpu);
         let _m = TorchvisionResNet::new(&vs.root(), *arch, 1000);
-        let vars = vs.variables();
-        let mut expected = Vec::new();
-        for kv in want["keys"].as_array().unwrap() {
-            let k = kv[0].as_str().unwrap();
-            if is_bookkeeping(k) {
-                continue;
-            }
-            let shape: Vec<i64> = kv[1]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|d| d.as_i64().unwrap())
-                .collect();
-            let var = vars
-                .get(k)
-                .unwrap_or_else(|| panic!("{}: no variable '{k}'", arch.name));
-            assert_eq!(var.size(), shape, "{}: {k}", arch.name);
-            expected.push(k.to_string());
-        }
-        let mut ours: Vec<&String> = vars.keys().collect();
-        ours.sort();
-        expected.sort();
-        assert_eq!(
-            ours,
-            expected.iter().collect::<Vec<_>>(),
-            "{}: the same names, none more",
-            arch.name
-        );
-        let params: i64 = vars
-            .iter()
-            .filter(|(k, _)| !k.ends_with("running_mean") && !k.ends_with("running_var"))
-            .map(|(_, v)| v.numel() as i64)
-            .sum();
-        assert_eq!(
-            params,
-            want["parameters"].as_i64().unwrap(),
-            "{}",
-            arch.name
+        let buffer = |k: &str| k.ends_with("running_mean") || k.ends_with("running_var");
+        assert_state_dict_keys(
+            arch.name,
+            &vs,
+            &keys["models"][arch.name],
+            &is_bookkeeping,
+            &|k| !buffer(k),
         );
     }
 }
@@ -154,7 +125,7 @@ fn e2e_folder(root: &Path) {
 /// A torchvision-named resnet18 state dict (3-way head, the fixtures' hash
 /// weights, BatchNorm counters included as torchvision writes them) as safetensors.
 fn resnet18_file(path: &Path) {
-    let (vs, _m) = hashed3();
+    let (vs, _m) = hashed_with("resnet18", 3);
     let mut named: Vec<(String, Tensor)> = vs
         .variables()
         .into_iter()
@@ -166,17 +137,6 @@ fn resnet18_file(path: &Path) {
     ));
     named.sort_by(|a, b| a.0.cmp(&b.0));
     Tensor::write_safetensors(&named, path).unwrap();
-}
-
-fn hashed3() -> (nn::VarStore, TorchvisionResNet) {
-    let vs = nn::VarStore::new(Device::Cpu);
-    let m = TorchvisionResNet::new(&vs.root(), "resnet18".parse().unwrap(), 3);
-    tch::no_grad(|| {
-        for (name, mut var) in vs.variables() {
-            var.copy_(&tv_hash_tensor(&name, &var.size()).to_kind(Kind::Float));
-        }
-    });
-    (vs, m)
 }
 
 #[test]

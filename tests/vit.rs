@@ -2,7 +2,10 @@
 //! (tests/fixtures/make_vit_fixtures.py: the same hash weights, the same input).
 mod common;
 
-use common::{assert_rows_close, fixture, hash_uniform, read_named, vit_hash_tensor, U32};
+use common::{
+    assert_rows_close, assert_state_dict_keys, fill_with, fixture, hash_uniform, read_named,
+    vit_hash_tensor, U32,
+};
 use mos::model::vit::{TorchvisionViT, ViTArch, VITS};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -40,11 +43,7 @@ fn hashed(arch: &str) -> (nn::VarStore, TorchvisionViT) {
     let vs = nn::VarStore::new(Device::Cpu);
     let arch: ViTArch = arch.parse().unwrap();
     let m = TorchvisionViT::new(&vs.root(), arch, 10);
-    tch::no_grad(|| {
-        for (name, mut var) in vs.variables() {
-            var.copy_(&vit_hash_tensor(&name, &var.size()).to_kind(Kind::Float));
-        }
-    });
+    fill_with(&vs, vit_hash_tensor);
     (vs, m)
 }
 
@@ -149,40 +148,9 @@ fn variables_are_torchvisions_state_dict_keys() {
     let keys: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(keys["models"]["vit_b_16"]["parameters"], 86_567_656);
     for arch in VITS {
-        let want = &keys["models"][arch.name];
         let vs = nn::VarStore::new(Device::Cpu);
         let _m = TorchvisionViT::new(&vs.root(), *arch, 1000);
-        let vars = vs.variables();
-        let mut expected = Vec::new();
-        for kv in want["keys"].as_array().unwrap() {
-            let k = kv[0].as_str().unwrap();
-            let shape: Vec<i64> = kv[1]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|d| d.as_i64().unwrap())
-                .collect();
-            let var = vars
-                .get(k)
-                .unwrap_or_else(|| panic!("{}: no variable '{k}'", arch.name));
-            assert_eq!(var.size(), shape, "{}: {k}", arch.name);
-            expected.push(k.to_string());
-        }
-        let mut ours: Vec<&String> = vars.keys().collect();
-        ours.sort();
-        expected.sort();
-        assert_eq!(
-            ours,
-            expected.iter().collect::<Vec<_>>(),
-            "{}: the same names, none more",
-            arch.name
-        );
-        let params: i64 = vars.values().map(|v| v.numel() as i64).sum();
-        assert_eq!(
-            params,
-            want["parameters"].as_i64().unwrap(),
-            "{}",
-            arch.name
-        );
+        let want = &keys["models"][arch.name];
+        assert_state_dict_keys(arch.name, &vs, want, &|_| false, &|_| true);
     }
 }

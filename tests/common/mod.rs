@@ -59,50 +59,111 @@ pub fn hash_tensor(name: &str, shape: &[i64]) -> Tensor {
     Tensor::from_slice(&v).reshape(shape)
 }
 
+/// `u * 2^(top - e)` with e = floor(log2(fan_in) / 2) of a weight of `shape`
+/// (fan-in: the product of all but the first dimension), the scale of the
+/// torchvision fixtures' weight matrices; exact in both languages.
+fn fan_in_scaled(u: f64, shape: &[i64], top: i32) -> f64 {
+    let fan_in: i64 = shape[1..].iter().product();
+    let e = fan_in.ilog2() as i32 / 2;
+    u * 2f64.powi(top - e)
+}
+
+/// The hash values of `name` mapped by `value`, as a float32 tensor of `shape`.
+fn hash_tensor_with(name: &str, shape: &[i64], value: impl Fn(f64) -> f64) -> Tensor {
+    let n: i64 = shape.iter().product();
+    let v: Vec<f32> = hash_uniform(name, n as usize)
+        .into_iter()
+        .map(|u| value(u) as f32)
+        .collect();
+    Tensor::from_slice(&v).reshape(shape)
+}
+
 /// The value rule of make_resnet_fixtures.py::tv_hash_tensor (torchvision names).
 pub fn tv_hash_tensor(name: &str, shape: &[i64]) -> Tensor {
-    let n: i64 = shape.iter().product();
-    let u = hash_uniform(name, n as usize);
-    let value = |u: f64| -> f64 {
+    hash_tensor_with(name, shape, |u| {
         if name.ends_with("running_var") {
             1.0 + 0.5 * u
         } else if name.ends_with("running_mean") {
             0.125 * u
         } else if shape.len() == 4 || name == "fc.weight" {
-            let fan_in: i64 = shape[1..].iter().product();
-            let e = fan_in.ilog2() as i32 / 2;
-            let top = if name == "fc.weight" { 1 } else { 2 };
-            u * 2f64.powi(top - e)
+            fan_in_scaled(u, shape, if name == "fc.weight" { 1 } else { 2 })
         } else if name.ends_with(".weight") {
             1.0 + 0.25 * u
         } else {
             0.125 * u
         }
-    };
-    let v: Vec<f32> = u.into_iter().map(|u| value(u) as f32).collect();
-    Tensor::from_slice(&v).reshape(shape)
+    })
 }
 
 /// The value rule of make_vit_fixtures.py::vit_hash_tensor (torchvision's ViT
 /// names).
 pub fn vit_hash_tensor(name: &str, shape: &[i64]) -> Tensor {
-    let n: i64 = shape.iter().product();
-    let u = hash_uniform(name, n as usize);
-    let value = |u: f64| -> f64 {
+    hash_tensor_with(name, shape, |u| {
         if name == "class_token" || name == "encoder.pos_embedding" {
             u
         } else if shape.len() >= 2 {
-            let fan_in: i64 = shape[1..].iter().product();
-            let e = fan_in.ilog2() as i32 / 2;
-            u * 2f64.powi(1 - e)
+            fan_in_scaled(u, shape, 1)
         } else if name.ends_with(".weight") {
             1.0 + 0.25 * u
         } else {
             0.125 * u
         }
-    };
-    let v: Vec<f32> = u.into_iter().map(|u| value(u) as f32).collect();
-    Tensor::from_slice(&v).reshape(shape)
+    })
+}
+
+/// Overwrites every variable of `vs` with `rule(name, shape)`.
+pub fn fill_with(vs: &nn::VarStore, rule: fn(&str, &[i64]) -> Tensor) {
+    tch::no_grad(|| {
+        for (name, mut var) in vs.variables() {
+            var.copy_(&rule(&name, &var.size()).to_kind(Kind::Float));
+        }
+    });
+}
+
+/// Checks that the variables of `vs` are the state-dict keys and shapes of
+/// `want` (a model of a fixture's keys.json: `keys` [[name, shape], ...] and
+/// `parameters`), none more; keys `skip` accepts are no variables, and the
+/// parameters counted are the variables `counted` accepts.
+pub fn assert_state_dict_keys(
+    what: &str,
+    vs: &nn::VarStore,
+    want: &serde_json::Value,
+    skip: &dyn Fn(&str) -> bool,
+    counted: &dyn Fn(&str) -> bool,
+) {
+    let vars = vs.variables();
+    let mut expected = Vec::new();
+    for kv in want["keys"].as_array().unwrap() {
+        let k = kv[0].as_str().unwrap();
+        if skip(k) {
+            continue;
+        }
+        let shape: Vec<i64> = kv[1]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_i64().unwrap())
+            .collect();
+        let var = vars
+            .get(k)
+            .unwrap_or_else(|| panic!("{what}: no variable '{k}'"));
+        assert_eq!(var.size(), shape, "{what}: {k}");
+        expected.push(k.to_string());
+    }
+    let mut ours: Vec<&String> = vars.keys().collect();
+    ours.sort();
+    expected.sort();
+    assert_eq!(
+        ours,
+        expected.iter().collect::<Vec<_>>(),
+        "{what}: the same names, none more"
+    );
+    let params: i64 = vars
+        .iter()
+        .filter(|(k, _)| counted(k))
+        .map(|(_, v)| v.numel() as i64)
+        .sum();
+    assert_eq!(params, want["parameters"].as_i64().unwrap(), "{what}");
 }
 
 /// Overwrites every variable of `vs` with its hash value.
