@@ -729,7 +729,8 @@ impl TransformArgs {
 pub struct ModelArgs {
     /// Architecture: BiT-{S,M}-R50x1, -R50x3, -R101x1, -R101x3, -R152x2, -R152x4, the
     /// small ResNetV2-R14x0.5, ResNetV2-R26x0.5, ResNetV2-R50x0.5, or torchvision's
-    /// resnet18, resnet34, resnet50, resnet101, resnet152 (evaluation only).
+    /// resnet18, resnet34, resnet50, resnet101, resnet152, vit_b_16, vit_b_32,
+    /// vit_l_16, vit_l_32, vit_h_14 (evaluation only).
     #[arg(long, default_value = "BiT-S-R101x1", value_name = "NAME")]
     pub model: Variant,
 }

@@ -154,3 +154,80 @@ fn variables_are_torchvisions_state_dict_keys() {
         assert_state_dict_keys(arch.name, &vs, want, &|_| false, &|_| true);
     }
 }
+
+/// `mos extract --model vit_b_16` of a torchvision-named file: the stored logits
+/// and pre-logits are torchvision's on torchvision's pixels, and a crop the model
+/// does not take is refused before anything is read.
+#[test]
+fn extract_runs_a_torchvision_vit() {
+    use common::cli::{fails, mos, ok};
+    let dir = tempfile::tempdir().unwrap();
+    let (data, w) = (dir.path().join("data"), dir.path().join("vit.safetensors"));
+    for (class, files) in [
+        ("a", ["gray.jpg", "rgb420.jpg"]),
+        ("b", ["p.png", "rgb.png"]),
+        ("c", ["portrait.png", "rgba.png"]),
+    ] {
+        std::fs::create_dir_all(data.join(class)).unwrap();
+        for f in files {
+            std::fs::copy(fixture(&format!("images/{f}")), data.join(class).join(f)).unwrap();
+        }
+    }
+    {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _m = TorchvisionViT::new(&vs.root(), "vit_b_16".parse().unwrap(), 3);
+        fill_with(&vs, vit_hash_tensor);
+        let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        Tensor::write_safetensors(&named, &w).unwrap();
+    }
+    let store = dir.path().join("store");
+    let extract = |extra: &[&str]| {
+        let mut c = mos();
+        c.args([
+            "extract",
+            "--model",
+            "vit_b_16",
+            "--layers",
+            "logits,features",
+        ])
+        .args([
+            "--batch",
+            "3",
+            "--workers",
+            "2",
+            "--device",
+            "cpu",
+            "--model-path",
+        ])
+        .arg(&w)
+        .arg("--datadir")
+        .arg(&data)
+        .arg("--output")
+        .arg(&store)
+        .args(extra);
+        c
+    };
+    let e = fails(&mut extract(&["--crop", "200"]));
+    assert!(
+        e.contains("--crop 200: vit_b_16 takes 224 x 224 images"),
+        "{e}"
+    );
+    ok(&mut extract(&[]));
+    let s = mos::pipeline::store::load(&store).unwrap();
+    assert_eq!((s.manifest.crop, s.manifest.resize), (224, Some(256)));
+    let exp = fixture("vit/expected.safetensors");
+    assert_rows_close(
+        "e2e.logits",
+        &s.logits,
+        &read_named(&exp, "e2e.logits"),
+        VIT_TOL,
+    );
+    let feats = s.features.as_ref().unwrap();
+    assert_rows_close(
+        "e2e.features",
+        feats,
+        &read_named(&exp, "e2e.features"),
+        VIT_TOL,
+    );
+}

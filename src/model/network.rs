@@ -7,12 +7,24 @@ use tch::{Kind, Tensor};
 use super::bit::{spatial_mean, Precision, ResNetV2};
 use super::resnet::TorchvisionResNet;
 use super::variant::Variant;
+use super::vit::TorchvisionViT;
 
 /// A network of one of the families of [`super::variant::Family`].
+///
+/// A ViT takes images of one size only: [`Network::check_input`] says whether a
+/// batch fits, and the other methods expect one that does (the evaluation
+/// transform of a ViT is refused at any other `--crop`, so the pipeline's batches
+/// always fit; a batch that does not is a bug, and panics).
 #[derive(Debug)]
 pub enum Network {
     Bit(ResNetV2),
     TorchvisionResNet(TorchvisionResNet),
+    TorchvisionViT(TorchvisionViT),
+}
+
+/// A ViT's result on a batch [`Network::check_input`] accepted.
+fn fits<T>(r: anyhow::Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("internal: a batch the network does not take: {e:#}"))
 }
 
 impl Network {
@@ -21,6 +33,7 @@ impl Network {
         match self {
             Network::Bit(m) => m.variant,
             Network::TorchvisionResNet(m) => m.variant,
+            Network::TorchvisionViT(m) => m.variant,
         }
     }
 
@@ -29,6 +42,15 @@ impl Network {
         match self {
             Network::Bit(m) => m.head_size,
             Network::TorchvisionResNet(m) => m.head_size,
+            Network::TorchvisionViT(m) => m.head_size,
+        }
+    }
+
+    /// Whether `x` [N, 3, H, W] is a batch the network takes (a ViT: its image size).
+    pub fn check_input(&self, x: &Tensor) -> anyhow::Result<()> {
+        match self {
+            Network::TorchvisionViT(m) => m.check_input(x),
+            _ => Ok(()),
         }
     }
 
@@ -36,7 +58,7 @@ impl Network {
     pub fn precision(&self) -> Precision {
         match self {
             Network::Bit(m) => m.precision,
-            Network::TorchvisionResNet(_) => Precision::Fp32,
+            _ => Precision::Fp32,
         }
     }
 
@@ -78,6 +100,7 @@ impl Network {
         match self {
             Network::Bit(m) => m.stage(k, x),
             Network::TorchvisionResNet(m) => m.stage(k, x),
+            Network::TorchvisionViT(m) => fits(m.stage(k, x)),
         }
     }
 
@@ -101,17 +124,23 @@ impl Network {
         feats
     }
 
-    /// Feature layer `k` of stage `k`'s output: its spatial mean [N, C_k], float32
-    /// (the Mahalanobis detector's features).
+    /// The feature layer of a stage's output, [N, C_k] float32 (the Mahalanobis
+    /// detector's features): the spatial mean of a feature map, or a ViT's mean over
+    /// its patch tokens.
     pub fn layer_feature(&self, out: &Tensor) -> Tensor {
-        spatial_mean(out).to_kind(Kind::Float)
+        match self {
+            Network::TorchvisionViT(_) => TorchvisionViT::patch_mean(out).to_kind(Kind::Float),
+            _ => spatial_mean(out).to_kind(Kind::Float),
+        }
     }
 
     /// The head's input from stage 4's output (float32; [N, D] or [N, D, 1, 1]).
+    /// The stage outputs are feature maps [N, C, H, W], or a ViT's tokens [N, T, D].
     pub fn pre_logits(&self, last: &Tensor) -> Tensor {
         match self {
             Network::Bit(m) => m.pre_logits(last),
             Network::TorchvisionResNet(m) => m.pre_logits(last),
+            Network::TorchvisionViT(m) => m.pre_logits(last),
         }
     }
 
@@ -120,6 +149,7 @@ impl Network {
         match self {
             Network::Bit(m) => m.head_of_pooled(pooled),
             Network::TorchvisionResNet(m) => m.head_of_pooled(pooled),
+            Network::TorchvisionViT(m) => m.head_of_pooled(pooled),
         }
     }
 
@@ -128,6 +158,7 @@ impl Network {
         match self {
             Network::Bit(m) => m.forward(x),
             Network::TorchvisionResNet(m) => m.forward(x),
+            Network::TorchvisionViT(m) => fits(m.forward(x)),
         }
     }
 }

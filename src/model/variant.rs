@@ -12,6 +12,9 @@ pub enum Family {
     /// torchvision's ResNets ([`super::resnet`]): Resize, CenterCrop, ImageNet
     /// mean and standard deviation.
     TorchvisionResNet,
+    /// torchvision's Vision Transformers ([`super::vit`]), the same transform at
+    /// their fixed image size.
+    TorchvisionViT,
 }
 
 /// One architecture: units per stage and the base width (64 x width factor).
@@ -44,6 +47,16 @@ const fn tv(name: &'static str, units: [usize; 4]) -> Variant {
     }
 }
 
+/// A torchvision ViT (no units or base width: [`super::vit::ViTArch`] has its shape).
+const fn vit(name: &'static str) -> Variant {
+    Variant {
+        name,
+        units: [0; 4],
+        base: 0,
+        family: Family::TorchvisionViT,
+    }
+}
+
 const R50: [usize; 4] = [3, 4, 6, 3];
 const R101: [usize; 4] = [3, 4, 23, 3];
 const R152: [usize; 4] = [3, 8, 36, 3];
@@ -70,13 +83,19 @@ pub const VARIANTS: &[Variant] = &[
     v("ResNetV2-R50x0.5", R50, 32),
 ];
 
-/// torchvision's ResNets `--model` accepts (weights: torchvision's state-dict files).
+/// torchvision's ResNets and ViTs `--model` accepts (weights: torchvision's state-dict
+/// files).
 pub const TORCHVISION_VARIANTS: &[Variant] = &[
     tv("resnet18", [2, 2, 2, 2]),
     tv("resnet34", [3, 4, 6, 3]),
     tv("resnet50", R50),
     tv("resnet101", R101),
     tv("resnet152", R152),
+    vit("vit_b_16"),
+    vit("vit_b_32"),
+    vit("vit_l_16"),
+    vit("vit_l_32"),
+    vit("vit_h_14"),
 ];
 
 impl Variant {
@@ -84,6 +103,9 @@ impl Variant {
     pub fn feature_channels(&self) -> [i64; 5] {
         if let Some(a) = self.torchvision_resnet() {
             return a.feature_channels();
+        }
+        if let Some(a) = self.torchvision_vit() {
+            return a.feature_dims();
         }
         let b = self.base;
         [b, 4 * b, 8 * b, 16 * b, 32 * b]
@@ -94,6 +116,9 @@ impl Variant {
         if let Some(a) = self.torchvision_resnet() {
             return a.head_in();
         }
+        if let Some(a) = self.torchvision_vit() {
+            return a.head_in();
+        }
         32 * self.base
     }
 
@@ -101,8 +126,21 @@ impl Variant {
     pub fn torchvision_resnet(&self) -> Option<super::resnet::ResNetArch> {
         match self.family {
             Family::TorchvisionResNet => self.name.parse().ok(),
-            Family::Bit => None,
+            _ => None,
         }
+    }
+
+    /// The torchvision ViT, for that family.
+    pub fn torchvision_vit(&self) -> Option<super::vit::ViTArch> {
+        match self.family {
+            Family::TorchvisionViT => self.name.parse().ok(),
+            _ => None,
+        }
+    }
+
+    /// Whether the weights are torchvision's (state-dict names, bookkeeping keys).
+    pub fn is_torchvision(&self) -> bool {
+        self.family != Family::Bit
     }
 
     /// The names of the head's weight and bias in the family's state dicts.
@@ -110,15 +148,18 @@ impl Variant {
         match self.family {
             Family::Bit => ("head.conv.weight", "head.conv.bias"),
             Family::TorchvisionResNet => ("fc.weight", "fc.bias"),
+            Family::TorchvisionViT => ("heads.head.weight", "heads.head.bias"),
         }
     }
 
     /// The side of the square images the model sees by default (`--crop`): 480 for
-    /// BiT (the original's), 224 for torchvision's ImageNet models.
+    /// BiT (the original's), 224 for torchvision's ImageNet models (a ViT's fixed
+    /// image size).
     pub fn default_crop(&self) -> usize {
         match self.family {
             Family::Bit => 480,
             Family::TorchvisionResNet => 224,
+            Family::TorchvisionViT => super::vit::DEFAULT_IMAGE_SIZE as usize,
         }
     }
 
@@ -143,7 +184,15 @@ impl Variant {
                 )),
                 None => Ok(EvalTransform { size: crop }.into()),
             },
-            Family::TorchvisionResNet => {
+            Family::TorchvisionResNet | Family::TorchvisionViT => {
+                let size = super::vit::DEFAULT_IMAGE_SIZE as usize;
+                if self.family == Family::TorchvisionViT && crop != size {
+                    return Err(format!(
+                        "--crop {crop}: {} takes {size} x {size} images (its position embedding has a row per {}-pixel patch); give --crop {size} or leave it out",
+                        self.name,
+                        self.torchvision_vit().map_or(0, |a| a.patch)
+                    ));
+                }
                 let resize = resize.unwrap_or(crop * 256 / 224);
                 if resize < crop {
                     return Err(format!(
@@ -164,7 +213,7 @@ impl Variant {
     pub fn require_bit(&self, what: &str) -> Result<(), String> {
         match self.family {
             Family::Bit => Ok(()),
-            Family::TorchvisionResNet => Err(format!(
+            Family::TorchvisionResNet | Family::TorchvisionViT => Err(format!(
                 "--model {}: {what} runs BiT models only; torchvision's models are supported by mos extract, score, test-mos, test-baseline, tune-mahalanobis and benchmark",
                 self.name
             )),

@@ -262,6 +262,8 @@ pub struct ViTOutputs {
 #[derive(Debug)]
 pub struct TorchvisionViT {
     pub arch: ViTArch,
+    /// The same architecture as `--model` names it.
+    pub variant: super::variant::Variant,
     pub head_size: i64,
     pub image_size: i64,
     conv_proj: nn::Conv2D,
@@ -310,8 +312,14 @@ impl TorchvisionViT {
         let blocks = (0..arch.layers)
             .map(|i| EncoderBlock::new(&(&layers / format!("encoder_layer_{i}")), arch))
             .collect();
+        let variant = super::variant::TORCHVISION_VARIANTS
+            .iter()
+            .find(|v| v.name == arch.name)
+            .copied()
+            .expect("every torchvision ViT is a variant");
         TorchvisionViT {
             arch,
+            variant,
             head_size,
             image_size,
             conv_proj: nn::conv2d(p / "conv_proj", 3, d, arch.patch, conv_cfg),

@@ -15,6 +15,7 @@ use super::checkpoint::{self, CheckpointMeta};
 use super::network::Network;
 use super::resnet::{is_bookkeeping, TorchvisionResNet};
 use super::variant::{Family, Variant, VARIANTS};
+use super::vit::{torchvision_key, TorchvisionViT};
 use crate::weights::npz;
 use crate::weights::pickle::{self, PyValue};
 use crate::weights::raw::{DType, RawTensor};
@@ -517,9 +518,10 @@ pub fn load_model(
                 "{}: no {bias} vector with at least one entry, so no head size (--model {} reads {} weights)",
                 path.display(),
                 variant.name,
-                match variant.family {
-                    Family::Bit => "BiT",
-                    Family::TorchvisionResNet => "torchvision",
+                if variant.is_torchvision() {
+                    "torchvision"
+                } else {
+                    "BiT"
                 }
             )
         })?;
@@ -534,13 +536,29 @@ pub fn load_model(
         }
     }
     let vs = nn::VarStore::new(device);
-    let model = match variant.torchvision_resnet() {
-        None => Network::Bit(ResNetV2::new(&vs.root(), variant, head)),
-        Some(arch) => Network::TorchvisionResNet(TorchvisionResNet::new(&vs.root(), arch, head)),
+    let model = match (variant.torchvision_resnet(), variant.torchvision_vit()) {
+        (Some(arch), _) => {
+            Network::TorchvisionResNet(TorchvisionResNet::new(&vs.root(), arch, head))
+        }
+        (_, Some(arch)) => Network::TorchvisionViT(TorchvisionViT::new(&vs.root(), arch, head)),
+        _ => Network::Bit(ResNetV2::new(&vs.root(), variant, head)),
+    };
+    // Files written by older torchvision name a ViT's MLP layers as it renames them
+    // on loading.
+    let renamed: Vec<(String, Tensor)>;
+    let tensors = if variant.family == Family::TorchvisionViT {
+        renamed = state
+            .tensors
+            .iter()
+            .map(|(n, t)| (torchvision_key(n).into_owned(), t.shallow_clone()))
+            .collect();
+        &renamed
+    } else {
+        &state.tensors
     };
     // torchvision's BatchNorm counters are no variables (training bookkeeping).
-    let torchvision = variant.family == Family::TorchvisionResNet;
-    load_strict(&vs, &state.tensors, path, variant.name, &|n| {
+    let torchvision = variant.is_torchvision();
+    load_strict(&vs, tensors, path, variant.name, &|n| {
         torchvision && is_bookkeeping(n)
     })?;
     Ok(LoadedModel { vs, model, state })

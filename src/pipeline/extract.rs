@@ -241,6 +241,7 @@ pub fn extract_range_with(
             continue;
         }
         let (x, _) = batch.to_tensors(opts.device);
+        model.check_input(&x)?;
         // Kept rows are contiguous: the range is an interval of the batch's order.
         let (start, len) = (keep[0] as i64, keep.len() as i64);
         let (out, pass_scores) = match pass {

@@ -81,6 +81,7 @@ pub fn score_split(
             continue;
         }
         let (x, y) = batch.to_tensors(opts.device);
+        model.check_input(&x)?;
         let logits = need_shared.then(|| extract::forward_batch(model, &x, Layers::LOGITS).logits);
         if let Some(l) = &logits {
             // Wait for the device so the timing below is per method.
