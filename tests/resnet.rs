@@ -329,6 +329,39 @@ fn torchvision_models_refuse_what_they_cannot_do() {
     assert!(e.contains("--resize 48 is smaller than --crop 64"), "{e}");
     let e = fails(&mut extract("resnet18", &["--precision", "bf16"]));
     assert!(e.contains("float32 only"), "{e}");
+    // Published numbers of another setup are refused before anything is computed.
+    let published = dir.path().join("published.json");
+    std::fs::write(
+        &published,
+        r#"{"source": "s", "setup": {"model": "resnet50", "crop": 224, "resize": 256}, "cells": [{"method": "MSP", "set": "data", "auroc": 50, "fpr95": 50, "auroc_tolerance": 1, "fpr95_tolerance": 1}]}"#,
+    )
+    .unwrap();
+    let e = fails(
+        mos()
+            .args([
+                "benchmark",
+                "--model",
+                "resnet18",
+                "--score",
+                "MSP",
+                "--name",
+                "b",
+            ])
+            .args(["--device", "cpu", "--flat-model-path"])
+            .arg(&w)
+            .arg("--in-datadir")
+            .arg(&data)
+            .arg("--out-datadir")
+            .arg(&data)
+            .arg("--published")
+            .arg(&published)
+            .arg("--logdir")
+            .arg(dir.path()),
+    );
+    assert!(
+        e.contains("measured with --model resnet50, this run has --model resnet18"),
+        "{e}"
+    );
     // Fine-tuning is BiT's.
     let e = fails(
         mos()

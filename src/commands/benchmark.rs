@@ -533,7 +533,14 @@ mod tests {
             assert_eq!(names, sets, "{file}");
             assert!(r.out_sets.iter().all(|s| s.images.is_some()), "{file}");
             if let Some(p) = &r.published {
-                let p = benchmark::read_published(&root.join(p)).unwrap();
+                let path = root.join(p);
+                let p = benchmark::read_published(&path).unwrap();
+                // The config runs the setup its published numbers were measured with.
+                if let Some(setup) = &p.setup {
+                    let resize = r.transform().unwrap().resize();
+                    benchmark::published::check_setup(setup, &path, r.model.name, r.crop, resize)
+                        .unwrap();
+                }
                 for m in &r.score {
                     for s in &sets {
                         assert!(

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use tch::Device;
 
-use super::published::{read_published, Published};
+use super::published::{check_setup, read_published, Published};
 use super::{BenchmarkRequest, SetSpec};
 use crate::data::loader::Item;
 use crate::data::EvalSet;
@@ -105,6 +105,10 @@ pub(super) fn plan(req: &BenchmarkRequest) -> Result<Plan> {
     let published = match &req.published {
         Some(path) => {
             let p = read_published(path)?;
+            if let Some(setup) = &p.setup {
+                let resize = req.transform()?.resize();
+                check_setup(setup, path, req.model.name, req.crop, resize)?;
+            }
             for m in &names {
                 for o in &oods {
                     if !p.cells.iter().any(|c| c.method == *m && c.set == o.name) {

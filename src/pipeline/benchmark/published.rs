@@ -36,7 +36,57 @@ pub struct Published {
     /// Why the tolerances are what they are (shown in the report).
     #[serde(default)]
     pub tolerance_note: String,
+    /// The setup the numbers were measured with, checked against the run's
+    /// (a run of another model or transform cannot reproduce them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub setup: Option<PublishedSetup>,
     pub cells: Vec<PublishedCell>,
+}
+
+/// The model and transform published numbers were measured with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishedSetup {
+    /// `--model`.
+    pub model: String,
+    /// `--crop`.
+    pub crop: usize,
+    /// `--resize` (torchvision's models).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resize: Option<usize>,
+}
+
+/// The first setting of `setup` the run's (`model`, `crop`, `resize`) differs in,
+/// as an error naming the file and the flag.
+pub fn check_setup(
+    setup: &PublishedSetup,
+    path: &Path,
+    model: &str,
+    crop: usize,
+    resize: Option<usize>,
+) -> Result<()> {
+    let diffs = [
+        (
+            "--model",
+            setup.model.to_ascii_lowercase(),
+            model.to_ascii_lowercase(),
+        ),
+        ("--crop", setup.crop.to_string(), crop.to_string()),
+        (
+            "--resize",
+            setup.resize.map_or("none".into(), |r| r.to_string()),
+            resize.map_or("none".into(), |r| r.to_string()),
+        ),
+    ];
+    for (flag, published, run) in diffs {
+        if published != run {
+            bail!(
+                "--published {}: its numbers were measured with {flag} {published}, this run has {flag} {run}; run with the published setup, or leave --published out",
+                path.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Reads and checks a published-numbers file: canonical method names, finite
@@ -197,6 +247,7 @@ mod tests {
         let p = Published {
             source: "s".into(),
             tolerance_note: String::new(),
+            setup: None,
             cells: vec![
                 cell("MSP", 80.0, 70.0, 1.0, 2.0),
                 cell("MOS", 90.0, 40.0, 0.5, 0.5),
@@ -262,5 +313,43 @@ mod tests {
         write(r#"{"source": "x", "cels": []}"#);
         let e = format!("{:#}", read_published(&f).unwrap_err());
         assert!(e.contains("unknown field `cels`"), "{e}");
+    }
+
+    #[test]
+    fn a_published_setup_is_checked_against_the_run() {
+        let setup = PublishedSetup {
+            model: "resnet50".into(),
+            crop: 224,
+            resize: Some(256),
+        };
+        let f = Path::new("p.json");
+        check_setup(&setup, f, "resnet50", 224, Some(256)).unwrap();
+        check_setup(&setup, f, "ResNet50", 224, Some(256)).unwrap();
+        let e = check_setup(&setup, f, "resnet50", 256, Some(292))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("measured with --crop 224, this run has --crop 256"),
+            "{e}"
+        );
+        let e = check_setup(&setup, f, "BiT-S-R101x1", 480, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--model resnet50, this run has --model bit-s-r101x1"),
+            "{e}"
+        );
+        let bit = PublishedSetup {
+            model: "BiT-S-R101x1".into(),
+            crop: 480,
+            resize: None,
+        };
+        let e = check_setup(&bit, f, "BiT-S-R101x1", 480, Some(512))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--resize none, this run has --resize 512"),
+            "{e}"
+        );
     }
 }
