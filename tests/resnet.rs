@@ -6,7 +6,8 @@ use std::path::Path;
 
 use common::cli::{fails, mos, ok};
 use common::{
-    assert_rows_close, assert_state_dict_keys, fill_with, fixture, read_named, tv_hash_tensor, U32,
+    assert_rows_close, assert_state_dict_keys, e2e_folder, fill_with, fixture, read_named,
+    tv_hash_tensor, U32,
 };
 use mos::model::resnet::{is_bookkeeping, ResNetArch, TorchvisionResNet, RESNETS};
 use tch::{nn, Device, Kind, Tensor};
@@ -105,21 +106,6 @@ fn evaluation_mode_uses_the_running_statistics() {
     let both = tch::no_grad(|| m.forward(&x));
     let first = tch::no_grad(|| m.forward(&x.narrow(0, 0, 1)));
     assert_rows_close("alone", &first, &both.narrow(0, 0, 1), RESNET_TOL);
-    let _ = Tensor::zeros([1], (Kind::Float, Device::Cpu));
-}
-
-/// The image folder of make_resnet_fixtures.py's E2E (committed image fixtures).
-fn e2e_folder(root: &Path) {
-    for (class, files) in [
-        ("a", ["gray.jpg", "rgb420.jpg"]),
-        ("b", ["p.png", "rgb.png"]),
-        ("c", ["portrait.png", "rgba.png"]),
-    ] {
-        std::fs::create_dir_all(root.join(class)).unwrap();
-        for f in files {
-            std::fs::copy(fixture(&format!("images/{f}")), root.join(class).join(f)).unwrap();
-        }
-    }
 }
 
 /// A torchvision-named resnet18 state dict (3-way head, the fixtures' hash

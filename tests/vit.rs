@@ -163,16 +163,7 @@ fn extract_runs_a_torchvision_vit() {
     use common::cli::{fails, mos, ok};
     let dir = tempfile::tempdir().unwrap();
     let (data, w) = (dir.path().join("data"), dir.path().join("vit.safetensors"));
-    for (class, files) in [
-        ("a", ["gray.jpg", "rgb420.jpg"]),
-        ("b", ["p.png", "rgb.png"]),
-        ("c", ["portrait.png", "rgba.png"]),
-    ] {
-        std::fs::create_dir_all(data.join(class)).unwrap();
-        for f in files {
-            std::fs::copy(fixture(&format!("images/{f}")), data.join(class).join(f)).unwrap();
-        }
-    }
+    common::e2e_folder(&data);
     {
         let vs = nn::VarStore::new(Device::Cpu);
         let _m = TorchvisionViT::new(&vs.root(), "vit_b_16".parse().unwrap(), 3);

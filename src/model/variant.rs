@@ -185,7 +185,7 @@ impl Variant {
                 None => Ok(EvalTransform { size: crop }.into()),
             },
             Family::TorchvisionResNet | Family::TorchvisionViT => {
-                let size = super::vit::DEFAULT_IMAGE_SIZE as usize;
+                let size = self.default_crop();
                 if self.family == Family::TorchvisionViT && crop != size {
                     return Err(format!(
                         "--crop {crop}: {} takes {size} x {size} images (its position embedding has a row per {}-pixel patch); give --crop {size} or leave it out",

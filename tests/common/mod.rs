@@ -111,6 +111,22 @@ pub fn vit_hash_tensor(name: &str, shape: &[i64]) -> Tensor {
     })
 }
 
+/// The image folder of the torchvision fixtures' end-to-end checks
+/// (make_resnet_fixtures.py and make_vit_fixtures.py, `E2E`): committed image
+/// fixtures copied into three class folders under `root`.
+pub fn e2e_folder(root: &std::path::Path) {
+    for (class, files) in [
+        ("a", ["gray.jpg", "rgb420.jpg"]),
+        ("b", ["p.png", "rgb.png"]),
+        ("c", ["portrait.png", "rgba.png"]),
+    ] {
+        std::fs::create_dir_all(root.join(class)).unwrap();
+        for f in files {
+            std::fs::copy(fixture(&format!("images/{f}")), root.join(class).join(f)).unwrap();
+        }
+    }
+}
+
 /// Overwrites every variable of `vs` with `rule(name, shape)`.
 pub fn fill_with(vs: &nn::VarStore, rule: fn(&str, &[i64]) -> Tensor) {
     tch::no_grad(|| {

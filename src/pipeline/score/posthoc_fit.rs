@@ -396,8 +396,8 @@ pub fn load_head(
     let (w, b) = id
         .model
         .parse::<crate::model::Variant>()
-        .map(|v| v.head_tensor_names())
-        .unwrap_or(("head.conv.weight", "head.conv.bias"));
+        .map_err(|e| anyhow::anyhow!("the ID store's model: {e}"))?
+        .head_tensor_names();
     let head = Head::new(&find(w)?, &find(b)?).with_context(|| file.display().to_string())?;
     if head.classes() != id.head_size {
         bail!(
