@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use crate::device::DeviceSpec;
 use crate::model::{Precision, Variant};
 use crate::ood::Score;
+use crate::pipeline::import::ArraySource;
 
 /// mos: out-of-distribution detection for large semantic spaces (MOS, Huang & Li, CVPR 2021).
 #[derive(Debug, Parser)]
@@ -53,6 +54,9 @@ pub enum Command {
     Extract(ExtractArgs),
     /// Check that every shard of a feature store is there and consistent; mark it complete.
     Merge(MergeArgs),
+    /// A feature store from arrays computed anywhere (.npy, .npz, safetensors): logits,
+    /// features, labels, the head; then mos score serves them.
+    Import(ImportArgs),
     /// Start N local ranks of finetune-group/finetune-flat (data-parallel, c10d) or N
     /// shards of extract (then merge); all stop when one fails.
     Launch(LaunchArgs),
@@ -185,6 +189,57 @@ pub struct ExtractArgs {
     pub shard_index: Option<usize>,
     #[command(flatten)]
     pub device: DeviceArgs,
+}
+
+/// Arguments of `mos import` (docs/commands.md#import). An array is a `.npy` file, or
+/// `FILE:NAME` for an array of an `.npz` or safetensors file; `--arrays FILE` takes
+/// every array from one such file under its role's name (logits, features, labels,
+/// head_weight, head_bias), and the array flags override it.
+#[derive(Debug, Clone, Args)]
+pub struct ImportArgs {
+    /// The store to write (a directory; created).
+    #[arg(long, value_name = "STORE")]
+    pub output: PathBuf,
+    /// An .npz or safetensors file holding the arrays under their roles' names.
+    #[arg(long, value_name = "FILE")]
+    pub arrays: Option<PathBuf>,
+    /// Logits [N, C], floating point (stored as float32).
+    #[arg(long, value_name = "ARRAY")]
+    pub logits: Option<ArraySource>,
+    /// Pre-logit features [N, D] (the head's input), for the post-hoc methods.
+    #[arg(long, value_name = "ARRAY")]
+    pub features: Option<ArraySource>,
+    /// Class labels [N], integers.
+    #[arg(long, value_name = "ARRAY")]
+    pub labels: Option<ArraySource>,
+    /// No labels (an OOD set): every row is labelled 0, as the manifest records.
+    #[arg(long)]
+    pub no_labels: bool,
+    /// The head's weight [C, D] (logits = features W^T + b), for the methods that apply it.
+    #[arg(long, value_name = "ARRAY")]
+    pub head_weight: Option<ArraySource>,
+    /// The head's bias [C].
+    #[arg(long, value_name = "ARRAY")]
+    pub head_bias: Option<ArraySource>,
+    /// A text file with one path per row (shown in score CSVs) [default: row-0, row-1, ...].
+    #[arg(long, value_name = "FILE")]
+    pub paths: Option<PathBuf>,
+    /// The model the arrays came from; stores scored together must name the same model.
+    #[arg(long, value_name = "NAME")]
+    pub model_name: String,
+    /// The data set's name in tables [default: the store directory's name].
+    #[arg(long, value_name = "NAME")]
+    pub dataset: Option<String>,
+    /// What --paths are relative to (joined to them in score CSVs).
+    #[arg(long, value_name = "DIR")]
+    pub datadir: Option<PathBuf>,
+    /// Classes of the ID set [default: 1 + the largest label].
+    #[arg(long, value_name = "N")]
+    pub num_classes: Option<i64>,
+    /// Rows per batch when scored (as mos extract's --batch: an extracted store's
+    /// batch gives the same bits).
+    #[arg(long, value_parser = at_least_one, default_value_t = 256, value_name = "N")]
+    pub batch: usize,
 }
 
 /// Arguments of `mos merge`.

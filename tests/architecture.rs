@@ -156,7 +156,7 @@ fn stage_rank(name: &str) -> Option<usize> {
     match name {
         "vocab" => Some(0),
         "extract" => Some(1),
-        "store" => Some(2),
+        "store" | "import" => Some(2),
         "score" => Some(3),
         "report" => Some(5),
         "in_memory" | "benchmark" => Some(9),

@@ -72,6 +72,8 @@ fn make_store(dir: &Path, ckpt: &Path, sha: &str, head: &Head, rows: usize, seed
         complete: true,
         group_config: None,
         resize: None,
+        feature_dim: None,
+        imported: None,
     };
     m.fingerprint = m.compute_fingerprint();
     let m = store::prepare(dir, &m).unwrap();

@@ -120,6 +120,8 @@ pub fn run(args: &ExtractArgs) -> Result<()> {
         complete: false,
         group_config: loaded.state.group_config().map(<[i64]>::to_vec),
         resize: transform.resize(),
+        feature_dim: None,
+        imported: None,
     };
     manifest.fingerprint = manifest.compute_fingerprint();
     // A new store whose extraction fails before its shard is written is taken away

@@ -8,6 +8,7 @@ pub mod evaluate;
 pub mod extract;
 pub mod finetune;
 pub mod forward;
+pub mod import;
 pub mod inspect;
 pub mod launch;
 pub mod make_groups;
@@ -49,6 +50,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Report(args) => report::run(&args),
         Command::Extract(args) => extract::run(&args),
         Command::Merge(args) => merge::run(&args),
+        Command::Import(args) => import::run(&args),
         Command::Launch(args) => launch::run(&args),
         Command::Score(args) => score::run(&args),
         Command::MakeGroups(args) => make_groups::run(&args),

@@ -28,6 +28,8 @@ pub mod vocab;
 pub mod extract;
 pub mod store;
 
+pub mod import;
+
 pub mod score;
 
 pub mod report;

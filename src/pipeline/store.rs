@@ -195,6 +195,43 @@ pub struct Manifest {
     /// models); absent for BiT, which resizes to `crop x crop`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resize: Option<usize>,
+    /// Width of the pre-logit features when `model` is not one mos builds (an
+    /// imported store); absent for mos's models, whose width the model gives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feature_dim: Option<i64>,
+    /// What `mos import` read (absent for extracted stores).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imported: Option<ImportRecord>,
+}
+
+/// Prefix of an imported store's `model`: `imported:<--model-name>`.
+pub const IMPORTED_PREFIX: &str = "imported:";
+/// The file of an imported store's head (`weight` [C, D], `bias` [C]), in the store.
+pub const HEAD_FILE: &str = "head.safetensors";
+
+/// One array `mos import` read: its role, where from and its content's identity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImportedArray {
+    /// logits, features, labels, head_weight or head_bias.
+    pub array: String,
+    /// The file as given, and the array's name in it (`.npz`, safetensors).
+    pub file: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// SHA-256 of the file.
+    pub sha256: String,
+    /// The element type and shape as read (before any conversion to the store's).
+    pub dtype: String,
+    pub shape: Vec<usize>,
+}
+
+/// What `mos import` made a store from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImportRecord {
+    pub arrays: Vec<ImportedArray>,
+    /// `--paths` as given, when the rows have paths.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paths: Option<String>,
 }
 
 impl Manifest {
@@ -210,7 +247,11 @@ impl Manifest {
                 other.head_size.to_string(),
             ),
             (
-                "checkpoint SHA-256",
+                if self.imported.is_some() || other.imported.is_some() {
+                    "head SHA-256 (an imported store's --head-weight and --head-bias: import the same head with every store of a model; empty: none)"
+                } else {
+                    "checkpoint SHA-256"
+                },
                 self.checkpoint_sha256.clone(),
                 other.checkpoint_sha256.clone(),
             ),
@@ -229,6 +270,28 @@ impl Manifest {
         ]
         .into_iter()
         .find(|(_, x, y)| x != y)
+    }
+
+    /// The architecture mos builds for this store's model; `None` for an imported store.
+    pub fn variant(&self) -> Result<Option<crate::model::Variant>> {
+        if self.model.starts_with(IMPORTED_PREFIX) {
+            return Ok(None);
+        }
+        self.model
+            .parse()
+            .map(Some)
+            .map_err(|e: String| anyhow::anyhow!("the store's model '{}': {e}", self.model))
+    }
+
+    /// Width of the stored pre-logit features.
+    pub fn feature_dim(&self) -> Result<i64> {
+        if let Some(d) = self.feature_dim {
+            return Ok(d);
+        }
+        match self.variant()? {
+            Some(v) => Ok(v.head_in()),
+            None => bail!("an imported store without its feature width (feature_dim)"),
+        }
     }
 
     /// The settings that decide the stored numbers (paths as given are not among
@@ -257,6 +320,17 @@ impl Manifest {
         }
         if let Some(r) = self.resize {
             v.push(("resize", r.to_string()));
+        }
+        if let Some(d) = self.feature_dim {
+            v.push(("feature dim", d.to_string()));
+        }
+        if let Some(r) = &self.imported {
+            let arrays: Vec<String> = r
+                .arrays
+                .iter()
+                .map(|a| format!("{} {} {} {:?}", a.array, a.sha256, a.dtype, a.shape))
+                .collect();
+            v.push(("imported", arrays.join("; ")));
         }
         v
     }
@@ -988,10 +1062,15 @@ impl StoreData {
 pub fn load(dir: &Path) -> Result<StoreData> {
     let store = open(dir, false)?;
     let m = &store.manifest;
-    let variant: crate::model::Variant = m
-        .model
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!("{}: {e}", dir.join(MANIFEST).display()))?;
+    let variant = m
+        .variant()
+        .with_context(|| dir.join(MANIFEST).display().to_string())?;
+    let feature_dim = if m.layers.iter().any(|l| l == "features") {
+        m.feature_dim()
+            .with_context(|| dir.join(MANIFEST).display().to_string())?
+    } else {
+        0
+    };
     let features = m.layers.iter().any(|l| l == "features");
     let mahalanobis = m.layers.iter().any(|l| l == "mahalanobis");
     let mut parts: BTreeMap<String, Vec<Tensor>> = BTreeMap::new();
@@ -1058,11 +1137,18 @@ pub fn load(dir: &Path) -> Result<StoreData> {
             parts.entry("features".into()).or_default().push(get(
                 "features",
                 Kind::Float,
-                Some(variant.head_in()),
+                Some(feature_dim),
             )?);
         }
         if mahalanobis {
-            let ch = variant.feature_channels();
+            let ch = variant
+                .with_context(|| {
+                    format!(
+                        "{}: Mahalanobis layers in a store of a model mos does not build",
+                        dir.join(MANIFEST).display()
+                    )
+                })?
+                .feature_channels();
             for (l, c) in ch.iter().enumerate().take(FEATURE_LAYERS) {
                 let name = format!("layer{l}");
                 let t = get(&name, Kind::Float, Some(*c))?;

@@ -443,6 +443,8 @@ fn plan_store(
         complete: false,
         group_config: m.loaded.state.group_config().map(<[i64]>::to_vec),
         resize: req.transform()?.resize(),
+        feature_dim: None,
+        imported: None,
     };
     manifest.fingerprint = manifest.compute_fingerprint();
     Ok(StorePlan {

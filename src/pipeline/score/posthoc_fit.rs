@@ -354,15 +354,29 @@ pub fn check_same_model(
     Ok(())
 }
 
-/// The head of the checkpoint at `model_path` (or the ID store's recorded one),
-/// which must be the file the stores were extracted from (SHA-256).
+/// The head (W, b) of the model the ID store `id` (in `id_dir`) was extracted
+/// with: from `--model-path`, else from the checkpoint the store records, which
+/// must have the SHA-256 the store records; an imported store's head is the
+/// `head.safetensors` `mos import` wrote into it. Returns the head and its file.
 pub fn load_head(
     model_path: Option<&Path>,
     id: &Manifest,
+    id_dir: &Path,
     methods: &str,
 ) -> Result<(Head, PathBuf)> {
+    let imported = id.imported.is_some();
     let path = match model_path {
         Some(p) => p.to_path_buf(),
+        None if imported => {
+            let p = id_dir.join(store::HEAD_FILE);
+            if !p.exists() {
+                bail!(
+                    "--score {methods} needs the model's head, which {} was imported without: import it again with --head-weight and --head-bias",
+                    id_dir.display()
+                );
+            }
+            p
+        }
         None => {
             let p = PathBuf::from(&id.checkpoint);
             if !p.exists() {
@@ -374,11 +388,15 @@ pub fn load_head(
             p
         }
     };
-    let file = crate::model::weights::resolve_weight_path(&path).context("--model-path")?;
+    let file = if imported {
+        path
+    } else {
+        crate::model::weights::resolve_weight_path(&path).context("--model-path")?
+    };
     let sha = store::sha256_file(&file)?;
     if sha != id.checkpoint_sha256 {
         bail!(
-            "--model-path {}: its SHA-256 is {sha}, but the stores were extracted from a checkpoint with SHA-256 {} ({}): give the checkpoint the stores were extracted with",
+            "{}: its SHA-256 is {sha}, but the stores were made with a head or checkpoint of SHA-256 {} ({}): give the file the stores were made with",
             file.display(),
             id.checkpoint_sha256,
             id.checkpoint
@@ -392,12 +410,12 @@ pub fn load_head(
             .map(|(_, t)| t.shallow_clone())
             .with_context(|| format!("{}: no tensor '{name}' (the head)", file.display()))
     };
-    // The head's names in the family's state dicts (BiT: a 1x1 conv; torchvision: fc).
-    let (w, b) = id
-        .model
-        .parse::<crate::model::Variant>()
-        .map_err(|e| anyhow::anyhow!("the ID store's model: {e}"))?
-        .head_tensor_names();
+    // The head's names in the family's state dicts (BiT: a 1x1 conv; torchvision:
+    // fc; an imported store's head file: weight, bias).
+    let (w, b) = match id.variant().context("the ID store")? {
+        Some(v) => v.head_tensor_names(),
+        None => ("weight", "bias"),
+    };
     let head = Head::new(&find(w)?, &find(b)?).with_context(|| file.display().to_string())?;
     if head.classes() != id.head_size {
         bail!(
@@ -502,11 +520,7 @@ pub fn precheck(req: &Request, id: &Manifest, id_dir: &Path) -> Result<()> {
                 .iter()
                 .map(|s| s.rows)
                 .sum();
-            let width = id
-                .model
-                .parse::<crate::model::Variant>()
-                .ok()
-                .map(|v| v.head_in());
+            let width = id.feature_dim().ok();
             check_fit_rows(req, rows, p, width)
         }
         None => match read_fit(&req.run_dir)? {
@@ -555,7 +569,7 @@ pub fn prepare(req: &Request, id: &StoreData, log: &RunLog) -> Result<Prepared> 
     let mut head = None;
     let head_users = names(&|p| p.needs_head() || p == PostHoc::Vim);
     if !head_users.is_empty() {
-        let (h, p) = load_head(req.model_path.as_deref(), m, &head_users)?;
+        let (h, p) = load_head(req.model_path.as_deref(), m, &id.dir, &head_users)?;
         if h.dim() != dim {
             bail!(
                 "{}: the head takes {} features, the store has {dim}",
