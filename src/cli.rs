@@ -752,17 +752,54 @@ pub struct TestBaselineArgs {
 }
 
 /// How images are prepared for the model: `--crop`, and `--resize` for torchvision's
-/// models (docs/data.md#transforms).
+/// models; for a TorchScript module also `--mean`, `--std` and its head's `--head`
+/// (docs/data.md#transforms, docs/model.md#torchscript-modules).
 #[derive(Debug, Clone, Default, Args)]
 pub struct TransformArgs {
     /// Side of the square images the model sees [default: 480 for BiT (the paper),
-    /// 224 for torchvision's models].
+    /// 224 for torchvision's models and TorchScript modules].
     #[arg(long, value_parser = at_least_one, value_name = "PIXELS")]
     pub crop: Option<usize>,
-    /// torchvision's models: Resize's shorter side before the center crop [default:
-    /// crop x 256 / 224, 256 for 224]. BiT resizes to crop x crop.
+    /// torchvision's models and TorchScript modules: Resize's shorter side before the
+    /// center crop [default: crop x 256 / 224, 256 for 224]. BiT resizes to crop x crop.
     #[arg(long, value_parser = at_least_one, value_name = "PIXELS")]
     pub resize: Option<usize>,
+    /// --model torchscript: the per-channel mean subtracted from pixels in [0, 1]
+    /// [default: ImageNet's 0.485,0.456,0.406].
+    #[arg(long, value_delimiter = ',', value_name = "R,G,B")]
+    pub mean: Option<Vec<f32>>,
+    /// --model torchscript: the per-channel standard deviation divided by [default:
+    /// ImageNet's 0.229,0.224,0.225].
+    #[arg(long, value_delimiter = ',', value_name = "R,G,B")]
+    pub std: Option<Vec<f32>>,
+    /// --model torchscript: the prefix of the head's parameters, PREFIX.weight [C, D]
+    /// and PREFIX.bias [C] [default: fc].
+    #[arg(long = "head", value_name = "PREFIX")]
+    pub head: Option<String>,
+}
+
+/// Three finite values of `--mean`/`--std` (`positive` for `--std`).
+fn channels(flag: &str, v: &[f32], positive: bool) -> anyhow::Result<[f32; 3]> {
+    let a: [f32; 3] = v.try_into().map_err(|_| {
+        anyhow::anyhow!(
+            "--{flag}: {} value(s); give 3, one per channel (R,G,B)",
+            v.len()
+        )
+    })?;
+    if let Some(x) = a
+        .iter()
+        .find(|x| !x.is_finite() || (positive && **x <= 0.0))
+    {
+        anyhow::bail!(
+            "--{flag}: {x} is not {}",
+            if positive {
+                "a positive number"
+            } else {
+                "a finite number"
+            }
+        );
+    }
+    Ok(a)
 }
 
 impl TransformArgs {
@@ -773,9 +810,47 @@ impl TransformArgs {
 
     /// The model's evaluation transform with these flags.
     pub fn resolve(&self, model: Variant) -> anyhow::Result<crate::data::ImageTransform> {
-        model
+        let script = model.family == crate::model::Family::TorchScript;
+        if !script {
+            for (flag, given) in [
+                ("mean", self.mean.is_some()),
+                ("std", self.std.is_some()),
+                ("head", self.head.is_some()),
+            ] {
+                if given {
+                    anyhow::bail!(
+                        "--{flag} applies to --model torchscript; --model {} has its own",
+                        model.name
+                    );
+                }
+            }
+        }
+        let mut t = model
             .eval_transform(self.crop(model), self.resize)
-            .map_err(anyhow::Error::msg)
+            .map_err(anyhow::Error::msg)?;
+        if let crate::data::ImageTransform::CenterCrop(c) = &mut t {
+            if let Some(m) = &self.mean {
+                c.mean = channels("mean", m, false)?;
+            }
+            if let Some(s) = &self.std {
+                c.std = channels("std", s, true)?;
+            }
+        }
+        Ok(t)
+    }
+
+    /// What loading a TorchScript module needs (its head's prefix, the probe's
+    /// size); `None` for the other models.
+    pub fn script_spec(&self, model: Variant) -> Option<crate::model::weights::ScriptSpec> {
+        (model.family == crate::model::Family::TorchScript).then(|| {
+            crate::model::weights::ScriptSpec {
+                head: self
+                    .head
+                    .clone()
+                    .unwrap_or_else(|| crate::model::script::DEFAULT_HEAD.to_string()),
+                crop: self.crop(model),
+            }
+        })
     }
 }
 
@@ -785,7 +860,8 @@ pub struct ModelArgs {
     /// Architecture: BiT-{S,M}-R50x1, -R50x3, -R101x1, -R101x3, -R152x2, -R152x4, the
     /// small ResNetV2-R14x0.5, ResNetV2-R26x0.5, ResNetV2-R50x0.5, or torchvision's
     /// resnet18, resnet34, resnet50, resnet101, resnet152, vit_b_16, vit_b_32,
-    /// vit_l_16, vit_l_32, vit_h_14 (evaluation only).
+    /// vit_l_16, vit_l_32, vit_h_14 (evaluation only), or torchscript (a TorchScript
+    /// module as --model-path: mos extract, test-mos, test-baseline).
     #[arg(long, default_value = "BiT-S-R101x1", value_name = "NAME")]
     pub model: Variant,
 }

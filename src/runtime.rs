@@ -196,6 +196,14 @@ static TORCH_PANIC: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(Non
 /// fallible twins).
 const UNWRAP_ERR: &str = "called `Result::unwrap()` on an `Err` value: ";
 
+/// Fails the way a libtorch error inside a panicking tch op fails, with `message`:
+/// `main` (and [`catch_torch`]) report it as `libtorch: <message>`, without a
+/// backtrace. For errors that arise where no `Result` can be returned (a
+/// user's TorchScript module failing inside a forward pass).
+pub fn torch_failure(message: String) -> ! {
+    panic!("{UNWRAP_ERR}{:?}", tch::TchError::Torch(message))
+}
+
 /// Lines of libtorch messages that say nothing to a user of mos.
 const NOISE: [&str; 5] = [
     "Exception raised from",
@@ -365,6 +373,12 @@ pub fn catch_torch<T>(f: impl FnOnce() -> T) -> anyhow::Result<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_torch_failure_is_reported_as_a_libtorch_error() {
+        let e = catch_torch(|| torch_failure("the module failed".into())).unwrap_err();
+        assert_eq!(e.to_string(), "libtorch: the module failed");
+    }
 
     #[test]
     fn torch_panics_are_read_and_cleaned() {

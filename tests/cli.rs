@@ -62,6 +62,7 @@ fn env_json_is_complete() {
     assert!(std::path::Path::new(lib).join("libtorch_cpu.so").exists());
     assert_eq!(v["cuda_available"], tch::Cuda::is_available());
     assert_eq!(v["models"]["torchvision"][2], "resnet50");
+    assert_eq!(v["models"]["torchscript"][0], "torchscript");
     assert_eq!(v["models"]["bit"][0], "BiT-S-R50x1");
 }
 

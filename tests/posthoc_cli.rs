@@ -74,6 +74,9 @@ fn make_store(dir: &Path, ckpt: &Path, sha: &str, head: &Head, rows: usize, seed
         resize: None,
         feature_dim: None,
         imported: None,
+        mean: None,
+        std: None,
+        head: None,
     };
     m.fingerprint = m.compute_fingerprint();
     let m = store::prepare(dir, &m).unwrap();

@@ -29,6 +29,8 @@ pub struct EnvReport {
 pub struct Models {
     pub bit: Vec<&'static str>,
     pub torchvision: Vec<&'static str>,
+    /// `torchscript`: a user's TorchScript module.
+    pub torchscript: Vec<&'static str>,
 }
 
 /// Collects the report; `--device` is resolved so that a bad value fails here too.
@@ -56,6 +58,7 @@ pub fn collect(args: &EnvArgs) -> anyhow::Result<EnvReport> {
                 .iter()
                 .map(|v| v.name)
                 .collect(),
+            torchscript: vec![crate::model::variant::TORCHSCRIPT.name],
         },
     })
 }
@@ -100,6 +103,7 @@ pub fn render(r: &EnvReport) -> String {
         ("--device resolves to", r.selected_device.clone()),
         ("models (BiT)", r.models.bit.join(", ")),
         ("models (torchvision)", r.models.torchvision.join(", ")),
+        ("models (your own)", r.models.torchscript.join(", ")),
     ];
     let mut out = String::new();
     for (k, v) in rows {

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use crate::cli::{DeviceArgs, EvalDataArgs, EvalOutputArgs, RunArgs};
 use crate::data::EvalSet;
 use crate::groupconfig::check_split;
-use crate::model::weights::{load_model, with_head_hint};
+use crate::model::weights::{load_network, with_head_hint};
 use crate::model::Variant;
 use crate::pipeline::in_memory::{finish_kl, metrics_of, score_split, EvalOptions};
 use crate::pipeline::report::{
@@ -77,6 +77,16 @@ fn head_hint(job: &EvalJob, id_classes: usize) -> String {
 pub fn run(mut job: EvalJob) -> Result<()> {
     // Checked before anything is read.
     let transform = job.data.transform.resolve(job.model)?;
+    if job
+        .methods
+        .iter()
+        .any(|m| matches!(m, Method::Mahalanobis(_)))
+    {
+        job.model
+            .require_feature_layers("--score Mahalanobis")
+            .map_err(anyhow::Error::msg)?;
+    }
+    let script = job.data.transform.script_spec(job.model);
     if let Some(map) = job.settings.as_object_mut() {
         let d = job.data;
         map.insert("in_datadir".into(), serde_json::json!(d.in_datadir));
@@ -85,6 +95,11 @@ pub fn run(mut job: EvalJob) -> Result<()> {
         map.insert("crop".into(), transform.size().into());
         if let Some(r) = transform.resize() {
             map.insert("resize".into(), r.into());
+        }
+        if let (Some(spec), crate::data::ImageTransform::CenterCrop(c)) = (&script, &transform) {
+            map.insert("mean".into(), serde_json::json!(c.mean));
+            map.insert("std".into(), serde_json::json!(c.std));
+            map.insert("head".into(), serde_json::json!(spec.head));
         }
         map.insert("skip_bad_images".into(), d.skip_bad_images.into());
         map.insert("device".into(), job.device.device.to_string().into());
@@ -126,8 +141,14 @@ pub fn run(mut job: EvalJob) -> Result<()> {
             .join(", ")
     ));
     let head = expected_head(&job, id_classes)?;
-    let loaded = load_model(job.model_path, Some(job.model), Some(head), device)
-        .map_err(|e| with_head_hint(e, || head_hint(&job, id_classes)))?;
+    let loaded = load_network(
+        job.model_path,
+        job.model,
+        script.as_ref(),
+        Some(head),
+        device,
+    )
+    .map_err(|e| with_head_hint(e, || head_hint(&job, id_classes)))?;
     log.line(format!(
         "model {} from {} ({}), head {head}, on {}",
         job.model.name,

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use crate::cli::ExtractArgs;
 use crate::data::loader::Item;
 use crate::data::{read_flat_list, ImageFolder};
-use crate::model::weights::{load_model, resolve_weight_path};
+use crate::model::weights::{load_network, resolve_weight_path};
 use crate::pipeline::extract::{extract_range, ExtractOptions};
 use crate::pipeline::store::{self, Manifest};
 use crate::pipeline::vocab::Layers;
@@ -46,6 +46,15 @@ fn read_data(args: &ExtractArgs) -> Result<(Vec<Item>, Vec<String>, i64)> {
     Ok((items, paths, classes))
 }
 
+/// The mean and standard deviation of a center-crop transform (recorded for a
+/// TorchScript module, whose are flags).
+fn normalization(t: &crate::data::ImageTransform) -> Option<(Vec<f32>, Vec<f32>)> {
+    match t {
+        crate::data::ImageTransform::CenterCrop(c) => Some((c.mean.to_vec(), c.std.to_vec())),
+        crate::data::ImageTransform::Squash(_) => None,
+    }
+}
+
 /// The command line without the shard flags, for the store's messages.
 fn command_without_shard_flags() -> Vec<String> {
     let mut out = Vec::new();
@@ -67,6 +76,12 @@ pub fn run(args: &ExtractArgs) -> Result<()> {
         std::env::var(k).ok()
     })?;
     let layers = Layers::parse(&args.layers)?;
+    if layers.mahalanobis {
+        args.model
+            .model
+            .require_feature_layers("--layers mahalanobis")
+            .map_err(anyhow::Error::msg)?;
+    }
     if args.batch == 0 || args.workers == 0 {
         anyhow::bail!(
             "--batch ({}) and --workers ({}) must be at least 1",
@@ -85,7 +100,8 @@ pub fn run(args: &ExtractArgs) -> Result<()> {
     let weights = resolve_weight_path(&args.model_path)?;
     let checkpoint_sha256 = store::sha256_file(&weights)?;
     let transform = args.transform.resolve(args.model.model)?;
-    let mut loaded = load_model(&weights, Some(args.model.model), None, device)?;
+    let script = args.transform.script_spec(args.model.model);
+    let mut loaded = load_network(&weights, args.model.model, script.as_ref(), None, device)?;
     loaded
         .model
         .set_precision(args.precision)
@@ -120,8 +136,11 @@ pub fn run(args: &ExtractArgs) -> Result<()> {
         complete: false,
         group_config: loaded.state.group_config().map(<[i64]>::to_vec),
         resize: transform.resize(),
-        feature_dim: None,
+        feature_dim: script.as_ref().map(|_| loaded.model.feature_dim()),
         imported: None,
+        mean: script.as_ref().and(normalization(&transform).map(|n| n.0)),
+        std: script.as_ref().and(normalization(&transform).map(|n| n.1)),
+        head: script.as_ref().map(|s| s.head.clone()),
     };
     manifest.fingerprint = manifest.compute_fingerprint();
     // A new store whose extraction fails before its shard is written is taken away

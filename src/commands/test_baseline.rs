@@ -28,6 +28,10 @@ pub fn run(args: &TestBaselineArgs) -> Result<()> {
             },
             Score::KlDiv => Method::KlDiv,
             Score::Mahalanobis => {
+                args.model
+                    .model
+                    .require_feature_layers("--score Mahalanobis")
+                    .map_err(anyhow::Error::msg)?;
                 let Some(path) = &b.mahalanobis_param_path else {
                     bail!("--score Mahalanobis needs --mahalanobis-param-path (the output of tune-mahalanobis)");
                 };

@@ -4,6 +4,7 @@ pub mod bit;
 pub mod checkpoint;
 pub mod network;
 pub mod resnet;
+pub mod script;
 pub mod variant;
 pub mod vit;
 pub mod weights;

@@ -6,6 +6,7 @@ use tch::{Kind, Tensor};
 
 use super::bit::{spatial_mean, Precision, ResNetV2};
 use super::resnet::TorchvisionResNet;
+use super::script::ScriptNet;
 use super::variant::Variant;
 use super::vit::TorchvisionViT;
 
@@ -20,6 +21,15 @@ pub enum Network {
     Bit(ResNetV2),
     TorchvisionResNet(TorchvisionResNet),
     TorchvisionViT(TorchvisionViT),
+    /// A TorchScript module: (logits, features) only, no stages.
+    TorchScript(ScriptNet),
+}
+
+/// What only a network with stages gives, asked of a TorchScript module: the
+/// commands refuse that before any image is read
+/// ([`super::Variant::require_feature_layers`]), so this is a bug.
+fn no_stages() -> ! {
+    panic!("internal: the feature layers of a TorchScript module were asked for; the command should have refused Mahalanobis")
 }
 
 /// A ViT's result on a batch [`Network::check_input`] accepted.
@@ -34,6 +44,7 @@ impl Network {
             Network::Bit(m) => m.variant,
             Network::TorchvisionResNet(m) => m.variant,
             Network::TorchvisionViT(m) => m.variant,
+            Network::TorchScript(m) => m.variant(),
         }
     }
 
@@ -43,6 +54,15 @@ impl Network {
             Network::Bit(m) => m.head_size,
             Network::TorchvisionResNet(m) => m.head_size,
             Network::TorchvisionViT(m) => m.head_size,
+            Network::TorchScript(m) => m.head_size,
+        }
+    }
+
+    /// Width of the pre-logit features (the head's input).
+    pub fn feature_dim(&self) -> i64 {
+        match self {
+            Network::TorchScript(m) => m.head_in,
+            other => other.variant().head_in(),
         }
     }
 
@@ -101,6 +121,7 @@ impl Network {
             Network::Bit(m) => m.stage(k, x),
             Network::TorchvisionResNet(m) => m.stage(k, x),
             Network::TorchvisionViT(m) => fits(m.stage(k, x)),
+            Network::TorchScript(_) => no_stages(),
         }
     }
 
@@ -141,6 +162,7 @@ impl Network {
             Network::Bit(m) => m.pre_logits(last),
             Network::TorchvisionResNet(m) => m.pre_logits(last),
             Network::TorchvisionViT(m) => m.pre_logits(last),
+            Network::TorchScript(_) => no_stages(),
         }
     }
 
@@ -150,6 +172,7 @@ impl Network {
             Network::Bit(m) => m.head_of_pooled(pooled),
             Network::TorchvisionResNet(m) => m.head_of_pooled(pooled),
             Network::TorchvisionViT(m) => m.head_of_pooled(pooled),
+            Network::TorchScript(_) => no_stages(),
         }
     }
 
@@ -159,6 +182,35 @@ impl Network {
             Network::Bit(m) => m.forward(x),
             Network::TorchvisionResNet(m) => m.forward(x),
             Network::TorchvisionViT(m) => fits(m.forward(x)),
+            Network::TorchScript(m) => m.outputs(x).0,
         }
+    }
+
+    /// One forward pass of `x` (a graph when gradients are on): the logits, the
+    /// pre-logit features [N, D] and, with `layers`, the feature layers of the stem
+    /// and the four stages ([`Network::layer_feature`] of each). The logits are the
+    /// same values as [`Network::forward`]'s.
+    pub fn outputs(&self, x: &Tensor, layers: bool) -> (Tensor, Tensor, Vec<Tensor>) {
+        if let Network::TorchScript(m) = self {
+            if layers {
+                no_stages();
+            }
+            let (logits, features) = m.outputs(x);
+            return (logits, features, Vec::new());
+        }
+        let mut means = Vec::new();
+        let mut out = self.stage(0, x);
+        for s in 1..=4 {
+            if layers {
+                means.push(self.layer_feature(&out));
+            }
+            out = self.stage(s, &out);
+        }
+        if layers {
+            means.push(self.layer_feature(&out));
+        }
+        let pooled = self.pre_logits(&out);
+        let logits = self.head_of_pooled(&pooled);
+        (logits, pooled.flatten(1, -1), means)
     }
 }

@@ -15,6 +15,9 @@ pub enum Family {
     /// torchvision's Vision Transformers ([`super::vit`]), the same transform at
     /// their fixed image size.
     TorchvisionViT,
+    /// A user's TorchScript module ([`super::script`]): the transform of `--resize`,
+    /// `--crop`, `--mean` and `--std` (torchvision's ImageNet preset by default).
+    TorchScript,
 }
 
 /// One architecture: units per stage and the base width (64 x width factor).
@@ -83,6 +86,15 @@ pub const VARIANTS: &[Variant] = &[
     v("ResNetV2-R50x0.5", R50, 32),
 ];
 
+/// `--model torchscript`: a TorchScript module ([`super::script`]); its widths are
+/// the module's (no units or base width).
+pub const TORCHSCRIPT: Variant = Variant {
+    name: "torchscript",
+    units: [0; 4],
+    base: 0,
+    family: Family::TorchScript,
+};
+
 /// torchvision's ResNets and ViTs `--model` accepts (weights: torchvision's state-dict
 /// files).
 pub const TORCHVISION_VARIANTS: &[Variant] = &[
@@ -140,7 +152,28 @@ impl Variant {
 
     /// Whether the weights are torchvision's (state-dict names, bookkeeping keys).
     pub fn is_torchvision(&self) -> bool {
-        self.family != Family::Bit
+        matches!(
+            self.family,
+            Family::TorchvisionResNet | Family::TorchvisionViT
+        )
+    }
+
+    /// Whether mos can take the feature layers of the stem and the four stages
+    /// (Mahalanobis): every family but a TorchScript module, which gives only
+    /// (logits, features).
+    pub fn has_feature_layers(&self) -> bool {
+        self.family != Family::TorchScript
+    }
+
+    /// Refuses Mahalanobis (`what`) for a model without feature layers.
+    pub fn require_feature_layers(&self, what: &str) -> Result<(), String> {
+        if self.has_feature_layers() {
+            return Ok(());
+        }
+        Err(format!(
+            "{what} needs the feature layers of the stem and the four stages, which --model {} does not give (its forward returns logits and features only); leave Mahalanobis out",
+            self.name
+        ))
     }
 
     /// The names of the head's weight and bias in the family's state dicts.
@@ -149,6 +182,8 @@ impl Variant {
             Family::Bit => ("head.conv.weight", "head.conv.bias"),
             Family::TorchvisionResNet => ("fc.weight", "fc.bias"),
             Family::TorchvisionViT => ("heads.head.weight", "heads.head.bias"),
+            // The default --head; a module's own prefix is in its store's manifest.
+            Family::TorchScript => ("fc.weight", "fc.bias"),
         }
     }
 
@@ -158,7 +193,7 @@ impl Variant {
     pub fn default_crop(&self) -> usize {
         match self.family {
             Family::Bit => 480,
-            Family::TorchvisionResNet => 224,
+            Family::TorchvisionResNet | Family::TorchScript => 224,
             Family::TorchvisionViT => super::vit::DEFAULT_IMAGE_SIZE as usize,
         }
     }
@@ -184,7 +219,7 @@ impl Variant {
                 )),
                 None => Ok(EvalTransform { size: crop }.into()),
             },
-            Family::TorchvisionResNet | Family::TorchvisionViT => {
+            Family::TorchvisionResNet | Family::TorchvisionViT | Family::TorchScript => {
                 let size = self.default_crop();
                 if self.family == Family::TorchvisionViT && crop != size {
                     return Err(format!(
@@ -213,8 +248,8 @@ impl Variant {
     pub fn require_bit(&self, what: &str) -> Result<(), String> {
         match self.family {
             Family::Bit => Ok(()),
-            Family::TorchvisionResNet | Family::TorchvisionViT => Err(format!(
-                "--model {}: {what} runs BiT models only; torchvision's models are supported by mos extract, score, test-mos, test-baseline, tune-mahalanobis and benchmark",
+            _ => Err(format!(
+                "--model {}: {what} runs BiT models only; torchvision's models and TorchScript modules are supported by mos extract, score, test-mos, test-baseline, tune-mahalanobis (not TorchScript) and benchmark",
                 self.name
             )),
         }
@@ -225,6 +260,7 @@ impl Variant {
         VARIANTS
             .iter()
             .chain(TORCHVISION_VARIANTS)
+            .chain([&TORCHSCRIPT])
             .map(|v| v.name)
             .collect::<Vec<_>>()
             .join(", ")
@@ -237,6 +273,7 @@ impl FromStr for Variant {
         VARIANTS
             .iter()
             .chain(TORCHVISION_VARIANTS)
+            .chain([&TORCHSCRIPT])
             .find(|v| v.name.eq_ignore_ascii_case(s))
             .copied()
             .ok_or_else(|| format!("unknown model '{s}'; known: {}", Variant::all_names()))

@@ -34,6 +34,8 @@ pub enum WeightFormat {
     TorchZip,
     /// `torch.save`'s legacy format (torch < 1.6, e.g. torchvision's 2017 ResNet weights).
     TorchLegacy,
+    /// A TorchScript module (`torch.jit.save`), read by libtorch for `--model torchscript`.
+    TorchScript,
 }
 
 impl fmt::Display for WeightFormat {
@@ -43,6 +45,7 @@ impl fmt::Display for WeightFormat {
             Self::BitNpz => "BiT .npz",
             Self::TorchZip => "torch.save zip (.pth.tar)",
             Self::TorchLegacy => "torch.save legacy format (torch < 1.6)",
+            Self::TorchScript => "TorchScript module (torch.jit.save)",
         })
     }
 }
@@ -94,6 +97,13 @@ pub fn detect_format(path: &Path) -> Result<WeightFormat> {
     let n = head.len();
     if n >= 4 && &head[..4] == b"PK\x03\x04" {
         let names = zip_member_names(path)?;
+        // torch.jit.save's archive: data.pkl too, plus the module's code and constants.
+        if names
+            .iter()
+            .any(|m| m.ends_with("constants.pkl") || m.contains("/code/"))
+        {
+            return Ok(WeightFormat::TorchScript);
+        }
         if names.iter().any(|m| m.ends_with("data.pkl")) {
             return Ok(WeightFormat::TorchZip);
         }
@@ -308,6 +318,10 @@ pub fn read_state_dict(path: &Path) -> Result<StateDict> {
             let step = c.meta.as_ref().map(|m| m.step);
             (c.model, c.meta, c.momentum, step)
         }
+        WeightFormat::TorchScript => bail!(
+            "{}: a TorchScript module (torch.jit.save), not a state dict: give --model torchscript (docs/model.md#torchscript-modules)",
+            path.display()
+        ),
     };
     Ok(StateDict {
         format,
@@ -496,6 +510,53 @@ pub fn resolve_weight_path(path: &Path) -> Result<std::path::PathBuf> {
         })
 }
 
+/// What loading a TorchScript module needs: the prefix of its head's parameters
+/// (`--head`) and the side of the probe batch its contract is checked on (`--crop`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScriptSpec {
+    pub head: String,
+    pub crop: usize,
+}
+
+/// [`load_model`] for any `--model`: a TorchScript module (`variant` torchscript,
+/// with its `script` spec) is loaded by libtorch and checked against the contract
+/// ([`super::script`]); the others as [`load_model`] loads them.
+pub fn load_network(
+    path: &Path,
+    variant: Variant,
+    script: Option<&ScriptSpec>,
+    expected_head: Option<i64>,
+    device: tch::Device,
+) -> Result<LoadedModel> {
+    if variant.family != Family::TorchScript {
+        return load_model(path, Some(variant), expected_head, device);
+    }
+    let spec = script.context("internal: a TorchScript module without its --head and --crop")?;
+    let file = resolve_weight_path(path)?;
+    let net = super::script::ScriptNet::load(&file, &spec.head, spec.crop, device)?;
+    if let Some(want) = expected_head {
+        if want != net.head_size {
+            return Err(HeadMismatch {
+                path: file.clone(),
+                found: net.head_size,
+                wanted: want,
+            }
+            .into());
+        }
+    }
+    Ok(LoadedModel {
+        vs: nn::VarStore::new(device),
+        model: Network::TorchScript(net),
+        state: StateDict {
+            format: WeightFormat::TorchScript,
+            tensors: Vec::new(),
+            meta: None,
+            momentum: Vec::new(),
+            step: None,
+        },
+    })
+}
+
 /// Builds `variant` on `device` and loads `path` (a file or a run directory) into
 /// it strictly; the head size comes from the file's `head.conv.bias`, and must
 /// equal `expected_head` if given.
@@ -505,6 +566,11 @@ pub fn load_model(
     expected_head: Option<i64>,
     device: tch::Device,
 ) -> Result<LoadedModel> {
+    if variant.is_some_and(|v| v.family == Family::TorchScript) {
+        bail!(
+            "--model torchscript: this command does not run TorchScript modules (mos extract, test-mos and test-baseline do)"
+        );
+    }
     let file = resolve_weight_path(path)?;
     let path = file.as_path();
     let state = read_state_dict(path)?;

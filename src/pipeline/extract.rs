@@ -46,23 +46,10 @@ pub fn forward_batch(model: &Network, x: &Tensor, layers: Layers) -> Outputs {
                 layers: Vec::new(),
             };
         }
-        // As ResNetV2::forward_to and the Mahalanobis layer features compute them.
-        let mut means = Vec::new();
-        let mut out = model.stage(0, x);
-        for s in 1..=4 {
-            if layers.mahalanobis {
-                means.push(model.layer_feature(&out));
-            }
-            out = model.stage(s, &out);
-        }
-        if layers.mahalanobis {
-            means.push(model.layer_feature(&out));
-        }
-        let pooled = model.pre_logits(&out);
-        let logits = model.head_of_pooled(&pooled);
+        let (logits, features, means) = model.outputs(x, layers.mahalanobis);
         Outputs {
             logits,
-            features: layers.features.then(|| pooled.flatten(1, -1)),
+            features: layers.features.then_some(features),
             layers: means,
         }
     })
@@ -317,7 +304,7 @@ pub fn extract_range_with(
             .unwrap_or_else(|| Tensor::zeros([0, head], (Kind::Float, Device::Cpu))),
         features: if opts.layers.features {
             Some(cat(&features).unwrap_or_else(|| {
-                Tensor::zeros([0, model.variant().head_in()], (Kind::Float, Device::Cpu))
+                Tensor::zeros([0, model.feature_dim()], (Kind::Float, Device::Cpu))
             }))
         } else {
             None

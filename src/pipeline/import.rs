@@ -463,6 +463,9 @@ pub fn check(req: &ImportRequest) -> Result<Checked> {
             arrays: record,
             paths: req.paths.as_ref().map(|p| p.display().to_string()),
         }),
+        mean: None,
+        std: None,
+        head: None,
     };
     manifest.fingerprint = manifest.compute_fingerprint();
     Ok(Checked {

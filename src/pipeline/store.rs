@@ -202,6 +202,14 @@ pub struct Manifest {
     /// What `mos import` read (absent for extracted stores).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub imported: Option<ImportRecord>,
+    /// A TorchScript module's input normalization (`--mean`, `--std`) and head
+    /// prefix (`--head`); absent for the other models, whose are fixed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean: Option<Vec<f32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub std: Option<Vec<f32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<String>,
 }
 
 /// Prefix of an imported store's `model`: `imported:<--model-name>`.
@@ -263,6 +271,11 @@ impl Manifest {
             ),
             ("precision", self.precision.clone(), other.precision.clone()),
             (
+                "normalization (--mean, --std)",
+                format!("{:?} {:?}", self.mean, self.std),
+                format!("{:?} {:?}", other.mean, other.std),
+            ),
+            (
                 "group split",
                 split_name(self.group_config.as_deref()),
                 split_name(other.group_config.as_deref()),
@@ -323,6 +336,15 @@ impl Manifest {
         }
         if let Some(d) = self.feature_dim {
             v.push(("feature dim", d.to_string()));
+        }
+        if let Some(m) = &self.mean {
+            v.push(("mean", format!("{m:?}")));
+        }
+        if let Some(s) = &self.std {
+            v.push(("std", format!("{s:?}")));
+        }
+        if let Some(h) = &self.head {
+            v.push(("head", h.clone()));
         }
         if let Some(r) = &self.imported {
             let arrays: Vec<String> = r

@@ -71,16 +71,33 @@ fn fan_in_scaled(u: f64, shape: &[i64], top: i32) -> f64 {
 /// The hash values of `name` mapped by `value`, as a float32 tensor of `shape`.
 fn hash_tensor_with(name: &str, shape: &[i64], value: impl Fn(f64) -> f64) -> Tensor {
     let n: i64 = shape.iter().product();
-    let v: Vec<f32> = hash_uniform(name, n as usize)
-        .into_iter()
-        .map(|u| value(u) as f32)
-        .collect();
+    values_with(shape, &hash_uniform(name, n as usize), value)
+}
+
+/// The values `u` mapped by `value`, as a float32 tensor of `shape`.
+fn values_with(shape: &[i64], u: &[f64], value: impl Fn(f64) -> f64) -> Tensor {
+    let v: Vec<f32> = u.iter().map(|&u| value(u) as f32).collect();
     Tensor::from_slice(&v).reshape(shape)
 }
 
 /// The value rule of make_resnet_fixtures.py::tv_hash_tensor (torchvision names).
 pub fn tv_hash_tensor(name: &str, shape: &[i64]) -> Tensor {
-    hash_tensor_with(name, shape, |u| {
+    let n: i64 = shape.iter().product();
+    tv_values(name, shape, &hash_uniform(name, n as usize))
+}
+
+/// make_torchscript_fixtures.py::tv_periodic_tensor: the rule of [`tv_hash_tensor`]
+/// on the hash values of the first 509 elements, repeated.
+pub fn tv_periodic_tensor(name: &str, shape: &[i64]) -> Tensor {
+    let n = shape.iter().product::<i64>() as usize;
+    let period = hash_uniform(name, n.min(509));
+    let u: Vec<f64> = (0..n).map(|i| period[i % period.len()]).collect();
+    tv_values(name, shape, &u)
+}
+
+/// make_resnet_fixtures.py::tv_values: the torchvision rule on hash values `u`.
+fn tv_values(name: &str, shape: &[i64], u: &[f64]) -> Tensor {
+    values_with(shape, u, |u| {
         if name.ends_with("running_var") {
             1.0 + 0.5 * u
         } else if name.ends_with("running_mean") {

@@ -445,6 +445,9 @@ fn plan_store(
         resize: req.transform()?.resize(),
         feature_dim: None,
         imported: None,
+        mean: None,
+        std: None,
+        head: None,
     };
     manifest.fingerprint = manifest.compute_fingerprint();
     Ok(StorePlan {

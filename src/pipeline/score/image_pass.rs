@@ -57,23 +57,8 @@ pub fn forward_with_pass(
         .any(|m| matches!(m, Method::Mahalanobis(_)));
     let means_needed = maha || layers.mahalanobis;
     let input = x.detach().set_requires_grad(true);
-    let (means, pooled, logits) = tch::with_grad(|| {
-        // As forward_batch computes them.
-        let mut means = Vec::new();
-        let mut out = model.stage(0, &input);
-        for s in 1..=4 {
-            if means_needed {
-                means.push(model.layer_feature(&out));
-            }
-            out = model.stage(s, &out);
-        }
-        if means_needed {
-            means.push(model.layer_feature(&out));
-        }
-        let pooled = model.pre_logits(&out);
-        let logits = model.head_of_pooled(&pooled);
-        (means, pooled, logits)
-    });
+    // As forward_batch computes them.
+    let (logits, pooled, means) = tch::with_grad(|| model.outputs(&input, means_needed));
     let mut scores = Vec::with_capacity(pass.methods.len());
     let mut seconds = Vec::with_capacity(pass.methods.len());
     for method in pass.methods {
@@ -108,7 +93,7 @@ pub fn forward_with_pass(
     }
     let outputs = Outputs {
         logits: logits.detach(),
-        features: layers.features.then(|| pooled.detach().flatten(1, -1)),
+        features: layers.features.then(|| pooled.detach()),
         layers: if layers.mahalanobis {
             means.iter().map(Tensor::detach).collect()
         } else {

@@ -395,12 +395,38 @@ pub fn load_head(
     };
     let sha = store::sha256_file(&file)?;
     if sha != id.checkpoint_sha256 {
+        if imported {
+            bail!(
+                "{}: its SHA-256 is {sha}, but the stores were imported with a head of SHA-256 {}: give the head the stores were imported with",
+                file.display(),
+                id.checkpoint_sha256
+            );
+        }
         bail!(
-            "{}: its SHA-256 is {sha}, but the stores were made with a head or checkpoint of SHA-256 {} ({}): give the file the stores were made with",
+            "--model-path {}: its SHA-256 is {sha}, but the stores were extracted from a checkpoint with SHA-256 {} ({}): give the checkpoint the stores were extracted with",
             file.display(),
             id.checkpoint_sha256,
             id.checkpoint
         );
+    }
+    let variant = id.variant().context("the ID store")?;
+    if let Some(v) = variant.filter(|v| v.family == crate::model::Family::TorchScript) {
+        let prefix = id
+            .head
+            .as_deref()
+            .unwrap_or(crate::model::script::DEFAULT_HEAD);
+        let (w, b) = crate::model::script::read_head(&file, prefix)?;
+        let head = Head::new(&w, &b).with_context(|| file.display().to_string())?;
+        if head.classes() != id.head_size {
+            bail!(
+                "{}: a head of {} logits, the stores' ({}) has {}",
+                file.display(),
+                head.classes(),
+                v.name,
+                id.head_size
+            );
+        }
+        return Ok((head, file));
     }
     let sd = crate::model::weights::read_state_dict(&file)?;
     let find = |name: &str| -> Result<Tensor> {
@@ -412,7 +438,7 @@ pub fn load_head(
     };
     // The head's names in the family's state dicts (BiT: a 1x1 conv; torchvision:
     // fc; an imported store's head file: weight, bias).
-    let (w, b) = match id.variant().context("the ID store")? {
+    let (w, b) = match variant {
         Some(v) => v.head_tensor_names(),
         None => ("weight", "bias"),
     };
