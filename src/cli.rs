@@ -1290,6 +1290,16 @@ pub struct PostHocFlags {
     /// ReAct: clip at this percentile of the training activations [default: 90].
     #[arg(long, alias = "react_percentile", value_name = "P")]
     pub react_percentile: Option<f64>,
+    /// ReAct: clip at this number instead of a percentile of the training
+    /// activations (no --fit needed), as the original's --threshold (1.0 for its
+    /// ImageNet ResNet-50 results).
+    #[arg(
+        long,
+        alias = "react_threshold",
+        value_name = "C",
+        conflicts_with = "react_percentile"
+    )]
+    pub react_threshold: Option<f64>,
     /// KNN: the k-th nearest training feature [default: 1000, the original's ImageNet
     /// k; OpenOOD uses 50].
     #[arg(long, alias = "knn_k", value_name = "K")]

@@ -117,3 +117,60 @@ fn bad_device_values_fail_with_the_flag_named() {
 fn unknown_command_fails() {
     mos().arg("frobnicate").assert().code(2);
 }
+
+/// `scripts/reproduce_resnet50.sh` (run from a copy of the repository layout, with
+/// a stand-in for mos that records its arguments): without the weights it stops
+/// naming the file and where it comes from; with them it runs the ResNet-50 config
+/// with the flags given.
+#[test]
+fn reproduce_resnet50_checks_its_weights_then_runs_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir_all(root.join("scripts")).unwrap();
+    let script = root.join("scripts/reproduce_resnet50.sh");
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/reproduce_resnet50.sh"),
+        &script,
+    )
+    .unwrap();
+    let fake = root.join("fake-mos");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho \"$@\" > \"$(dirname \"$0\")/args\"\n",
+    )
+    .unwrap();
+    std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(&fake)
+        .status()
+        .unwrap();
+    let run = || {
+        std::process::Command::new("bash")
+            .arg(&script)
+            .args(["--batch", "8"])
+            .env("MOS", &fake)
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("missing: checkpoints/resnet50-19c8e357.pth")
+            && err.contains("https://download.pytorch.org/models/resnet50-19c8e357.pth"),
+        "{err}"
+    );
+    assert!(!root.join("args").exists());
+    std::fs::create_dir_all(root.join("checkpoints")).unwrap();
+    std::fs::write(root.join("checkpoints/resnet50-19c8e357.pth"), b"x").unwrap();
+    let out = run();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("args")).unwrap().trim(),
+        "benchmark --config configs/benchmarks/imagenet_resnet50.json --batch 8"
+    );
+}

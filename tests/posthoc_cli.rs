@@ -309,6 +309,39 @@ fn scores_of_the_command_equal_the_library_and_the_fit_is_reused() {
         .1;
     assert_eq!(common::to_vec(react), [t80]);
     assert_eq!(tensors2.len(), 5);
+
+    // A fixed threshold (the original's --threshold) needs no fit: in a fresh run
+    // directory, without --fit, ReAct at the percentile's threshold gives the same
+    // scores; the setting is recorded instead of a percentile.
+    let csv3 = s.root.join("fixed.csv");
+    let log = ok(score(&s, "ReAct", "fixed")
+        .args(["--react-threshold", &threshold.to_string()])
+        .arg("--model-path")
+        .arg(&s.ckpt)
+        .arg("--save-scores")
+        .arg(&csv3));
+    assert!(!log.contains("training statistics"), "{log}");
+    let (_, rows3) = read_csv(&csv3);
+    for (r, r3) in rows.iter().zip(&rows3) {
+        assert_eq!(r[2], r3[0]);
+    }
+    let results: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(s.root.join("runs/fixed/results.json")).unwrap(),
+    )
+    .unwrap();
+    let p = &results[0]["settings"]["posthoc"];
+    assert_eq!(p["react_threshold"], threshold);
+    assert!(p.get("react_percentile").is_none(), "{p}");
+    // Another threshold gives other scores.
+    let csv4 = s.root.join("fixed1.csv");
+    ok(score(&s, "ReAct", "fixed1")
+        .args(["--react-threshold", "0.05"])
+        .arg("--model-path")
+        .arg(&s.ckpt)
+        .arg("--save-scores")
+        .arg(&csv4));
+    let (_, rows4) = read_csv(&csv4);
+    assert!(rows3.iter().zip(&rows4).any(|(a, b)| a[0] != b[0]));
 }
 
 #[test]
@@ -382,6 +415,25 @@ fn bad_input_is_a_clear_error_before_any_scoring() {
         &runs.join("head"),
     );
     assert!(e.contains("--model-path") && e.contains("SHA-256"), "{e}");
+    // A ReAct threshold that is no positive number, and both ways of setting it.
+    let e = fails(
+        score(&s, "ReAct", "rt")
+            .args(["--react-threshold", "0"])
+            .arg("--model-path")
+            .arg(&s.ckpt),
+        &runs.join("rt"),
+    );
+    assert!(
+        e.contains("--react-threshold 0: must be a positive number"),
+        "{e}"
+    );
+    let out = score(&s, "ReAct", "rt2")
+        .args(["--react-threshold", "1", "--react-percentile", "80"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{e}");
+    assert!(e.contains("cannot be used with"), "{e}");
     // A ViM dimension that leaves no residual space.
     let e = fails(
         score(&s, "ViM", "vim")

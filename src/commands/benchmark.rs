@@ -93,6 +93,7 @@ struct Config {
     temperature_energy: Option<f64>,
     fit: Option<PathBuf>,
     react_percentile: Option<f64>,
+    react_threshold: Option<f64>,
     knn_k: Option<i64>,
     vim_dim: Option<i64>,
     ash_percentile: Option<f64>,
@@ -325,6 +326,15 @@ fn request(args: &BenchmarkArgs) -> Result<BenchmarkRequest> {
                     cfg.react_percentile,
                     d.react_percentile,
                 ),
+                react_threshold: match (
+                    p.react_threshold.or(cfg.react_threshold),
+                    p.react_percentile.or(cfg.react_percentile),
+                ) {
+                    (Some(t), Some(q)) => bail!(
+                        "react_threshold {t} and react_percentile {q}: ReAct clips at one of them; give one (flag or config key)"
+                    ),
+                    (t, _) => t,
+                },
                 knn_k: p.knn_k.or(cfg.knn_k).unwrap_or(d.knn_k),
                 vim_dim: p.vim_dim.or(cfg.vim_dim),
                 ash_percentile: pick(p.ash_percentile, cfg.ash_percentile, d.ash_percentile),
@@ -413,6 +423,28 @@ mod tests {
                 assert!(keys.contains(&f.as_str()), "flag {f} has no config key");
             }
         }
+    }
+
+    #[test]
+    fn a_react_threshold_and_percentile_are_one_too_many() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("c.json");
+        std::fs::write(
+            &cfg,
+            r#"{"in_datadir": "d/val", "out_datadir": ["d/a"], "score": "ReAct", "react_threshold": 1.0, "logdir": "runs", "name": "x", "device": "cpu"}"#,
+        )
+        .unwrap();
+        let c = cfg.to_str().unwrap();
+        let r = request(&args(&["--config", c])).unwrap();
+        assert_eq!(r.posthoc.react_threshold, Some(1.0));
+        let e = request(&args(&["--config", c, "--react-percentile", "80"]))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("react_threshold 1 and react_percentile 80"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -518,7 +550,7 @@ mod tests {
             (
                 "imagenet_resnet50.json",
                 vec!["iNaturalist", "SUN", "Places", "Textures"],
-                "MSP,ODIN,Energy",
+                "MSP,ODIN,Energy,ReAct",
             ),
         ] {
             let cfg = root.join("configs/benchmarks").join(file);
@@ -561,6 +593,7 @@ mod tests {
             ("MSP", 66.95, 81.99),
             ("ODIN", 56.48, 85.41),
             ("Energy", 58.41, 86.17),
+            ("ReAct", 31.43, 92.95),
         ] {
             let cells: Vec<_> = r.cells.iter().filter(|c| c.method == m).collect();
             assert_eq!(cells.len(), 4, "{m}");

@@ -47,6 +47,7 @@ fn posthoc_request(args: &ScoreArgs, methods: &[Method]) -> Result<Option<postho
     let (a, d) = (&args.posthoc, posthoc::Settings::default());
     let settings = posthoc::Settings {
         react_percentile: a.react_percentile.unwrap_or(d.react_percentile),
+        react_threshold: a.react_threshold,
         knn_k: a.knn_k.unwrap_or(d.knn_k),
         vim_dim: a.vim_dim,
         ash_percentile: a.ash_percentile.unwrap_or(d.ash_percentile),

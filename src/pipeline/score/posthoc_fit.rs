@@ -40,6 +40,10 @@ pub const DICE_PERCENTILE: f64 = 70.0;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Settings {
     pub react_percentile: f64,
+    /// ReAct's clipping threshold given as a number (`--react-threshold`), instead
+    /// of the percentile of the training activations: then ReAct needs no fit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub react_threshold: Option<f64>,
     pub knn_k: i64,
     /// None: ViM's default for the features' width ([`ph::vim_default_dim`]).
     pub vim_dim: Option<i64>,
@@ -52,6 +56,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             react_percentile: REACT_PERCENTILE,
+            react_threshold: None,
             knn_k: KNN_K,
             vim_dim: None,
             ash_percentile: ASH_PERCENTILE,
@@ -75,12 +80,23 @@ impl Settings {
         if self.knn_k < 1 {
             bail!("--knn-k {}: must be at least 1", self.knn_k);
         }
+        if let Some(t) = self.react_threshold {
+            if !(t.is_finite() && t > 0.0) {
+                bail!("--react-threshold {t}: must be a positive number");
+            }
+        }
         if let Some(d) = self.vim_dim {
             if d < 1 {
                 bail!("--vim-dim {d}: must be at least 1");
             }
         }
         Ok(())
+    }
+
+    /// Whether method `p` needs training statistics with these settings (ReAct not
+    /// when its threshold is given).
+    pub fn needs_fit(&self, p: PostHoc) -> bool {
+        p.needs_fit() && !(p == PostHoc::React && self.react_threshold.is_some())
     }
 
     /// ViM's principal dimension for features of width `d`, checked.
@@ -530,7 +546,7 @@ pub fn precheck(req: &Request, id: &Manifest, id_dir: &Path) -> Result<()> {
     let need_fit: Vec<&str> = req
         .methods
         .iter()
-        .filter(|p| p.needs_fit())
+        .filter(|p| req.settings.needs_fit(**p))
         .map(|p| p.name())
         .collect();
     if need_fit.is_empty() {
@@ -589,7 +605,7 @@ pub fn prepare(req: &Request, id: &StoreData, log: &RunLog) -> Result<Prepared> 
     } else {
         None
     };
-    let need_fit = names(&|p| p.needs_fit());
+    let need_fit = names(&|p| req.settings.needs_fit(p));
     // The head: for the methods that apply it, and for fitting ViM's origin.
     let mut head_path = None;
     let mut head = None;
@@ -639,7 +655,7 @@ pub fn prepare(req: &Request, id: &StoreData, log: &RunLog) -> Result<Prepared> 
             f.info.react.as_ref().map(|r| r.percentile) == Some(req.settings.react_percentile);
         let vim_ok = f.info.vim.as_ref().map(|v| v.dim) == vim_dim;
         let needs_data = req.methods.iter().any(|p| match p {
-            PostHoc::React => !react_ok,
+            PostHoc::React => !react_ok && req.settings.react_threshold.is_none(),
             PostHoc::Dice => f.dice_mean.is_none(),
             PostHoc::Vim => !vim_ok,
             PostHoc::Knn => true,
@@ -677,7 +693,7 @@ pub fn prepare(req: &Request, id: &StoreData, log: &RunLog) -> Result<Prepared> 
             let feats = feats.to_device(req.device);
             for p in &req.methods {
                 match p {
-                    PostHoc::React if !react_ok => {
+                    PostHoc::React if !react_ok && req.settings.react_threshold.is_none() => {
                         let t = ph::percentile(&feats, req.settings.react_percentile)?;
                         f.react_threshold = Some(t);
                         f.info.react = Some(ReactFit {
@@ -773,7 +789,10 @@ fn make_scorer(
         PostHoc::GradNorm => Scorer::GradNorm,
         PostHoc::React => Scorer::React {
             head: head32()?,
-            threshold: f.react_threshold.context("internal: no ReAct threshold")?,
+            threshold: s
+                .react_threshold
+                .or(f.react_threshold)
+                .context("internal: no ReAct threshold")?,
         },
         PostHoc::Knn => Scorer::Knn {
             bank: bank.take().context("internal: no KNN bank")?,
@@ -815,7 +834,10 @@ fn settings_json(
     let s = &req.settings;
     for p in &req.methods {
         match p {
-            PostHoc::React => v["react_percentile"] = s.react_percentile.into(),
+            PostHoc::React => match s.react_threshold {
+                Some(t) => v["react_threshold"] = t.into(),
+                None => v["react_percentile"] = s.react_percentile.into(),
+            },
             PostHoc::Knn => v["knn_k"] = s.knn_k.into(),
             PostHoc::Vim => v["vim_dim"] = vim_dim.into(),
             PostHoc::AshP | PostHoc::AshB | PostHoc::AshS => {
@@ -833,7 +855,7 @@ fn settings_json(
         v["fit_fingerprint"] = f.info.source.fingerprint.clone().into();
         v["fit_rows"] = f.info.source.rows.into();
         if let Some(r) = &f.info.react {
-            if req.methods.contains(&PostHoc::React) {
+            if req.methods.contains(&PostHoc::React) && s.react_threshold.is_none() {
                 v["react_threshold"] = r.threshold.into();
             }
         }
