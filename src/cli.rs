@@ -388,6 +388,8 @@ pub enum Init {
     Bit,
     /// Random weights (training from scratch, e.g. for small data); zero head.
     None,
+    /// torchvision's weights (`--pretrained FILE`, a torchvision model); zero head.
+    Torchvision,
 }
 
 /// A count or a size that must be at least 1 (`--batch`, `--crop`, `--workers`).
@@ -413,9 +415,16 @@ pub struct FinetuneArgs {
         value_name = "DIR"
     )]
     pub bit_pretrained_dir: PathBuf,
-    /// Where the weights start: bit (pretrained .npz) or none (random).
-    #[arg(long, value_enum, default_value_t = Init::Bit)]
-    pub init: Init,
+    /// Where the weights start: bit (BiT's pretrained .npz), torchvision (a
+    /// torchvision state-dict file, --pretrained) or none (random); the head is new
+    /// and zero [default: bit for BiT models, torchvision for torchvision's].
+    #[arg(long, value_enum)]
+    pub init: Option<Init>,
+    /// --init torchvision: torchvision's weights file of --model (e.g.
+    /// resnet50-19c8e357.pth, resnet50-0676ba61.pth, or safetensors); its head is
+    /// replaced.
+    #[arg(long, value_name = "FILE")]
+    pub pretrained: Option<PathBuf>,
     /// Name of the dataset (recorded in the run's config, as the original's flag).
     #[arg(long, default_value = "imagenet2012", value_name = "NAME")]
     pub dataset: String,
@@ -468,12 +477,14 @@ pub struct FinetuneArgs {
         value_name = "K"
     )]
     pub num_block_open: i64,
-    /// Side of the training crop and of validation images.
-    #[arg(long, value_parser = at_least_one, default_value_t = 480, value_name = "PIXELS")]
-    pub crop: usize,
-    /// Side of the training resize before the random crop.
-    #[arg(long, value_parser = at_least_one, default_value_t = 512, value_name = "PIXELS")]
-    pub precrop: usize,
+    /// Side of the training crop and of validation images [default: 480 for BiT,
+    /// 224 for torchvision's ResNets].
+    #[arg(long, value_parser = at_least_one, value_name = "PIXELS")]
+    pub crop: Option<usize>,
+    /// Side of the training resize before the random crop [default: 512 for BiT,
+    /// 256 for torchvision's ResNets].
+    #[arg(long, value_parser = at_least_one, value_name = "PIXELS")]
+    pub precrop: Option<usize>,
     /// Seed of the data order, crops, flips, mixup and random init.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -859,9 +870,10 @@ impl TransformArgs {
 pub struct ModelArgs {
     /// Architecture: BiT-{S,M}-R50x1, -R50x3, -R101x1, -R101x3, -R152x2, -R152x4, the
     /// small ResNetV2-R14x0.5, ResNetV2-R26x0.5, ResNetV2-R50x0.5, or torchvision's
-    /// resnet18, resnet34, resnet50, resnet101, resnet152, vit_b_16, vit_b_32,
-    /// vit_l_16, vit_l_32, vit_h_14 (evaluation only), or torchscript (a TorchScript
-    /// module as --model-path: mos extract, test-mos, test-baseline).
+    /// resnet18, resnet34, resnet50, resnet101, resnet152 (evaluation and
+    /// fine-tuning), vit_b_16, vit_b_32, vit_l_16, vit_l_32, vit_h_14 (evaluation), or
+    /// torchscript (a TorchScript module as --model-path: mos extract, test-mos,
+    /// test-baseline).
     #[arg(long, default_value = "BiT-S-R101x1", value_name = "NAME")]
     pub model: Variant,
 }

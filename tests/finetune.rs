@@ -456,3 +456,177 @@ fn fashion_mnist_from_scratch_learns() {
     // images): training paths move with kernel rounding, the measured 82% need not.
     assert!(top1 >= 0.5, "validation top-1 {top1}");
 }
+
+/// torchvision-named resnet18 weights with a 1000-way head (which fine-tuning
+/// replaces), the fixtures' hash values, as safetensors.
+fn resnet18_weights(path: &Path) -> Vec<(String, tch::Tensor)> {
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let _m =
+        mos::model::resnet::TorchvisionResNet::new(&vs.root(), "resnet18".parse().unwrap(), 1000);
+    common::fill_with(&vs, common::tv_hash_tensor);
+    let mut named: Vec<(String, tch::Tensor)> = vs
+        .variables()
+        .into_iter()
+        .map(|(n, t)| (n, t.detach()))
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    tch::Tensor::write_safetensors(&named, path).unwrap();
+    named
+}
+
+fn finetune_tv(d: &Data, name: &str, extra: &[&str]) -> Command {
+    let mut cmd = Command::cargo_bin("mos").unwrap();
+    cmd.args(["finetune-flat", "--name", name, "--model", "resnet18"])
+        .arg("--logdir")
+        .arg(d.root.join("runs"))
+        .arg("--datadir")
+        .arg(d.root.join("data"))
+        .arg("--train-list")
+        .arg(d.root.join("flat.txt"))
+        .arg("--val-list")
+        .arg(d.root.join("flat.txt"))
+        .args([
+            "--batch",
+            "6",
+            "--crop",
+            "32",
+            "--precrop",
+            "36",
+            "--workers",
+            "2",
+        ])
+        .args(["--device", "cpu", "--base-lr", "0.01", "--seed", "3"])
+        .args(["--schedule", "1,3", "--eval-every", "1"])
+        .args(extra);
+    cmd
+}
+
+#[test]
+fn a_torchvision_resnet_fine_tunes_from_torchvisions_weights() {
+    let d = data();
+    let w = d.root.join("resnet18.safetensors");
+    let loaded = resnet18_weights(&w);
+    let wp = w.to_str().unwrap();
+    // Head only: the head trains; every other tensor, the BatchNorm running
+    // statistics included, stays as loaded.
+    finetune_tv(&d, "head", &["--pretrained", wp, "--num-block-open", "0"])
+        .assert()
+        .success();
+    let run = d.root.join("runs/head");
+    let c = tensors(&run.join("checkpoint.safetensors"));
+    assert_eq!(c.meta.as_ref().unwrap().model, "resnet18");
+    assert_eq!(c.meta.as_ref().unwrap().head_size, 3);
+    for (n, t) in &c.model {
+        if n.starts_with("fc.") {
+            assert_eq!(t.size()[0], 3, "{n}");
+            assert!(t.abs().max().double_value(&[]) > 0.0, "{n} did not train");
+        } else {
+            let (_, l) = loaded.iter().find(|(m, _)| m == n).expect(n);
+            assert!(t.equal(l), "{n} changed although frozen");
+        }
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (config["init"].as_str(), config["crop"].as_u64()),
+        (Some("torchvision"), Some(32))
+    );
+    let log = std::fs::read_to_string(run.join("train.log")).unwrap();
+    assert!(
+        log.contains("its head replaced by a zero 3-way head"),
+        "{log}"
+    );
+    // The checkpoint is a torchvision resnet18 for the evaluation commands.
+    Command::cargo_bin("mos")
+        .unwrap()
+        .args([
+            "extract", "--model", "resnet18", "--crop", "32", "--resize", "36",
+        ])
+        .args(["--device", "cpu", "--batch", "4", "--workers", "2"])
+        .arg("--model-path")
+        .arg(&run)
+        .arg("--datadir")
+        .arg(d.root.join("data"))
+        .arg("--output")
+        .arg(d.root.join("store"))
+        .assert()
+        .success();
+    // The last block open: layer4 trains in training mode (its running statistics
+    // move), the frozen stages keep theirs.
+    finetune_tv(&d, "open1", &["--pretrained", wp, "--num-block-open", "1"])
+        .assert()
+        .success();
+    let c = tensors(&d.root.join("runs/open1/checkpoint.safetensors"));
+    let get = |n: &str| &c.model.iter().find(|(m, _)| m == n).unwrap().1;
+    let orig = |n: &str| &loaded.iter().find(|(m, _)| m == n).unwrap().1;
+    for n in [
+        "layer3.1.bn2.running_mean",
+        "layer3.1.conv2.weight",
+        "bn1.running_var",
+    ] {
+        assert!(get(n).equal(orig(n)), "{n}");
+    }
+    for n in ["layer4.1.bn2.running_mean", "layer4.1.conv2.weight"] {
+        assert!(!get(n).equal(orig(n)), "{n}");
+    }
+    let names: Vec<&str> = c.momentum.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(
+        names
+            .iter()
+            .all(|n| n.starts_with("layer4.") || n.starts_with("fc.")),
+        "{names:?}"
+    );
+    assert!(!names.iter().any(|n| n.contains("running")), "{names:?}");
+}
+
+#[test]
+fn fine_tuning_refuses_weights_of_another_family() {
+    let d = data();
+    let w = d.root.join("resnet18.safetensors");
+    resnet18_weights(&w);
+    let wp = w.to_str().unwrap();
+    let fails = |mut cmd: Command, want: &str| {
+        let out = cmd.output().unwrap();
+        let e = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{e}");
+        assert!(e.contains(want), "wanted '{want}' in: {e}");
+    };
+    fails(
+        finetune_tv(&d, "a", &["--init", "bit"]),
+        "--init bit loads Google's BiT weights; --model resnet18 starts from torchvision's",
+    );
+    fails(
+        finetune_tv(&d, "b", &[]),
+        "--init torchvision needs --pretrained FILE",
+    );
+    fails(
+        finetune(&d, "finetune-flat", "c", &["--pretrained", wp]),
+        "is read with --init torchvision only",
+    );
+    fails(
+        finetune(&d, "finetune-flat", "e", &["--init", "torchvision"]),
+        "--model ResNetV2-R14x0.5 is a BiT model",
+    );
+    let mut vit = Command::cargo_bin("mos").unwrap();
+    vit.args(["finetune-flat", "--name", "v", "--model", "vit_b_16"])
+        .arg("--logdir")
+        .arg(d.root.join("runs"))
+        .arg("--datadir")
+        .arg(d.root.join("data"))
+        .arg("--train-list")
+        .arg(d.root.join("flat.txt"))
+        .arg("--val-list")
+        .arg(d.root.join("flat.txt"));
+    fails(
+        vit,
+        "finetune-flat runs BiT models and torchvision's ResNets",
+    );
+    // BiT weights for a torchvision model: the first tensor that does not fit.
+    let bit = d.root.join("bit.safetensors");
+    common::random_checkpoint(&bit, 3, None, 1, 0.5);
+    fails(
+        finetune_tv(&d, "f", &["--pretrained", bit.to_str().unwrap()]),
+        "resnet18",
+    );
+    assert!(!d.root.join("runs/f/checkpoint.safetensors").exists());
+}

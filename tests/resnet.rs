@@ -348,23 +348,101 @@ fn torchvision_models_refuse_what_they_cannot_do() {
         e.contains("measured with --model resnet50, this run has --model resnet18"),
         "{e}"
     );
-    // Fine-tuning is BiT's.
+    // mos forward is BiT's.
     let e = fails(
         mos()
             .args([
-                "finetune-flat",
+                "forward",
                 "--model",
-                "resnet50",
-                "--name",
-                "f",
-                "--init",
-                "none",
+                "resnet18",
+                "--device",
+                "cpu",
+                "--model-path",
             ])
-            .arg("--logdir")
-            .arg(dir.path())
-            .arg("--datadir")
-            .arg(&data)
-            .args(["--train-list", "x", "--val-list", "y"]),
+            .arg(&w)
+            .args(["--input", "x.safetensors", "--output", "y.safetensors"]),
     );
-    assert!(e.contains("runs BiT models only"), "{e}");
+    assert!(e.contains("mos forward runs BiT models"), "{e}");
+}
+
+/// Two fine-tuning steps of resnet18 with `--num-block-open 1` (the stem and
+/// layer1..3 frozen in evaluation mode, layer4 in training mode, a zero head),
+/// mos's TrainNet and Sgd against the same steps in PyTorch
+/// (make_tv_train_fixtures.py): logits, losses, the updated parameters and the
+/// BatchNorm running statistics, updated in layer4 and kept in the frozen stages.
+#[test]
+fn fine_tuning_steps_equal_torchvision_trained_in_pytorch() {
+    use mos::model::trainable::TrainNet;
+    use mos::model::Freeze;
+    let exp = fixture("resnet/train_step.safetensors");
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = TrainNet::new(&vs.root(), "resnet18".parse().unwrap(), 3).unwrap();
+    fill_with(&vs, tv_hash_tensor);
+    tch::no_grad(|| {
+        for (n, mut v) in vs.variables() {
+            if n.starts_with("fc.") {
+                let _ = v.zero_();
+            }
+        }
+    });
+    let freeze = Freeze::from_num_block_open(1).unwrap();
+    let trainable = model.apply_freeze(&vs, freeze);
+    // layer4's parameters and the head; no running statistics.
+    assert!(trainable
+        .iter()
+        .all(|(n, _)| n.starts_with("layer4.") || n.starts_with("fc.")));
+    assert!(!trainable.iter().any(|(n, _)| n.contains("running_")));
+    assert_eq!(trainable.len(), 2 * 2 * 3 + 3 + 2);
+    let mut sgd = mos::train::sgd::Sgd::new(trainable, 1).unwrap();
+    let (x, y) = (read_named(&exp, "x"), read_named(&exp, "y"));
+    for (k, lr) in [0.5, 0.25].into_iter().enumerate() {
+        let logits = model.forward_train(&x, freeze);
+        let loss = logits.cross_entropy_for_logits(&y);
+        let want = read_named(&exp, &format!("logits{k}"));
+        if k == 0 {
+            // A zero head: zero logits on both sides.
+            assert!(logits.detach().equal(&want) && want.abs().max().double_value(&[]) == 0.0);
+        } else {
+            assert_rows_close(&format!("logits{k}"), &logits.detach(), &want, RESNET_TOL);
+        }
+        let want = read_named(&exp, &format!("loss{k}")).double_value(&[]);
+        let got = loss.double_value(&[]);
+        assert!(
+            (got - want).abs() <= RESNET_TOL * want.abs(),
+            "loss{k}: {got} vs {want}"
+        );
+        sgd.backward(&loss).unwrap();
+        sgd.step(lr).unwrap();
+    }
+    let vars = vs.variables();
+    for name in [
+        "fc.weight",
+        "fc.bias",
+        "layer4.0.bn1.weight",
+        "layer4.0.bn1.bias",
+        "layer4.0.bn1.running_mean",
+        "layer4.0.bn1.running_var",
+        "layer4.1.bn2.running_mean",
+        "layer4.1.bn2.running_var",
+        "layer3.1.bn2.running_mean",
+        "bn1.running_var",
+        "layer4.0.conv1.weight.head4",
+        "layer4.1.conv2.weight.head4",
+    ] {
+        let key = name.trim_end_matches(".head4");
+        let mut got = vars[key].detach();
+        if name.ends_with(".head4") {
+            got = got.narrow(0, 0, 4);
+        }
+        let want = read_named(&exp, name);
+        // Each a vector (or rows) compared relative to its largest entry.
+        let (g, w) = (got.reshape([1, -1]), want.reshape([1, -1]));
+        assert_rows_close(name, &g, &w, RESNET_TOL);
+    }
+    // The frozen stages' statistics are exactly the loaded ones.
+    assert!(vars["layer3.1.bn2.running_mean"]
+        .equal(&tv_hash_tensor("layer3.1.bn2.running_mean", &[256])));
+    // layer4's changed (trained in training mode).
+    assert!(!vars["layer4.0.bn1.running_mean"]
+        .equal(&tv_hash_tensor("layer4.0.bn1.running_mean", &[512])));
 }

@@ -77,6 +77,7 @@ pub fn run(args: &DataCheckArgs) -> Result<()> {
             transform: TrainTransform {
                 precrop: args.precrop,
                 crop: args.crop,
+                normalize: None,
             },
             seed: args.seed,
             epoch: 0,

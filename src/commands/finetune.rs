@@ -20,13 +20,14 @@ use crate::data::list::flat_class_count;
 use crate::data::loader::{
     load_batch, shard_range, visit_order, Item, Loader, LoaderOptions, Mode, Skipped,
 };
-use crate::data::transform::{EvalTransform, Rng, TrainTransform};
+use crate::data::transform::{Rng, TrainTransform, IMAGENET_MEAN, IMAGENET_STD};
 use crate::data::{read_flat_list, read_group_list};
 use crate::dist::{ProcessGroup, Timeouts};
 use crate::groupconfig::read_group_config;
 use crate::model::checkpoint::{self, Checkpoint, CheckpointMeta};
+use crate::model::trainable::TrainNet;
 use crate::model::weights::{load_strict, read_state_dict};
-use crate::model::{Freeze, ResNetV2};
+use crate::model::{Family, Freeze, Variant};
 use crate::ood::GroupSlices;
 use crate::runlog::RunLog;
 use crate::train::mixup::{mix, mix_with, MixupSampler};
@@ -208,7 +209,7 @@ impl Dist {
 /// them, or this rank's shard, summed over the ranks); the unreadable ones are
 /// returned, for the caller to log and count.
 fn validate(
-    model: &ResNetV2,
+    model: &TrainNet,
     data: &Data,
     val: &Arc<Vec<Item>>,
     args: &FinetuneArgs,
@@ -218,7 +219,12 @@ fn validate(
 ) -> Result<Validation> {
     let loader = Loader::new(
         val.clone(),
-        Mode::Eval(EvalTransform { size: args.crop }.into()),
+        Mode::Eval(
+            args.model
+                .model
+                .eval_transform(crop_of(args), None)
+                .map_err(anyhow::Error::msg)?,
+        ),
         LoaderOptions {
             batch: micro,
             workers: args.workers,
@@ -347,15 +353,60 @@ fn read_history(path: &Path) -> Vec<serde_json::Value> {
         .unwrap_or_default()
 }
 
+/// `--crop`, or the family's default (480 BiT, 224 torchvision).
+fn crop_of(args: &FinetuneArgs) -> usize {
+    args.crop.unwrap_or(args.model.model.default_crop())
+}
+
+/// `--precrop`, or the family's default (512 BiT, 256 torchvision).
+fn precrop_of(args: &FinetuneArgs) -> usize {
+    args.precrop.unwrap_or(match args.model.model.family {
+        Family::Bit => crate::data::transform::PRECROP,
+        _ => 256,
+    })
+}
+
+/// `--init` checked against `--model` and `--pretrained` (default: the family's
+/// pretrained weights), before anything is read.
+fn resolve_init(args: &FinetuneArgs, command: &str) -> Result<Init> {
+    let model: Variant = args.model.model;
+    if !matches!(model.family, Family::Bit | Family::TorchvisionResNet) {
+        bail!(
+            "--model {}: {command} runs BiT models and torchvision's ResNets (resnet18 ... resnet152)",
+            model.name
+        );
+    }
+    let bit = model.family == Family::Bit;
+    let init = args
+        .init
+        .unwrap_or(if bit { Init::Bit } else { Init::Torchvision });
+    match (init, bit, &args.pretrained) {
+        (Init::Bit, false, _) => bail!(
+            "--init bit loads Google's BiT weights; --model {} starts from torchvision's: --init torchvision --pretrained FILE (or --init none)",
+            model.name
+        ),
+        (Init::Torchvision, true, _) => bail!(
+            "--init torchvision loads torchvision's weights; --model {} is a BiT model: --init bit (or none)",
+            model.name
+        ),
+        (Init::Torchvision, false, None) => bail!(
+            "--init torchvision needs --pretrained FILE (torchvision's {} weights, e.g. from https://download.pytorch.org/models/)",
+            model.name
+        ),
+        (Init::Bit | Init::None, _, Some(p)) => bail!(
+            "--pretrained {} is read with --init torchvision only",
+            p.display()
+        ),
+        _ => Ok(init),
+    }
+}
+
 pub fn run(args: &FinetuneArgs, head: Head) -> Result<()> {
     let command = match head {
         Head::Group => "finetune-group",
         Head::Flat => "finetune-flat",
     };
-    args.model
-        .model
-        .require_bit(command)
-        .map_err(anyhow::Error::msg)?;
+    let init = resolve_init(args, command)?;
     let freeze = Freeze::from_num_block_open(args.num_block_open).map_err(anyhow::Error::msg)?;
     if args.batch_split == 0 || args.batch == 0 || args.batch % args.batch_split != 0 {
         bail!(
@@ -393,12 +444,13 @@ pub fn run(args: &FinetuneArgs, head: Head) -> Result<()> {
     let schedule = Schedule::new(supports, args.base_lr).context("--base-lr / --schedule")?;
     let alpha = mixup_alpha(data.train.len());
     let config = serde_json::json!({
-        "command": command, "model": args.model.model.name, "init": crate::runtime::value_name(&args.init),
+        "command": command, "model": args.model.model.name, "init": crate::runtime::value_name(&init),
+        "pretrained": args.pretrained,
         "dataset": args.dataset, "datadir": args.datadir, "train_list": args.train_list, "val_list": args.val_list,
         "group_config": args.group_config, "train_images": data.train.len(), "val_images": data.val.len(),
         "head_size": data.head_size, "batch": args.batch, "batch_split": args.batch_split, "base_lr": args.base_lr,
         "schedule": schedule.supports(), "mixup_alpha": alpha, "num_block_open": args.num_block_open,
-        "crop": args.crop, "precrop": args.precrop, "seed": args.seed, "device": args.device.device.to_string(),
+        "crop": crop_of(args), "precrop": precrop_of(args), "seed": args.seed, "device": args.device.device.to_string(),
         "skip_bad_images": true, "world_size": world,
     });
     if rank0 {
@@ -411,7 +463,7 @@ pub fn run(args: &FinetuneArgs, head: Head) -> Result<()> {
 
     tch::manual_seed(args.seed as i64);
     let vs = nn::VarStore::new(device);
-    let mut model = ResNetV2::new(&vs.root(), args.model.model, data.head_size);
+    let mut model = TrainNet::new(&vs.root(), args.model.model, data.head_size)?;
     let ckpt_path = dir.join(CHECKPOINT);
     let mut pos = Position::default();
     let mut momentum = Vec::new();
@@ -441,7 +493,23 @@ pub fn run(args: &FinetuneArgs, head: Head) -> Result<()> {
             ckpt_path.display(),
             pos.step
         ));
-    } else if args.init == Init::Bit {
+    } else if init == Init::Torchvision {
+        let file = args
+            .pretrained
+            .as_ref()
+            .context("internal: --init torchvision without --pretrained")?;
+        let sd = read_state_dict(file).context("--pretrained")?;
+        let head = model.head_prefix();
+        load_strict(&vs, &sd.tensors, file, args.model.model.name, &|n| {
+            n.starts_with(head) || crate::model::resnet::is_bookkeeping(n)
+        })?;
+        log.line(format!(
+            "initialised from {} ({}; its head replaced by a zero {}-way head)",
+            file.display(),
+            sd.format,
+            data.head_size
+        ));
+    } else if init == Init::Bit {
         let npz = args
             .bit_pretrained_dir
             .join(format!("{}.npz", args.model.model.name));
@@ -487,7 +555,7 @@ pub fn run(args: &FinetuneArgs, head: Head) -> Result<()> {
             ));
         }
     }
-    let trainable = crate::model::bit::apply_freeze(&vs, freeze);
+    let trainable = model.apply_freeze(&vs, freeze);
     // The weights are final (initialised or resumed): frozen stages keep theirs.
     model.fix_frozen_weights(freeze);
     if !rank0 && has_momentum {
@@ -572,7 +640,7 @@ pub fn run(args: &FinetuneArgs, head: Head) -> Result<()> {
 fn train_loop(
     run: &mut Run,
     vs: &nn::VarStore,
-    model: &ResNetV2,
+    model: &TrainNet,
     sgd: &mut Sgd,
     data: &Data,
     val: &Arc<Vec<Item>>,
@@ -594,8 +662,12 @@ fn train_loop(
     };
     bar.set_position(pos.step);
     let transform = TrainTransform {
-        precrop: args.precrop,
-        crop: args.crop,
+        precrop: precrop_of(args),
+        crop: crop_of(args),
+        normalize: match args.model.model.family {
+            Family::Bit => None,
+            _ => Some((IMAGENET_MEAN, IMAGENET_STD)),
+        },
     };
     let opts = LoaderOptions {
         batch: micro,

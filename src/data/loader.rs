@@ -416,6 +416,7 @@ mod tests {
             transform: TrainTransform {
                 precrop: 12,
                 crop: 8,
+                normalize: None,
             },
             seed,
             epoch,

@@ -27,13 +27,20 @@ pub fn level_table() -> [f32; 256] {
 /// `ToTensor` + `Normalize` of the `width x height` window of `img` at
 /// (`left`, `top`), mirrored left-right when `flip`, written CHW into `out`
 /// (length `3 * width * height`).
-fn to_tensor(
+fn to_tensor(img: &RgbImage, window: (usize, usize, usize, usize), flip: bool, out: &mut [f32]) {
+    let lut = level_table();
+    to_tensor_with(img, window, flip, [&lut, &lut, &lut], out);
+}
+
+/// [`to_tensor`] with a level table per channel (a mean and standard deviation
+/// per channel).
+fn to_tensor_with(
     img: &RgbImage,
     (left, top, width, height): (usize, usize, usize, usize),
     flip: bool,
+    luts: [&[f32; 256]; 3],
     out: &mut [f32],
 ) {
-    let lut = level_table();
     let plane = width * height;
     let (r, rest) = out.split_at_mut(plane);
     let (g, b) = rest.split_at_mut(plane);
@@ -44,9 +51,9 @@ fn to_tensor(
         let (r, g, b) = (&mut r[dst.clone()], &mut g[dst.clone()], &mut b[dst]);
         for (x, px) in row.chunks_exact(3).enumerate() {
             let x = if flip { width - 1 - x } else { x };
-            r[x] = lut[px[0] as usize];
-            g[x] = lut[px[1] as usize];
-            b[x] = lut[px[2] as usize];
+            r[x] = luts[0][px[0] as usize];
+            g[x] = luts[1][px[1] as usize];
+            b[x] = luts[2][px[2] as usize];
         }
     }
 }
@@ -227,13 +234,17 @@ pub struct CropFlip {
 }
 
 /// The train transform: resize to `precrop x precrop`, take a uniformly random
-/// `crop x crop` window, mirror it with probability 1/2, normalise.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// `crop x crop` window, mirror it with probability 1/2, normalise (to [-1, 1] as
+/// BiT, or with a mean and standard deviation per channel).
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TrainTransform {
     /// Side of the resized square ([`PRECROP`] = 512 in the original).
     pub precrop: usize,
     /// Side of the crop ([`CROP`] = 480 in the original); at most `precrop`.
     pub crop: usize,
+    /// `None`: BiT's [-1, 1]; else (mean, std) per channel of pixels in [0, 1]
+    /// (torchvision's models: [`IMAGENET_MEAN`], [`IMAGENET_STD`]).
+    pub normalize: Option<([f32; 3], [f32; 3])>,
 }
 
 impl Default for TrainTransform {
@@ -241,6 +252,7 @@ impl Default for TrainTransform {
         TrainTransform {
             precrop: PRECROP,
             crop: CROP,
+            normalize: None,
         }
     }
 }
@@ -287,7 +299,21 @@ impl TrainTransform {
         let resized =
             ResizePlan::new(img.width, img.height, self.precrop, self.precrop)?.run(img)?;
         let window = (draw.left, draw.top, self.crop, self.crop);
-        to_tensor(&resized, window, draw.flip, out);
+        match self.normalize {
+            None => to_tensor(&resized, window, draw.flip, out),
+            Some((mean, std)) => {
+                let luts: [[f32; 256]; 3] = std::array::from_fn(|c| {
+                    std::array::from_fn(|v| (v as f32 / 255.0 - mean[c]) / std[c])
+                });
+                to_tensor_with(
+                    &resized,
+                    window,
+                    draw.flip,
+                    [&luts[0], &luts[1], &luts[2]],
+                    out,
+                )
+            }
+        }
         Ok(())
     }
 }
@@ -457,6 +483,7 @@ mod tests {
         let t = TrainTransform {
             precrop: 12,
             crop: 8,
+            normalize: None,
         };
         let img = ramp(30, 17);
         let a = t.apply(&img, &mut Rng::new(7)).expect("train");
@@ -490,10 +517,41 @@ mod tests {
             .is_err());
         assert!(TrainTransform {
             precrop: 4,
-            crop: 8
+            crop: 8,
+            normalize: None,
         }
         .apply(&img, &mut Rng::new(1))
         .is_err());
+    }
+
+    #[test]
+    fn a_train_crop_with_a_mean_and_std_normalises_each_channel() {
+        let img = ramp(30, 17);
+        let bit = TrainTransform {
+            precrop: 12,
+            crop: 8,
+            normalize: None,
+        };
+        let (mean, std) = (IMAGENET_MEAN, IMAGENET_STD);
+        let tv = TrainTransform {
+            normalize: Some((mean, std)),
+            ..bit
+        };
+        let draw = CropFlip {
+            top: 3,
+            left: 2,
+            flip: true,
+        };
+        let (mut a, mut b) = (vec![0.0; bit.output_len()], vec![0.0; tv.output_len()]);
+        bit.apply_into(&img, draw, &mut a).unwrap();
+        tv.apply_into(&img, draw, &mut b).unwrap();
+        let plane = 64;
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            // The same pixel: level v gives (v/255 - 0.5)/0.5 and (v/255 - m)/s.
+            let c = i / plane;
+            let v = x * 0.5 + 0.5;
+            assert!((y - (v - mean[c]) / std[c]).abs() < 1e-5, "{i}: {x} {y}");
+        }
     }
 
     #[test]
@@ -501,6 +559,7 @@ mod tests {
         let t = TrainTransform {
             precrop: 10,
             crop: 7,
+            normalize: None,
         };
         let mut rng = Rng::derive(3, 11);
         let (mut seen, mut flips) = ([[false; 4]; 4], 0);

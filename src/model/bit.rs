@@ -241,6 +241,21 @@ impl Freeze {
         }
     }
 
+    /// Whether the parameter `name` of a torchvision ResNet (its state-dict names:
+    /// the stem `conv1`/`bn1`, `layer1`..`layer4`, the head `fc`) trains: the head
+    /// always, the last `k` layers with `OpenBlocks(k)`, everything with `None`.
+    pub fn trainable_torchvision(self, name: &str) -> bool {
+        if name.starts_with("fc.") {
+            return true;
+        }
+        let stage = name
+            .strip_prefix("layer")
+            .and_then(|r| r.chars().next())
+            .and_then(|c| c.to_digit(10))
+            .map_or(0, |d| d as usize);
+        stage >= self.frozen_stages()
+    }
+
     /// Whether the parameter named `name` (state-dict name) trains.
     pub fn trainable(self, name: &str) -> bool {
         match self {
@@ -271,9 +286,19 @@ impl Freeze {
 /// Applies `freeze` to the variables of `vs`: frozen ones stop requiring grad.
 /// Returns the trainable ones, sorted by name (the optimizer's parameters).
 pub fn apply_freeze(vs: &nn::VarStore, freeze: Freeze) -> Vec<(String, Tensor)> {
+    apply_freeze_with(vs, &|n| freeze.trainable(n))
+}
+
+/// [`apply_freeze`] with the rule `trains(name)` of a family. Variables that are
+/// no parameters (BatchNorm's running statistics: created without a gradient)
+/// never train.
+pub fn apply_freeze_with(
+    vs: &nn::VarStore,
+    trains: &dyn Fn(&str) -> bool,
+) -> Vec<(String, Tensor)> {
     let mut trainable = Vec::new();
     for (name, var) in vs.variables() {
-        if freeze.trainable(&name) {
+        if var.requires_grad() && trains(&name) {
             trainable.push((name, var));
         } else {
             let _ = var.set_requires_grad(false);

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod network;
 pub mod resnet;
 pub mod script;
+pub mod trainable;
 pub mod variant;
 pub mod vit;
 pub mod weights;

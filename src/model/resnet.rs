@@ -259,6 +259,33 @@ impl TorchvisionResNet {
         }
     }
 
+    /// Zeroes the head (`fc`), as fine-tuning starts it (the paper code's zero_head).
+    pub fn zero_head(&mut self) {
+        tch::no_grad(|| {
+            let _ = self.fc.ws.zero_();
+            if let Some(b) = &mut self.fc.bs {
+                let _ = b.zero_();
+            }
+        });
+    }
+
+    /// Training forward with the leading `frozen` stages (0 = stem, 1..=4 = layers)
+    /// frozen: they run without a graph and in evaluation mode, so their BatchNorm
+    /// layers use and keep their running statistics; the later stages run in
+    /// training mode (the batch's statistics, the running ones updated with
+    /// momentum 0.1), as torchvision's `model.train()` does. Logits [N, head_size].
+    pub fn forward_train(&self, x: &Tensor, frozen: usize) -> Tensor {
+        let mut out = x.shallow_clone();
+        for s in 0..5 {
+            out = if s < frozen {
+                tch::no_grad(|| self.stage_t(s, &out, false))
+            } else {
+                self.stage_t(s, &out, true)
+            };
+        }
+        self.head_of_pooled(&self.pre_logits(&out))
+    }
+
     /// Runs the network up to and including stage `k` (0..=4).
     pub fn forward_to(&self, x: &Tensor, k: usize) -> Tensor {
         let mut out = self.stage(0, x);

@@ -244,12 +244,12 @@ impl Variant {
     }
 
     /// Refuses a family other than BiT for `what` (a command that only BiT models
-    /// run, such as fine-tuning).
+    /// run: forward, convert, bench-train).
     pub fn require_bit(&self, what: &str) -> Result<(), String> {
         match self.family {
             Family::Bit => Ok(()),
             _ => Err(format!(
-                "--model {}: {what} runs BiT models only; torchvision's models and TorchScript modules are supported by mos extract, score, test-mos, test-baseline, tune-mahalanobis (not TorchScript) and benchmark",
+                "--model {}: {what} runs BiT models only; torchvision's models and TorchScript modules are supported by mos extract, score, test-mos, test-baseline, tune-mahalanobis (not TorchScript) and benchmark (not TorchScript), torchvision's ResNets also by finetune-group and finetune-flat",
                 self.name
             )),
         }
