@@ -478,11 +478,11 @@ pub struct FinetuneArgs {
     )]
     pub num_block_open: i64,
     /// Side of the training crop and of validation images [default: 480 for BiT,
-    /// 224 for torchvision's ResNets].
+    /// 224 for torchvision's models].
     #[arg(long, value_parser = at_least_one, value_name = "PIXELS")]
     pub crop: Option<usize>,
     /// Side of the training resize before the random crop [default: 512 for BiT,
-    /// 256 for torchvision's ResNets].
+    /// 256 for torchvision's models].
     #[arg(long, value_parser = at_least_one, value_name = "PIXELS")]
     pub precrop: Option<usize>,
     /// Seed of the data order, crops, flips, mixup and random init.
@@ -870,10 +870,9 @@ impl TransformArgs {
 pub struct ModelArgs {
     /// Architecture: BiT-{S,M}-R50x1, -R50x3, -R101x1, -R101x3, -R152x2, -R152x4, the
     /// small ResNetV2-R14x0.5, ResNetV2-R26x0.5, ResNetV2-R50x0.5, or torchvision's
-    /// resnet18, resnet34, resnet50, resnet101, resnet152 (evaluation and
-    /// fine-tuning), vit_b_16, vit_b_32, vit_l_16, vit_l_32, vit_h_14 (evaluation), or
-    /// torchscript (a TorchScript module as --model-path: mos extract, test-mos,
-    /// test-baseline).
+    /// resnet18, resnet34, resnet50, resnet101, resnet152, vit_b_16, vit_b_32,
+    /// vit_l_16, vit_l_32, vit_h_14, or torchscript (a TorchScript module as
+    /// --model-path: mos extract, test-mos, test-baseline).
     #[arg(long, default_value = "BiT-S-R101x1", value_name = "NAME")]
     pub model: Variant,
 }

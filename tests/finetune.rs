@@ -607,19 +607,27 @@ fn fine_tuning_refuses_weights_of_another_family() {
         finetune(&d, "finetune-flat", "e", &["--init", "torchvision"]),
         "--model ResNetV2-R14x0.5 is a BiT model",
     );
-    let mut vit = Command::cargo_bin("mos").unwrap();
-    vit.args(["finetune-flat", "--name", "v", "--model", "vit_b_16"])
-        .arg("--logdir")
-        .arg(d.root.join("runs"))
-        .arg("--datadir")
-        .arg(d.root.join("data"))
-        .arg("--train-list")
-        .arg(d.root.join("flat.txt"))
-        .arg("--val-list")
-        .arg(d.root.join("flat.txt"));
+    let other = |model: &str, extra: &[&str]| {
+        let mut c = Command::cargo_bin("mos").unwrap();
+        c.args(["finetune-flat", "--name", "v", "--model", model])
+            .arg("--logdir")
+            .arg(d.root.join("runs"))
+            .arg("--datadir")
+            .arg(d.root.join("data"))
+            .arg("--train-list")
+            .arg(d.root.join("flat.txt"))
+            .arg("--val-list")
+            .arg(d.root.join("flat.txt"))
+            .args(extra);
+        c
+    };
     fails(
-        vit,
-        "finetune-flat runs BiT models and torchvision's ResNets",
+        other("vit_b_16", &["--crop", "32", "--init", "none"]),
+        "--crop 32: --model vit_b_16 takes 224 x 224 images",
+    );
+    fails(
+        other("torchscript", &[]),
+        "a TorchScript module is evaluated only",
     );
     // BiT weights for a torchvision model: the first tensor that does not fit.
     let bit = d.root.join("bit.safetensors");

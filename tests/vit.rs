@@ -222,3 +222,82 @@ fn extract_runs_a_torchvision_vit() {
         VIT_TOL,
     );
 }
+
+/// Two fine-tuning steps of a small torchvision ViT (image 32, patch 8, 4 blocks,
+/// width 32) with `--num-block-open 1`: the embedding and blocks 0..2 frozen,
+/// block 3, `encoder.ln` and the zero head trained; mos's TrainNet and Sgd against
+/// the same steps in PyTorch (make_tv_train_fixtures.py).
+#[test]
+fn fine_tuning_steps_equal_torchvision_trained_in_pytorch() {
+    use mos::model::trainable::TrainNet;
+    use mos::model::Freeze;
+    let exp = fixture("vit/train_step.safetensors");
+    // The small architecture under vit_b_16's name (only the shapes differ).
+    let arch = ViTArch {
+        patch: 8,
+        layers: 4,
+        heads: 2,
+        hidden: 32,
+        mlp: 64,
+        ..VITS[0]
+    };
+    let vs = nn::VarStore::new(Device::Cpu);
+    let m = TorchvisionViT::with_image_size(&vs.root(), arch, 3, 32).unwrap();
+    fill_with(&vs, vit_hash_tensor);
+    let mut model = TrainNet::TorchvisionViT(m);
+    if let TrainNet::TorchvisionViT(m) = &mut model {
+        m.zero_head();
+    }
+    let freeze = Freeze::from_num_block_open(1).unwrap();
+    let trainable = model.apply_freeze(&vs, freeze);
+    let names: Vec<&str> = trainable.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(
+        names
+            .iter()
+            .all(|n| n.starts_with("encoder.layers.encoder_layer_3.")
+                || n.starts_with("encoder.ln.")
+                || n.starts_with("heads.")),
+        "{names:?}"
+    );
+    assert_eq!(names.len(), 12 + 2 + 2);
+    let mut sgd = mos::train::sgd::Sgd::new(trainable, 1).unwrap();
+    let (x, y) = (read_named(&exp, "x"), read_named(&exp, "y"));
+    for (k, lr) in [0.5, 0.25].into_iter().enumerate() {
+        let logits = model.forward_train(&x, freeze);
+        let loss = logits.cross_entropy_for_logits(&y);
+        if k == 1 {
+            assert_rows_close(
+                "logits1",
+                &logits.detach(),
+                &read_named(&exp, "logits1"),
+                VIT_TOL,
+            );
+        }
+        let want = read_named(&exp, &format!("loss{k}")).double_value(&[]);
+        let got = loss.double_value(&[]);
+        assert!(
+            (got - want).abs() <= VIT_TOL * want.abs(),
+            "loss{k}: {got} vs {want}"
+        );
+        sgd.backward(&loss).unwrap();
+        sgd.step(lr).unwrap();
+    }
+    let vars = vs.variables();
+    for name in [
+        "heads.head.weight",
+        "heads.head.bias",
+        "encoder.ln.weight",
+        "encoder.layers.encoder_layer_3.mlp.0.weight",
+        "encoder.layers.encoder_layer_2.mlp.0.weight",
+    ] {
+        let (g, w) = (
+            vars[name].detach().reshape([1, -1]),
+            read_named(&exp, name).reshape([1, -1]),
+        );
+        assert_rows_close(name, &g, &w, VIT_TOL);
+    }
+    let frozen = "encoder.layers.encoder_layer_2.mlp.0.weight";
+    assert!(vars[frozen].equal(&vit_hash_tensor(frozen, &[64, 32])));
+    let open = "encoder.layers.encoder_layer_3.mlp.0.weight";
+    assert!(!vars[open].equal(&vit_hash_tensor(open, &[64, 32])));
+}

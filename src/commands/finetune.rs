@@ -370,10 +370,18 @@ fn precrop_of(args: &FinetuneArgs) -> usize {
 /// pretrained weights), before anything is read.
 fn resolve_init(args: &FinetuneArgs, command: &str) -> Result<Init> {
     let model: Variant = args.model.model;
-    if !matches!(model.family, Family::Bit | Family::TorchvisionResNet) {
+    if !crate::model::trainable::can_finetune(model) {
         bail!(
-            "--model {}: {command} runs BiT models and torchvision's ResNets (resnet18 ... resnet152)",
+            "--model {}: {command} runs BiT models and torchvision's ResNets and ViTs; a TorchScript module is evaluated only",
             model.name
+        );
+    }
+    if model.family == Family::TorchvisionViT && crop_of(args) != model.default_crop() {
+        bail!(
+            "--crop {}: --model {} takes {s} x {s} images; give --crop {s} or leave it out",
+            crop_of(args),
+            model.name,
+            s = model.default_crop()
         );
     }
     let bit = model.family == Family::Bit;
@@ -500,7 +508,20 @@ pub fn run(args: &FinetuneArgs, head: Head) -> Result<()> {
             .context("internal: --init torchvision without --pretrained")?;
         let sd = read_state_dict(file).context("--pretrained")?;
         let head = model.head_prefix();
-        load_strict(&vs, &sd.tensors, file, args.model.model.name, &|n| {
+        // Files written by older torchvision name a ViT's MLP layers as it renames
+        // them on loading.
+        let tensors: Vec<(String, Tensor)> = sd
+            .tensors
+            .iter()
+            .map(|(n, t)| {
+                let n = match args.model.model.family {
+                    Family::TorchvisionViT => crate::model::vit::torchvision_key(n).into_owned(),
+                    _ => n.clone(),
+                };
+                (n, t.shallow_clone())
+            })
+            .collect();
+        load_strict(&vs, &tensors, file, args.model.model.name, &|n| {
             n.starts_with(head) || crate::model::resnet::is_bookkeeping(n)
         })?;
         log.line(format!(

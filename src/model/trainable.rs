@@ -1,6 +1,6 @@
-//! The networks `finetune-group` and `finetune-flat` train (docs/training.md): BiT's
-//! ResNetV2 (the paper) and torchvision's ResNets, each with a new zero head, the
-//! same freezing flag (`--num-block-open`) and the same training step.
+//! The networks `finetune-group` and `finetune-flat` train (docs/finetuning.md):
+//! BiT's ResNetV2 (the paper), torchvision's ResNets and ViTs, each with a new zero
+//! head, the same freezing flag (`--num-block-open`) and the same training step.
 //!
 //! BatchNorm (torchvision's ResNets): the trainable stages run in training mode —
 //! the batch's statistics, the running ones updated with momentum 0.1 — as
@@ -15,12 +15,19 @@ use tch::{nn, Tensor};
 use super::bit::{apply_freeze_with, Freeze, ResNetV2};
 use super::resnet::TorchvisionResNet;
 use super::variant::{Family, Variant};
+use super::vit::TorchvisionViT;
 
 /// A network being fine-tuned.
 #[derive(Debug)]
 pub enum TrainNet {
     Bit(ResNetV2),
     TorchvisionResNet(TorchvisionResNet),
+    TorchvisionViT(TorchvisionViT),
+}
+
+/// Whether `finetune-group`/`finetune-flat` train `variant` (not a TorchScript module).
+pub fn can_finetune(variant: Variant) -> bool {
+    variant.family != Family::TorchScript
 }
 
 impl TrainNet {
@@ -37,8 +44,16 @@ impl TrainNet {
                 m.zero_head();
                 TrainNet::TorchvisionResNet(m)
             }
-            _ => bail!(
-                "--model {}: fine-tuning runs BiT models and torchvision's ResNets (resnet18 ... resnet152)",
+            Family::TorchvisionViT => {
+                let arch = variant
+                    .torchvision_vit()
+                    .expect("a torchvision ViT variant has its architecture");
+                let mut m = TorchvisionViT::new(p, arch, head_size);
+                m.zero_head();
+                TrainNet::TorchvisionViT(m)
+            }
+            Family::TorchScript => bail!(
+                "--model {}: fine-tuning builds the network itself; a TorchScript module is evaluated only",
                 variant.name
             ),
         })
@@ -50,6 +65,7 @@ impl TrainNet {
         match self {
             TrainNet::Bit(_) => "head.",
             TrainNet::TorchvisionResNet(_) => "fc.",
+            TrainNet::TorchvisionViT(_) => "heads.",
         }
     }
 
@@ -60,6 +76,9 @@ impl TrainNet {
             TrainNet::Bit(_) => apply_freeze_with(vs, &|n| freeze.trainable(n)),
             TrainNet::TorchvisionResNet(_) => {
                 apply_freeze_with(vs, &|n| freeze.trainable_torchvision(n))
+            }
+            TrainNet::TorchvisionViT(m) => {
+                apply_freeze_with(vs, &|n| m.stage_of(n) >= freeze.frozen_stages())
             }
         }
     }
@@ -77,6 +96,7 @@ impl TrainNet {
         match self {
             TrainNet::Bit(m) => m.forward_train(x, freeze),
             TrainNet::TorchvisionResNet(m) => m.forward_train(x, freeze.frozen_stages()),
+            TrainNet::TorchvisionViT(m) => fits(m.forward_train(x, freeze.frozen_stages())),
         }
     }
 
@@ -85,6 +105,13 @@ impl TrainNet {
         match self {
             TrainNet::Bit(m) => m.forward(x),
             TrainNet::TorchvisionResNet(m) => m.forward(x),
+            TrainNet::TorchvisionViT(m) => fits(m.forward(x)),
         }
     }
+}
+
+/// A ViT's result on a batch of the size it takes: fine-tuning refuses another
+/// `--crop` before anything is read, so a failure is a bug.
+fn fits(r: Result<Tensor>) -> Tensor {
+    r.unwrap_or_else(|e| panic!("internal: a batch the ViT does not take: {e:#}"))
 }

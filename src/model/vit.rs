@@ -338,6 +338,53 @@ impl TorchvisionViT {
         }
     }
 
+    /// Zeroes the head (`heads.head`), as fine-tuning starts it.
+    pub fn zero_head(&mut self) {
+        tch::no_grad(|| {
+            let _ = self.head.ws.zero_();
+            if let Some(b) = &mut self.head.bs {
+                let _ = b.zero_();
+            }
+        });
+    }
+
+    /// The fine-tuning stage of a parameter (torchvision's name): 0 the embedding
+    /// (`conv_proj`, `class_token`, `encoder.pos_embedding`), 1..=4 the quarter of
+    /// the encoder its block is in, 4 the final `encoder.ln`, 5 the head.
+    pub fn stage_of(&self, name: &str) -> usize {
+        if name.starts_with("heads.") {
+            return 5;
+        }
+        if name.starts_with("encoder.ln.") {
+            return 4;
+        }
+        let block = name
+            .strip_prefix("encoder.layers.encoder_layer_")
+            .and_then(|r| r.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok());
+        match block {
+            Some(i) => (1..=4)
+                .find(|&k| self.arch.stage_blocks(k).contains(&i))
+                .unwrap_or(4),
+            None => 0,
+        }
+    }
+
+    /// Training forward with the leading `frozen` stages run without a graph
+    /// (dropout is 0 in torchvision's ViTs and LayerNorm keeps no statistics, so
+    /// training and evaluation compute the same). Logits [N, head_size].
+    pub fn forward_train(&self, x: &Tensor, frozen: usize) -> Result<Tensor> {
+        let mut out = x.shallow_clone();
+        for s in 0..5 {
+            out = if s < frozen {
+                tch::no_grad(|| self.stage(s, &out))?
+            } else {
+                self.stage(s, &out)?
+            };
+        }
+        Ok(self.head_of_pooled(&self.pre_logits(&out)))
+    }
+
     /// Tokens in the sequence: (image_size / patch)^2 + 1.
     pub fn seq_len(&self) -> i64 {
         self.arch.seq_len(self.image_size)
