@@ -36,11 +36,12 @@ if [ "$best" = "$low" ]; then
 fi
 # The tests that compare numbers with fixtures: the library's unit tests (scores,
 # metrics, logistic regression, SGD, mixup, Mahalanobis statistics, image pipeline),
-# the backbone, torchvision's ResNets and ViTs, the weight formats, ODIN and
+# the backbone, torchvision's ResNets and ViTs (their fine-tuning steps included), a
+# TorchScript export against the native module, the weight formats, ODIN and
 # Mahalanobis on the fixture model, and test-baseline / test-mos end to end against
 # the original's per-image scores.
 mos_log "fixture comparisons again under ${reduced[*]}"
-env "${reduced[@]}" cargo test --release --locked --lib --test model --test weights --test ood --test posthoc --test mahalanobis --test e2e_cli --test resnet --test vit
+env "${reduced[@]}" cargo test --release --locked --lib --test model --test weights --test ood --test posthoc --test mahalanobis --test e2e_cli --test resnet --test vit --test torchscript
 
 if [ "${MOS_TEST_SKIP_BENCH:-0}" != 1 ]; then
     mos_log "scripts/bench.sh --smoke (the benchmark's own setup and every section, tiny inputs)"
