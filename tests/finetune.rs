@@ -474,9 +474,10 @@ fn resnet18_weights(path: &Path) -> Vec<(String, tch::Tensor)> {
     named
 }
 
-fn finetune_tv(d: &Data, name: &str, extra: &[&str]) -> Command {
+/// `finetune-flat` of `model` on the flat lists, no other flag.
+fn finetune_model(d: &Data, model: &str, name: &str) -> Command {
     let mut cmd = Command::cargo_bin("mos").unwrap();
-    cmd.args(["finetune-flat", "--name", name, "--model", "resnet18"])
+    cmd.args(["finetune-flat", "--name", name, "--model", model])
         .arg("--logdir")
         .arg(d.root.join("runs"))
         .arg("--datadir")
@@ -484,20 +485,25 @@ fn finetune_tv(d: &Data, name: &str, extra: &[&str]) -> Command {
         .arg("--train-list")
         .arg(d.root.join("flat.txt"))
         .arg("--val-list")
-        .arg(d.root.join("flat.txt"))
-        .args([
-            "--batch",
-            "6",
-            "--crop",
-            "32",
-            "--precrop",
-            "36",
-            "--workers",
-            "2",
-        ])
-        .args(["--device", "cpu", "--base-lr", "0.01", "--seed", "3"])
-        .args(["--schedule", "1,3", "--eval-every", "1"])
-        .args(extra);
+        .arg(d.root.join("flat.txt"));
+    cmd
+}
+
+fn finetune_tv(d: &Data, name: &str, extra: &[&str]) -> Command {
+    let mut cmd = finetune_model(d, "resnet18", name);
+    cmd.args([
+        "--batch",
+        "6",
+        "--crop",
+        "32",
+        "--precrop",
+        "36",
+        "--workers",
+        "2",
+    ])
+    .args(["--device", "cpu", "--base-lr", "0.01", "--seed", "3"])
+    .args(["--schedule", "1,3", "--eval-every", "1"])
+    .args(extra);
     cmd
 }
 
@@ -608,17 +614,8 @@ fn fine_tuning_refuses_weights_of_another_family() {
         "--model ResNetV2-R14x0.5 is a BiT model",
     );
     let other = |model: &str, extra: &[&str]| {
-        let mut c = Command::cargo_bin("mos").unwrap();
-        c.args(["finetune-flat", "--name", "v", "--model", model])
-            .arg("--logdir")
-            .arg(d.root.join("runs"))
-            .arg("--datadir")
-            .arg(d.root.join("data"))
-            .arg("--train-list")
-            .arg(d.root.join("flat.txt"))
-            .arg("--val-list")
-            .arg(d.root.join("flat.txt"))
-            .args(extra);
+        let mut c = finetune_model(&d, model, "v");
+        c.args(extra);
         c
     };
     fails(
