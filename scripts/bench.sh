@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks that print ratios against a baseline measured in the same run.
-# Usage: scripts/bench.sh [forward|loader|scores|train|dist|store|groups|posthoc|benchmark|paper-scale]... [--images N] [--size S]
+# Usage: scripts/bench.sh [forward|loader|scores|train|dist|store|groups|posthoc|benchmark|paper-scale|extract-tv]...
+#                         [--images N] [--size S]
 #                         [--rounds N] [--steps N] [--same-malloc] [--smoke]
 #   forward: BiT-S-R50x1 and BiT-S-R101x1 forward images/s, mos vs the PyTorch
 #            reference (tests/fixtures/make_model_fixtures.py) on the same threads
@@ -43,6 +44,14 @@
 #            ImageNet validation's sizes, the image passes of ODIN and Mahalanobis
 #            as mos benchmark shares them with the flat model's extraction, and the
 #            extrapolated time of the paper's whole Table 1.
+#   extract-tv: end-to-end evaluation extraction images/s (JPEG decode, Resize(256),
+#            CenterCrop(224), ImageNet normalisation, forward; float32, CPU) of
+#            torchvision's resnet50 and vit_b_16: mos extract (logits,features) vs
+#            torchvision's ImageFolder + DataLoader and model under inference_mode
+#            (scripts/tv_extract_ref.py), the same random weights (torch.save state
+#            dict), JPEGs with ImageNet validation's sizes, batch, workers and
+#            threads; the outputs compared, and the extrapolated time of a whole
+#            ResNet-50 table (85,640 images) at mos's rate.
 # Every section runs --rounds interleaved rounds (baseline then mos, so that a
 # machine-wide slowdown hits both) and prints the median of each side and of the
 # per-round ratios, with every round's ratio. --smoke runs every section on tiny
@@ -66,7 +75,7 @@ smoke=0
 torch_env=()
 while [ $# -gt 0 ]; do
     case "$1" in
-        forward | loader | scores | train | dist | store | groups | posthoc | benchmark | paper-scale) what+=("$1") ;;
+        forward | loader | scores | train | dist | store | groups | posthoc | benchmark | paper-scale | extract-tv) what+=("$1") ;;
         --images) images=$2; shift ;;
         --size) size=$2; shift ;;
         --rounds) rounds=$2; shift ;;
@@ -77,7 +86,7 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-[ ${#what[@]} -gt 0 ] || what=(forward loader scores train dist store groups posthoc benchmark paper-scale)
+[ ${#what[@]} -gt 0 ] || what=(forward loader scores train dist store groups posthoc benchmark paper-scale extract-tv)
 # Sizes of the loader, scores and train sections (--smoke shrinks them all).
 jpegs=256 loader_size=480 score_size=128 score_id=48 score_ood=64 train_size=224 train_batch=8
 store_id=96 store_ood=64 store_size=480 syn_id=50000 syn_ood=10000
@@ -85,6 +94,7 @@ group_classes=21843
 dist_buckets="1 4 25 100"
 ph_id=50000 ph_ood=10000 ph_fit=20000 knn_q=5000 knn_bank=100000 knn_k=1000
 bench_id=32 bench_ood=32 bench_size=96 ps_images=32 ps_pass=4 ps_crop=480 ps_batch=16
+tv_r50=64 tv_vit=32 tv_batch=16
 # On a GPU (MOS_DEVICE=cuda...), enough images for a steady rate.
 case "${MOS_DEVICE:-}" in cuda*) ps_images=2048 ps_pass=256 ps_batch=64 ;; esac
 if [ "$smoke" = 1 ]; then
@@ -95,6 +105,7 @@ if [ "$smoke" = 1 ]; then
     group_classes=200
     dist_buckets="4"
     ph_id=200 ph_ood=100 ph_fit=1100 knn_q=50 knn_bank=400 knn_k=50
+    tv_r50=4 tv_vit=4 tv_batch=2 # the same 224 crop: only the image count shrinks
 fi
 # MOS_BIN: a mos built elsewhere (no build here); MOS_PYTHON: a Python that has torch,
 # numpy, scipy, scikit-learn and Pillow (no reference venv made here). A GPU machine
@@ -521,4 +532,52 @@ if has paper-scale; then
         printf "  with both image passes: group extraction %.1f min + the flat model shared pass %.1f min = %.1f min\n", ex / 60, fp / 60, (ex + fp) / 60
         printf "  (paper: about 13 hours summed over its test runs)\n"
     }'
+fi
+
+if has extract-tv; then
+    x=$tmp/tv
+    tref() { "$py" scripts/tv_extract_ref.py "$@"; }
+    # Store log's "in S s (R images/s)": the more precise of R and N / S (both
+    # printed to 0.1).
+    store_rate() {
+        sed -n 's/.* in \([0-9.]*\) s (\([0-9.]*\) images\/s).*/\1 \2/p' "$1/store.log" | tail -n 1 |
+            awk -v n="$2" '{ if ($2 * $2 > n || $1 <= 0) printf "%.3f", $2; else printf "%.3f", n / $1 }'
+    }
+    ref make-val-jpegs "$x/r50/images" "$tv_r50" 0
+    ref make-val-jpegs "$x/vit/images" "$tv_vit" 0 # the first $tv_vit of the same images
+    echo
+    echo "extract-tv: torchvision's models, random weights (the same state dict both sides), CPU, float32, JPEGs with ImageNet"
+    echo "val's sizes (photo content); Resize(256), CenterCrop(224), ImageNet normalisation; batch $tv_batch, $threads decoding"
+    echo "workers, $threads torch threads; images/s of the extraction loop (decoding, transform, forward; model loading and"
+    echo "process start-up excluded, shown as whole-process seconds); each round: torchvision then mos; medians of $rounds rounds"
+    printf '%-10s %7s %16s %10s %8s %18s   %s\n' model images "torchvision i/s" "mos i/s" ratio "whole s (tv / mos)" "ratio per round"
+    declare -A tv_rate=()
+    checks=()
+    for spec in "resnet50 $tv_r50 r50" "vit_b_16 $tv_vit vit"; do
+        read -r m n d <<<"$spec"
+        tref make-model "$m" "$x/$m.pth" 0
+        bases=() ours=() ratios=() walls_b=() walls_o=()
+        for _ in $(seq "$rounds"); do
+            rm -rf "$x/$m.store"
+            w_b=$(timed_run env OMP_NUM_THREADS="$threads" "$py" scripts/tv_extract_ref.py extract "$m" "$x/$m.pth" "$x/$d" \
+                "$tv_batch" "$threads" "$threads" "$x/$m.torch.safetensors")
+            b=$(rate <"$tmp/timed.log")
+            w_o=$(timed_run "$mos" extract --model "$m" --model-path "$x/$m.pth" --datadir "$x/$d" --output "$x/$m.store" \
+                --layers logits,features --batch "$tv_batch" --workers "$threads" --device cpu)
+            o=$(store_rate "$x/$m.store" "$n")
+            check_rate "torchvision extract ($m)" "$b"; check_rate "mos extract ($m)" "$o"
+            bases+=("$b") ours+=("$o") ratios+=("$(ratio "$o" "$b")") walls_b+=("$w_b") walls_o+=("$w_o")
+        done
+        c=$(tref compare "$x/$m.store" "$x/$m.torch.safetensors") ||
+            { echo "$c" >&2; echo "bench: mos extract --model $m and torchvision disagree" >&2; exit 1; }
+        checks+=("$m (last round): $c")
+        tv_rate[$m]=$(median "${ours[@]}")
+        awk -v m="$m" -v n="$n" -v b="$(median "${bases[@]}")" -v o="${tv_rate[$m]}" -v r="$(median "${ratios[@]}")" \
+            -v wb="$(median "${walls_b[@]}")" -v wo="$(median "${walls_o[@]}")" -v all="${ratios[*]}" \
+            'BEGIN { printf "%-10s %7d %16.2f %10.2f %7.2fx %18s   %s\n", m, n, b, o, r, sprintf("%.1f / %.1f", wb, wo), all }'
+    done
+    printf '%s\n' "${checks[@]}"
+    awk -v o="${tv_rate[resnet50]}" 'BEGIN {
+        printf "a whole ResNet-50 table (85,640 images = 50,000 ImageNet val + 10,000 x 3 + 5,640 Textures; one extraction per image\n"
+        printf "serves every store method) at mos'"'"'s %.2f images/s on this CPU: %.2f hours\n", o, 85640 / o / 3600 }'
 fi
