@@ -66,7 +66,7 @@ pub enum Command {
     MakeGroups(MakeGroupsArgs),
     /// A whole table (methods x OOD sets) in one run: each model and set extracted once,
     /// checked against published numbers.
-    Benchmark(BenchmarkArgs),
+    Benchmark(Box<BenchmarkArgs>),
 }
 
 /// Arguments of `mos benchmark` (docs/benchmark.md). Every flag can also be given in
@@ -132,6 +132,15 @@ pub struct BenchmarkArgs {
     /// x 256 / 224].
     #[arg(long, value_name = "PIXELS")]
     pub resize: Option<usize>,
+    /// --model torchscript: the per-channel mean [default: ImageNet's].
+    #[arg(long, value_delimiter = ',', value_name = "R,G,B")]
+    pub mean: Option<Vec<f32>>,
+    /// --model torchscript: the per-channel standard deviation [default: ImageNet's].
+    #[arg(long, value_delimiter = ',', value_name = "R,G,B")]
+    pub std: Option<Vec<f32>>,
+    /// --model torchscript: the prefix of the head's parameters [default: fc].
+    #[arg(long = "head", value_name = "PREFIX")]
+    pub head: Option<String>,
     /// Skip unreadable images (listed in the log, counted in the results).
     #[arg(long, alias = "skip_bad_images")]
     pub skip_bad_images: bool,
@@ -789,79 +798,32 @@ pub struct TransformArgs {
     pub head: Option<String>,
 }
 
-/// Three finite values of `--mean`/`--std` (`positive` for `--std`).
-fn channels(flag: &str, v: &[f32], positive: bool) -> anyhow::Result<[f32; 3]> {
-    let a: [f32; 3] = v.try_into().map_err(|_| {
-        anyhow::anyhow!(
-            "--{flag}: {} value(s); give 3, one per channel (R,G,B)",
-            v.len()
-        )
-    })?;
-    if let Some(x) = a
-        .iter()
-        .find(|x| !x.is_finite() || (positive && **x <= 0.0))
-    {
-        anyhow::bail!(
-            "--{flag}: {x} is not {}",
-            if positive {
-                "a positive number"
-            } else {
-                "a finite number"
-            }
-        );
-    }
-    Ok(a)
-}
-
 impl TransformArgs {
+    /// The flags as the library takes them.
+    pub fn spec(&self) -> crate::model::input::InputSpec {
+        crate::model::input::InputSpec {
+            crop: self.crop,
+            resize: self.resize,
+            mean: self.mean.clone(),
+            std: self.std.clone(),
+            head: self.head.clone(),
+        }
+    }
+
     /// `--crop`, or the model's default.
     pub fn crop(&self, model: Variant) -> usize {
-        self.crop.unwrap_or(model.default_crop())
+        self.spec().crop(model)
     }
 
     /// The model's evaluation transform with these flags.
     pub fn resolve(&self, model: Variant) -> anyhow::Result<crate::data::ImageTransform> {
-        let script = model.family == crate::model::Family::TorchScript;
-        if !script {
-            for (flag, given) in [
-                ("mean", self.mean.is_some()),
-                ("std", self.std.is_some()),
-                ("head", self.head.is_some()),
-            ] {
-                if given {
-                    anyhow::bail!(
-                        "--{flag} applies to --model torchscript; --model {} has its own",
-                        model.name
-                    );
-                }
-            }
-        }
-        let mut t = model
-            .eval_transform(self.crop(model), self.resize)
-            .map_err(anyhow::Error::msg)?;
-        if let crate::data::ImageTransform::CenterCrop(c) = &mut t {
-            if let Some(m) = &self.mean {
-                c.mean = channels("mean", m, false)?;
-            }
-            if let Some(s) = &self.std {
-                c.std = channels("std", s, true)?;
-            }
-        }
-        Ok(t)
+        self.spec().resolve(model)
     }
 
     /// What loading a TorchScript module needs (its head's prefix, the probe's
     /// size); `None` for the other models.
     pub fn script_spec(&self, model: Variant) -> Option<crate::model::weights::ScriptSpec> {
-        (model.family == crate::model::Family::TorchScript).then(|| {
-            crate::model::weights::ScriptSpec {
-                head: self
-                    .head
-                    .clone()
-                    .unwrap_or_else(|| crate::model::script::DEFAULT_HEAD.to_string()),
-                crop: self.crop(model),
-            }
-        })
+        self.spec().script_spec(model)
     }
 }
 
@@ -872,7 +834,7 @@ pub struct ModelArgs {
     /// small ResNetV2-R14x0.5, ResNetV2-R26x0.5, ResNetV2-R50x0.5, or torchvision's
     /// resnet18, resnet34, resnet50, resnet101, resnet152, vit_b_16, vit_b_32,
     /// vit_l_16, vit_l_32, vit_h_14, or torchscript (a TorchScript module as
-    /// --model-path: mos extract, test-mos, test-baseline).
+    /// --model-path: mos extract, test-mos, test-baseline, benchmark).
     #[arg(long, default_value = "BiT-S-R101x1", value_name = "NAME")]
     pub model: Variant,
 }

@@ -188,6 +188,86 @@ fn a_torchscript_export_gives_the_native_modules_store() {
 }
 
 #[test]
+fn mos_benchmark_runs_a_torchscript_module_as_the_native_one() {
+    let s = setup();
+    let logdir = s.root.join("runs");
+    let same = s.root.join("same");
+    e2e_folder(&same);
+    let bench = |model: &str, path: &Path, name: &str, extra: &[&str]| {
+        let mut c = mos();
+        c.args([
+            "benchmark",
+            "--model",
+            model,
+            "--crop",
+            "32",
+            "--resize",
+            "41",
+        ])
+        .args(["--score", "MSP,Energy,ODIN", "--epsilon-odin", "0.002"])
+        .args([
+            "--name",
+            name,
+            "--batch",
+            "4",
+            "--workers",
+            "2",
+            "--device",
+            "cpu",
+        ])
+        .arg("--flat-model-path")
+        .arg(path)
+        .arg("--in-datadir")
+        .arg(&s.data)
+        .arg("--out-datadir")
+        .arg(&same)
+        .arg("--logdir")
+        .arg(&logdir)
+        .args(extra);
+        c
+    };
+    ok(&mut bench("resnet18", &s.native, "native", &[]));
+    ok(&mut bench(
+        "torchscript",
+        &script(),
+        "scripted",
+        &["--head", "backbone.fc"],
+    ));
+    let rows = |name: &str| -> Vec<serde_json::Value> {
+        let t = std::fs::read_to_string(logdir.join(name).join("results.json")).unwrap();
+        serde_json::from_str(&t).unwrap()
+    };
+    let (x, y) = (rows("native"), rows("scripted"));
+    assert_eq!(x.len(), 3);
+    for (r, q) in x.iter().zip(&y) {
+        assert_eq!(r["method"], q["method"]);
+        for k in ["auroc", "fpr95", "aupr_in", "aupr_out"] {
+            assert_eq!(r[k], q[k], "{} {k}", r["method"]);
+        }
+    }
+    let m: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(logdir.join("scripted/stores/flat/data/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (m["model"].as_str(), m["head"].as_str()),
+        (Some("torchscript"), Some("backbone.fc"))
+    );
+    assert_eq!(m["feature_dim"], 512);
+    // Mahalanobis needs feature layers a module does not give: refused first.
+    let e = fails(&mut bench(
+        "torchscript",
+        &script(),
+        "maha",
+        &["--head", "backbone.fc", "--score", "Mahalanobis"],
+    ));
+    assert!(
+        e.contains("--score Mahalanobis needs the feature layers"),
+        "{e}"
+    );
+}
+
+#[test]
 fn odin_with_a_perturbation_runs_through_a_torchscript_module() {
     let s = setup();
     let logdir = s.root.join("runs");

@@ -105,6 +105,9 @@ struct Config {
     batch: Option<usize>,
     crop: Option<usize>,
     resize: Option<usize>,
+    mean: Option<Vec<f32>>,
+    std: Option<Vec<f32>>,
+    head: Option<String>,
     skip_bad_images: Option<bool>,
     device: Option<String>,
 }
@@ -348,6 +351,9 @@ fn request(args: &BenchmarkArgs) -> Result<BenchmarkRequest> {
         workers: args.workers.or(cfg.workers).unwrap_or(8),
         crop: args.crop.or(cfg.crop).unwrap_or(model.default_crop()),
         resize: args.resize.or(cfg.resize),
+        mean: args.mean.clone().or(cfg.mean),
+        std: args.std.clone().or(cfg.std),
+        head: args.head.clone().or(cfg.head),
         skip_bad_images: args.skip_bad_images || cfg.skip_bad_images.unwrap_or(false),
         device: device.resolve()?,
     })
@@ -389,7 +395,7 @@ mod tests {
             .unwrap()
             .command
         {
-            crate::cli::Command::Benchmark(a) => a,
+            crate::cli::Command::Benchmark(a) => *a,
             _ => panic!("not mos benchmark"),
         }
     }

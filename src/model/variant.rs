@@ -249,7 +249,7 @@ impl Variant {
         match self.family {
             Family::Bit => Ok(()),
             _ => Err(format!(
-                "--model {}: {what} runs BiT models only; torchvision's models and TorchScript modules are supported by mos extract, score, test-mos, test-baseline, tune-mahalanobis (not TorchScript) and benchmark (not TorchScript), torchvision's models also by finetune-group and finetune-flat",
+                "--model {}: {what} runs BiT models only; torchvision's models and TorchScript modules are supported by mos extract, score, test-mos, test-baseline, tune-mahalanobis (not TorchScript) and benchmark, torchvision's models also by finetune-group and finetune-flat",
                 self.name
             )),
         }

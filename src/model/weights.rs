@@ -568,7 +568,7 @@ pub fn load_model(
 ) -> Result<LoadedModel> {
     if variant.is_some_and(|v| v.family == Family::TorchScript) {
         bail!(
-            "--model torchscript: this command does not run TorchScript modules (mos extract, test-mos and test-baseline do)"
+            "--model torchscript: this command does not run TorchScript modules (mos extract, test-mos, test-baseline and benchmark do)"
         );
     }
     let file = resolve_weight_path(path)?;

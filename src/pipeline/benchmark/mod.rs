@@ -80,6 +80,10 @@ pub struct BenchmarkRequest {
     pub crop: usize,
     /// torchvision's models: the shorter side before the center crop.
     pub resize: Option<usize>,
+    /// A TorchScript module's `--mean`, `--std` and `--head`.
+    pub mean: Option<Vec<f32>>,
+    pub std: Option<Vec<f32>>,
+    pub head: Option<String>,
     pub skip_bad_images: bool,
     pub device: Device,
 }
@@ -102,11 +106,21 @@ impl BenchmarkOutcome {
 }
 
 impl BenchmarkRequest {
-    /// The models' evaluation transform (`--crop`, `--resize`).
+    /// The transform flags as the other commands take them.
+    pub fn input_spec(&self) -> crate::model::input::InputSpec {
+        crate::model::input::InputSpec {
+            crop: Some(self.crop),
+            resize: self.resize,
+            mean: self.mean.clone(),
+            std: self.std.clone(),
+            head: self.head.clone(),
+        }
+    }
+
+    /// The models' evaluation transform (`--crop`, `--resize`; a TorchScript
+    /// module's `--mean`, `--std`).
     pub fn transform(&self) -> Result<crate::data::ImageTransform> {
-        self.model
-            .eval_transform(self.crop, self.resize)
-            .map_err(anyhow::Error::msg)
+        self.input_spec().resolve(self.model)
     }
 }
 

@@ -11,7 +11,7 @@ use super::{BenchmarkRequest, SetSpec};
 use crate::data::loader::Item;
 use crate::data::EvalSet;
 use crate::groupconfig::check_split;
-use crate::model::weights::{load_model, resolve_weight_path, with_head_hint, LoadedModel};
+use crate::model::weights::{load_network, resolve_weight_path, with_head_hint, LoadedModel};
 use crate::pipeline::score::posthoc_fit as posthoc;
 use crate::pipeline::score::{
     methods_from_names, posthoc_methods, store_layers, Method, MethodSettings,
@@ -61,6 +61,15 @@ pub(super) fn plan(req: &BenchmarkRequest) -> Result<Plan> {
     }
     if req.score.is_empty() {
         bail!("no method: give --score (e.g. MOS,MSP,ODIN,Energy,KL_Div,Mahalanobis)");
+    }
+    if req
+        .score
+        .iter()
+        .any(|m| m.trim().eq_ignore_ascii_case("mahalanobis"))
+    {
+        req.model
+            .require_feature_layers("--score Mahalanobis")
+            .map_err(anyhow::Error::msg)?;
     }
     let id = open_set(&req.in_set, "--in-datadir")?;
     let oods = req
@@ -351,7 +360,8 @@ fn load_role(
 ) -> Result<RoleModel> {
     let flag = format!("--{role}-model-path");
     let weights = resolve_weight_path(path).with_context(|| flag.clone())?;
-    let loaded = load_model(&weights, Some(req.model), Some(head), req.device)
+    let script = req.input_spec().script_spec(req.model);
+    let loaded = load_network(&weights, req.model, script.as_ref(), Some(head), req.device)
         .map_err(|e| with_head_hint(e, || hint))
         .with_context(|| format!("{flag} {}", path.display()))?;
     Ok(RoleModel {
@@ -418,6 +428,12 @@ fn plan_store(
     .iter()
     .map(|s| s.to_string())
     .collect();
+    // A TorchScript module's transform and head are flags: the store records them.
+    let script = req.model.family == crate::model::Family::TorchScript;
+    let normalization = match req.transform()? {
+        crate::data::ImageTransform::CenterCrop(c) => (Some(c.mean.to_vec()), Some(c.std.to_vec())),
+        crate::data::ImageTransform::Squash(_) => (None, None),
+    };
     let mut manifest = Manifest {
         format: store::FORMAT.into(),
         mos_version: env!("CARGO_PKG_VERSION").into(),
@@ -443,11 +459,13 @@ fn plan_store(
         complete: false,
         group_config: m.loaded.state.group_config().map(<[i64]>::to_vec),
         resize: req.transform()?.resize(),
-        feature_dim: None,
+        feature_dim: script.then(|| m.loaded.model.feature_dim()),
         imported: None,
-        mean: None,
-        std: None,
-        head: None,
+        mean: script.then(|| normalization.0.clone()).flatten(),
+        std: script.then(|| normalization.1.clone()).flatten(),
+        head: script
+            .then(|| req.input_spec().script_spec(req.model).map(|s| s.head))
+            .flatten(),
     };
     manifest.fingerprint = manifest.compute_fingerprint();
     Ok(StorePlan {
