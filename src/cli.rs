@@ -124,23 +124,8 @@ pub struct BenchmarkArgs {
     /// Images per batch [default: 256].
     #[arg(long, value_name = "N")]
     pub batch: Option<usize>,
-    /// Side of the square images the model sees [default: 480 for BiT, 224 for
-    /// torchvision's models].
-    #[arg(long, value_name = "PIXELS")]
-    pub crop: Option<usize>,
-    /// torchvision's models: the shorter side before the center crop [default: crop
-    /// x 256 / 224].
-    #[arg(long, value_name = "PIXELS")]
-    pub resize: Option<usize>,
-    /// --model torchscript: the per-channel mean [default: ImageNet's].
-    #[arg(long, value_delimiter = ',', value_name = "R,G,B")]
-    pub mean: Option<Vec<f32>>,
-    /// --model torchscript: the per-channel standard deviation [default: ImageNet's].
-    #[arg(long, value_delimiter = ',', value_name = "R,G,B")]
-    pub std: Option<Vec<f32>>,
-    /// --model torchscript: the prefix of the head's parameters [default: fc].
-    #[arg(long = "head", value_name = "PREFIX")]
-    pub head: Option<String>,
+    #[command(flatten)]
+    pub transform: TransformArgs,
     /// Skip unreadable images (listed in the log, counted in the results).
     #[arg(long, alias = "skip_bad_images")]
     pub skip_bad_images: bool,

@@ -384,6 +384,10 @@ fn arrays_that_cannot_be_a_store_are_clear_errors_that_write_nothing() {
             vec!["--paths two_paths.txt: 2 lines", "3 rows"],
         ),
         (
+            vec!["--arrays", "logits.npy", "--no-labels"],
+            vec!["--arrays logits.npy: a .npy file holds one array"],
+        ),
+        (
             vec!["--logits", "logits.txt", "--no-labels"],
             vec!["logits.txt: not a .npy, .npz or .safetensors file"],
         ),

@@ -175,6 +175,7 @@ fn set_name(s: &SetSpec) -> String {
 
 /// The command line over the config file, with the defaults.
 fn request(args: &BenchmarkArgs) -> Result<BenchmarkRequest> {
+    let t = &args.transform;
     let cfg = match &args.config {
         Some(p) => read_config(p)?,
         None => Config::default(),
@@ -349,11 +350,11 @@ fn request(args: &BenchmarkArgs) -> Result<BenchmarkRequest> {
         run_dir: logdir.join(name),
         batch: args.batch.or(cfg.batch).unwrap_or(256),
         workers: args.workers.or(cfg.workers).unwrap_or(8),
-        crop: args.crop.or(cfg.crop).unwrap_or(model.default_crop()),
-        resize: args.resize.or(cfg.resize),
-        mean: args.mean.clone().or(cfg.mean),
-        std: args.std.clone().or(cfg.std),
-        head: args.head.clone().or(cfg.head),
+        crop: t.crop.or(cfg.crop).unwrap_or(model.default_crop()),
+        resize: t.resize.or(cfg.resize),
+        mean: t.mean.clone().or(cfg.mean),
+        std: t.std.clone().or(cfg.std),
+        head: t.head.clone().or(cfg.head),
         skip_bad_images: args.skip_bad_images || cfg.skip_bad_images.unwrap_or(false),
         device: device.resolve()?,
     })

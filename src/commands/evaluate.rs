@@ -77,15 +77,6 @@ fn head_hint(job: &EvalJob, id_classes: usize) -> String {
 pub fn run(mut job: EvalJob) -> Result<()> {
     // Checked before anything is read.
     let transform = job.data.transform.resolve(job.model)?;
-    if job
-        .methods
-        .iter()
-        .any(|m| matches!(m, Method::Mahalanobis(_)))
-    {
-        job.model
-            .require_feature_layers("--score Mahalanobis")
-            .map_err(anyhow::Error::msg)?;
-    }
     let script = job.data.transform.script_spec(job.model);
     if let Some(map) = job.settings.as_object_mut() {
         let d = job.data;

@@ -46,15 +46,6 @@ fn read_data(args: &ExtractArgs) -> Result<(Vec<Item>, Vec<String>, i64)> {
     Ok((items, paths, classes))
 }
 
-/// The mean and standard deviation of a center-crop transform (recorded for a
-/// TorchScript module, whose are flags).
-fn normalization(t: &crate::data::ImageTransform) -> Option<(Vec<f32>, Vec<f32>)> {
-    match t {
-        crate::data::ImageTransform::CenterCrop(c) => Some((c.mean.to_vec(), c.std.to_vec())),
-        crate::data::ImageTransform::Squash(_) => None,
-    }
-}
-
 /// The command line without the shard flags, for the store's messages.
 fn command_without_shard_flags() -> Vec<String> {
     let mut out = Vec::new();
@@ -136,12 +127,15 @@ pub fn run(args: &ExtractArgs) -> Result<()> {
         complete: false,
         group_config: loaded.state.group_config().map(<[i64]>::to_vec),
         resize: transform.resize(),
-        feature_dim: script.as_ref().map(|_| loaded.model.feature_dim()),
+        feature_dim: None,
         imported: None,
-        mean: script.as_ref().and(normalization(&transform).map(|n| n.0)),
-        std: script.as_ref().and(normalization(&transform).map(|n| n.1)),
-        head: script.as_ref().map(|s| s.head.clone()),
+        mean: None,
+        std: None,
+        head: None,
     };
+    if let Some(s) = &script {
+        manifest.record_script(&transform, &s.head, loaded.model.feature_dim());
+    }
     manifest.fingerprint = manifest.compute_fingerprint();
     // A new store whose extraction fails before its shard is written is taken away
     // again (new_store's drop), so that the retry the error suggests is not refused.

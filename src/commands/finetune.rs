@@ -26,7 +26,7 @@ use crate::dist::{ProcessGroup, Timeouts};
 use crate::groupconfig::read_group_config;
 use crate::model::checkpoint::{self, Checkpoint, CheckpointMeta};
 use crate::model::trainable::TrainNet;
-use crate::model::weights::{load_strict, read_state_dict};
+use crate::model::weights::{load_family, load_strict, read_state_dict};
 use crate::model::{Family, Freeze, Variant};
 use crate::ood::GroupSlices;
 use crate::runlog::RunLog;
@@ -508,21 +508,8 @@ pub fn run(args: &FinetuneArgs, head: Head) -> Result<()> {
             .context("internal: --init torchvision without --pretrained")?;
         let sd = read_state_dict(file).context("--pretrained")?;
         let head = model.head_prefix();
-        // Files written by older torchvision name a ViT's MLP layers as it renames
-        // them on loading.
-        let tensors: Vec<(String, Tensor)> = sd
-            .tensors
-            .iter()
-            .map(|(n, t)| {
-                let n = match args.model.model.family {
-                    Family::TorchvisionViT => crate::model::vit::torchvision_key(n).into_owned(),
-                    _ => n.clone(),
-                };
-                (n, t.shallow_clone())
-            })
-            .collect();
-        load_strict(&vs, &tensors, file, args.model.model.name, &|n| {
-            n.starts_with(head) || crate::model::resnet::is_bookkeeping(n)
+        load_family(&vs, &sd.tensors, file, args.model.model, &|n| {
+            n.starts_with(head)
         })?;
         log.line(format!(
             "initialised from {} ({}; its head replaced by a zero {}-way head)",

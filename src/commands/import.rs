@@ -15,28 +15,11 @@ pub fn run(args: &ImportArgs) -> Result<()> {
         &args.head_weight,
         &args.head_bias,
     ];
-    let mut sources: Vec<(&'static str, ArraySource)> = Vec::new();
-    for (role, flag) in ROLES.iter().zip(given) {
-        match (flag, &args.arrays) {
-            (Some(src), _) => sources.push((role, src.clone())),
-            (None, Some(file)) => {
-                // From --arrays when it has the role's array (it must have the logits).
-                if *role == "logits" || import::has_array(file, role)? {
-                    sources.push((
-                        role,
-                        ArraySource {
-                            file: file.clone(),
-                            key: Some(role.to_string()),
-                        },
-                    ));
-                }
-            }
-            (None, None) => {}
-        }
-    }
-    if args.no_labels {
-        sources.retain(|(r, s)| *r != "labels" || args.labels.as_ref() == Some(s));
-    }
+    let sources: Vec<(&'static str, ArraySource)> = ROLES
+        .iter()
+        .zip(given)
+        .filter_map(|(role, flag)| flag.clone().map(|src| (*role, src)))
+        .collect();
     let dataset = args.dataset.clone().unwrap_or_else(|| {
         args.output
             .file_name()
@@ -45,6 +28,7 @@ pub fn run(args: &ImportArgs) -> Result<()> {
     });
     let req = ImportRequest {
         sources,
+        arrays: args.arrays.clone(),
         paths: args.paths.clone(),
         no_labels: args.no_labels,
         model_name: args.model_name.clone(),

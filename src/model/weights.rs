@@ -609,23 +609,33 @@ pub fn load_model(
         (_, Some(arch)) => Network::TorchvisionViT(TorchvisionViT::new(&vs.root(), arch, head)),
         _ => Network::Bit(ResNetV2::new(&vs.root(), variant, head)),
     };
-    // Files written by older torchvision name a ViT's MLP layers as it renames them
-    // on loading.
+    load_family(&vs, &state.tensors, path, variant, &|_| false)?;
+    Ok(LoadedModel { vs, model, state })
+}
+
+/// [`load_strict`] of a state dict of `variant`'s family: a ViT's keys renamed as
+/// torchvision renames those of files its older versions wrote, torchvision's
+/// BatchNorm counters (training bookkeeping, no variables) ignored, and the
+/// tensors `skip` names left out (a head being replaced).
+pub fn load_family(
+    vs: &nn::VarStore,
+    tensors: &[(String, Tensor)],
+    path: &Path,
+    variant: Variant,
+    skip: &dyn Fn(&str) -> bool,
+) -> Result<()> {
     let renamed: Vec<(String, Tensor)>;
     let tensors = if variant.family == Family::TorchvisionViT {
-        renamed = state
-            .tensors
+        renamed = tensors
             .iter()
             .map(|(n, t)| (torchvision_key(n).into_owned(), t.shallow_clone()))
             .collect();
         &renamed
     } else {
-        &state.tensors
+        tensors
     };
-    // torchvision's BatchNorm counters are no variables (training bookkeeping).
     let torchvision = variant.is_torchvision();
-    load_strict(&vs, tensors, path, variant.name, &|n| {
-        torchvision && is_bookkeeping(n)
-    })?;
-    Ok(LoadedModel { vs, model, state })
+    load_strict(vs, tensors, path, variant.name, &|n| {
+        (torchvision && is_bookkeeping(n)) || skip(n)
+    })
 }

@@ -62,8 +62,11 @@ pub const ROLES: [&str; 5] = ["logits", "features", "labels", "head_weight", "he
 /// What to import.
 #[derive(Debug, Clone)]
 pub struct ImportRequest {
-    /// Per role of [`ROLES`]: where its array is (absent: not imported).
+    /// The roles of [`ROLES`] given one by one: where each array is.
     pub sources: Vec<(&'static str, ArraySource)>,
+    /// `--arrays`: a file holding the other roles' arrays under their names (all
+    /// optional but the logits).
+    pub arrays: Option<PathBuf>,
     /// One path per row (a text file), or none.
     pub paths: Option<PathBuf>,
     /// No labels: every row is labelled 0 (an OOD set), as the manifest says.
@@ -90,17 +93,6 @@ fn file_kind(file: &Path) -> Result<&'static str> {
         "{}: not a .npy, .npz or .safetensors file (mos import reads those)",
         file.display()
     )
-}
-
-/// Whether the `.npz` or safetensors `file` has an array `key`.
-pub fn has_array(file: &Path, key: &str) -> Result<bool> {
-    if file_kind(file)? == "npy" {
-        bail!(
-            "--arrays {}: a .npy file holds one array; give it as --logits, --features, ...",
-            file.display()
-        );
-    }
-    Ok(read_file(file)?.iter().any(|(k, _, _)| k == key))
 }
 
 /// An array of a file: its name, the tensor, its element type as read.
@@ -161,7 +153,32 @@ struct Read {
 fn read_arrays(req: &ImportRequest) -> Result<HashMap<&'static str, Read>> {
     let mut files: HashMap<PathBuf, (Vec<Named>, String)> = HashMap::new();
     let mut out = HashMap::new();
-    for (role, src) in &req.sources {
+    // Each role's source, and whether it may be absent (a role --arrays lacks).
+    let mut wanted: Vec<(&'static str, ArraySource, bool)> = Vec::new();
+    for role in ROLES {
+        if let Some((_, src)) = req.sources.iter().find(|(r, _)| *r == role) {
+            wanted.push((role, src.clone(), false));
+            continue;
+        }
+        let Some(file) = &req.arrays else {
+            continue;
+        };
+        if role == "labels" && req.no_labels {
+            continue;
+        }
+        if file_kind(file)? == "npy" {
+            bail!(
+                "--arrays {}: a .npy file holds one array; give it as --logits, --features, ...",
+                file.display()
+            );
+        }
+        let src = ArraySource {
+            file: file.clone(),
+            key: Some(role.to_string()),
+        };
+        wanted.push((role, src, role != "logits"));
+    }
+    for (role, src, optional) in &wanted {
         if !files.contains_key(&src.file) {
             let arrays = read_file(&src.file)?;
             let sha = store::sha256_file(&src.file)?;
@@ -182,6 +199,9 @@ fn read_arrays(req: &ImportRequest) -> Result<HashMap<&'static str, Read>> {
         } else {
             let key = src.key.clone().unwrap_or_else(|| role.to_string());
             let found = arrays.iter().find(|(k, _, _)| *k == key);
+            if found.is_none() && *optional {
+                continue;
+            }
             if found.is_none() {
                 let names: Vec<&str> = arrays.iter().map(|(k, _, _)| k.as_str()).collect();
                 bail!(

@@ -285,6 +285,23 @@ impl Manifest {
         .find(|(_, x, y)| x != y)
     }
 
+    /// Records what a TorchScript module's store depends on besides its file: the
+    /// features' width, the normalization of `transform` (flags for a module) and
+    /// the head's prefix.
+    pub fn record_script(
+        &mut self,
+        transform: &crate::data::ImageTransform,
+        head: &str,
+        feature_dim: i64,
+    ) {
+        if let crate::data::ImageTransform::CenterCrop(c) = transform {
+            self.mean = Some(c.mean.to_vec());
+            self.std = Some(c.std.to_vec());
+        }
+        self.head = Some(head.to_string());
+        self.feature_dim = Some(feature_dim);
+    }
+
     /// The architecture mos builds for this store's model; `None` for an imported store.
     pub fn variant(&self) -> Result<Option<crate::model::Variant>> {
         if self.model.starts_with(IMPORTED_PREFIX) {

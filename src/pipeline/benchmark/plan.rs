@@ -428,12 +428,7 @@ fn plan_store(
     .iter()
     .map(|s| s.to_string())
     .collect();
-    // A TorchScript module's transform and head are flags: the store records them.
-    let script = req.model.family == crate::model::Family::TorchScript;
-    let normalization = match req.transform()? {
-        crate::data::ImageTransform::CenterCrop(c) => (Some(c.mean.to_vec()), Some(c.std.to_vec())),
-        crate::data::ImageTransform::Squash(_) => (None, None),
-    };
+    let transform = req.transform()?;
     let mut manifest = Manifest {
         format: store::FORMAT.into(),
         mos_version: env!("CARGO_PKG_VERSION").into(),
@@ -458,15 +453,17 @@ fn plan_store(
         command,
         complete: false,
         group_config: m.loaded.state.group_config().map(<[i64]>::to_vec),
-        resize: req.transform()?.resize(),
-        feature_dim: script.then(|| m.loaded.model.feature_dim()),
+        resize: transform.resize(),
+        feature_dim: None,
         imported: None,
-        mean: script.then(|| normalization.0.clone()).flatten(),
-        std: script.then(|| normalization.1.clone()).flatten(),
-        head: script
-            .then(|| req.input_spec().script_spec(req.model).map(|s| s.head))
-            .flatten(),
+        mean: None,
+        std: None,
+        head: None,
     };
+    // A TorchScript module's transform and head are flags: the store records them.
+    if let Some(s) = req.input_spec().script_spec(req.model) {
+        manifest.record_script(&transform, &s.head, m.loaded.model.feature_dim());
+    }
     manifest.fingerprint = manifest.compute_fingerprint();
     Ok(StorePlan {
         items,

@@ -425,40 +425,32 @@ pub fn load_head(
             id.checkpoint
         );
     }
+    // The head's tensors: a TorchScript module's parameters under its prefix, or
+    // the family's names in its state dict (BiT: a 1x1 conv; torchvision: fc; an
+    // imported store's head file: weight, bias).
     let variant = id.variant().context("the ID store")?;
-    if let Some(v) = variant.filter(|v| v.family == crate::model::Family::TorchScript) {
+    let (w, b) = if variant.is_some_and(|v| v.family == crate::model::Family::TorchScript) {
         let prefix = id
             .head
             .as_deref()
             .unwrap_or(crate::model::script::DEFAULT_HEAD);
-        let (w, b) = crate::model::script::read_head(&file, prefix)?;
-        let head = Head::new(&w, &b).with_context(|| file.display().to_string())?;
-        if head.classes() != id.head_size {
-            bail!(
-                "{}: a head of {} logits, the stores' ({}) has {}",
-                file.display(),
-                head.classes(),
-                v.name,
-                id.head_size
-            );
-        }
-        return Ok((head, file));
-    }
-    let sd = crate::model::weights::read_state_dict(&file)?;
-    let find = |name: &str| -> Result<Tensor> {
-        sd.tensors
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, t)| t.shallow_clone())
-            .with_context(|| format!("{}: no tensor '{name}' (the head)", file.display()))
+        crate::model::script::read_head(&file, prefix)?
+    } else {
+        let sd = crate::model::weights::read_state_dict(&file)?;
+        let find = |name: &str| -> Result<Tensor> {
+            sd.tensors
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t.shallow_clone())
+                .with_context(|| format!("{}: no tensor '{name}' (the head)", file.display()))
+        };
+        let (w, b) = match variant {
+            Some(v) => v.head_tensor_names(),
+            None => ("weight", "bias"),
+        };
+        (find(w)?, find(b)?)
     };
-    // The head's names in the family's state dicts (BiT: a 1x1 conv; torchvision:
-    // fc; an imported store's head file: weight, bias).
-    let (w, b) = match variant {
-        Some(v) => v.head_tensor_names(),
-        None => ("weight", "bias"),
-    };
-    let head = Head::new(&find(w)?, &find(b)?).with_context(|| file.display().to_string())?;
+    let head = Head::new(&w, &b).with_context(|| file.display().to_string())?;
     if head.classes() != id.head_size {
         bail!(
             "{}: a head of {} logits, the stores' has {}",
@@ -655,7 +647,7 @@ pub fn prepare(req: &Request, id: &StoreData, log: &RunLog) -> Result<Prepared> 
             f.info.react.as_ref().map(|r| r.percentile) == Some(req.settings.react_percentile);
         let vim_ok = f.info.vim.as_ref().map(|v| v.dim) == vim_dim;
         let needs_data = req.methods.iter().any(|p| match p {
-            PostHoc::React => !react_ok && req.settings.react_threshold.is_none(),
+            PostHoc::React => !react_ok && req.settings.needs_fit(PostHoc::React),
             PostHoc::Dice => f.dice_mean.is_none(),
             PostHoc::Vim => !vim_ok,
             PostHoc::Knn => true,
@@ -693,7 +685,7 @@ pub fn prepare(req: &Request, id: &StoreData, log: &RunLog) -> Result<Prepared> 
             let feats = feats.to_device(req.device);
             for p in &req.methods {
                 match p {
-                    PostHoc::React if !react_ok && req.settings.react_threshold.is_none() => {
+                    PostHoc::React if !react_ok && req.settings.needs_fit(PostHoc::React) => {
                         let t = ph::percentile(&feats, req.settings.react_percentile)?;
                         f.react_threshold = Some(t);
                         f.info.react = Some(ReactFit {
