@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# ReAct's Table 1 (NeurIPS 2021), ResNet-50 rows -- MSP, ODIN, Energy, ReAct -- in one
-# command: torchvision's 2017 ResNet-50 weights, Resize 256 / CenterCrop 224, the four
+# ReAct's Table 1 (NeurIPS 2021), ResNet-50 rows -- MSP, ODIN, Energy, ReAct -- and
+# ASH-S at 90 (the ASH authors' recorded run) in one command: torchvision's 2017 ResNet-50 weights, Resize 256 / CenterCrop 224, the four
 # OOD sets of the MOS benchmark, checked cell by cell against the published numbers
 # (configs/benchmarks/imagenet_resnet50_published.json). Exit status 0: every cell
 # within its tolerance. Data: README.md, "Reproducing Table 1" (the same sets);

@@ -369,6 +369,12 @@ pub struct ScoreArgs {
     /// Device of the post-hoc methods: auto (CUDA device 0 if available, else CPU), cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto", value_name = "DEVICE")]
     pub device: DeviceSpec,
+    /// Published numbers to check every row against (docs/benchmark.md): a cell for
+    /// every method and OOD store, the stores' model and transform those of its
+    /// setup; the comparison goes to report.md; exit status 1 when a cell is outside
+    /// its tolerance.
+    #[arg(long, value_name = "FILE")]
+    pub published: Option<PathBuf>,
     #[command(flatten)]
     pub run: RunArgs,
     #[command(flatten)]

@@ -176,7 +176,12 @@ fn published(s: &Setup, rows: &[serde_json::Value], shift: f64) -> PathBuf {
         })
         .collect();
     let path = s.root.join(format!("published_{shift}.json"));
-    let doc = serde_json::json!({"source": "this test", "cells": cells});
+    // An unchecked copy of MSP on ood_a, shown beside the run and never compared.
+    let unchecked = serde_json::json!([{
+        "method": "msp", "set": "ood_a", "auroc": 1.0, "fpr95": 99.0,
+        "source": "another copy", "why": "a second row"
+    }]);
+    let doc = serde_json::json!({"source": "this test", "cells": cells, "unchecked": unchecked});
     std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
     path
 }
@@ -240,6 +245,21 @@ fn benchmark_equals_the_test_commands_resumes_and_compares() {
     assert!(
         out.contains("all 12 published cells within their tolerance"),
         "{out}"
+    );
+    let report = std::fs::read_to_string(run.join("report.md")).unwrap();
+    let msp_a = rows
+        .iter()
+        .find(|r| r["method"] == "MSP" && r["out_dataset"] == "ood_a")
+        .unwrap();
+    assert!(
+        report.contains("## Published elsewhere, not checked")
+            && report.contains("1. Source: another copy\n   Not checked: a second row")
+            && report.contains(&format!(
+                "| MSP | ood_a | 1.00 | {:.2} | 99.00 | {:.2} | 1 |",
+                100.0 * msp_a["auroc"].as_f64().unwrap(),
+                100.0 * msp_a["fpr95"].as_f64().unwrap()
+            )),
+        "{report}"
     );
     let bad = published(&s, &rows, 0.6);
     benchmark(&s, "bench", &maha0, "0")

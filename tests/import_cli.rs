@@ -227,6 +227,7 @@ fn imported_arrays_score_as_the_extracted_store_bit_for_bit() {
         }
     }
     assert_eq!(y[0]["model"], "imported:r14");
+    published_numbers_check_the_imported_stores(&s, &id2, &ood2, &x);
     let csv = |name: &str| {
         std::fs::read_to_string(s.root.join(format!("runs/{name}/scores.csv"))).unwrap()
     };
@@ -280,6 +281,114 @@ fn imported_arrays_score_as_the_extracted_store_bit_for_bit() {
     let e = fails(&mut score(&s.root, &id2, &other, "mixed", &[]));
     assert!(
         e.contains("imported:r14") && e.contains("imported:another"),
+        "{e}"
+    );
+}
+
+/// `mos score --published` on imported stores: the rows of `measured` as published
+/// numbers (all within), one shifted (exit 1), a method missing, another model.
+fn published_numbers_check_the_imported_stores(
+    s: &Setup,
+    id: &Path,
+    ood: &Path,
+    measured: &[serde_json::Value],
+) {
+    let write = |name: &str, model: &str, shift: f64, skip: Option<&str>| -> PathBuf {
+        let round = |x: f64| (x * 10000.0).round() / 100.0;
+        let cells: Vec<serde_json::Value> = measured
+            .iter()
+            .filter(|r| Some(r["method"].as_str().unwrap()) != skip)
+            .map(|r| {
+                let a = round(r["auroc"].as_f64().unwrap());
+                let a = if r["method"] == "Energy" {
+                    a + shift
+                } else {
+                    a
+                };
+                serde_json::json!({"method": r["method"], "set": "ood_set", "auroc": a,
+                    "fpr95": round(r["fpr95"].as_f64().unwrap()),
+                    "auroc_tolerance": 0.5, "fpr95_tolerance": 0.5})
+            })
+            .collect();
+        let doc = serde_json::json!({"source": "this test",
+            "setup": {"model": model, "crop": 224, "resize": 256}, "cells": cells,
+            "unchecked": [{"method": "DICE+ReAct", "set": "ood_set", "auroc": 50.0,
+                "source": "a copy", "why": "not run"}]});
+        let path = s.root.join(name);
+        std::fs::write(&path, serde_json::to_string(&doc).unwrap()).unwrap();
+        path
+    };
+    let arg = |p: &Path| p.display().to_string();
+    let good = write("good.json", "R14", 0.0, None);
+    let out = score(&s.root, id, ood, "pub_good", &["--published", &arg(&good)])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("all 8 published cells within their tolerance"),
+        "{stdout}"
+    );
+    // An imported store records no transform: said, not silently passed.
+    assert!(
+        stderr.contains("the stores are imported, which records no transform, so its crop 224 and resize 256 are taken on trust"),
+        "{stderr}"
+    );
+    let report = std::fs::read_to_string(s.root.join("runs/pub_good/report.md")).unwrap();
+    assert!(
+        report.contains("8 of 8 cells within their tolerance")
+            && report.contains("| DICE+ReAct | ood_set | 50.00 | - | - | - | 1 |"),
+        "{report}"
+    );
+    let bad = write("bad.json", "r14", 0.6, None);
+    let e = fails(&mut score(
+        &s.root,
+        id,
+        ood,
+        "pub_bad",
+        &["--published", &arg(&bad)],
+    ));
+    assert!(
+        e.contains("1 of 8 published cells are outside their tolerance"),
+        "{e}"
+    );
+    let missing = write("missing.json", "r14", 0.0, Some("KNN"));
+    let e = fails(&mut score(
+        &s.root,
+        id,
+        ood,
+        "pub_missing",
+        &["--published", &arg(&missing)],
+    ));
+    assert!(e.contains("no published number for KNN on ood_set"), "{e}");
+    let other = write("other.json", "resnet50", 0.0, None);
+    let e = fails(&mut score(
+        &s.root,
+        id,
+        ood,
+        "pub_other",
+        &["--published", &arg(&other)],
+    ));
+    assert!(
+        e.contains("measured with --model resnet50, the stores were imported as r14"),
+        "{e}"
+    );
+    // Extracted stores record their model and transform, which are checked.
+    let mp = s.ckpt.display().to_string();
+    let e = fails(&mut score(
+        &s.root,
+        &s.id,
+        &s.ood,
+        "pub_extracted",
+        &["--model-path", &mp, "--published", &arg(&good)],
+    ));
+    assert!(
+        e.contains(
+            "its numbers were measured with --model r14, this run has --model resnetv2-r14x0.5"
+        ),
         "{e}"
     );
 }

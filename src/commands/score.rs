@@ -9,8 +9,10 @@ use anyhow::{bail, Context, Result};
 use crate::cli::ScoreArgs;
 use crate::groupconfig::check_split;
 use crate::metrics::ood_metrics;
+use crate::pipeline::benchmark::published;
 use crate::pipeline::report::{
-    csv_path, merge_results, table, write_scores_csv, MethodResult, ScoreColumns,
+    csv_path, merge_results, paper_table, table, write_scores_csv, MethodResult, ReportFormat,
+    ScoreColumns,
 };
 use crate::pipeline::score::posthoc_fit as posthoc;
 use crate::pipeline::score::{
@@ -183,6 +185,21 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
         }
         oods.push(s);
     }
+    let published = match &args.published {
+        Some(path) => {
+            let p = published::read_published(path)?;
+            if let Some(setup) = &p.setup {
+                if let Some(line) = published::check_store_setup(setup, path, &id.manifest)? {
+                    eprintln!("{line}");
+                    log.line(line);
+                }
+            }
+            let sets: Vec<&str> = oods.iter().map(|s| s.manifest.dataset.as_str()).collect();
+            published::check_coverage(&p, path, &names, &sets)?;
+            Some(p)
+        }
+        None => None,
+    };
     let prepared = match &request {
         Some(r) => Some(posthoc::prepare(r, &id, &log)?),
         None => None,
@@ -324,5 +341,39 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
         results.display(),
         started.elapsed().as_secs_f64()
     ));
+    if let (Some(p), Some(path)) = (&published, &args.published) {
+        let c = published::compare(p, &rows);
+        let report = dir.join("report.md");
+        let text = format!(
+            "# Scores: {}\n\nIn-distribution store {}; model {}.\n\n## AUROC / FPR95 (%), FPR95 at 95% ID recall\n\n{}{}",
+            dir.display(),
+            args.id.display(),
+            id.manifest.model,
+            paper_table(&rows, ReportFormat::Markdown),
+            published::published_section(p, &c, &rows)
+        );
+        crate::model::checkpoint::write_atomic(&report, text.as_bytes())?;
+        print!("\n{}", published::comparison_table(&c));
+        let outside = c.iter().filter(|c| !c.within).count();
+        log.line(format!(
+            "--published {}: {} of {} cells within their tolerance ({})",
+            path.display(),
+            c.len() - outside,
+            c.len(),
+            report.display()
+        ));
+        if outside > 0 {
+            bail!(
+                "{outside} of {} published cells are outside their tolerance (see {})",
+                c.len(),
+                report.display()
+            );
+        }
+        println!(
+            "all {} published cells within their tolerance ({})",
+            c.len(),
+            report.display()
+        );
+    }
     Ok(())
 }

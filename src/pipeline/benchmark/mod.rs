@@ -42,7 +42,7 @@ pub mod summary;
 
 pub use plan::foreign_files;
 pub use published::{
-    compare, comparison_table, read_published, Comparison, Published, PublishedCell,
+    compare, comparison_table, read_published, Comparison, Published, PublishedCell, UncheckedCell,
 };
 
 /// An image folder with, optionally, the number of images it must hold.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use tch::Device;
 
-use super::published::{check_setup, read_published, Published};
+use super::published::{check_coverage, check_setup, read_published, Published};
 use super::{BenchmarkRequest, SetSpec};
 use crate::data::loader::Item;
 use crate::data::EvalSet;
@@ -118,17 +118,8 @@ pub(super) fn plan(req: &BenchmarkRequest) -> Result<Plan> {
                 let resize = req.transform()?.resize();
                 check_setup(setup, path, req.model.name, req.crop, resize)?;
             }
-            for m in &names {
-                for o in &oods {
-                    if !p.cells.iter().any(|c| c.method == *m && c.set == o.name) {
-                        bail!(
-                            "--published {}: no published number for {m} on {} (both are run); add the cell, or leave the method or the set out",
-                            path.display(),
-                            o.name
-                        );
-                    }
-                }
-            }
+            let sets: Vec<&str> = oods.iter().map(|o| o.name.as_str()).collect();
+            check_coverage(&p, path, &names, &sets)?;
             Some(p)
         }
         None => None,

@@ -41,6 +41,30 @@ pub struct Published {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub setup: Option<PublishedSetup>,
     pub cells: Vec<PublishedCell>,
+    /// Numbers published for this setup that the run is not checked against
+    /// (another paper's copy of a checked row, a method the config cannot run as
+    /// published, a secondary source): shown next to the measured rows.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unchecked: Vec<UncheckedCell>,
+}
+
+/// A published number shown but not checked (`unchecked` in a published file).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UncheckedCell {
+    /// A label; when it names a method `--score` knows, that method's measured
+    /// row is shown beside it.
+    pub method: String,
+    pub set: String,
+    /// In %; absent where the source prints no such number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auroc: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fpr95: Option<f64>,
+    /// Where the numbers come from.
+    pub source: String,
+    /// Why the run is not checked against them.
+    pub why: String,
 }
 
 /// The model and transform published numbers were measured with.
@@ -89,6 +113,56 @@ pub fn check_setup(
     Ok(())
 }
 
+/// The setup of published numbers against the stores' manifest (`mos score
+/// --published`): the model, crop and resize the stores were extracted with. An
+/// imported store records only the model name it was given (`imported:NAME`, compared
+/// as NAME), not its transform: the returned line says the crop and resize were not
+/// checked.
+pub fn check_store_setup(
+    setup: &PublishedSetup,
+    path: &Path,
+    manifest: &crate::pipeline::store::Manifest,
+) -> Result<Option<String>> {
+    use crate::pipeline::store::IMPORTED_PREFIX;
+    match manifest.model.strip_prefix(IMPORTED_PREFIX) {
+        Some(name) => {
+            if !name.eq_ignore_ascii_case(&setup.model) {
+                bail!(
+                    "--published {}: its numbers were measured with --model {}, the stores were imported as {} (mos import --model-name)",
+                    path.display(),
+                    setup.model,
+                    name
+                );
+            }
+            Ok(Some(format!(
+                "--published {}: the stores are imported, which records no transform, so its crop {} and resize {} are taken on trust",
+                path.display(),
+                setup.crop,
+                setup.resize.map_or("none".into(), |r| r.to_string())
+            )))
+        }
+        None => {
+            check_setup(setup, path, &manifest.model, manifest.crop, manifest.resize)?;
+            Ok(None)
+        }
+    }
+}
+
+/// Every `methods` x `sets` cell present in `p`, or an error naming the first missing.
+pub fn check_coverage(p: &Published, path: &Path, methods: &[&str], sets: &[&str]) -> Result<()> {
+    for m in methods {
+        for set in sets {
+            if !p.cells.iter().any(|c| c.method == *m && c.set == *set) {
+                bail!(
+                    "--published {}: no published number for {m} on {set} (both are run); add the cell, or leave the method or the set out",
+                    path.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Reads and checks a published-numbers file: canonical method names, finite
 /// numbers in [0, 100], non-negative tolerances, no cell twice.
 pub fn read_published(path: &Path) -> Result<Published> {
@@ -116,6 +190,46 @@ pub fn read_published(path: &Path) -> Result<Published> {
             if !(v >= 0.0 && v.is_finite()) {
                 bail!("{}: {what} {v} must be a non-negative number", at());
             }
+        }
+    }
+    for (i, c) in p.unchecked.iter_mut().enumerate() {
+        let at = format!(
+            "{}: unchecked[{i}] ({} on {})",
+            path.display(),
+            c.method,
+            c.set
+        );
+        if c.method.trim().is_empty() || c.set.trim().is_empty() {
+            bail!("{at}: method and set must be named");
+        }
+        if c.source.trim().is_empty() || c.why.trim().is_empty() {
+            bail!("{at}: every unchecked number needs its source and why it is not checked");
+        }
+        if c.auroc.is_none() && c.fpr95.is_none() {
+            bail!("{at}: neither auroc nor fpr95 is given");
+        }
+        for (what, v) in [("auroc", c.auroc), ("fpr95", c.fpr95)] {
+            if let Some(v) = v {
+                if !(0.0..=100.0).contains(&v) {
+                    bail!("{at}: {what} {v} is not a percentage in [0, 100]");
+                }
+            }
+        }
+        if let Ok(name) = canonical_method(&c.method) {
+            c.method = name;
+        }
+    }
+    for (i, c) in p.unchecked.iter().enumerate() {
+        if p.unchecked[..i]
+            .iter()
+            .any(|o| o.method == c.method && o.set == c.set && o.source == c.source)
+        {
+            bail!(
+                "{}: two unchecked cells for {} on {} from one source",
+                path.display(),
+                c.method,
+                c.set
+            );
         }
     }
     for (i, c) in p.cells.iter().enumerate() {
@@ -181,6 +295,81 @@ pub fn compare(p: &Published, rows: &[MethodResult]) -> Vec<Comparison> {
             fpr95_tolerance: c.fpr95_tolerance,
             within,
         });
+    }
+    out
+}
+
+/// The Markdown section of a report that sets `rows` against `p`: the sources, the
+/// tolerances, the [`comparison_table`] with its count, and the unchecked numbers.
+pub fn published_section(p: &Published, c: &[Comparison], rows: &[MethodResult]) -> String {
+    let mut s = format!(
+        "\n## Against the published numbers\n\nSource: {}\n\n",
+        p.source
+    );
+    let mut others: Vec<(&str, &str)> = Vec::new();
+    for cell in &p.cells {
+        if let Some(src) = &cell.source {
+            if !others.contains(&(cell.method.as_str(), src.as_str())) {
+                others.push((&cell.method, src));
+            }
+        }
+    }
+    for (method, src) in others {
+        s.push_str(&format!("Source of {method}'s cells: {src}\n\n"));
+    }
+    if !p.tolerance_note.is_empty() {
+        s.push_str(&format!("Tolerances: {}\n\n", p.tolerance_note));
+    }
+    s.push_str(&comparison_table(c));
+    let ok = c.iter().filter(|c| c.within).count();
+    s.push_str(&format!(
+        "\n{ok} of {} cells within their tolerance.\n",
+        c.len()
+    ));
+    if !p.unchecked.is_empty() {
+        s.push_str("\n## Published elsewhere, not checked\n\n");
+        s.push_str(&unchecked_table(p, rows));
+    }
+    s
+}
+
+/// The unchecked published numbers as Markdown, each beside the measured row of
+/// the method it names when the run has one (`-` otherwise), grouped by source.
+pub fn unchecked_table(p: &Published, rows: &[MethodResult]) -> String {
+    let mut out = String::new();
+    let mut sources: Vec<(&str, &str)> = Vec::new();
+    for c in &p.unchecked {
+        if !sources.contains(&(c.source.as_str(), c.why.as_str())) {
+            sources.push((&c.source, &c.why));
+        }
+    }
+    let num = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+    for (i, (source, why)) in sources.iter().enumerate() {
+        out.push_str(&format!(
+            "{}. Source: {source}\n   Not checked: {why}\n\n",
+            i + 1
+        ));
+    }
+    out.push_str(
+        "| Method | OOD set | AUROC published | measured | FPR95 published | measured | source |\n|---|---|---|---|---|---|---|\n",
+    );
+    for c in &p.unchecked {
+        let measured = rows
+            .iter()
+            .find(|r| r.method == c.method && r.out_dataset == c.set);
+        let src = 1 + sources
+            .iter()
+            .position(|s| *s == (c.source.as_str(), c.why.as_str()))
+            .unwrap_or(0);
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {src} |\n",
+            c.method,
+            c.set,
+            num(c.auroc),
+            num(measured.map(|r| 100.0 * r.auroc)),
+            num(c.fpr95),
+            num(measured.map(|r| 100.0 * r.fpr95)),
+        ));
     }
     out
 }
@@ -252,6 +441,7 @@ mod tests {
                 cell("MSP", 80.0, 70.0, 1.0, 2.0),
                 cell("MOS", 90.0, 40.0, 0.5, 0.5),
             ],
+            unchecked: vec![],
         };
         // MSP: 80.9 within 1.0, 71.5 within 2.0; MOS: 90.6 outside 0.5.
         let rows = [
@@ -313,6 +503,61 @@ mod tests {
         write(r#"{"source": "x", "cels": []}"#);
         let e = format!("{:#}", read_published(&f).unwrap_err());
         assert!(e.contains("unknown field `cels`"), "{e}");
+    }
+
+    #[test]
+    fn unchecked_numbers_are_read_checked_and_shown_beside_the_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("p.json");
+        let write = |t: &str| std::fs::write(&f, t).unwrap();
+        let with = |u: &str| {
+            format!(
+                r#"{{"source": "x", "cells": [{{"method": "MSP", "set": "SUN", "auroc": 50, "fpr95": 50, "auroc_tolerance": 1, "fpr95_tolerance": 1}}], "unchecked": [{u}]}}"#
+            )
+        };
+        write(&with(
+            r#"{"method": "odin", "set": "SUN", "auroc": 86.89, "fpr95": 53.97, "source": "a later paper", "why": "a copy"},
+               {"method": "DICE+ReAct", "set": "SUN", "auroc": 93.94, "source": "b", "why": "not run"}"#,
+        ));
+        let p = read_published(&f).unwrap();
+        // A method --score knows is named as results name it; another label stays.
+        assert_eq!(p.unchecked[0].method, "ODIN");
+        assert_eq!(p.unchecked[1].method, "DICE+ReAct");
+        let t = unchecked_table(&p, &[row("ODIN", "SUN", 0.8512, 0.6011)]);
+        assert!(
+            t.contains("| ODIN | SUN | 86.89 | 85.12 | 53.97 | 60.11 | 1 |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| DICE+ReAct | SUN | 93.94 | - | - | - | 2 |"),
+            "{t}"
+        );
+        assert!(t.contains("2. Source: b\n   Not checked: not run"), "{t}");
+        // Unchecked numbers are not compared.
+        assert!(compare(&p, &[row("ODIN", "SUN", 0.5, 0.5)]).is_empty());
+        for (u, want) in [
+            (
+                r#"{"method": "ODIN", "set": "SUN", "auroc": 101, "source": "a", "why": "b"}"#,
+                "unchecked[0] (ODIN on SUN): auroc 101 is not a percentage",
+            ),
+            (
+                r#"{"method": "ODIN", "set": "SUN", "auroc": 80, "source": "", "why": "b"}"#,
+                "needs its source and why it is not checked",
+            ),
+            (
+                r#"{"method": "ODIN", "set": "SUN", "source": "a", "why": "b"}"#,
+                "neither auroc nor fpr95 is given",
+            ),
+            (
+                r#"{"method": "ODIN", "set": "SUN", "auroc": 80, "source": "a", "why": "b"},
+                   {"method": "odin", "set": "SUN", "auroc": 81, "source": "a", "why": "c"}"#,
+                "two unchecked cells for ODIN on SUN from one source",
+            ),
+        ] {
+            write(&with(u));
+            let e = format!("{:#}", read_published(&f).unwrap_err());
+            assert!(e.contains(want), "{e}");
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::Result;
 
 use super::passes::Stages;
-use super::published::{compare, comparison_table, Comparison, Published};
+use super::published::{compare, published_section, Comparison, Published};
 use super::{BenchmarkOutcome, BenchmarkRequest};
 use crate::pipeline::report::{merge_results, paper_table, table, MethodResult, ReportFormat};
 use crate::runlog::RunLog;
@@ -66,30 +66,7 @@ fn report_markdown(
     );
     s.push_str(&paper_table(rows, ReportFormat::Markdown));
     if let (Some(p), Some(c)) = (published, comparison) {
-        s.push_str(&format!(
-            "\n## Against the published numbers\n\nSource: {}\n\n",
-            p.source
-        ));
-        let mut others: Vec<(&str, &str)> = Vec::new();
-        for cell in &p.cells {
-            if let Some(src) = &cell.source {
-                if !others.contains(&(cell.method.as_str(), src.as_str())) {
-                    others.push((&cell.method, src));
-                }
-            }
-        }
-        for (method, src) in others {
-            s.push_str(&format!("Source of {method}'s cells: {src}\n\n"));
-        }
-        if !p.tolerance_note.is_empty() {
-            s.push_str(&format!("Tolerances: {}\n\n", p.tolerance_note));
-        }
-        s.push_str(&comparison_table(c));
-        let ok = c.iter().filter(|c| c.within).count();
-        s.push_str(&format!(
-            "\n{ok} of {} cells within their tolerance.\n",
-            c.len()
-        ));
+        s.push_str(&published_section(p, c, rows));
     }
     s.push_str("\n## Where the time went\n\n| stage | seconds |\n|---|---|\n");
     for (what, secs) in stages {
