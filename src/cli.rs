@@ -101,7 +101,8 @@ pub struct BenchmarkArgs {
     #[arg(long, alias = "flat_model_path", value_name = "FILE")]
     pub flat_model_path: Option<PathBuf>,
     /// Methods, comma-separated: MOS, MSP, ODIN, Energy, KL_Div, Mahalanobis, and the
-    /// post-hoc MaxLogit, GradNorm, ReAct, KNN, ViM, ASH-P, ASH-B, ASH-S, DICE (flat model).
+    /// post-hoc MaxLogit, GradNorm, ReAct, KNN, ViM, ASH-P, ASH-B, ASH-S, DICE, SCALE,
+    /// NNGuide, fDBD, GEN, Residual, NECO, Entropy (flat model).
     #[arg(long, value_delimiter = ',', value_name = "METHODS")]
     pub score: Vec<String>,
     #[command(flatten)]
@@ -347,7 +348,8 @@ pub struct ScoreArgs {
     #[arg(long, required = true, value_name = "STORE")]
     pub ood: Vec<PathBuf>,
     /// Score(s), comma-separated: MOS, MSP, ODIN, Energy, KL_Div, Mahalanobis, and
-    /// from stored features MaxLogit, GradNorm, ReAct, KNN, ViM, ASH-P, ASH-B, ASH-S, DICE.
+    /// from stored features MaxLogit, GradNorm, ReAct, KNN, ViM, ASH-P, ASH-B, ASH-S, DICE,
+    /// SCALE, NNGuide, fDBD, GEN, Residual, NECO, Entropy.
     #[arg(
         long,
         value_delimiter = ',',
@@ -1247,7 +1249,8 @@ impl BaselineFlags {
 #[derive(Debug, Clone, Default, Args)]
 pub struct PostHocFlags {
     /// A store of in-distribution training images extracted with the same (flat)
-    /// model (mos extract --layers logits,features), for ReAct, KNN, ViM and DICE;
+    /// model (mos extract --layers logits,features), for ReAct, KNN, ViM, DICE,
+    /// NNGuide, fDBD, Residual and NECO;
     /// what is fitted is saved in the run directory (fit.safetensors) and reused.
     #[arg(long, value_name = "STORE")]
     pub fit: Option<PathBuf>,
@@ -1277,4 +1280,83 @@ pub struct PostHocFlags {
     /// DICE: keep the head's weights whose contribution is above this percentile [default: 70].
     #[arg(long, alias = "dice_percentile", value_name = "P")]
     pub dice_percentile: Option<f64>,
+    /// SCALE: keep the top (100 - P)% of each image's activations to compute its
+    /// scale [default: 85].
+    #[arg(long, alias = "scale_percentile", value_name = "P")]
+    pub scale_percentile: Option<f64>,
+    /// NNGuide: the k nearest guide-bank features averaged [default: 10].
+    #[arg(long, alias = "nnguide_k", value_name = "K")]
+    pub nnguide_k: Option<i64>,
+    /// NNGuide: clip the features (ReAct) at this quantile of the guide bank's, or
+    /// none; auto: 0.95 for torchvision's ResNets (the original's ResNet-50), none
+    /// for the others [default: auto].
+    #[arg(long, alias = "nnguide_clip", value_name = "auto|none|Q")]
+    pub nnguide_clip: Option<crate::pipeline::score::posthoc_fit::NnGuideClip>,
+    /// GEN: the exponent gamma [default: 0.1].
+    #[arg(long, alias = "gen_gamma", value_name = "G")]
+    pub gen_gamma: Option<f64>,
+    /// GEN: the M largest probabilities summed [default: 100].
+    #[arg(long, alias = "gen_m", value_name = "M")]
+    pub gen_m: Option<i64>,
+    /// Residual: principal dimension [default: as ViM's].
+    #[arg(long, alias = "residual_dim", value_name = "DIM")]
+    pub residual_dim: Option<i64>,
+    /// NECO: principal dimensions kept [default: 100].
+    #[arg(long, alias = "neco_dim", value_name = "DIM")]
+    pub neco_dim: Option<i64>,
+    /// NECO: multiply by the max logit [default: as the original, yes for ViTs,
+    /// no for ResNets; required for other models].
+    #[arg(long, alias = "neco_max_logit", value_name = "true|false", action = clap::ArgAction::Set)]
+    pub neco_max_logit: Option<bool>,
+}
+
+impl PostHocFlags {
+    /// These flags, each one not given taken from `fallback` (a config file's keys).
+    pub fn or(&self, fallback: &PostHocFlags) -> PostHocFlags {
+        PostHocFlags {
+            fit: self.fit.clone().or(fallback.fit.clone()),
+            react_percentile: self.react_percentile.or(fallback.react_percentile),
+            react_threshold: self.react_threshold.or(fallback.react_threshold),
+            knn_k: self.knn_k.or(fallback.knn_k),
+            vim_dim: self.vim_dim.or(fallback.vim_dim),
+            ash_percentile: self.ash_percentile.or(fallback.ash_percentile),
+            dice_percentile: self.dice_percentile.or(fallback.dice_percentile),
+            scale_percentile: self.scale_percentile.or(fallback.scale_percentile),
+            nnguide_k: self.nnguide_k.or(fallback.nnguide_k),
+            nnguide_clip: self.nnguide_clip.or(fallback.nnguide_clip),
+            gen_gamma: self.gen_gamma.or(fallback.gen_gamma),
+            gen_m: self.gen_m.or(fallback.gen_m),
+            residual_dim: self.residual_dim.or(fallback.residual_dim),
+            neco_dim: self.neco_dim.or(fallback.neco_dim),
+            neco_max_logit: self.neco_max_logit.or(fallback.neco_max_logit),
+        }
+    }
+
+    /// The settings, defaults for what is not given, checked.
+    pub fn settings(&self) -> anyhow::Result<crate::pipeline::score::posthoc_fit::Settings> {
+        let d = crate::pipeline::score::posthoc_fit::Settings::default();
+        if let (Some(t), Some(q)) = (self.react_threshold, self.react_percentile) {
+            anyhow::bail!(
+                "react_threshold {t} and react_percentile {q}: ReAct clips at one of them; give one (flag or config key)"
+            );
+        }
+        let s = crate::pipeline::score::posthoc_fit::Settings {
+            react_percentile: self.react_percentile.unwrap_or(d.react_percentile),
+            react_threshold: self.react_threshold,
+            knn_k: self.knn_k.unwrap_or(d.knn_k),
+            vim_dim: self.vim_dim,
+            ash_percentile: self.ash_percentile.unwrap_or(d.ash_percentile),
+            dice_percentile: self.dice_percentile.unwrap_or(d.dice_percentile),
+            scale_percentile: self.scale_percentile.unwrap_or(d.scale_percentile),
+            nnguide_k: self.nnguide_k.unwrap_or(d.nnguide_k),
+            nnguide_clip: self.nnguide_clip.unwrap_or(d.nnguide_clip),
+            gen_gamma: self.gen_gamma.unwrap_or(d.gen_gamma),
+            gen_m: self.gen_m.unwrap_or(d.gen_m),
+            residual_dim: self.residual_dim,
+            neco_dim: self.neco_dim.unwrap_or(d.neco_dim),
+            neco_max_logit: self.neco_max_logit,
+        };
+        s.validate()?;
+        Ok(s)
+    }
 }

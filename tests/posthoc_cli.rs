@@ -447,3 +447,188 @@ fn bad_input_is_a_clear_error_before_any_scoring() {
     let e = fails(&mut score(&s, "ASH-Q", "name"), &runs.join("name"));
     assert!(e.contains("ASH-S") && e.contains("GradNorm"), "{e}");
 }
+
+/// The leaderboard's methods (SCALE, NNGuide, fDBD, GEN, Residual, NECO, Entropy)
+/// from stores: the command's scores equal the library's functions on the same
+/// tensors, their settings are recorded, their fit is saved and reused, and bad
+/// settings are named errors before any scoring.
+#[test]
+fn leaderboard_methods_from_stores_equal_the_library() {
+    use mos::ood::leaderboard as lb;
+    let s = setup();
+    let all = "SCALE,NNGuide,fDBD,GEN,Residual,NECO,Entropy";
+    let csv = s.root.join("lb.csv");
+    let log = ok(score(&s, all, "lb")
+        .arg("--fit")
+        .arg(s.root.join("train"))
+        .arg("--model-path")
+        .arg(&s.ckpt)
+        .args([
+            "--nnguide-k",
+            "5",
+            "--residual-dim",
+            "100",
+            "--neco-dim",
+            "20",
+        ])
+        .arg("--save-scores")
+        .arg(&csv));
+    assert!(log.contains("Residual: dimension 100") && log.contains("NECO: dimension 20"));
+    // ResNetV2 is a ResNet: no clipping for NNGuide, no max logit for NECO.
+    assert!(!log.contains("NNGuide: clipping"), "{log}");
+    let (header, rows) = read_csv(&csv);
+    assert_eq!(header[2..].join(","), all);
+    let (tl, tf) = load(&s.root.join("train"));
+    let bank = lb::nnguide_bank(&tf, &tl, None, None).unwrap();
+    let mean = ph::feature_mean(&tf).unwrap();
+    let den = lb::fdbd_denominators(&s.head.to(Kind::Double, tch::Device::Cpu));
+    let (u, ns) = lb::residual_fit(&tf, &s.head.to(Kind::Double, tch::Device::Cpu), 100).unwrap();
+    let neco = lb::neco_fit(&tf, 20).unwrap();
+    let mut want: Vec<Vec<f64>> = vec![Vec::new(); 7];
+    for set in ["val", "ood"] {
+        let (l, f) = load(&s.root.join(set));
+        let cols = [
+            lb::scale(&f, &s.head, 85.0).unwrap(),
+            lb::nnguide(&f, &l, None, None, &bank, 5).unwrap(),
+            lb::fdbd(&l, &f, &mean, &den).unwrap(),
+            lb::gen(&l, 0.1, 100).unwrap(),
+            lb::residual(&f, &u, &ns).unwrap(),
+            lb::neco(&f, &l, &neco, false).unwrap(),
+            lb::entropy(&l).unwrap(),
+        ];
+        for (w, c) in want.iter_mut().zip(cols) {
+            w.extend(common::to_vec(&c));
+        }
+    }
+    for (m, name) in header[2..].iter().enumerate() {
+        for (i, row) in rows.iter().enumerate() {
+            assert_eq!(row[m], want[m][i], "{name} row {i}");
+        }
+    }
+    let run = s.root.join("runs/lb");
+    let results: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(run.join("results.json")).unwrap()).unwrap();
+    let p = &results[0]["settings"]["posthoc"];
+    for (key, v) in [
+        ("scale_percentile", serde_json::json!(85.0)),
+        ("nnguide_k", serde_json::json!(5)),
+        ("nnguide_clip_quantile", serde_json::Value::Null),
+        ("gen_gamma", serde_json::json!(0.1)),
+        ("gen_m", serde_json::json!(100)),
+        ("residual_dim", serde_json::json!(100)),
+        ("neco_dim", serde_json::json!(20)),
+        ("neco_max_logit", serde_json::json!(false)),
+    ] {
+        assert_eq!(p[key], v, "{key}: {p}");
+    }
+    let (fit, tensors) = common::read_fit(&run);
+    assert_eq!(fit["residual"]["dim"], 100, "{fit}");
+    assert_eq!(fit["neco"]["dim"], 20, "{fit}");
+    let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
+    for n in [
+        "dice.mean",
+        "neco.components",
+        "neco.mean",
+        "neco.pca_mean",
+        "neco.std",
+        "residual.ns",
+        "residual.u",
+    ] {
+        assert!(names.contains(&n), "{n}: {names:?}");
+    }
+    // A rerun without --fit reuses them: the same scores, no store read.
+    let csv2 = s.root.join("lb2.csv");
+    let log = ok(score(&s, "fDBD,Residual,NECO", "lb")
+        .arg("--model-path")
+        .arg(&s.ckpt)
+        .args(["--residual-dim", "100", "--neco-dim", "20"])
+        .arg("--save-scores")
+        .arg(&csv2));
+    assert!(!log.contains("reading the fit store"), "{log}");
+    let (_, rows2) = read_csv(&csv2);
+    for (r, r2) in rows.iter().zip(&rows2) {
+        assert_eq!([r[2], r[4], r[5]], [r2[0], r2[1], r2[2]]);
+    }
+    // NNGuide clipped at a quantile of the bank's features, NECO with the max logit.
+    let csv3 = s.root.join("lb3.csv");
+    let log = ok(score(&s, "NNGuide,NECO", "lb3")
+        .arg("--fit")
+        .arg(s.root.join("train"))
+        .arg("--model-path")
+        .arg(&s.ckpt)
+        .args(["--nnguide-k", "5", "--nnguide-clip", "0.9"])
+        .args(["--neco-dim", "20", "--neco-max-logit", "true"])
+        .arg("--save-scores")
+        .arg(&csv3));
+    let clip = ph::percentile(&tf, 90.0).unwrap();
+    let logged = common::logged_number(
+        &log,
+        "NNGuide: clipping at the 0.9 quantile of the guide bank's features, ",
+    );
+    assert_eq!(logged, clip, "{log}");
+    let (_, rows3) = read_csv(&csv3);
+    let head = Some(&s.head);
+    let bank = lb::nnguide_bank(&tf, &tl, head, Some(clip)).unwrap();
+    let (l, f) = load(&s.root.join("val"));
+    let g = common::to_vec(&lb::nnguide(&f, &l, head, Some(clip), &bank, 5).unwrap());
+    let n = common::to_vec(&lb::neco(&f, &l, &neco, true).unwrap());
+    for i in 0..g.len() {
+        assert_eq!([rows3[i][0], rows3[i][1]], [g[i], n[i]], "row {i}");
+    }
+
+    // Bad settings: named, before any scoring.
+    let runs = s.root.join("runs");
+    for (args, want) in [
+        (
+            vec!["--score", "GEN", "--gen-gamma", "0"],
+            "--gen-gamma 0: must be a positive number",
+        ),
+        (
+            vec!["--score", "GEN", "--gen-m", "0"],
+            "--gen-m 0: must be at least 1",
+        ),
+        (
+            vec!["--score", "SCALE", "--scale-percentile", "100"],
+            "--scale-percentile 100: must be a percentile in (0, 100)",
+        ),
+        (
+            vec!["--score", "NECO", "--neco-dim", "2000"],
+            "--neco-dim 2000: must be at most the features' width 1024",
+        ),
+        (vec!["--score", "NNGuide"], "NNGuide"),
+        (
+            vec!["--score", "NNGuide", "--nnguide-k", "500", "--fit", "FIT"],
+            "--nnguide-k 500: larger than the guide bank",
+        ),
+    ] {
+        let name = format!("bad{}", want.len());
+        let mut cmd = mos();
+        cmd.arg("score")
+            .arg("--id")
+            .arg(s.root.join("val"))
+            .arg("--ood")
+            .arg(s.root.join("ood"))
+            .arg("--model-path")
+            .arg(&s.ckpt)
+            .args(["--device", "cpu", "--name", &name])
+            .arg("--logdir")
+            .arg(&runs);
+        for a in &args {
+            if *a == "FIT" {
+                cmd.arg(s.root.join("train"));
+            } else {
+                cmd.arg(a);
+            }
+        }
+        let e = fails(&mut cmd, &runs.join(&name));
+        assert!(e.contains(want), "{args:?}: {e}");
+    }
+    // A clip quantile outside (0, 1) is a usage error (clap's exit status 2).
+    score(&s, "NNGuide", "badclip")
+        .args(["--nnguide-clip", "1.5"])
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains(
+            "give auto, none, or a quantile in (0, 1)",
+        ));
+}

@@ -6,11 +6,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use crate::cli::{BaselineFlags, BenchmarkArgs};
+use crate::cli::{BaselineFlags, BenchmarkArgs, PostHocFlags};
 use crate::device::DeviceSpec;
 use crate::model::Variant;
 use crate::pipeline::benchmark::{self, BenchmarkRequest, SetSpec};
-use crate::pipeline::score::posthoc_fit as posthoc;
 use crate::pipeline::score::MethodSettings;
 
 /// A set in a config file: a path, or `{"path", "images", "name"}` (the
@@ -98,6 +97,14 @@ struct Config {
     vim_dim: Option<i64>,
     ash_percentile: Option<f64>,
     dice_percentile: Option<f64>,
+    scale_percentile: Option<f64>,
+    nnguide_k: Option<i64>,
+    nnguide_clip: Option<String>,
+    gen_gamma: Option<f64>,
+    gen_m: Option<i64>,
+    residual_dim: Option<i64>,
+    neco_dim: Option<i64>,
+    neco_max_logit: Option<bool>,
     published: Option<PathBuf>,
     logdir: Option<PathBuf>,
     name: Option<String>,
@@ -323,27 +330,29 @@ fn request(args: &BenchmarkArgs) -> Result<BenchmarkRequest> {
             model: Some(model),
         },
         posthoc: {
-            let d = posthoc::Settings::default();
-            posthoc::Settings {
-                react_percentile: pick(
-                    p.react_percentile,
-                    cfg.react_percentile,
-                    d.react_percentile,
-                ),
-                react_threshold: match (
-                    p.react_threshold.or(cfg.react_threshold),
-                    p.react_percentile.or(cfg.react_percentile),
-                ) {
-                    (Some(t), Some(q)) => bail!(
-                        "react_threshold {t} and react_percentile {q}: ReAct clips at one of them; give one (flag or config key)"
-                    ),
-                    (t, _) => t,
-                },
-                knn_k: p.knn_k.or(cfg.knn_k).unwrap_or(d.knn_k),
-                vim_dim: p.vim_dim.or(cfg.vim_dim),
-                ash_percentile: pick(p.ash_percentile, cfg.ash_percentile, d.ash_percentile),
-                dice_percentile: pick(p.dice_percentile, cfg.dice_percentile, d.dice_percentile),
-            }
+            let keys = PostHocFlags {
+                fit: None,
+                react_percentile: cfg.react_percentile,
+                react_threshold: cfg.react_threshold,
+                knn_k: cfg.knn_k,
+                vim_dim: cfg.vim_dim,
+                ash_percentile: cfg.ash_percentile,
+                dice_percentile: cfg.dice_percentile,
+                scale_percentile: cfg.scale_percentile,
+                nnguide_k: cfg.nnguide_k,
+                nnguide_clip: cfg
+                    .nnguide_clip
+                    .as_deref()
+                    .map(str::parse)
+                    .transpose()
+                    .map_err(|e: String| anyhow::anyhow!("nnguide_clip {e}"))?,
+                gen_gamma: cfg.gen_gamma,
+                gen_m: cfg.gen_m,
+                residual_dim: cfg.residual_dim,
+                neco_dim: cfg.neco_dim,
+                neco_max_logit: cfg.neco_max_logit,
+            };
+            p.or(&keys).settings()?
         },
         fit: p.fit.clone().or(cfg.fit),
         published: args.published.clone().or(cfg.published),
@@ -387,6 +396,7 @@ pub fn run(args: &BenchmarkArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::score::posthoc_fit;
     use clap::CommandFactory;
 
     /// `mos benchmark` parsed from `flags`.
@@ -430,6 +440,47 @@ mod tests {
                 assert!(keys.contains(&f.as_str()), "flag {f} has no config key");
             }
         }
+    }
+
+    #[test]
+    fn the_leaderboard_methods_settings_are_config_keys_under_the_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("c.json");
+        std::fs::write(
+            &cfg,
+            r#"{"in_datadir": "d/val", "out_datadir": ["d/a"], "score": "SCALE,NNGuide,GEN,NECO", "scale_percentile": 80, "nnguide_k": 20, "nnguide_clip": "none", "gen_gamma": 0.5, "gen_m": 10, "residual_dim": 50, "neco_dim": 30, "neco_max_logit": true, "logdir": "runs", "name": "x", "device": "cpu"}"#,
+        )
+        .unwrap();
+        let c = cfg.to_str().unwrap();
+        let p = request(&args(&["--config", c])).unwrap().posthoc;
+        assert_eq!(
+            (p.scale_percentile, p.nnguide_k, p.nnguide_clip),
+            (80.0, 20, posthoc_fit::NnGuideClip::None)
+        );
+        assert_eq!((p.gen_gamma, p.gen_m), (0.5, 10));
+        assert_eq!(
+            (p.residual_dim, p.neco_dim, p.neco_max_logit),
+            (Some(50), 30, Some(true))
+        );
+        let p = request(&args(&[
+            "--config",
+            c,
+            "--nnguide-clip",
+            "0.95",
+            "--gen-m",
+            "5",
+        ]))
+        .unwrap()
+        .posthoc;
+        assert_eq!(p.nnguide_clip, posthoc_fit::NnGuideClip::Quantile(0.95));
+        assert_eq!(p.gen_m, 5);
+        std::fs::write(
+            &cfg,
+            r#"{"in_datadir": "d/val", "out_datadir": ["d/a"], "score": "NNGuide", "nnguide_clip": "most", "logdir": "runs", "name": "x", "device": "cpu"}"#,
+        )
+        .unwrap();
+        let e = request(&args(&["--config", c])).err().unwrap().to_string();
+        assert!(e.contains("nnguide_clip 'most'"), "{e}");
     }
 
     #[test]

@@ -46,16 +46,8 @@ fn posthoc_request(args: &ScoreArgs, methods: &[Method]) -> Result<Option<postho
     if list.is_empty() {
         return Ok(None);
     }
-    let (a, d) = (&args.posthoc, posthoc::Settings::default());
-    let settings = posthoc::Settings {
-        react_percentile: a.react_percentile.unwrap_or(d.react_percentile),
-        react_threshold: a.react_threshold,
-        knn_k: a.knn_k.unwrap_or(d.knn_k),
-        vim_dim: a.vim_dim,
-        ash_percentile: a.ash_percentile.unwrap_or(d.ash_percentile),
-        dice_percentile: a.dice_percentile.unwrap_or(d.dice_percentile),
-    };
-    settings.validate()?;
+    let a = &args.posthoc;
+    let settings = a.settings()?;
     Ok(Some(posthoc::Request {
         methods: list,
         settings,

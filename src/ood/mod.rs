@@ -14,6 +14,7 @@ use std::str::FromStr;
 use tch::{Kind, Tensor};
 
 pub mod group;
+pub mod leaderboard;
 pub mod mahalanobis;
 pub mod posthoc;
 pub mod scores;

@@ -83,7 +83,12 @@ impl Head {
 }
 
 /// Checks features [N, D] against the head (D) and, if given, the logits (N).
-fn check_features(features: &Tensor, d: Option<i64>, n: Option<i64>, what: &str) -> Result<Tensor> {
+pub(crate) fn check_features(
+    features: &Tensor,
+    d: Option<i64>,
+    n: Option<i64>,
+    what: &str,
+) -> Result<Tensor> {
     let (rows, width) = check_matrix(features, &format!("{what} features"))?;
     if let Some(d) = d {
         if width != d {

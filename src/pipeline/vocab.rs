@@ -71,10 +71,17 @@ pub enum PostHoc {
     AshB,
     AshS,
     Dice,
+    Scale,
+    NnGuide,
+    Fdbd,
+    Gen,
+    Residual,
+    Neco,
+    Entropy,
 }
 
 impl PostHoc {
-    pub const ALL: [PostHoc; 9] = [
+    pub const ALL: [PostHoc; 16] = [
         PostHoc::MaxLogit,
         PostHoc::GradNorm,
         PostHoc::React,
@@ -84,10 +91,18 @@ impl PostHoc {
         PostHoc::AshB,
         PostHoc::AshS,
         PostHoc::Dice,
+        PostHoc::Scale,
+        PostHoc::NnGuide,
+        PostHoc::Fdbd,
+        PostHoc::Gen,
+        PostHoc::Residual,
+        PostHoc::Neco,
+        PostHoc::Entropy,
     ];
 
     /// The name in results (`MaxLogit`, `GradNorm`, `ReAct`, `KNN`, `ViM`, `ASH-P`,
-    /// `ASH-B`, `ASH-S`, `DICE`).
+    /// `ASH-B`, `ASH-S`, `DICE`, `SCALE`, `NNGuide`, `fDBD`, `GEN`, `Residual`, `NECO`,
+    /// `Entropy`).
     pub fn name(self) -> &'static str {
         match self {
             PostHoc::MaxLogit => "MaxLogit",
@@ -99,6 +114,13 @@ impl PostHoc {
             PostHoc::AshB => "ASH-B",
             PostHoc::AshS => "ASH-S",
             PostHoc::Dice => "DICE",
+            PostHoc::Scale => "SCALE",
+            PostHoc::NnGuide => "NNGuide",
+            PostHoc::Fdbd => "fDBD",
+            PostHoc::Gen => "GEN",
+            PostHoc::Residual => "Residual",
+            PostHoc::Neco => "NECO",
+            PostHoc::Entropy => "Entropy",
         }
     }
 
@@ -114,21 +136,36 @@ impl PostHoc {
     pub fn needs_fit(self) -> bool {
         matches!(
             self,
-            PostHoc::React | PostHoc::Knn | PostHoc::Vim | PostHoc::Dice
+            PostHoc::React
+                | PostHoc::Knn
+                | PostHoc::Vim
+                | PostHoc::Dice
+                | PostHoc::NnGuide
+                | PostHoc::Fdbd
+                | PostHoc::Residual
+                | PostHoc::Neco
         )
     }
 
-    /// Whether it needs the head's weights (ViM only to fit its origin).
+    /// Whether it needs the head's weights (ViM and Residual to fit their origin;
+    /// NNGuide when it clips).
     pub fn needs_head(self) -> bool {
         matches!(
             self,
-            PostHoc::React | PostHoc::AshP | PostHoc::AshB | PostHoc::AshS | PostHoc::Dice
+            PostHoc::React
+                | PostHoc::AshP
+                | PostHoc::AshB
+                | PostHoc::AshS
+                | PostHoc::Dice
+                | PostHoc::Scale
+                | PostHoc::Fdbd
+                | PostHoc::Residual
         )
     }
 
     /// Whether it needs the stored pre-logit features.
     pub fn needs_features(self) -> bool {
-        self != PostHoc::MaxLogit
+        !matches!(self, PostHoc::MaxLogit | PostHoc::Gen | PostHoc::Entropy)
     }
 }
 

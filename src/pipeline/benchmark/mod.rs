@@ -70,7 +70,7 @@ pub struct BenchmarkRequest {
     /// The post-hoc methods' hyper-parameters (docs/scores.md#post-hoc-methods-from-feature-stores).
     pub posthoc: posthoc_fit::Settings,
     /// `--fit`: a store of in-distribution training images extracted with the flat
-    /// model, for ReAct, KNN, ViM and DICE.
+    /// model, for ReAct, KNN, ViM, DICE, NNGuide, fDBD, Residual and NECO.
     pub fit: Option<PathBuf>,
     pub published: Option<PathBuf>,
     /// `<logdir>/<name>`.

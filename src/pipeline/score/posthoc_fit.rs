@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::model::checkpoint::{self, write_atomic};
+use crate::model::variant::{Family, Variant};
+use crate::ood::leaderboard::{self as lb, NecoParams};
 use crate::ood::posthoc::{self as ph, Ash, Head, KnnBlocks, VimParams};
 use crate::pipeline::store::{self, Manifest, StoreData, MANIFEST};
 use crate::pipeline::vocab::PostHoc;
@@ -49,6 +51,88 @@ pub struct Settings {
     pub vim_dim: Option<i64>,
     pub ash_percentile: f64,
     pub dice_percentile: f64,
+    #[serde(default = "default_scale_percentile")]
+    pub scale_percentile: f64,
+    #[serde(default = "default_nnguide_k")]
+    pub nnguide_k: i64,
+    /// NNGuide's ReAct clipping ([`NnGuideClip`]).
+    #[serde(default)]
+    pub nnguide_clip: NnGuideClip,
+    #[serde(default = "default_gen_gamma")]
+    pub gen_gamma: f64,
+    #[serde(default = "default_gen_m")]
+    pub gen_m: i64,
+    /// None: ViM's default for the features' width ([`ph::vim_default_dim`]).
+    #[serde(default)]
+    pub residual_dim: Option<i64>,
+    #[serde(default = "default_neco_dim")]
+    pub neco_dim: i64,
+    /// Whether NECO multiplies by the max logit; None: as the original for the
+    /// store's model (ViTs yes, ResNets no), a given value for other models.
+    #[serde(default)]
+    pub neco_max_logit: Option<bool>,
+}
+
+fn default_scale_percentile() -> f64 {
+    lb::SCALE_PERCENTILE
+}
+fn default_nnguide_k() -> i64 {
+    lb::NNGUIDE_K
+}
+fn default_gen_gamma() -> f64 {
+    lb::GEN_GAMMA
+}
+fn default_gen_m() -> i64 {
+    lb::GEN_M
+}
+fn default_neco_dim() -> i64 {
+    lb::NECO_DIM
+}
+
+/// NNGuide's clipping of the features (`--nnguide-clip`): `auto` as the original
+/// for the store's model (its ResNet-50 at the 0.95 quantile of the guide bank's
+/// features; no clipping for its other backbones), `none`, or a quantile in (0, 1).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NnGuideClip {
+    #[default]
+    Auto,
+    None,
+    Quantile(f64),
+}
+
+impl std::str::FromStr for NnGuideClip {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(NnGuideClip::Auto),
+            "none" => Ok(NnGuideClip::None),
+            q => match q.parse::<f64>() {
+                Ok(q) if q > 0.0 && q < 1.0 => Ok(NnGuideClip::Quantile(q)),
+                _ => Err(format!(
+                    "'{s}': give auto, none, or a quantile in (0, 1) such as 0.95"
+                )),
+            },
+        }
+    }
+}
+
+impl NnGuideClip {
+    /// The quantile for a store of model `model`: `auto` clips torchvision's ResNets
+    /// (the original's ResNet-50 engine) at 0.95 and nothing else.
+    pub fn quantile_for(self, model: &str) -> Option<f64> {
+        match self {
+            NnGuideClip::Quantile(q) => Some(q),
+            NnGuideClip::None => None,
+            NnGuideClip::Auto => (family_of(model) == Some(Family::TorchvisionResNet))
+                .then_some(lb::NNGUIDE_CLIP_QUANTILE),
+        }
+    }
+}
+
+/// The family of a store's model, when mos builds it.
+fn family_of(model: &str) -> Option<Family> {
+    model.parse::<Variant>().ok().map(|v| v.family)
 }
 
 impl Default for Settings {
@@ -61,6 +145,14 @@ impl Default for Settings {
             vim_dim: None,
             ash_percentile: ASH_PERCENTILE,
             dice_percentile: DICE_PERCENTILE,
+            scale_percentile: lb::SCALE_PERCENTILE,
+            nnguide_k: lb::NNGUIDE_K,
+            nnguide_clip: NnGuideClip::Auto,
+            gen_gamma: lb::GEN_GAMMA,
+            gen_m: lb::GEN_M,
+            residual_dim: None,
+            neco_dim: lb::NECO_DIM,
+            neco_max_logit: None,
         }
     }
 }
@@ -72,6 +164,7 @@ impl Settings {
             ("--react-percentile", self.react_percentile),
             ("--ash-percentile", self.ash_percentile),
             ("--dice-percentile", self.dice_percentile),
+            ("--scale-percentile", self.scale_percentile),
         ] {
             if !(p.is_finite() && p > 0.0 && p < 100.0) {
                 bail!("{flag} {p}: must be a percentile in (0, 100)");
@@ -90,7 +183,62 @@ impl Settings {
                 bail!("--vim-dim {d}: must be at least 1");
             }
         }
+        if let Some(d) = self.residual_dim {
+            if d < 1 {
+                bail!("--residual-dim {d}: must be at least 1");
+            }
+        }
+        if self.nnguide_k < 1 {
+            bail!("--nnguide-k {}: must be at least 1", self.nnguide_k);
+        }
+        if !(self.gen_gamma.is_finite() && self.gen_gamma > 0.0) {
+            bail!("--gen-gamma {}: must be a positive number", self.gen_gamma);
+        }
+        if self.gen_m < 1 {
+            bail!("--gen-m {}: must be at least 1", self.gen_m);
+        }
+        if self.neco_dim < 1 {
+            bail!("--neco-dim {}: must be at least 1", self.neco_dim);
+        }
         Ok(())
+    }
+
+    /// Residual's principal dimension for features of width `d`, checked.
+    pub fn residual_dim_for(&self, d: i64) -> Result<i64> {
+        let dim = self.residual_dim.unwrap_or_else(|| ph::vim_default_dim(d));
+        if dim < 1 || dim >= d {
+            bail!(
+                "--residual-dim {dim}: must be below the features' width {d} (a residual space must remain)"
+            );
+        }
+        Ok(dim)
+    }
+
+    /// NECO's dimension for features of width `d`, checked.
+    pub fn neco_dim_for(&self, d: i64) -> Result<i64> {
+        if self.neco_dim > d {
+            bail!(
+                "--neco-dim {}: must be at most the features' width {d}",
+                self.neco_dim
+            );
+        }
+        Ok(self.neco_dim)
+    }
+
+    /// Whether NECO multiplies by the max logit for a store of model `model`: as
+    /// the original (every backbone but ResNets) for mos's models, as given
+    /// (`--neco-max-logit`) otherwise.
+    pub fn neco_max_logit_for(&self, model: &str) -> Result<bool> {
+        if let Some(b) = self.neco_max_logit {
+            return Ok(b);
+        }
+        match family_of(model) {
+            Some(Family::Bit | Family::TorchvisionResNet) => Ok(false),
+            Some(Family::TorchvisionViT) => Ok(true),
+            _ => bail!(
+                "NECO: the original multiplies by the max logit for every backbone but ResNets, and the stores' model {model} is not one mos knows the architecture of; give --neco-max-logit true or false"
+            ),
+        }
     }
 
     /// Whether method `p` needs training statistics with these settings (ReAct not
@@ -190,14 +338,31 @@ pub struct FitInfo {
     pub dice_mean: bool,
     /// ViM's dimension and α (`vim.u`, `vim.ns`, `vim.alpha` in the tensors).
     pub vim: Option<VimFit>,
+    /// Residual's dimension (`residual.u`, `residual.ns` in the tensors).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub residual: Option<DimFit>,
+    /// NECO's dimension (`neco.mean`, `neco.std`, `neco.pca_mean`,
+    /// `neco.components` in the tensors).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub neco: Option<DimFit>,
+}
+
+/// A fitted subspace's dimension.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DimFit {
+    pub dim: i64,
 }
 
 /// The fitted statistics.
 pub struct Fitted {
     pub info: FitInfo,
     pub react_threshold: Option<f64>,
+    /// The mean training feature (float64): DICE's and fDBD's.
     pub dice_mean: Option<Tensor>,
     pub vim: Option<VimParams>,
+    /// Residual's origin u and residual basis.
+    pub residual: Option<(Tensor, Tensor)>,
+    pub neco: Option<NecoParams>,
 }
 
 impl Fitted {
@@ -210,10 +375,14 @@ impl Fitted {
                 react: None,
                 dice_mean: false,
                 vim: None,
+                residual: None,
+                neco: None,
             },
             react_threshold: None,
             dice_mean: None,
             vim: None,
+            residual: None,
+            neco: None,
         }
     }
 }
@@ -270,11 +439,26 @@ pub fn read_fit(dir: &Path) -> Result<Option<Fitted>> {
         }),
         None => None,
     };
+    let residual = match &info.residual {
+        Some(_) => Some((get("residual.u")?, get("residual.ns")?)),
+        None => None,
+    };
+    let neco = match &info.neco {
+        Some(_) => Some(NecoParams {
+            mean: get("neco.mean")?,
+            std: get("neco.std")?,
+            pca_mean: get("neco.pca_mean")?,
+            components: get("neco.components")?,
+        }),
+        None => None,
+    };
     Ok(Some(Fitted {
         info,
         react_threshold,
         dice_mean,
         vim,
+        residual,
+        neco,
     }))
 }
 
@@ -291,6 +475,20 @@ pub fn write_fit(dir: &Path, f: &Fitted) -> Result<()> {
         tensors.push(("vim.u".into(), v.u.to_device(Device::Cpu)));
         tensors.push(("vim.ns".into(), v.ns.to_device(Device::Cpu)));
         tensors.push(("vim.alpha".into(), Tensor::from_slice(&[v.alpha])));
+    }
+    if let Some((u, ns)) = &f.residual {
+        tensors.push(("residual.u".into(), u.to_device(Device::Cpu)));
+        tensors.push(("residual.ns".into(), ns.to_device(Device::Cpu)));
+    }
+    if let Some(n) = &f.neco {
+        for (name, t) in [
+            ("neco.mean", &n.mean),
+            ("neco.std", &n.std),
+            ("neco.pca_mean", &n.pca_mean),
+            ("neco.components", &n.components),
+        ] {
+            tensors.push((name.into(), t.to_device(Device::Cpu)));
+        }
     }
     let json = serde_json::to_string_pretty(&f.info)?;
     let mut meta = std::collections::HashMap::new();
@@ -338,6 +536,41 @@ pub enum Scorer {
         head: Head,
         mask: Tensor,
     },
+    Scale {
+        head: Head,
+        percentile: f64,
+    },
+    NnGuide {
+        bank: Tensor,
+        k: i64,
+        /// The head and clipping threshold, when NNGuide clips.
+        clip: Option<(Head, f64)>,
+    },
+    Fdbd {
+        mean: Tensor,
+        den: Tensor,
+    },
+    Gen {
+        gamma: f64,
+        m: i64,
+    },
+    Residual {
+        u: Tensor,
+        ns: Tensor,
+    },
+    Neco {
+        params: NecoParams,
+        max_logit: bool,
+    },
+    Entropy,
+}
+
+/// What is built from the fit store's rows for each run (not saved): KNN's bank,
+/// NNGuide's guide bank with its clipping threshold.
+#[derive(Default)]
+struct Banks {
+    knn: Option<Tensor>,
+    nnguide: Option<(Tensor, Option<f64>)>,
 }
 
 /// The prepared methods, and the settings to record in results.json.
@@ -508,13 +741,34 @@ fn check_fit_rows(req: &Request, rows: usize, fit: &Path, width: Option<i64>) ->
             fit.display()
         );
     }
-    if let (true, Some(d)) = (req.methods.contains(&PostHoc::Vim), width) {
-        let dim = req.settings.vim_dim_for(d)?;
-        if rows as i64 <= dim {
-            bail!(
-                "ViM of dimension {dim} (--vim-dim) needs more fit rows than {dim}, but the fit store {} has {rows} images (fewer leave its residual space undetermined): give a larger --fit store or a smaller --vim-dim",
-                fit.display()
-            );
+    if req.methods.contains(&PostHoc::NnGuide) && req.settings.nnguide_k as usize > rows {
+        bail!(
+            "--nnguide-k {}: larger than the guide bank: the fit store {} has {rows} images",
+            req.settings.nnguide_k,
+            fit.display()
+        );
+    }
+    if let Some(d) = width {
+        for (p, flag, dim) in [
+            (PostHoc::Vim, "--vim-dim", req.settings.vim_dim_for(d)),
+            (
+                PostHoc::Residual,
+                "--residual-dim",
+                req.settings.residual_dim_for(d),
+            ),
+            (PostHoc::Neco, "--neco-dim", req.settings.neco_dim_for(d)),
+        ] {
+            if !req.methods.contains(&p) {
+                continue;
+            }
+            let dim = dim?;
+            if rows as i64 <= dim {
+                bail!(
+                    "{} of dimension {dim} ({flag}) needs more fit rows than {dim}, but the fit store {} has {rows} images (fewer leave its subspace undetermined): give a larger --fit store or a smaller {flag}",
+                    p.name(),
+                    fit.display()
+                );
+            }
         }
     }
     Ok(())
@@ -592,16 +846,35 @@ pub fn prepare(req: &Request, id: &StoreData, log: &RunLog) -> Result<Prepared> 
             0
         }
     };
-    let vim_dim = if req.methods.contains(&PostHoc::Vim) {
-        Some(req.settings.vim_dim_for(dim)?)
-    } else {
-        None
+    let has = |p: PostHoc| req.methods.contains(&p);
+    let r = Resolved {
+        vim_dim: has(PostHoc::Vim)
+            .then(|| req.settings.vim_dim_for(dim))
+            .transpose()?,
+        residual_dim: has(PostHoc::Residual)
+            .then(|| req.settings.residual_dim_for(dim))
+            .transpose()?,
+        neco_dim: has(PostHoc::Neco)
+            .then(|| req.settings.neco_dim_for(dim))
+            .transpose()?,
+        neco_max_logit: has(PostHoc::Neco)
+            .then(|| req.settings.neco_max_logit_for(&m.model))
+            .transpose()?,
+        nnguide_clip: if has(PostHoc::NnGuide) {
+            req.settings.nnguide_clip.quantile_for(&m.model)
+        } else {
+            None
+        },
     };
+    let vim_dim = r.vim_dim;
     let need_fit = names(&|p| req.settings.needs_fit(p));
-    // The head: for the methods that apply it, and for fitting ViM's origin.
+    // The head: for the methods that apply it, for fitting ViM's origin, and for
+    // NNGuide's logits of clipped features.
     let mut head_path = None;
     let mut head = None;
-    let head_users = names(&|p| p.needs_head() || p == PostHoc::Vim);
+    let head_users = names(&|p| {
+        p.needs_head() || p == PostHoc::Vim || (p == PostHoc::NnGuide && r.nnguide_clip.is_some())
+    });
     if !head_users.is_empty() {
         let (h, p) = load_head(req.model_path.as_deref(), m, &id.dir, &head_users)?;
         if h.dim() != dim {
@@ -646,14 +919,18 @@ pub fn prepare(req: &Request, id: &StoreData, log: &RunLog) -> Result<Prepared> 
         let react_ok =
             f.info.react.as_ref().map(|r| r.percentile) == Some(req.settings.react_percentile);
         let vim_ok = f.info.vim.as_ref().map(|v| v.dim) == vim_dim;
+        let residual_ok = f.info.residual.as_ref().map(|v| v.dim) == r.residual_dim;
+        let neco_ok = f.info.neco.as_ref().map(|v| v.dim) == r.neco_dim;
         let needs_data = req.methods.iter().any(|p| match p {
             PostHoc::React => !react_ok && req.settings.needs_fit(PostHoc::React),
-            PostHoc::Dice => f.dice_mean.is_none(),
+            PostHoc::Dice | PostHoc::Fdbd => f.dice_mean.is_none(),
             PostHoc::Vim => !vim_ok,
-            PostHoc::Knn => true,
+            PostHoc::Residual => !residual_ok,
+            PostHoc::Neco => !neco_ok,
+            PostHoc::Knn | PostHoc::NnGuide => true,
             _ => false,
         });
-        let mut bank = None;
+        let mut banks = Banks::default();
         if needs_data {
             let path = given
                 .as_ref()
@@ -697,9 +974,49 @@ pub fn prepare(req: &Request, id: &StoreData, log: &RunLog) -> Result<Prepared> 
                             req.settings.react_percentile
                         ));
                     }
-                    PostHoc::Dice if f.dice_mean.is_none() => {
+                    PostHoc::Dice | PostHoc::Fdbd if f.dice_mean.is_none() => {
                         f.dice_mean = Some(ph::feature_mean(&feats)?.to_device(Device::Cpu));
                         f.info.dice_mean = true;
+                    }
+                    PostHoc::Residual if !residual_ok => {
+                        let d = r.residual_dim.context("Residual dimension")?;
+                        let h = head.as_ref().context("Residual needs the head")?;
+                        let (u, ns) = lb::residual_fit(&feats, &h.to(Kind::Double, req.device), d)?;
+                        log.line(format!("Residual: dimension {d}"));
+                        f.info.residual = Some(DimFit { dim: d });
+                        f.residual = Some((u.to_device(Device::Cpu), ns.to_device(Device::Cpu)));
+                    }
+                    PostHoc::Neco if !neco_ok => {
+                        let d = r.neco_dim.context("NECO dimension")?;
+                        let n = lb::neco_fit(&feats, d)?;
+                        log.line(format!("NECO: dimension {d}"));
+                        f.info.neco = Some(DimFit { dim: d });
+                        f.neco = Some(NecoParams {
+                            mean: n.mean.to_device(Device::Cpu),
+                            std: n.std.to_device(Device::Cpu),
+                            pca_mean: n.pca_mean.to_device(Device::Cpu),
+                            components: n.components.to_device(Device::Cpu),
+                        });
+                    }
+                    PostHoc::NnGuide => {
+                        let clip = match r.nnguide_clip {
+                            Some(q) => {
+                                let t = ph::percentile(&feats, 100.0 * q)?;
+                                log.line(format!(
+                                    "NNGuide: clipping at the {q} quantile of the guide bank's features, {t}"
+                                ));
+                                Some(t)
+                            }
+                            None => None,
+                        };
+                        let h32 = head.as_ref().map(|h| h.to(Kind::Float, req.device));
+                        let bank = lb::nnguide_bank(
+                            &feats,
+                            &data.logits.to_device(req.device),
+                            h32.as_ref(),
+                            clip,
+                        )?;
+                        banks.nnguide = Some((bank, clip));
                     }
                     PostHoc::Vim if !vim_ok => {
                         let d = vim_dim.context("ViM dimension")?;
@@ -721,7 +1038,7 @@ pub fn prepare(req: &Request, id: &StoreData, log: &RunLog) -> Result<Prepared> 
                             alpha: params.alpha,
                         });
                     }
-                    PostHoc::Knn => bank = Some(ph::l2_normalise(&feats)),
+                    PostHoc::Knn => banks.knn = Some(ph::l2_normalise(&feats)),
                     _ => {}
                 }
             }
@@ -737,37 +1054,52 @@ pub fn prepare(req: &Request, id: &StoreData, log: &RunLog) -> Result<Prepared> 
                 f.info.source.store
             ));
         }
-        let mut bank_opt = bank;
+        let threshold = banks.nnguide.as_ref().and_then(|(_, t)| *t);
         let mut scorers = Vec::new();
         for p in &req.methods {
-            scorers.push((*p, make_scorer(*p, req, head.as_ref(), &f, &mut bank_opt)?));
+            scorers.push((*p, make_scorer(*p, req, &r, head.as_ref(), &f, &mut banks)?));
         }
         fitted = Some(f);
         return Ok(Prepared {
             scorers,
-            settings: settings_json(req, vim_dim, head_path.as_deref(), fitted.as_ref()),
+            settings: settings_json(req, &r, threshold, head_path.as_deref(), fitted.as_ref()),
             device: req.device,
         });
     }
-    let mut none = None;
+    let mut none = Banks::default();
     let empty = Fitted::empty(source_of(Path::new(""), m, 0));
     let mut scorers = Vec::new();
     for p in &req.methods {
-        scorers.push((*p, make_scorer(*p, req, head.as_ref(), &empty, &mut none)?));
+        scorers.push((
+            *p,
+            make_scorer(*p, req, &r, head.as_ref(), &empty, &mut none)?,
+        ));
     }
     Ok(Prepared {
         scorers,
-        settings: settings_json(req, vim_dim, head_path.as_deref(), fitted.as_ref()),
+        settings: settings_json(req, &r, None, head_path.as_deref(), fitted.as_ref()),
         device: req.device,
     })
+}
+
+/// The settings as they apply to the stores at hand (defaults resolved by the
+/// features' width and the stores' model).
+struct Resolved {
+    vim_dim: Option<i64>,
+    residual_dim: Option<i64>,
+    neco_dim: Option<i64>,
+    neco_max_logit: Option<bool>,
+    /// NNGuide's clipping quantile, if it clips.
+    nnguide_clip: Option<f64>,
 }
 
 fn make_scorer(
     p: PostHoc,
     req: &Request,
+    r: &Resolved,
     head: Option<&Head>,
     f: &Fitted,
-    bank: &mut Option<Tensor>,
+    banks: &mut Banks,
 ) -> Result<Scorer> {
     let dev = req.device;
     let head32 = || -> Result<Head> {
@@ -787,7 +1119,7 @@ fn make_scorer(
                 .context("internal: no ReAct threshold")?,
         },
         PostHoc::Knn => Scorer::Knn {
-            bank: bank.take().context("internal: no KNN bank")?,
+            bank: banks.knn.take().context("internal: no KNN bank")?,
             k: s.knn_k,
         },
         PostHoc::Vim => {
@@ -813,12 +1145,61 @@ fn make_scorer(
             let mask = ph::dice_mask(&h, &mean.to_device(dev), s.dice_percentile)?;
             Scorer::Dice { head: h, mask }
         }
+        PostHoc::Scale => Scorer::Scale {
+            head: head32()?,
+            percentile: s.scale_percentile,
+        },
+        PostHoc::NnGuide => {
+            let (bank, threshold) = banks.nnguide.take().context("internal: no NNGuide bank")?;
+            let clip = match threshold {
+                Some(t) => Some((head32()?, t)),
+                None => None,
+            };
+            Scorer::NnGuide {
+                bank,
+                k: s.nnguide_k,
+                clip,
+            }
+        }
+        PostHoc::Fdbd => {
+            let h = head.context("internal: the head was not read")?;
+            let mean = f.dice_mean.as_ref().context("internal: no fDBD mean")?;
+            Scorer::Fdbd {
+                mean: mean.to_device(dev),
+                den: lb::fdbd_denominators(&h.to(Kind::Double, dev)),
+            }
+        }
+        PostHoc::Gen => Scorer::Gen {
+            gamma: s.gen_gamma,
+            m: s.gen_m,
+        },
+        PostHoc::Residual => {
+            let (u, ns) = f.residual.as_ref().context("internal: no Residual fit")?;
+            Scorer::Residual {
+                u: u.to_device(dev),
+                ns: ns.to_device(dev),
+            }
+        }
+        PostHoc::Neco => {
+            let n = f.neco.as_ref().context("internal: no NECO fit")?;
+            Scorer::Neco {
+                params: NecoParams {
+                    mean: n.mean.to_device(dev),
+                    std: n.std.to_device(dev),
+                    pca_mean: n.pca_mean.to_device(dev),
+                    components: n.components.to_device(dev),
+                },
+                max_logit: r.neco_max_logit.context("internal: NECO's max logit")?,
+            }
+        }
+        PostHoc::Entropy => Scorer::Entropy,
     })
 }
 
 fn settings_json(
     req: &Request,
-    vim_dim: Option<i64>,
+    r: &Resolved,
+    nnguide_threshold: Option<f64>,
     head: Option<&Path>,
     fitted: Option<&Fitted>,
 ) -> serde_json::Value {
@@ -831,11 +1212,26 @@ fn settings_json(
                 None => v["react_percentile"] = s.react_percentile.into(),
             },
             PostHoc::Knn => v["knn_k"] = s.knn_k.into(),
-            PostHoc::Vim => v["vim_dim"] = vim_dim.into(),
+            PostHoc::Vim => v["vim_dim"] = r.vim_dim.into(),
             PostHoc::AshP | PostHoc::AshB | PostHoc::AshS => {
                 v["ash_percentile"] = s.ash_percentile.into()
             }
             PostHoc::Dice => v["dice_percentile"] = s.dice_percentile.into(),
+            PostHoc::Scale => v["scale_percentile"] = s.scale_percentile.into(),
+            PostHoc::NnGuide => {
+                v["nnguide_k"] = s.nnguide_k.into();
+                v["nnguide_clip_quantile"] = r.nnguide_clip.into();
+                v["nnguide_clip_threshold"] = nnguide_threshold.into();
+            }
+            PostHoc::Gen => {
+                v["gen_gamma"] = s.gen_gamma.into();
+                v["gen_m"] = s.gen_m.into();
+            }
+            PostHoc::Residual => v["residual_dim"] = r.residual_dim.into(),
+            PostHoc::Neco => {
+                v["neco_dim"] = r.neco_dim.into();
+                v["neco_max_logit"] = r.neco_max_logit.into();
+            }
             _ => {}
         }
     }
@@ -879,6 +1275,20 @@ impl Scorer {
                 percentile,
             } => ph::ash(feats()?, head, *variant, *percentile)?,
             Scorer::Dice { head, mask } => ph::dice(feats()?, head, mask)?,
+            Scorer::Scale { head, percentile } => lb::scale(feats()?, head, *percentile)?,
+            Scorer::NnGuide { bank, k, clip } => lb::nnguide(
+                feats()?,
+                logits,
+                clip.as_ref().map(|(h, _)| h),
+                clip.as_ref().map(|(_, t)| *t),
+                bank,
+                *k,
+            )?,
+            Scorer::Fdbd { mean, den } => lb::fdbd(logits, feats()?, mean, den)?,
+            Scorer::Gen { gamma, m } => lb::gen(logits, *gamma, *m)?,
+            Scorer::Residual { u, ns } => lb::residual(feats()?, u, ns)?,
+            Scorer::Neco { params, max_logit } => lb::neco(feats()?, logits, params, *max_logit)?,
+            Scorer::Entropy => lb::entropy(logits)?,
         })
     }
 }
