@@ -30,7 +30,7 @@
 #            scripts/system-deps.sh), parsing included, against the 5 s target;
 #            the groups checked against scripts/groups_ref.py.
 #   posthoc: mos score of each post-hoc method (docs/scores.md) from synthetic stores
-#            of 2,048-d features and 1,000 classes: every method but KNN on 50,000 ID +
+#            of 2,048-d features and 1,000 classes: every method but KNN and NNGuide on 50,000 ID +
 #            10,000 OOD rows (ReAct, ViM and DICE fitted once on a 20,000-row store,
 #            then reused), KNN with k = 1000 for 5,000 + 5,000 queries against a
 #            100,000-row bank; the scoring seconds of results.json, the command's wall
@@ -92,7 +92,7 @@ jpegs=256 loader_size=480 score_size=128 score_id=48 score_ood=64 train_size=224
 store_id=96 store_ood=64 store_size=480 syn_id=50000 syn_ood=10000
 group_classes=21843
 dist_buckets="1 4 25 100"
-ph_id=50000 ph_ood=10000 ph_fit=20000 knn_q=5000 knn_bank=100000 knn_k=1000
+ph_id=50000 ph_ood=10000 ph_fit=20000 knn_q=5000 knn_bank=100000 knn_k=1000 nng_bank=12811
 bench_id=32 bench_ood=32 bench_size=96 ps_images=32 ps_pass=4 ps_crop=480 ps_batch=16
 tv_r50=64 tv_vit=32 tv_batch=16
 # On a GPU (MOS_DEVICE=cuda...), enough images for a steady rate.
@@ -104,7 +104,7 @@ if [ "$smoke" = 1 ]; then
     store_id=6 store_ood=4 store_size=32 syn_id=1000 syn_ood=100
     group_classes=200
     dist_buckets="4"
-    ph_id=200 ph_ood=100 ph_fit=1100 knn_q=50 knn_bank=400 knn_k=50
+    ph_id=200 ph_ood=100 ph_fit=1100 knn_q=50 knn_bank=400 knn_k=50 nng_bank=300
     tv_r50=4 tv_vit=4 tv_batch=2 # the same 224 crop: only the image count shrinks
 fi
 # MOS_BIN: a mos built elsewhere (no build here); MOS_PYTHON: a Python that has torch,
@@ -387,16 +387,22 @@ for r in json.load(open(sys.argv[1])):
     sref features "$tmp/ph/train" "$ph_fit" "$tmp/ph/head.safetensors" 3 0.3
     echo
     echo "posthoc: mos score from synthetic stores of BiT-S-R101x1-sized features (2,048) and 1,000 classes, $threads threads, CPU;"
-    echo "$ph_id ID + $ph_ood OOD rows; ReAct, ViM, DICE fitted on a $ph_fit-row store (first run), then reused"
+    echo "$ph_id ID + $ph_ood OOD rows; ReAct, ViM, DICE fitted on a $ph_fit-row store (first run), then reused (fDBD, Residual, NECO fitted on their first row below)"
     common=(--id "$tmp/ph/val" --ood "$tmp/ph/ood" --model-path "$tmp/ph/head.safetensors" --device cpu --logdir "$tmp/runs")
     read -r w m < <(measured "$mos" score "${common[@]}" --score ReAct,ViM,DICE --fit "$tmp/ph/train" --name ph_fit)
     echo "fit (reading the fit store, ReAct percentile, ViM covariance + eigh, DICE mean) and scoring: wall ${w} s, peak ${m} MiB"
     printf '%-10s %8s %8s %10s\n' method "score s" "wall s" "peak MiB"
-    for meth in MaxLogit GradNorm ReAct ViM ASH-P ASH-B ASH-S DICE; do
+    for meth in MaxLogit GradNorm ReAct ViM ASH-P ASH-B ASH-S DICE SCALE fDBD GEN Residual NECO Entropy; do
         read -r w m < <(measured "$mos" score "${common[@]}" --score "$meth" --fit "$tmp/ph/train" --name ph_fit)
         s=$(seconds_of "$tmp/runs/ph_fit/results.json" | awk -v m="$meth" '$1 == m { print $2 }')
         printf '%-10s %8s %8s %10s\n' "$meth" "$s" "$w" "$m"
     done
+    # NNGuide with the original's guide bank: 1 % of ImageNet's training set.
+    sref features "$tmp/ph/guide" "$nng_bank" "$tmp/ph/head.safetensors" 7 0.3
+    read -r w m < <(measured "$mos" score "${common[@]}" --score NNGuide --fit "$tmp/ph/guide" --name ph_nng)
+    s=$(seconds_of "$tmp/runs/ph_nng/results.json" | awk '$1 == "NNGuide" { print $2 }')
+    echo "NNGuide k=10, a $nng_bank-row guide bank: scoring ${s} s, wall ${w} s (reading the stores and building the bank included), peak ${m} MiB"
+    rm -rf "$tmp/ph/guide"
     sref features "$tmp/ph/qid" "$knn_q" "$tmp/ph/head.safetensors" 4 0.3
     sref features "$tmp/ph/qood" "$knn_q" "$tmp/ph/head.safetensors" 5 -0.2
     rm -rf "$tmp/ph/train"

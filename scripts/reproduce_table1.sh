@@ -20,7 +20,7 @@ case " $* " in *" --score "*) ;; *)
     if [ ! -e "$maha" ]; then
         echo "missing: $maha. Mahalanobis' parameters are not published: tune them once with" >&2
         echo "  scripts/tune_mahalanobis.sh (the flat checkpoint as --model_path), or leave it out:" >&2
-        echo "  scripts/reproduce_table1.sh --score MSP,ODIN,Energy,KL_Div,MOS,GradNorm" >&2
+        echo "  scripts/reproduce_table1.sh --score MSP,ODIN,Energy,KL_Div,MOS,GradNorm,RankFeat" >&2
         exit 1
     fi ;;
 esac

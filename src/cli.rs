@@ -153,7 +153,8 @@ pub struct ExtractArgs {
     #[arg(long, value_name = "STORE")]
     pub output: PathBuf,
     /// What to keep, comma-separated: logits (always), features (the pre-logits),
-    /// mahalanobis (the 5 feature layers' spatial means).
+    /// mahalanobis (the 5 feature layers' spatial means), rankfeat (RankFeat's fused
+    /// logits; BiT and torchvision's ResNets).
     #[arg(
         long,
         value_delimiter = ',',

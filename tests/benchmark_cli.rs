@@ -561,3 +561,72 @@ fn a_failed_extraction_does_not_block_the_retry_its_error_suggests() {
         (7.into(), 4.into())
     );
 }
+
+/// RankFeat in `mos benchmark`: the flat model's stores keep the fused logits
+/// (extracted with the rest, `--layers` rankfeat), the rows equal `mos score`'s on
+/// those stores, alongside methods without a fit (SCALE, GEN); a ViT is refused
+/// before anything is read.
+#[test]
+fn rankfeat_is_extracted_into_the_flat_stores() {
+    let s = setup();
+    let methods = "MSP,RankFeat,SCALE,GEN";
+    let no_maha = s.root.join("unused");
+    ok(&mut benchmark_with(
+        &s,
+        "rf",
+        &no_maha,
+        "0",
+        methods,
+        [&s.group, &s.flat],
+    ));
+    let run = s.root.join("runs/rf");
+    let rows = results(&run.join("results.json"));
+    assert_eq!(rows.len(), 8);
+    let stores = run.join("stores/flat");
+    let m = mos::pipeline::store::read_manifest(&stores.join("ood_a")).unwrap();
+    assert_eq!(m.layers, ["logits", "features", "rankfeat"]);
+    ok(mos()
+        .arg("score")
+        .arg("--id")
+        .arg(stores.join("id_val"))
+        .arg("--ood")
+        .arg(stores.join("ood_a"))
+        .arg("--ood")
+        .arg(stores.join("ood_b"))
+        .args(["--score", methods, "--device", "cpu"])
+        .arg("--model-path")
+        .arg(&s.flat)
+        .arg("--logdir")
+        .arg(s.root.join("runs"))
+        .args(["--name", "rf_score"]));
+    let want = results(&s.root.join("runs/rf_score/results.json"));
+    for r in &rows {
+        let w = want
+            .iter()
+            .find(|w| w["method"] == r["method"] && w["out_dataset"] == r["out_dataset"])
+            .unwrap();
+        for k in ["auroc", "fpr95", "aupr_in", "aupr_out"] {
+            assert_eq!(r[k], w[k], "{} {} {k}", r["method"], r["out_dataset"]);
+        }
+    }
+    let e = common::cli::fails(
+        mos()
+            .arg("benchmark")
+            .arg("--in-datadir")
+            .arg(&s.id)
+            .arg("--out-datadir")
+            .arg(&s.oods[0])
+            .arg("--flat-model-path")
+            .arg(&s.flat)
+            .args([
+                "--score", "RankFeat", "--model", "vit_b_16", "--device", "cpu",
+            ])
+            .arg("--logdir")
+            .arg(s.root.join("runs"))
+            .args(["--name", "rf_vit"]),
+    );
+    assert!(
+        e.contains("--score RankFeat") && e.contains("not on vit_b_16"),
+        "{e}"
+    );
+}

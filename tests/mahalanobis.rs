@@ -315,6 +315,7 @@ fn shared_pass_equals_the_separate_passes() {
         logits: true,
         features: true,
         mahalanobis: true,
+        rankfeat: false,
     };
     for layers in [Layers::LOGITS, all] {
         let (out, ps) =

@@ -86,6 +86,7 @@ fn make_store(dir: &Path, ckpt: &Path, sha: &str, head: &Head, rows: usize, seed
         logits,
         features: Some(features),
         layers: vec![],
+        rankfeat: None,
         skipped: vec![],
     };
     let paths: Vec<String> = (0..rows)

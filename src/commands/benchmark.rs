@@ -598,7 +598,7 @@ mod tests {
             (
                 "mos_cvpr21.json",
                 vec!["iNaturalist", "SUN", "Places", "Textures"],
-                "MSP,ODIN,Mahalanobis,Energy,KL_Div,MOS,GradNorm",
+                "MSP,ODIN,Mahalanobis,Energy,KL_Div,MOS,GradNorm,RankFeat",
             ),
             (
                 "demo.json",
@@ -714,5 +714,24 @@ mod tests {
             .source
             .as_deref()
             .is_some_and(|s| s.contains("NeurIPS 2021"))));
+        // RankFeat (NeurIPS 2022), Table 2, Block 3 + 4 (its repository's
+        // resnetv2.png): FPR95 / AUROC; the average is the table's 36.80 / 92.15.
+        let rankfeat: Vec<(&str, f64, f64)> = p
+            .cells
+            .iter()
+            .filter(|c| c.method == "RankFeat")
+            .map(|c| (c.set.as_str(), c.fpr95, c.auroc))
+            .collect();
+        assert_eq!(
+            rankfeat,
+            [
+                ("iNaturalist", 41.31, 91.91),
+                ("SUN", 29.27, 94.07),
+                ("Places", 39.34, 90.93),
+                ("Textures", 37.29, 91.70)
+            ]
+        );
+        let mean = |f: fn(&(&str, f64, f64)) -> f64| rankfeat.iter().map(f).sum::<f64>() / 4.0;
+        assert!((mean(|c| c.1) - 36.80).abs() < 0.006 && (mean(|c| c.2) - 92.15).abs() < 0.006);
     }
 }

@@ -19,6 +19,7 @@ use crate::pipeline::score::{
     kl_scores, methods_from_names, posthoc_methods, score_store, Method, MethodSettings,
 };
 use crate::pipeline::store::{self, StoreData, MANIFEST};
+use crate::pipeline::vocab::PostHoc;
 use crate::runlog::RunLog;
 
 /// The methods of `--score`, with their settings: those a store can serve.
@@ -123,6 +124,12 @@ fn check_store(s: &StoreData, methods: &[Method], group_config: Option<&Path>) -
                         manifest.display()
                     );
                 }
+                if matches!(method, Method::PostHoc(PostHoc::RankFeat)) && s.rankfeat.is_none() {
+                    bail!(
+                        "{}: no rankfeat layer, which --score RankFeat needs; extract with --layers logits,rankfeat",
+                        manifest.display()
+                    );
+                }
             }
         }
     }
@@ -154,6 +161,16 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
     let mut oods = Vec::new();
     for path in &args.ood {
         let s = store::load(path).with_context(|| format!("--ood {}", path.display()))?;
+        if methods
+            .iter()
+            .any(|m| matches!(m, Method::PostHoc(PostHoc::RankFeat)))
+            && s.rankfeat.is_none()
+        {
+            bail!(
+                "{}: no rankfeat layer, which --score RankFeat needs; extract with --layers logits,rankfeat",
+                path.join(MANIFEST).display()
+            );
+        }
         if methods.iter().any(|m| matches!(m, Method::Mahalanobis(_))) && s.layers.is_empty() {
             bail!(
                 "{}: no Mahalanobis feature layers; extract with --layers mahalanobis",

@@ -198,11 +198,27 @@ impl Network {
             let (logits, features) = m.outputs(x);
             return (logits, features, Vec::new());
         }
+        let (logits, features, means, _) = self.outputs_maps(x, layers, false);
+        (logits, features, means)
+    }
+
+    /// [`Network::outputs`], and with `keep_maps` the outputs of stages 3 and 4
+    /// (RankFeat's inputs, [`Network::rankfeat`]). Not for TorchScript modules.
+    pub fn outputs_maps(
+        &self,
+        x: &Tensor,
+        layers: bool,
+        keep_maps: bool,
+    ) -> (Tensor, Tensor, Vec<Tensor>, Option<(Tensor, Tensor)>) {
         let mut means = Vec::new();
         let mut out = self.stage(0, x);
+        let mut block3 = None;
         for s in 1..=4 {
             if layers {
                 means.push(self.layer_feature(&out));
+            }
+            if s == 4 && keep_maps {
+                block3 = Some(out.shallow_clone());
             }
             out = self.stage(s, &out);
         }
@@ -211,6 +227,45 @@ impl Network {
         }
         let pooled = self.pre_logits(&out);
         let logits = self.head_of_pooled(&pooled);
-        (logits, pooled.flatten(1, -1), means)
+        let maps = block3.map(|b3| (b3, out));
+        (logits, pooled.flatten(1, -1), means, maps)
     }
+
+    /// Whether RankFeat can run on this network (a convolutional backbone whose
+    /// stage maps mos builds), or why not.
+    pub fn rankfeat_support(&self) -> Result<(), String> {
+        match self {
+            Network::Bit(_) | Network::TorchvisionResNet(_) => Ok(()),
+            _ => Err(format!(
+                "RankFeat removes the rank-1 part of the feature maps of stages 3 and 4 of a convolutional network: mos runs it on BiT and torchvision's ResNets, not on {}",
+                self.variant().name
+            )),
+        }
+    }
+
+    /// RankFeat's fused logits [N, head_size] from the outputs of stages 3 and 4
+    /// (as the original's `iterate_data_rankfeat`): the head on stage 4's map
+    /// without its rank-1 part (for BiT the final GroupNorm and ReLU come after,
+    /// since the stage-4 output is taken before them), and the head on stage 4
+    /// run on stage 3's map without its rank-1 part; the mean of the two.
+    pub fn rankfeat(&self, block3: &Tensor, block4: &Tensor) -> Tensor {
+        let head = |map: &Tensor| self.head_of_pooled(&self.pre_logits(map));
+        let logits1 = head(&remove_rank1(block4));
+        let logits2 = head(&self.stage(4, &remove_rank1(block3)));
+        (logits1 + logits2) / 2.0
+    }
+}
+
+/// `X − s₁ u₁ v₁ᵀ` of each image's feature map as a C × HW matrix (exact SVD, as
+/// RankFeat's code's `torch.linalg.svd`), float32. [N, C, H, W] -> the same.
+pub fn remove_rank1(map: &Tensor) -> Tensor {
+    let size = map.size();
+    let (n, c) = (size[0], size[1]);
+    let x = map.to_kind(Kind::Float).reshape([n, c, -1]);
+    // torch.svd(some=True) is torch.linalg.svd(full_matrices=False) with V for Vᴴ
+    // (tch's linalg_svd cannot leave the CUDA-only `driver` unset).
+    let (u, s, v) = x.svd(true, true);
+    let top =
+        s.narrow(1, 0, 1).unsqueeze(2) * u.narrow(2, 0, 1).bmm(&v.narrow(2, 0, 1).transpose(1, 2));
+    (x - top).reshape(size.as_slice())
 }

@@ -32,25 +32,32 @@ pub struct Outputs {
     pub features: Option<Tensor>,
     /// `layer0`..`layer4` (empty unless asked for).
     pub layers: Vec<Tensor>,
+    /// RankFeat's fused logits (unless not asked for).
+    pub rankfeat: Option<Tensor>,
 }
 
 /// One forward pass of `x` (no gradient). With logits only this is
 /// `model.forward(x)`; the other outputs come from the same operations on the same
 /// values, so the logits are the same bits either way.
+/// RankFeat's branches (`layers.rankfeat`) reuse the pass's stage-3 and stage-4
+/// maps.
 pub fn forward_batch(model: &Network, x: &Tensor, layers: Layers) -> Outputs {
     tch::no_grad(|| {
-        if !layers.features && !layers.mahalanobis {
+        if !layers.features && !layers.mahalanobis && !layers.rankfeat {
             return Outputs {
                 logits: model.forward(x),
                 features: None,
                 layers: Vec::new(),
+                rankfeat: None,
             };
         }
-        let (logits, features, means) = model.outputs(x, layers.mahalanobis);
+        let (logits, features, means, maps) =
+            model.outputs_maps(x, layers.mahalanobis, layers.rankfeat);
         Outputs {
             logits,
             features: layers.features.then_some(features),
             layers: means,
+            rankfeat: maps.map(|(b3, b4)| model.rankfeat(&b3, &b4)),
         }
     })
 }
@@ -114,6 +121,9 @@ fn finite_rows(out: &Outputs, start: i64, len: i64) -> Result<Vec<bool>> {
     for t in &out.layers {
         ok = ok.logical_and(&rows(t));
     }
+    if let Some(r) = &out.rankfeat {
+        ok = ok.logical_and(&rows(r));
+    }
     Ok(Vec::<bool>::try_from(ok.to_device(Device::Cpu))?)
 }
 
@@ -151,6 +161,8 @@ pub struct Extracted {
     pub logits: Tensor,
     pub features: Option<Tensor>,
     pub layers: Vec<Tensor>,
+    /// RankFeat's fused logits [N, head] (`--layers rankfeat`).
+    pub rankfeat: Option<Tensor>,
     /// Skipped images of the range, with their dataset index.
     pub skipped: Vec<(usize, Skipped)>,
 }
@@ -189,6 +201,9 @@ pub fn extract_range_with(
     on_batch: &dyn Fn(u64),
 ) -> Result<(Extracted, RangePass)> {
     let started = Instant::now();
+    if opts.layers.rankfeat {
+        model.rankfeat_support().map_err(anyhow::Error::msg)?;
+    }
     let pass = pass.filter(|p| !p.is_empty());
     let n = pass.map_or(0, |p| p.len());
     let mut rp = RangePass {
@@ -203,7 +218,7 @@ pub fn extract_range_with(
     let window: Arc<Vec<Item>> = Arc::new(items[first..last.max(first)].to_vec());
     let loader = eval_loader(window.clone(), opts)?;
     let (mut indices, mut labels, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut logits, mut features) = (Vec::new(), Vec::new());
+    let (mut logits, mut features, mut rankfeat) = (Vec::new(), Vec::new(), Vec::new());
     let mut layers: Vec<Vec<Tensor>> = (0..FEATURE_LAYERS).map(|_| Vec::new()).collect();
     let cpu = |t: &Tensor| t.to_device(Device::Cpu);
     for (j, batch) in loader.enumerate() {
@@ -289,6 +304,9 @@ pub fn extract_range_with(
         for (l, t) in out.layers.iter().enumerate() {
             layers[l].push(cpu(&select(t)));
         }
+        if let Some(r) = &out.rankfeat {
+            rankfeat.push(cpu(&select(r)));
+        }
         for &r in &rows {
             indices.push(first + batch.indices[r]);
             labels.push(batch.targets[r][0]);
@@ -321,6 +339,9 @@ pub fn extract_range_with(
         } else {
             Vec::new()
         },
+        rankfeat: opts.layers.rankfeat.then(|| {
+            cat(&rankfeat).unwrap_or_else(|| Tensor::zeros([0, head], (Kind::Float, Device::Cpu)))
+        }),
         skipped,
     };
     Ok((ex, rp))

@@ -496,6 +496,7 @@ pub fn check(req: &ImportRequest) -> Result<Checked> {
             logits: logits_t,
             features,
             layers: Vec::new(),
+            rankfeat: None,
             skipped: Vec::new(),
         },
         paths,

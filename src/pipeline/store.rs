@@ -781,6 +781,9 @@ pub fn write_shard(
     for (l, t) in ex.layers.iter().enumerate() {
         tensors.push((format!("layer{l}"), t.shallow_clone()));
     }
+    if let Some(r) = &ex.rankfeat {
+        tensors.push(("rankfeat".into(), r.shallow_clone()));
+    }
     tensors.push(("labels".into(), Tensor::from_slice(&ex.labels)));
     let mut meta = std::collections::HashMap::new();
     meta.insert("format".to_string(), SHARD_FORMAT.to_string());
@@ -1072,6 +1075,8 @@ pub struct StoreData {
     pub features: Option<Tensor>,
     /// `layer0`..`layer4` when the store has the Mahalanobis layers.
     pub layers: Vec<Tensor>,
+    /// RankFeat's fused logits [N, head] when the store has them.
+    pub rankfeat: Option<Tensor>,
     pub skipped: Vec<SkippedImage>,
 }
 
@@ -1112,6 +1117,7 @@ pub fn load(dir: &Path) -> Result<StoreData> {
     };
     let features = m.layers.iter().any(|l| l == "features");
     let mahalanobis = m.layers.iter().any(|l| l == "mahalanobis");
+    let rankfeat = m.layers.iter().any(|l| l == "rankfeat");
     let mut parts: BTreeMap<String, Vec<Tensor>> = BTreeMap::new();
     let (mut paths, mut indices, mut labels, mut skipped) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -1194,6 +1200,13 @@ pub fn load(dir: &Path) -> Result<StoreData> {
                 parts.entry(name).or_default().push(t);
             }
         }
+        if rankfeat {
+            parts.entry("rankfeat".into()).or_default().push(get(
+                "rankfeat",
+                Kind::Float,
+                Some(m.head_size),
+            )?);
+        }
         paths.extend(idx.paths.iter().cloned());
         indices.extend(idx.indices.iter().copied());
         skipped.extend(idx.skipped.iter().cloned());
@@ -1201,6 +1214,7 @@ pub fn load(dir: &Path) -> Result<StoreData> {
     let mut cat = |name: &str| parts.remove(name).map(|v| Tensor::cat(&v, 0));
     let logits = cat("logits").context("store without shards")?;
     let features = cat("features");
+    let rankfeat = cat("rankfeat");
     let layers = (0..FEATURE_LAYERS)
         .filter_map(|l| cat(&format!("layer{l}")))
         .collect();
@@ -1213,6 +1227,7 @@ pub fn load(dir: &Path) -> Result<StoreData> {
         logits,
         features,
         layers,
+        rankfeat,
         skipped,
     })
 }

@@ -17,6 +17,9 @@ pub struct Layers {
     pub features: bool,
     /// `layer0`..`layer4` [N, C_l]: spatial means of root and block1..4.
     pub mahalanobis: bool,
+    /// `rankfeat` [N, head]: RankFeat's fused logits (blocks 3 and 4 without their
+    /// rank-1 parts).
+    pub rankfeat: bool,
 }
 
 impl Layers {
@@ -25,6 +28,7 @@ impl Layers {
         logits: true,
         features: false,
         mahalanobis: false,
+        rankfeat: false,
     };
 
     /// From `--layers` names (case-insensitive); logits are always kept.
@@ -35,8 +39,9 @@ impl Layers {
                 "logits" => l.logits = true,
                 "features" => l.features = true,
                 "mahalanobis" => l.mahalanobis = true,
+                "rankfeat" => l.rankfeat = true,
                 other => bail!(
-                    "--layers: unknown layer '{other}'; expected logits, features or mahalanobis"
+                    "--layers: unknown layer '{other}'; expected logits, features, mahalanobis or rankfeat"
                 ),
             }
         }
@@ -51,6 +56,9 @@ impl Layers {
         }
         if self.mahalanobis {
             v.push("mahalanobis".into());
+        }
+        if self.rankfeat {
+            v.push("rankfeat".into());
         }
         v
     }
@@ -78,10 +86,11 @@ pub enum PostHoc {
     Residual,
     Neco,
     Entropy,
+    RankFeat,
 }
 
 impl PostHoc {
-    pub const ALL: [PostHoc; 16] = [
+    pub const ALL: [PostHoc; 17] = [
         PostHoc::MaxLogit,
         PostHoc::GradNorm,
         PostHoc::React,
@@ -98,11 +107,12 @@ impl PostHoc {
         PostHoc::Residual,
         PostHoc::Neco,
         PostHoc::Entropy,
+        PostHoc::RankFeat,
     ];
 
     /// The name in results (`MaxLogit`, `GradNorm`, `ReAct`, `KNN`, `ViM`, `ASH-P`,
     /// `ASH-B`, `ASH-S`, `DICE`, `SCALE`, `NNGuide`, `fDBD`, `GEN`, `Residual`, `NECO`,
-    /// `Entropy`).
+    /// `Entropy`, `RankFeat`).
     pub fn name(self) -> &'static str {
         match self {
             PostHoc::MaxLogit => "MaxLogit",
@@ -121,6 +131,7 @@ impl PostHoc {
             PostHoc::Residual => "Residual",
             PostHoc::Neco => "NECO",
             PostHoc::Entropy => "Entropy",
+            PostHoc::RankFeat => "RankFeat",
         }
     }
 
@@ -165,7 +176,10 @@ impl PostHoc {
 
     /// Whether it needs the stored pre-logit features.
     pub fn needs_features(self) -> bool {
-        !matches!(self, PostHoc::MaxLogit | PostHoc::Gen | PostHoc::Entropy)
+        !matches!(
+            self,
+            PostHoc::MaxLogit | PostHoc::Gen | PostHoc::Entropy | PostHoc::RankFeat
+        )
     }
 }
 
@@ -202,8 +216,10 @@ mod tests {
     #[test]
     fn layer_names_parse() {
         let l = Layers::parse(&["Features".into(), "mahalanobis".into()]).unwrap();
-        assert!(l.logits && l.features && l.mahalanobis);
+        assert!(l.logits && l.features && l.mahalanobis && !l.rankfeat);
         assert_eq!(l.names(), ["logits", "features", "mahalanobis"]);
+        let l = Layers::parse(&["rankfeat".into()]).unwrap();
+        assert_eq!(l.names(), ["logits", "rankfeat"]);
         assert_eq!(Layers::parse(&[]).unwrap(), Layers::LOGITS);
         let e = Layers::parse(&["pixels".into()]).unwrap_err().to_string();
         assert!(e.contains("unknown layer 'pixels'"), "{e}");

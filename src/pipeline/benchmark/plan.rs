@@ -71,6 +71,20 @@ pub(super) fn plan(req: &BenchmarkRequest) -> Result<Plan> {
             .require_feature_layers("--score Mahalanobis")
             .map_err(anyhow::Error::msg)?;
     }
+    if req
+        .score
+        .iter()
+        .any(|m| m.trim().eq_ignore_ascii_case("rankfeat"))
+        && !matches!(
+            req.model.family,
+            crate::model::Family::Bit | crate::model::Family::TorchvisionResNet
+        )
+    {
+        bail!(
+            "--score RankFeat: it removes the rank-1 part of the feature maps of stages 3 and 4 of a convolutional network; mos runs it on BiT and torchvision's ResNets, not on {}",
+            req.model.name
+        );
+    }
     let id = open_set(&req.in_set, "--in-datadir")?;
     let oods = req
         .out_sets

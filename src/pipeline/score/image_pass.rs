@@ -58,7 +58,14 @@ pub fn forward_with_pass(
     let means_needed = maha || layers.mahalanobis;
     let input = x.detach().set_requires_grad(true);
     // As forward_batch computes them.
-    let (logits, pooled, means) = tch::with_grad(|| model.outputs(&input, means_needed));
+    let (logits, pooled, means, maps) = tch::with_grad(|| {
+        if layers.rankfeat {
+            model.outputs_maps(&input, means_needed, true)
+        } else {
+            let (l, p, m) = model.outputs(&input, means_needed);
+            (l, p, m, None)
+        }
+    });
     let mut scores = Vec::with_capacity(pass.methods.len());
     let mut seconds = Vec::with_capacity(pass.methods.len());
     for method in pass.methods {
@@ -99,6 +106,7 @@ pub fn forward_with_pass(
         } else {
             Vec::new()
         },
+        rankfeat: maps.map(|(b3, b4)| tch::no_grad(|| model.rankfeat(&b3.detach(), &b4.detach()))),
     };
     Ok((outputs, PassScores { scores, seconds }))
 }

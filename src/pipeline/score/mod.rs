@@ -191,7 +191,12 @@ pub fn posthoc_methods(methods: &[Method]) -> Vec<PostHoc> {
 pub fn store_layers(methods: &[Method]) -> Layers {
     let mut l = Layers::LOGITS;
     l.mahalanobis = methods.iter().any(|m| matches!(m, Method::Mahalanobis(_)));
-    l.features = methods.iter().any(|m| matches!(m, Method::PostHoc(_)));
+    l.features = methods
+        .iter()
+        .any(|m| matches!(m, Method::PostHoc(p) if p.needs_features()));
+    l.rankfeat = methods
+        .iter()
+        .any(|m| matches!(m, Method::PostHoc(PostHoc::RankFeat)));
     l
 }
 
@@ -322,8 +327,18 @@ pub fn score_store(
         if let Method::PostHoc(p) = method {
             let prepared = posthoc.context("internal: the post-hoc methods were not prepared")?;
             let t0 = Instant::now();
+            // RankFeat scores its own logits, the stored fused ones.
+            let logits = match p {
+                PostHoc::RankFeat => s.rankfeat.as_ref().with_context(|| {
+                    format!(
+                        "{}: no rankfeat layer, which --score RankFeat needs; extract with --layers logits,rankfeat",
+                        s.dir.join(crate::pipeline::store::MANIFEST).display()
+                    )
+                })?,
+                _ => &s.logits,
+            };
             out.scores[m] = prepared
-                .score_rows(*p, &s.logits, s.features.as_ref())
+                .score_rows(*p, logits, s.features.as_ref())
                 .with_context(|| format!("store {}", s.dir.display()))?;
             out.seconds[m] += t0.elapsed().as_secs_f64();
         }

@@ -563,6 +563,8 @@ pub enum Scorer {
         max_logit: bool,
     },
     Entropy,
+    /// The energy of the stored RankFeat logits (given as `logits`).
+    RankFeat,
 }
 
 /// What is built from the fit store's rows for each run (not saved): KNN's bank,
@@ -1193,6 +1195,7 @@ fn make_scorer(
             }
         }
         PostHoc::Entropy => Scorer::Entropy,
+        PostHoc::RankFeat => Scorer::RankFeat,
     })
 }
 
@@ -1289,6 +1292,10 @@ impl Scorer {
             Scorer::Residual { u, ns } => lb::residual(feats()?, u, ns)?,
             Scorer::Neco { params, max_logit } => lb::neco(feats()?, logits, params, *max_logit)?,
             Scorer::Entropy => lb::entropy(logits)?,
+            Scorer::RankFeat => {
+                crate::ood::check_matrix(logits, "RankFeat logits")?;
+                logits.logsumexp(1, false)
+            }
         })
     }
 }
