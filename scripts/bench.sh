@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmarks that print ratios against a baseline measured in the same run.
-# Usage: scripts/bench.sh [forward|loader|scores|train|dist|store|groups|posthoc|benchmark|paper-scale|extract-tv]...
+# Usage: scripts/bench.sh [forward|loader|scores|train|dist|store|groups|posthoc|benchmark|paper-scale|extract-tv|rankfeat]...
 #                         [--images N] [--size S]
 #                         [--rounds N] [--steps N] [--same-malloc] [--smoke]
 #   forward: BiT-S-R50x1 and BiT-S-R101x1 forward images/s, mos vs the PyTorch
@@ -52,6 +52,10 @@
 #            dict), JPEGs with ImageNet validation's sizes, batch, workers and
 #            threads; the outputs compared, and the extrapolated time of a whole
 #            ResNet-50 table (85,640 images) at mos's rate.
+#   rankfeat: the cost of RankFeat's stored layer: mos extract with --layers
+#            logits,rankfeat against --layers logits on the same JPEGs, random
+#            BiT-S-R101x1 at 480 and torchvision ResNet-50 at 224, CPU (or
+#            MOS_DEVICE), images/s of the extraction loop; interleaved rounds.
 # Every section runs --rounds interleaved rounds (baseline then mos, so that a
 # machine-wide slowdown hits both) and prints the median of each side and of the
 # per-round ratios, with every round's ratio. --smoke runs every section on tiny
@@ -75,7 +79,7 @@ smoke=0
 torch_env=()
 while [ $# -gt 0 ]; do
     case "$1" in
-        forward | loader | scores | train | dist | store | groups | posthoc | benchmark | paper-scale | extract-tv) what+=("$1") ;;
+        forward | loader | scores | train | dist | store | groups | posthoc | benchmark | paper-scale | extract-tv | rankfeat) what+=("$1") ;;
         --images) images=$2; shift ;;
         --size) size=$2; shift ;;
         --rounds) rounds=$2; shift ;;
@@ -86,7 +90,7 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-[ ${#what[@]} -gt 0 ] || what=(forward loader scores train dist store groups posthoc benchmark paper-scale extract-tv)
+[ ${#what[@]} -gt 0 ] || what=(forward loader scores train dist store groups posthoc benchmark paper-scale extract-tv rankfeat)
 # Sizes of the loader, scores and train sections (--smoke shrinks them all).
 jpegs=256 loader_size=480 score_size=128 score_id=48 score_ood=64 train_size=224 train_batch=8
 store_id=96 store_ood=64 store_size=480 syn_id=50000 syn_ood=10000
@@ -95,6 +99,7 @@ dist_buckets="1 4 25 100"
 ph_id=50000 ph_ood=10000 ph_fit=20000 knn_q=5000 knn_bank=100000 knn_k=1000 nng_bank=12811
 bench_id=32 bench_ood=32 bench_size=96 ps_images=32 ps_pass=4 ps_crop=480 ps_batch=16
 tv_r50=64 tv_vit=32 tv_batch=16
+rf_bit=8 rf_r50=64
 # On a GPU (MOS_DEVICE=cuda...), enough images for a steady rate.
 case "${MOS_DEVICE:-}" in cuda*) ps_images=2048 ps_pass=256 ps_batch=64 ;; esac
 if [ "$smoke" = 1 ]; then
@@ -106,6 +111,7 @@ if [ "$smoke" = 1 ]; then
     dist_buckets="4"
     ph_id=200 ph_ood=100 ph_fit=1100 knn_q=50 knn_bank=400 knn_k=50 nng_bank=300
     tv_r50=4 tv_vit=4 tv_batch=2 # the same 224 crop: only the image count shrinks
+    rf_bit=2 rf_r50=4
 fi
 # MOS_BIN: a mos built elsewhere (no build here); MOS_PYTHON: a Python that has torch,
 # numpy, scipy, scikit-learn and Pillow (no reference venv made here). A GPU machine
@@ -586,4 +592,40 @@ if has extract-tv; then
     awk -v o="${tv_rate[resnet50]}" 'BEGIN {
         printf "a whole ResNet-50 table (85,640 images = 50,000 ImageNet val + 10,000 x 3 + 5,640 Textures; one extraction per image\n"
         printf "serves every store method) at mos'"'"'s %.2f images/s on this CPU: %.2f hours\n", o, 85640 / o / 3600 }'
+fi
+
+if has rankfeat; then
+    r=$tmp/rf
+    dev=${MOS_DEVICE:-cpu}
+    # Store log's "in S s (R images/s)": N / S, or R when S is too coarse.
+    rf_rate() {
+        sed -n 's/.* in \([0-9.]*\) s (\([0-9.]*\) images\/s).*/\1 \2/p' "$1/store.log" | tail -n 1 |
+            awk -v n="$2" '{ if ($2 * $2 > n || $1 <= 0) printf "%.3f", $2; else printf "%.3f", n / $1 }'
+    }
+    ref make-val-jpegs "$r/bit/images" "$rf_bit" 0
+    ref make-val-jpegs "$r/r50/images" "$rf_r50" 0
+    ref make-model "$r" R101x1 1 8
+    "$py" scripts/tv_extract_ref.py make-model resnet50 "$r/resnet50.pth" 0
+    rf_crop=480
+    [ "$smoke" = 1 ] && rf_crop=64
+    echo
+    echo "rankfeat: mos extract --layers logits,rankfeat vs --layers logits, random weights, device $dev, JPEGs with ImageNet val's"
+    echo "sizes, batch 4, $threads workers; images/s of the extraction loop; medians of $rounds interleaved rounds"
+    printf '%-22s %7s %14s %16s %10s   %s\n' model images "logits i/s" "+rankfeat i/s" "cost" "per round"
+    for spec in "BiT-S-R101x1 $rf_crop $r/R101x1.pth.tar $r/bit $rf_bit" "resnet50 224 $r/resnet50.pth $r/r50 $rf_r50"; do
+        read -r m c w d n <<<"$spec"
+        plain=() withrf=() costs=()
+        for _ in $(seq "$rounds"); do
+            for layers in logits logits,rankfeat; do
+                rm -rf "$r/store"
+                timed_run "$mos" extract --model "$m" --model-path "$w" --crop "$c" --datadir "$d" --output "$r/store" \
+                    --layers "$layers" --batch 4 --workers "$threads" --device "$dev" >/dev/null
+                rate=$(rf_rate "$r/store" "$n")
+                if [ "$layers" = logits ]; then plain+=("$rate"); else withrf+=("$rate"); fi
+            done
+            costs+=("$(awk -v a="${plain[-1]}" -v b="${withrf[-1]}" 'BEGIN { printf "%.2f", a / b }')")
+        done
+        printf '%-22s %7s %14s %16s %9sx   %s\n' "$m at $c" "$n" "$(median "${plain[@]}")" "$(median "${withrf[@]}")" \
+            "$(median "${costs[@]}")" "${costs[*]}"
+    done
 fi

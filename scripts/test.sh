@@ -41,7 +41,7 @@ fi
 # Mahalanobis on the fixture model, and test-baseline / test-mos end to end against
 # the original's per-image scores.
 mos_log "fixture comparisons again under ${reduced[*]}"
-env "${reduced[@]}" cargo test --release --locked --lib --test model --test weights --test ood --test posthoc --test mahalanobis --test e2e_cli --test resnet --test vit --test torchscript
+env "${reduced[@]}" cargo test --release --locked --lib --test model --test weights --test ood --test posthoc --test mahalanobis --test e2e_cli --test resnet --test vit --test torchscript --test leaderboard --test rankfeat
 
 if [ "${MOS_TEST_SKIP_BENCH:-0}" != 1 ]; then
     mos_log "scripts/bench.sh --smoke (the benchmark's own setup and every section, tiny inputs)"
