@@ -162,6 +162,10 @@ pub struct ExtractArgs {
         value_name = "LAYERS"
     )]
     pub layers: Vec<String>,
+    /// RankFeat's rank-1 parts by this many power iterations (its faster option; the
+    /// original's 20) instead of an exact SVD; recorded in the manifest.
+    #[arg(long, value_name = "N")]
+    pub rankfeat_power_iterations: Option<u32>,
     #[command(flatten)]
     pub transform: TransformArgs,
     /// Images per batch (as the test commands' --batch: the same batches give the same bits).

@@ -316,6 +316,7 @@ fn shared_pass_equals_the_separate_passes() {
         features: true,
         mahalanobis: true,
         rankfeat: false,
+        rankfeat_power_iterations: 0,
     };
     for layers in [Layers::LOGITS, all] {
         let (out, ps) =

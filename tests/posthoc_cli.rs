@@ -77,6 +77,7 @@ fn make_store(dir: &Path, ckpt: &Path, sha: &str, head: &Head, rows: usize, seed
         mean: None,
         std: None,
         head: None,
+        rankfeat_power_iterations: None,
     };
     m.fingerprint = m.compute_fingerprint();
     let m = store::prepare(dir, &m).unwrap();

@@ -32,7 +32,7 @@ fn check(net: &Network, key: &str) {
     let want = get(&format!("{key}_rankfeat"));
     let (logits, _, _, maps) = tch::no_grad(|| net.outputs_maps(&x, false, true));
     let (b3, b4) = maps.expect("the stage maps were kept");
-    let got = tch::no_grad(|| net.rankfeat(&b3, &b4));
+    let got = tch::no_grad(|| net.rankfeat(&b3, &b4, 0));
     let plain = get(&format!("{key}_logits"));
     let scale = want.abs().max().double_value(&[]);
     let rel = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]) / scale;
@@ -51,6 +51,15 @@ fn check(net: &Network, key: &str) {
         rel(&got, &plain)
     );
     assert!(rel(&got, &plain) > 4.0 * tol, "{key}: fused = plain?");
+    // The power-iteration option: the original's 20 iterations from the same start.
+    let pi = tch::no_grad(|| net.rankfeat(&b3, &b4, 20));
+    let want_pi = get(&format!("{key}_rankfeat_pi20"));
+    eprintln!(
+        "{key}: power iteration {:.2e} of the scale, {:.2e} from the exact SVD's",
+        rel(&pi, &want_pi),
+        rel(&pi, &got)
+    );
+    assert!(rel(&pi, &want_pi) <= tol, "{key}: power iteration");
     let score = got.logsumexp(1, false);
     let want_score = get(&format!("{key}_score"));
     assert!(
@@ -127,6 +136,30 @@ fn extract_stores_the_fused_logits_and_score_reads_them() {
         .map(|l| l.split(',').nth(2).unwrap().parse().unwrap())
         .collect();
     assert_eq!(got, want);
+    // With power iterations: recorded (and fingerprinted), another layer's values.
+    let pi = root.join("stores/pi");
+    ok(
+        extract_at(&root.join("data/id_val"), &ckpt, &pi, "64").args([
+            "--layers",
+            "logits,rankfeat",
+            "--rankfeat-power-iterations",
+            "20",
+        ]),
+    );
+    let q = mos::pipeline::store::load(&pi).unwrap();
+    assert_eq!(q.manifest.rankfeat_power_iterations, Some(20));
+    assert_ne!(q.manifest.fingerprint, s.manifest.fingerprint);
+    assert!(q.logits.equal(&s.logits));
+    let e = fails(
+        extract_at(
+            &root.join("data/id_val"),
+            &ckpt,
+            &root.join("stores/bad"),
+            "64",
+        )
+        .args(["--rankfeat-power-iterations", "20"]),
+    );
+    assert!(e.contains("with --layers ...,rankfeat"), "{e}");
     // A store without the layer is refused before scoring, naming it.
     let e = fails(
         mos()

@@ -66,7 +66,15 @@ pub fn run(args: &ExtractArgs) -> Result<()> {
     let shard = store::resolve_shard(args.num_shards, args.shard_index, &|k| {
         std::env::var(k).ok()
     })?;
-    let layers = Layers::parse(&args.layers)?;
+    let mut layers = Layers::parse(&args.layers)?;
+    if let Some(n) = args.rankfeat_power_iterations {
+        if !layers.rankfeat || n == 0 {
+            anyhow::bail!(
+                "--rankfeat-power-iterations {n}: give at least 1 iteration, with --layers ...,rankfeat"
+            );
+        }
+        layers.rankfeat_power_iterations = n;
+    }
     if layers.mahalanobis {
         args.model
             .model
@@ -132,6 +140,7 @@ pub fn run(args: &ExtractArgs) -> Result<()> {
         mean: None,
         std: None,
         head: None,
+        rankfeat_power_iterations: args.rankfeat_power_iterations,
     };
     if let Some(s) = &script {
         manifest.record_script(&transform, &s.head, loaded.model.feature_dim());

@@ -248,10 +248,15 @@ impl Network {
     /// without its rank-1 part (for BiT the final GroupNorm and ReLU come after,
     /// since the stage-4 output is taken before them), and the head on stage 4
     /// run on stage 3's map without its rank-1 part; the mean of the two.
-    pub fn rankfeat(&self, block3: &Tensor, block4: &Tensor) -> Tensor {
+    /// `power_iterations` > 0: the rank-1 parts by [`remove_rank1_power`].
+    pub fn rankfeat(&self, block3: &Tensor, block4: &Tensor, power_iterations: u32) -> Tensor {
+        let remove = |map: &Tensor| match power_iterations {
+            0 => remove_rank1(map),
+            n => remove_rank1_power(map, n),
+        };
         let head = |map: &Tensor| self.head_of_pooled(&self.pre_logits(map));
-        let logits1 = head(&remove_rank1(block4));
-        let logits2 = head(&self.stage(4, &remove_rank1(block3)));
+        let logits1 = head(&remove(block4));
+        let logits2 = head(&self.stage(4, &remove(block3)));
         (logits1 + logits2) / 2.0
     }
 }
@@ -267,5 +272,29 @@ pub fn remove_rank1(map: &Tensor) -> Tensor {
     let (u, s, v) = x.svd(true, true);
     let top =
         s.narrow(1, 0, 1).unsqueeze(2) * u.narrow(2, 0, 1).bmm(&v.narrow(2, 0, 1).transpose(1, 2));
+    (x - top).reshape(size.as_slice())
+}
+
+/// [`remove_rank1`] with the first singular pair from `iterations` power iterations,
+/// as RankFeat's `power_iteration` (its faster option): `v = n(u X)ᵀ`, `u = n(X v)ᵀ`
+/// with `n(a) = a / (‖a‖ + 1e-10)`, then `σ = u X v` and `X − σ uᵀ vᵀ`. The original
+/// starts u from a random normal vector; mos from the all-ones vector, so that a
+/// store is reproducible (both converge to the same pair, at a rate set by s₂/s₁).
+pub fn remove_rank1_power(map: &Tensor, iterations: u32) -> Tensor {
+    let size = map.size();
+    let (n, c) = (size[0], size[1]);
+    let x = map.to_kind(Kind::Float).reshape([n, c, -1]);
+    let normalise = |a: Tensor| {
+        let norm = a.norm_scalaropt_dim(2, [2i64].as_slice(), true);
+        a / (norm + 1e-10)
+    };
+    let mut u = Tensor::ones([n, 1, c], (Kind::Float, x.device()));
+    let mut v = Tensor::zeros([n, x.size()[2], 1], (Kind::Float, x.device()));
+    for _ in 0..iterations {
+        v = normalise(u.bmm(&x)).transpose(1, 2);
+        u = normalise(x.bmm(&v).transpose(1, 2));
+    }
+    let sigma = u.bmm(&x).bmm(&v);
+    let top = sigma * u.transpose(1, 2).bmm(&v.transpose(1, 2));
     (x - top).reshape(size.as_slice())
 }

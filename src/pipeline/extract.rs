@@ -57,7 +57,8 @@ pub fn forward_batch(model: &Network, x: &Tensor, layers: Layers) -> Outputs {
             logits,
             features: layers.features.then_some(features),
             layers: means,
-            rankfeat: maps.map(|(b3, b4)| model.rankfeat(&b3, &b4)),
+            rankfeat: maps
+                .map(|(b3, b4)| model.rankfeat(&b3, &b4, layers.rankfeat_power_iterations)),
         }
     })
 }

@@ -486,6 +486,7 @@ pub fn check(req: &ImportRequest) -> Result<Checked> {
         mean: None,
         std: None,
         head: None,
+        rankfeat_power_iterations: None,
     };
     manifest.fingerprint = manifest.compute_fingerprint();
     Ok(Checked {

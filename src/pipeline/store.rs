@@ -195,6 +195,10 @@ pub struct Manifest {
     /// models); absent for BiT, which resizes to `crop x crop`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resize: Option<usize>,
+    /// RankFeat's power iterations (`--rankfeat-power-iterations`), when its layer
+    /// was computed with them instead of an exact SVD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rankfeat_power_iterations: Option<u32>,
     /// Width of the pre-logit features when `model` is not one mos builds (an
     /// imported store); absent for mos's models, whose width the model gives.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -353,6 +357,9 @@ impl Manifest {
         }
         if let Some(d) = self.feature_dim {
             v.push(("feature dim", d.to_string()));
+        }
+        if let Some(n) = self.rankfeat_power_iterations {
+            v.push(("rankfeat power iterations", n.to_string()));
         }
         if let Some(m) = &self.mean {
             v.push(("mean", format!("{m:?}")));

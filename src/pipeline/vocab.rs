@@ -20,6 +20,8 @@ pub struct Layers {
     /// `rankfeat` [N, head]: RankFeat's fused logits (blocks 3 and 4 without their
     /// rank-1 parts).
     pub rankfeat: bool,
+    /// RankFeat's rank-1 parts by this many power iterations; 0: exact SVD.
+    pub rankfeat_power_iterations: u32,
 }
 
 impl Layers {
@@ -29,6 +31,7 @@ impl Layers {
         features: false,
         mahalanobis: false,
         rankfeat: false,
+        rankfeat_power_iterations: 0,
     };
 
     /// From `--layers` names (case-insensitive); logits are always kept.

@@ -464,6 +464,7 @@ fn plan_store(
         mean: None,
         std: None,
         head: None,
+        rankfeat_power_iterations: None,
     };
     // A TorchScript module's transform and head are flags: the store records them.
     if let Some(s) = req.input_spec().script_spec(req.model) {

@@ -106,7 +106,11 @@ pub fn forward_with_pass(
         } else {
             Vec::new()
         },
-        rankfeat: maps.map(|(b3, b4)| tch::no_grad(|| model.rankfeat(&b3.detach(), &b4.detach()))),
+        rankfeat: maps.map(|(b3, b4)| {
+            tch::no_grad(|| {
+                model.rankfeat(&b3.detach(), &b4.detach(), layers.rankfeat_power_iterations)
+            })
+        }),
     };
     Ok((outputs, PassScores { scores, seconds }))
 }
