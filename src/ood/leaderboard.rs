@@ -8,7 +8,9 @@
 //! `pipeline::score::posthoc_fit`'s job.
 use tch::{Kind, Tensor};
 
-use super::posthoc::{ash_keep, check_features, check_percentile, vim_origin, Head};
+use super::posthoc::{
+    ash_keep, check_features, check_percentile, residual_space, scatter_matrix, vim_origin, Head,
+};
 use super::{check_matrix, to_score_kind, OodError, Result};
 
 /// `--scale-percentile`'s default, SCALE's ImageNet setting (its config and the
@@ -240,37 +242,14 @@ fn descending_eigenvectors(cov: &Tensor) -> Result<Tensor> {
     Ok(vectors.flip([1]).contiguous())
 }
 
-/// `Σ xᵀx` over blocks of rows of `h − centre`, in float64.
-fn scatter_matrix(h: &Tensor, centre: &Tensor) -> Tensor {
-    let d = h.size()[1];
-    let mut s = Tensor::zeros([d, d], (Kind::Double, h.device()));
-    for x in h.split(8192, 0) {
-        let x = x.to_kind(Kind::Double) - centre;
-        s += x.tr().matmul(&x);
-    }
-    s
-}
-
 /// Residual's fit: ViM's origin `u = −W⁺b` and the basis [D, D − dim] of what is
 /// left after the `dim` leading eigenvectors of `E[(h − u)(h − u)ᵀ]` (not
 /// re-centred), in float64. Needs more than `dim` rows.
 pub fn residual_fit(features: &Tensor, head: &Head, dim: i64) -> Result<(Tensor, Tensor)> {
     let h = check_features(features, Some(head.dim()), None, "Residual training")?;
-    let (n, d) = (h.size()[0], head.dim());
-    if dim < 1 || dim >= d {
-        return Err(OodError::Invalid(format!(
-            "Residual: the principal dimension must be in 1..{d} (the features' width), got {dim}"
-        )));
-    }
-    if n <= dim {
-        return Err(OodError::Invalid(format!(
-            "Residual: {n} training rows, but a principal space of dimension {dim} needs more than {dim} rows (the covariance of fewer rows leaves the residual space undetermined)"
-        )));
-    }
     let u = vim_origin(head)?.to_device(h.device());
-    let cov = scatter_matrix(&h, &u) / n as f64;
-    let vectors = descending_eigenvectors(&cov)?;
-    Ok((u, vectors.narrow(1, dim, d - dim).contiguous()))
+    let ns = residual_space(&h, &u, dim, "Residual")?;
+    Ok((u, ns))
 }
 
 /// Residual: `−‖(h − u) ns‖₂` with the fit of [`residual_fit`]. features [N, D] -> [N].

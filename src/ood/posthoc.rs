@@ -421,40 +421,54 @@ fn vim_residual(h: &Tensor, u: &Tensor, ns: &Tensor) -> Tensor {
     }
 }
 
+/// `Σ xᵀx` over blocks of rows of `h − centre`, in float64 [D, D].
+pub(crate) fn scatter_matrix(h: &Tensor, centre: &Tensor) -> Tensor {
+    let d = h.size()[1];
+    let mut s = Tensor::zeros([d, d], (Kind::Double, h.device()));
+    for x in h.split(8192, 0) {
+        let x = x.to_kind(Kind::Double) - centre;
+        s += x.tr().matmul(&x);
+    }
+    s
+}
+
+/// ViM's residual space of training features h [N, D] about `u` (float64): the
+/// eigenvectors of the D − dim smallest eigenvalues of `E[(h − u)(h − u)ᵀ]` (not
+/// re-centred), [D, D − dim]. Needs 1 <= dim < D and more than dim rows (`what`
+/// names the method in the errors).
+pub(crate) fn residual_space(h: &Tensor, u: &Tensor, dim: i64, what: &str) -> Result<Tensor> {
+    let (n, d) = (h.size()[0], h.size()[1]);
+    if dim < 1 || dim >= d {
+        return Err(OodError::Invalid(format!(
+            "{what}: the principal dimension must be in 1..{d} (the features' width), got {dim}"
+        )));
+    }
+    if n <= dim {
+        // With N <= dim rows the covariance has rank < dim + 1: part of the
+        // principal space is an arbitrary basis of its null space, so the
+        // residual space would be arbitrary too.
+        return Err(OodError::Invalid(format!(
+            "{what}: {n} training rows, but fitting a principal space of dimension {dim} needs more than {dim} rows (the covariance of fewer rows leaves the residual space undetermined)"
+        )));
+    }
+    let cov = scatter_matrix(h, u) / n as f64;
+    let (_, vectors) = cov.f_linalg_eigh("L")?;
+    // Ascending eigenvalues: the first D - dim vectors span the residual space.
+    Ok(vectors.narrow(1, 0, d - dim).contiguous())
+}
+
 /// Fits ViM on training features [N, D] and their logits [N, C], in float64.
 pub fn vim_fit(features: &Tensor, logits: &Tensor, head: &Head, dim: i64) -> Result<VimParams> {
     let (n, c) = check_matrix(logits, "ViM training logits")?;
     let h = check_features(features, Some(head.dim()), Some(n), "ViM training")?;
-    let d = head.dim();
     if c != head.classes() {
         return Err(OodError::Shape(format!(
             "ViM: {c} logits per image, the head has {}",
             head.classes()
         )));
     }
-    if dim < 1 || dim >= d {
-        return Err(OodError::Invalid(format!(
-            "ViM: the principal dimension must be in 1..{d} (the features' width), got {dim}"
-        )));
-    }
-    if n <= dim {
-        // With N <= dim rows the covariance has rank < dim + 1: part of the
-        // principal space is an arbitrary basis of its null space, so the
-        // residual space (and α) would be arbitrary too.
-        return Err(OodError::Invalid(format!(
-            "ViM: {n} training rows, but fitting a principal space of dimension {dim} needs more than {dim} rows (the covariance of fewer rows leaves the residual space undetermined)"
-        )));
-    }
     let u = vim_origin(head)?.to_device(h.device());
-    let mut cov = Tensor::zeros([d, d], (Kind::Double, h.device()));
-    for x in h.split(8192, 0) {
-        let x = x.to_kind(Kind::Double) - &u;
-        cov += x.tr().matmul(&x);
-    }
-    let cov = cov / n as f64;
-    let (_, vectors) = cov.f_linalg_eigh("L")?;
-    // Ascending eigenvalues: the first D - dim vectors span the residual space.
-    let ns = vectors.narrow(1, 0, d - dim).contiguous();
+    let ns = residual_space(&h, &u, dim, "ViM")?;
     let residual = vim_residual(&h.to_kind(Kind::Double), &u, &ns);
     let max_logit = to_score_kind(logits).to_kind(Kind::Double).amax(1, false);
     let alpha = max_logit.mean(None).double_value(&[]) / residual.mean(None).double_value(&[]);

@@ -51,8 +51,13 @@ pub fn forward_batch(model: &Network, x: &Tensor, layers: Layers) -> Outputs {
                 rankfeat: None,
             };
         }
-        let (logits, features, means, maps) =
-            model.outputs_maps(x, layers.mahalanobis, layers.rankfeat);
+        let (logits, features, means, maps) = if layers.rankfeat {
+            model.outputs_maps(x, layers.mahalanobis, true)
+        } else {
+            // Network::outputs serves TorchScript modules too (no stage maps).
+            let (l, f, m) = model.outputs(x, layers.mahalanobis);
+            (l, f, m, None)
+        };
         Outputs {
             logits,
             features: layers.features.then_some(features),
