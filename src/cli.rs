@@ -102,7 +102,7 @@ pub struct BenchmarkArgs {
     pub flat_model_path: Option<PathBuf>,
     /// Methods, comma-separated: MOS, MSP, ODIN, Energy, KL_Div, Mahalanobis, and the
     /// post-hoc MaxLogit, GradNorm, ReAct, KNN, ViM, ASH-P, ASH-B, ASH-S, DICE, SCALE,
-    /// NNGuide, fDBD, GEN, Residual, NECO, Entropy (flat model).
+    /// NNGuide, fDBD, GEN, Residual, NECO, Entropy, RankFeat (flat model).
     #[arg(long, value_delimiter = ',', value_name = "METHODS")]
     pub score: Vec<String>,
     #[command(flatten)]
@@ -354,7 +354,8 @@ pub struct ScoreArgs {
     pub ood: Vec<PathBuf>,
     /// Score(s), comma-separated: MOS, MSP, ODIN, Energy, KL_Div, Mahalanobis, and
     /// from stored features MaxLogit, GradNorm, ReAct, KNN, ViM, ASH-P, ASH-B, ASH-S, DICE,
-    /// SCALE, NNGuide, fDBD, GEN, Residual, NECO, Entropy.
+    /// SCALE, NNGuide, fDBD, GEN, Residual, NECO, Entropy; RankFeat from a store's
+    /// rankfeat layer.
     #[arg(
         long,
         value_delimiter = ',',
@@ -370,7 +371,8 @@ pub struct ScoreArgs {
     #[command(flatten)]
     pub posthoc: PostHocFlags,
     /// The checkpoint the stores were extracted with, read for its head (ReAct, ViM,
-    /// ASH, DICE); default: the path the ID store's manifest records. Checked by SHA-256.
+    /// ASH, DICE, SCALE, fDBD, Residual, NNGuide when it clips); default: the path the
+    /// ID store's manifest records. Checked by SHA-256.
     #[arg(long, alias = "model_path", value_name = "FILE")]
     pub model_path: Option<PathBuf>,
     /// Device of the post-hoc methods: auto (CUDA device 0 if available, else CPU), cpu, cuda, cuda:N.
