@@ -73,7 +73,7 @@ fn check(net: &Network, key: &str) {
 fn fused_logits_equal_the_original_on_bit_and_torchvision() {
     let (_vs, bit) = common::r14();
     let net = Network::Bit(bit);
-    net.rankfeat_support().unwrap();
+    net.variant().require_rankfeat_maps("test").unwrap();
     check(&net, "bit");
     let vs = nn::VarStore::new(Device::Cpu);
     let arch: ResNetArch = "resnet18".parse().unwrap();

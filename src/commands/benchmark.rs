@@ -373,20 +373,7 @@ pub fn run(args: &BenchmarkArgs) -> Result<()> {
     let req = request(args)?;
     let out = benchmark::run(&req)?;
     if let Some(c) = &out.comparison {
-        print!("\n{}", benchmark::comparison_table(c));
-        let outside = out.outside();
-        if outside > 0 {
-            bail!(
-                "{outside} of {} published cells are outside their tolerance (see {})",
-                c.len(),
-                out.report.display()
-            );
-        }
-        println!(
-            "all {} published cells within their tolerance ({})",
-            c.len(),
-            out.report.display()
-        );
+        benchmark::published::verdict(c, &out.report)?;
     } else {
         println!("report in {}", out.report.display());
     }

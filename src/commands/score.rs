@@ -124,11 +124,8 @@ fn check_store(s: &StoreData, methods: &[Method], group_config: Option<&Path>) -
                         manifest.display()
                     );
                 }
-                if matches!(method, Method::PostHoc(PostHoc::RankFeat)) && s.rankfeat.is_none() {
-                    bail!(
-                        "{}: no rankfeat layer, which --score RankFeat needs; extract with --layers logits,rankfeat",
-                        manifest.display()
-                    );
+                if matches!(method, Method::PostHoc(PostHoc::RankFeat)) {
+                    s.rankfeat_layer()?;
                 }
             }
         }
@@ -164,12 +161,8 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
         if methods
             .iter()
             .any(|m| matches!(m, Method::PostHoc(PostHoc::RankFeat)))
-            && s.rankfeat.is_none()
         {
-            bail!(
-                "{}: no rankfeat layer, which --score RankFeat needs; extract with --layers logits,rankfeat",
-                path.join(MANIFEST).display()
-            );
+            s.rankfeat_layer()?;
         }
         if methods.iter().any(|m| matches!(m, Method::Mahalanobis(_))) && s.layers.is_empty() {
             bail!(
@@ -362,27 +355,14 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
             published::published_section(p, &c, &rows)
         );
         crate::model::checkpoint::write_atomic(&report, text.as_bytes())?;
-        print!("\n{}", published::comparison_table(&c));
-        let outside = c.iter().filter(|c| !c.within).count();
+        let within = c.iter().filter(|c| c.within).count();
         log.line(format!(
-            "--published {}: {} of {} cells within their tolerance ({})",
+            "--published {}: {within} of {} cells within their tolerance ({})",
             path.display(),
-            c.len() - outside,
             c.len(),
             report.display()
         ));
-        if outside > 0 {
-            bail!(
-                "{outside} of {} published cells are outside their tolerance (see {})",
-                c.len(),
-                report.display()
-            );
-        }
-        println!(
-            "all {} published cells within their tolerance ({})",
-            c.len(),
-            report.display()
-        );
+        published::verdict(&c, &report)?;
     }
     Ok(())
 }

@@ -27,9 +27,10 @@ pub enum Network {
 
 /// What only a network with stages gives, asked of a TorchScript module: the
 /// commands refuse that before any image is read
-/// ([`super::Variant::require_feature_layers`]), so this is a bug.
+/// ([`super::Variant::require_feature_layers`], [`super::Variant::require_rankfeat_maps`]),
+/// so this is a bug.
 fn no_stages() -> ! {
-    panic!("internal: the feature layers of a TorchScript module were asked for; the command should have refused Mahalanobis")
+    panic!("internal: the stages of a TorchScript module were asked for; the command should have refused Mahalanobis or RankFeat")
 }
 
 /// A ViT's result on a batch [`Network::check_input`] accepted.
@@ -191,25 +192,26 @@ impl Network {
     /// and the four stages ([`Network::layer_feature`] of each). The logits are the
     /// same values as [`Network::forward`]'s.
     pub fn outputs(&self, x: &Tensor, layers: bool) -> (Tensor, Tensor, Vec<Tensor>) {
-        if let Network::TorchScript(m) = self {
-            if layers {
-                no_stages();
-            }
-            let (logits, features) = m.outputs(x);
-            return (logits, features, Vec::new());
-        }
         let (logits, features, means, _) = self.outputs_maps(x, layers, false);
         (logits, features, means)
     }
 
     /// [`Network::outputs`], and with `keep_maps` the outputs of stages 3 and 4
-    /// (RankFeat's inputs, [`Network::rankfeat`]). Not for TorchScript modules.
+    /// (RankFeat's inputs, [`Network::rankfeat`]; not of a TorchScript module, which
+    /// has no stages).
     pub fn outputs_maps(
         &self,
         x: &Tensor,
         layers: bool,
         keep_maps: bool,
     ) -> (Tensor, Tensor, Vec<Tensor>, Option<(Tensor, Tensor)>) {
+        if let Network::TorchScript(m) = self {
+            if layers || keep_maps {
+                no_stages();
+            }
+            let (logits, features) = m.outputs(x);
+            return (logits, features, Vec::new(), None);
+        }
         let mut means = Vec::new();
         let mut out = self.stage(0, x);
         let mut block3 = None;
@@ -229,18 +231,6 @@ impl Network {
         let logits = self.head_of_pooled(&pooled);
         let maps = block3.map(|b3| (b3, out));
         (logits, pooled.flatten(1, -1), means, maps)
-    }
-
-    /// Whether RankFeat can run on this network (a convolutional backbone whose
-    /// stage maps mos builds), or why not.
-    pub fn rankfeat_support(&self) -> Result<(), String> {
-        match self {
-            Network::Bit(_) | Network::TorchvisionResNet(_) => Ok(()),
-            _ => Err(format!(
-                "RankFeat removes the rank-1 part of the feature maps of stages 3 and 4 of a convolutional network: mos runs it on BiT and torchvision's ResNets, not on {}",
-                self.variant().name
-            )),
-        }
     }
 
     /// RankFeat's fused logits [N, head_size] from the outputs of stages 3 and 4

@@ -176,6 +176,18 @@ impl Variant {
         ))
     }
 
+    /// Refuses RankFeat (`what`) for a model without the convolutional stage maps it
+    /// takes (BiT and torchvision's ResNets have them).
+    pub fn require_rankfeat_maps(&self, what: &str) -> Result<(), String> {
+        if matches!(self.family, Family::Bit | Family::TorchvisionResNet) {
+            return Ok(());
+        }
+        Err(format!(
+            "{what}: RankFeat removes the rank-1 part of the feature maps of stages 3 and 4 of a convolutional network; mos runs it on BiT and torchvision's ResNets, not on {}",
+            self.name
+        ))
+    }
+
     /// The names of the head's weight and bias in the family's state dicts.
     pub fn head_tensor_names(&self) -> (&'static str, &'static str) {
         match self.family {

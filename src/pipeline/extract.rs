@@ -51,13 +51,8 @@ pub fn forward_batch(model: &Network, x: &Tensor, layers: Layers) -> Outputs {
                 rankfeat: None,
             };
         }
-        let (logits, features, means, maps) = if layers.rankfeat {
-            model.outputs_maps(x, layers.mahalanobis, true)
-        } else {
-            // Network::outputs serves TorchScript modules too (no stage maps).
-            let (l, f, m) = model.outputs(x, layers.mahalanobis);
-            (l, f, m, None)
-        };
+        let (logits, features, means, maps) =
+            model.outputs_maps(x, layers.mahalanobis, layers.rankfeat);
         Outputs {
             logits,
             features: layers.features.then_some(features),
@@ -208,7 +203,10 @@ pub fn extract_range_with(
 ) -> Result<(Extracted, RangePass)> {
     let started = Instant::now();
     if opts.layers.rankfeat {
-        model.rankfeat_support().map_err(anyhow::Error::msg)?;
+        model
+            .variant()
+            .require_rankfeat_maps("--layers rankfeat")
+            .map_err(anyhow::Error::msg)?;
     }
     let pass = pass.filter(|p| !p.is_empty());
     let n = pass.map_or(0, |p| p.len());

@@ -1088,6 +1088,16 @@ pub struct StoreData {
 }
 
 impl StoreData {
+    /// RankFeat's fused logits, or an error naming the store and how to extract them.
+    pub fn rankfeat_layer(&self) -> Result<&Tensor> {
+        self.rankfeat.as_ref().with_context(|| {
+            format!(
+                "{}: no rankfeat layer, which --score RankFeat needs; extract with --layers logits,rankfeat",
+                self.dir.join(MANIFEST).display()
+            )
+        })
+    }
+
     /// Row ranges of the test commands' batches: rows whose images fell in the
     /// same batch `[j B, (j + 1) B)` of the data set.
     pub fn batches(&self) -> Vec<Range<usize>> {

@@ -96,15 +96,6 @@ pub struct BenchmarkOutcome {
     pub results: PathBuf,
 }
 
-impl BenchmarkOutcome {
-    /// Published cells outside their tolerance (0 without `--published`).
-    pub fn outside(&self) -> usize {
-        self.comparison
-            .as_ref()
-            .map_or(0, |c| c.iter().filter(|c| !c.within).count())
-    }
-}
-
 impl BenchmarkRequest {
     /// The transform flags as the other commands take them.
     pub fn input_spec(&self) -> crate::model::input::InputSpec {

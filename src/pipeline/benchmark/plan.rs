@@ -75,15 +75,10 @@ pub(super) fn plan(req: &BenchmarkRequest) -> Result<Plan> {
         .score
         .iter()
         .any(|m| m.trim().eq_ignore_ascii_case("rankfeat"))
-        && !matches!(
-            req.model.family,
-            crate::model::Family::Bit | crate::model::Family::TorchvisionResNet
-        )
     {
-        bail!(
-            "--score RankFeat: it removes the rank-1 part of the feature maps of stages 3 and 4 of a convolutional network; mos runs it on BiT and torchvision's ResNets, not on {}",
-            req.model.name
-        );
+        req.model
+            .require_rankfeat_maps("--score RankFeat")
+            .map_err(anyhow::Error::msg)?;
     }
     let id = open_set(&req.in_set, "--in-datadir")?;
     let oods = req

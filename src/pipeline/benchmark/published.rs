@@ -374,6 +374,26 @@ pub fn unchecked_table(p: &Published, rows: &[MethodResult]) -> String {
     out
 }
 
+/// Prints the side-by-side table of `c` and the verdict: an error when a cell is
+/// outside its tolerance (the commands' exit status 1), naming `report`.
+pub fn verdict(c: &[Comparison], report: &Path) -> Result<()> {
+    print!("\n{}", comparison_table(c));
+    let outside = c.iter().filter(|c| !c.within).count();
+    if outside > 0 {
+        bail!(
+            "{outside} of {} published cells are outside their tolerance (see {})",
+            c.len(),
+            report.display()
+        );
+    }
+    println!(
+        "all {} published cells within their tolerance ({})",
+        c.len(),
+        report.display()
+    );
+    Ok(())
+}
+
 /// The side-by-side table of [`compare`] as Markdown.
 pub fn comparison_table(c: &[Comparison]) -> String {
     let mut out = String::from(

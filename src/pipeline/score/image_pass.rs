@@ -58,14 +58,8 @@ pub fn forward_with_pass(
     let means_needed = maha || layers.mahalanobis;
     let input = x.detach().set_requires_grad(true);
     // As forward_batch computes them.
-    let (logits, pooled, means, maps) = tch::with_grad(|| {
-        if layers.rankfeat {
-            model.outputs_maps(&input, means_needed, true)
-        } else {
-            let (l, p, m) = model.outputs(&input, means_needed);
-            (l, p, m, None)
-        }
-    });
+    let (logits, pooled, means, maps) =
+        tch::with_grad(|| model.outputs_maps(&input, means_needed, layers.rankfeat));
     let mut scores = Vec::with_capacity(pass.methods.len());
     let mut seconds = Vec::with_capacity(pass.methods.len());
     for method in pass.methods {

@@ -329,12 +329,7 @@ pub fn score_store(
             let t0 = Instant::now();
             // RankFeat scores its own logits, the stored fused ones.
             let logits = match p {
-                PostHoc::RankFeat => s.rankfeat.as_ref().with_context(|| {
-                    format!(
-                        "{}: no rankfeat layer, which --score RankFeat needs; extract with --layers logits,rankfeat",
-                        s.dir.join(crate::pipeline::store::MANIFEST).display()
-                    )
-                })?,
+                PostHoc::RankFeat => s.rankfeat_layer()?,
                 _ => &s.logits,
             };
             out.scores[m] = prepared

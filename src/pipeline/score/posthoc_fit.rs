@@ -51,42 +51,18 @@ pub struct Settings {
     pub vim_dim: Option<i64>,
     pub ash_percentile: f64,
     pub dice_percentile: f64,
-    #[serde(default = "default_scale_percentile")]
     pub scale_percentile: f64,
-    #[serde(default = "default_nnguide_k")]
     pub nnguide_k: i64,
     /// NNGuide's ReAct clipping ([`NnGuideClip`]).
-    #[serde(default)]
     pub nnguide_clip: NnGuideClip,
-    #[serde(default = "default_gen_gamma")]
     pub gen_gamma: f64,
-    #[serde(default = "default_gen_m")]
     pub gen_m: i64,
     /// None: ViM's default for the features' width ([`ph::vim_default_dim`]).
-    #[serde(default)]
     pub residual_dim: Option<i64>,
-    #[serde(default = "default_neco_dim")]
     pub neco_dim: i64,
     /// Whether NECO multiplies by the max logit; None: as the original for the
     /// store's model (ViTs yes, ResNets no), a given value for other models.
-    #[serde(default)]
     pub neco_max_logit: Option<bool>,
-}
-
-fn default_scale_percentile() -> f64 {
-    lb::SCALE_PERCENTILE
-}
-fn default_nnguide_k() -> i64 {
-    lb::NNGUIDE_K
-}
-fn default_gen_gamma() -> f64 {
-    lb::GEN_GAMMA
-}
-fn default_gen_m() -> i64 {
-    lb::GEN_M
-}
-fn default_neco_dim() -> i64 {
-    lb::NECO_DIM
 }
 
 /// NNGuide's clipping of the features (`--nnguide-clip`): `auto` as the original
@@ -205,13 +181,7 @@ impl Settings {
 
     /// Residual's principal dimension for features of width `d`, checked.
     pub fn residual_dim_for(&self, d: i64) -> Result<i64> {
-        let dim = self.residual_dim.unwrap_or_else(|| ph::vim_default_dim(d));
-        if dim < 1 || dim >= d {
-            bail!(
-                "--residual-dim {dim}: must be below the features' width {d} (a residual space must remain)"
-            );
-        }
-        Ok(dim)
+        principal_dim(self.residual_dim, "--residual-dim", d)
     }
 
     /// NECO's dimension for features of width `d`, checked.
@@ -249,14 +219,18 @@ impl Settings {
 
     /// ViM's principal dimension for features of width `d`, checked.
     pub fn vim_dim_for(&self, d: i64) -> Result<i64> {
-        let dim = self.vim_dim.unwrap_or_else(|| ph::vim_default_dim(d));
-        if dim < 1 || dim >= d {
-            bail!(
-                "--vim-dim {dim}: must be below the features' width {d} (a residual space must remain)"
-            );
-        }
-        Ok(dim)
+        principal_dim(self.vim_dim, "--vim-dim", d)
     }
+}
+
+/// A principal dimension (`flag`, ViM's default for width `d` when not given),
+/// checked: below `d`, so that a residual space remains.
+fn principal_dim(given: Option<i64>, flag: &str, d: i64) -> Result<i64> {
+    let dim = given.unwrap_or_else(|| ph::vim_default_dim(d));
+    if dim < 1 || dim >= d {
+        bail!("{flag} {dim}: must be below the features' width {d} (a residual space must remain)");
+    }
+    Ok(dim)
 }
 
 /// The store the statistics were fitted on.
