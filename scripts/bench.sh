@@ -30,11 +30,13 @@
 #            scripts/system-deps.sh), parsing included, against the 5 s target;
 #            the groups checked against scripts/groups_ref.py.
 #   posthoc: mos score of each post-hoc method (docs/scores.md) from synthetic stores
-#            of 2,048-d features and 1,000 classes: every method but KNN and NNGuide on 50,000 ID +
+#            of 2,048-d features and 1,000 classes: every method but KNN on 50,000 ID +
 #            10,000 OOD rows (ReAct, ViM and DICE fitted once on a 20,000-row store,
-#            then reused), KNN with k = 1000 for 5,000 + 5,000 queries against a
-#            100,000-row bank; the scoring seconds of results.json, the command's wall
-#            time and peak memory (max RSS). One round.
+#            then reused; NNGuide with a 12,811-row guide bank, beside the same
+#            float32 products of queries and bank alone in PyTorch, its floor), KNN
+#            with k = 1000 for 5,000 + 5,000 queries against a 100,000-row bank; the
+#            scoring seconds of results.json, the command's wall time and peak
+#            memory (max RSS). One round.
 #   benchmark: mos benchmark vs the same table made the original way (one test-mos
 #            and one test-baseline per method and OOD set), two OOD sets, random
 #            ResNetV2-R26x0.5 group and flat models, with the store-served settings
@@ -50,8 +52,10 @@
 #            torchvision's ImageFolder + DataLoader and model under inference_mode
 #            (scripts/tv_extract_ref.py), the same random weights (torch.save state
 #            dict), JPEGs with ImageNet validation's sizes, batch, workers and
-#            threads; the outputs compared, and the extrapolated time of a whole
-#            ResNet-50 table (85,640 images) at mos's rate.
+#            threads; torchvision's forward alone on as many random inputs (the
+#            ceiling of any extraction with those kernels); the outputs compared,
+#            and the extrapolated time of a whole ResNet-50 table (85,640 images)
+#            at mos's rate.
 #   rankfeat: the cost of RankFeat's stored layer: mos extract with --layers
 #            logits,rankfeat against --layers logits on the same JPEGs, random
 #            BiT-S-R101x1 at 480 and torchvision ResNet-50 at 224, CPU (or
@@ -408,6 +412,22 @@ for r in json.load(open(sys.argv[1])):
     read -r w m < <(measured "$mos" score "${common[@]}" --score NNGuide --fit "$tmp/ph/guide" --name ph_nng)
     s=$(seconds_of "$tmp/runs/ph_nng/results.json" | awk '$1 == "NNGuide" { print $2 }')
     echo "NNGuide k=10, a $nng_bank-row guide bank: scoring ${s} s, wall ${w} s (reading the stores and building the bank included), peak ${m} MiB"
+    # Its floor: the same float32 products of queries and bank alone, in PyTorch.
+    "$py" - "$threads" "$((ph_id + ph_ood))" "$nng_bank" "$s" <<'PY'
+import sys, time, torch
+threads, n, m, mos_s = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+torch.set_num_threads(threads)
+g = torch.Generator().manual_seed(0)
+q = torch.rand(2048, 2048, generator=g)
+bank = torch.rand(m, 2048, generator=g)
+q @ bank.T
+t = time.time()
+for start in range(0, n, 2048):
+    q[: min(2048, n - start)] @ bank.T
+s = time.time() - t
+print("  its float32 products alone (PyTorch, %d queries x %d bank rows x %d values): %.2f s, %.0f GFLOPS; mos / products %.2fx"
+      % (n, m, 2048, s, 2.0 * n * m * 2048 / s / 1e9, mos_s / s))
+PY
     rm -rf "$tmp/ph/guide"
     sref features "$tmp/ph/qid" "$knn_q" "$tmp/ph/head.safetensors" 4 0.3
     sref features "$tmp/ph/qood" "$knn_q" "$tmp/ph/head.safetensors" 5 -0.2
@@ -562,13 +582,16 @@ if has extract-tv; then
     echo "val's sizes (photo content); Resize(256), CenterCrop(224), ImageNet normalisation; batch $tv_batch, $threads decoding"
     echo "workers, $threads torch threads; images/s of the extraction loop (decoding, transform, forward; model loading and"
     echo "process start-up excluded, shown as whole-process seconds); each round: torchvision then mos; medians of $rounds rounds"
-    printf '%-10s %7s %16s %10s %8s %18s   %s\n' model images "torchvision i/s" "mos i/s" ratio "whole s (tv / mos)" "ratio per round"
+    echo "forward alone: torchvision's model on the same number of random inputs made beforehand (no decoding), the"
+    echo "ceiling of any extraction with these kernels; mos / fwd: mos's end-to-end rate over it"
+    printf '%-10s %7s %16s %10s %8s %10s %10s %18s   %s\n' model images "torchvision i/s" "mos i/s" ratio "fwd i/s" "mos / fwd" \
+        "whole s (tv / mos)" "ratio per round"
     declare -A tv_rate=()
     checks=()
     for spec in "resnet50 $tv_r50 r50" "vit_b_16 $tv_vit vit"; do
         read -r m n d <<<"$spec"
         tref make-model "$m" "$x/$m.pth" 0
-        bases=() ours=() ratios=() walls_b=() walls_o=()
+        bases=() ours=() ratios=() walls_b=() walls_o=() fwds=()
         for _ in $(seq "$rounds"); do
             rm -rf "$x/$m.store"
             w_b=$(timed_run env OMP_NUM_THREADS="$threads" "$py" scripts/tv_extract_ref.py extract "$m" "$x/$m.pth" "$x/$d" \
@@ -578,6 +601,11 @@ if has extract-tv; then
                 --layers logits,features --batch "$tv_batch" --workers "$threads" --device cpu)
             o=$(store_rate "$x/$m.store" "$n")
             check_rate "torchvision extract ($m)" "$b"; check_rate "mos extract ($m)" "$o"
+            timed_run env OMP_NUM_THREADS="$threads" "$py" scripts/tv_extract_ref.py forward "$m" "$x/$m.pth" "$n" \
+                "$tv_batch" "$threads" >/dev/null
+            f=$(rate <"$tmp/timed.log")
+            check_rate "torchvision forward ($m)" "$f"
+            fwds+=("$f")
             bases+=("$b") ours+=("$o") ratios+=("$(ratio "$o" "$b")") walls_b+=("$w_b") walls_o+=("$w_o")
         done
         c=$(tref compare "$x/$m.store" "$x/$m.torch.safetensors") ||
@@ -585,8 +613,8 @@ if has extract-tv; then
         checks+=("$m (last round): $c")
         tv_rate[$m]=$(median "${ours[@]}")
         awk -v m="$m" -v n="$n" -v b="$(median "${bases[@]}")" -v o="${tv_rate[$m]}" -v r="$(median "${ratios[@]}")" \
-            -v wb="$(median "${walls_b[@]}")" -v wo="$(median "${walls_o[@]}")" -v all="${ratios[*]}" \
-            'BEGIN { printf "%-10s %7d %16.2f %10.2f %7.2fx %18s   %s\n", m, n, b, o, r, sprintf("%.1f / %.1f", wb, wo), all }'
+            -v f="$(median "${fwds[@]}")" -v wb="$(median "${walls_b[@]}")" -v wo="$(median "${walls_o[@]}")" -v all="${ratios[*]}" \
+            'BEGIN { printf "%-10s %7d %16.2f %10.2f %7.2fx %10.2f %9.2fx %18s   %s\n", m, n, b, o, r, f, o / f, sprintf("%.1f / %.1f", wb, wo), all }'
     done
     printf '%s\n' "${checks[@]}"
     awk -v o="${tv_rate[resnet50]}" 'BEGIN {

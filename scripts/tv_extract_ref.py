@@ -19,6 +19,11 @@ forward pre-hook on `fc` / `heads`). Subcommands:
                                           the loop (decoding, transform, forward;
                                           not the model's creation), logits and
                                           features to OUT (safetensors)
+  forward MODEL WEIGHTS N BATCH THREADS   the model alone on N random 224 x 224
+                                          inputs made beforehand, in batches of
+                                          BATCH (one batch of warm-up first): the
+                                          images/s of the forward passes, the ceiling
+                                          of any extraction with this model
   compare STORE OUT                       mos's store (one shard) vs OUT: same images
                                           in the same order, max |difference| of
                                           logits and of features relative to the
@@ -83,6 +88,22 @@ def extract(model, weights, datadir, batch, workers, threads, out):
           f"{n / secs:.3f} images/s ({n} images, {secs:.2f} s)")
 
 
+def forward(model, weights, n, batch, threads):
+    torch.set_num_threads(threads)
+    net = build(model)
+    net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    net.eval()
+    x = torch.randn(n, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        net(x[:batch])
+        t = time.time()
+        for start in range(0, n, batch):
+            net(x[start:start + batch])
+        secs = time.time() - t
+    print(f"torchvision forward alone ({model}, {torch.get_num_threads()} threads, batch {batch}): "
+          f"{n / secs:.3f} images/s ({n} images, {secs:.2f} s)")
+
+
 def compare(store, out, tol=1e-4):
     from safetensors.torch import load_file
 
@@ -117,6 +138,8 @@ if __name__ == "__main__":
         make_model(args[0], args[1], *(int(a) for a in args[2:3]))
     elif cmd == "extract":
         extract(args[0], args[1], args[2], int(args[3]), int(args[4]), int(args[5]), args[6])
+    elif cmd == "forward":
+        forward(args[0], args[1], int(args[2]), int(args[3]), int(args[4]))
     elif cmd == "compare":
         sys.exit(0 if compare(args[0], args[1]) else 1)
     else:

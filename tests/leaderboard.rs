@@ -200,6 +200,46 @@ fn gen_and_entropy_keep_the_tail_of_a_thousand_classes() {
     );
 }
 
+/// NNGuide over more queries than one block (2,048) and a bank of several rows per
+/// query: equal to one pass of normalise, product with the bank, top k and mean,
+/// within the worst-case difference of two float32 summation orders of D terms.
+#[test]
+fn nnguide_in_query_blocks_equals_one_pass() {
+    tch::manual_seed(7);
+    let (n, d, c, m, k) = (4500, 32, 7, 300, 10);
+    let h = Tensor::rand([n, d], (Kind::Float, tch::Device::Cpu));
+    let logits = Tensor::randn([n, c], (Kind::Float, tch::Device::Cpu)) * 3.0;
+    let train = Tensor::rand([m, d], (Kind::Float, tch::Device::Cpu));
+    let train_logits = Tensor::randn([m, c], (Kind::Float, tch::Device::Cpu)) * 3.0;
+    let bank = lb::nnguide_bank(&train, &train_logits, None, None).unwrap();
+    let got = lb::nnguide(&h, &logits, None, None, &bank, k).unwrap();
+    let x = &h / h.norm_scalaropt_dim(2, [1i64].as_slice(), true);
+    let energy = logits.logsumexp(1, false);
+    let want = x
+        .matmul(&bank.tr())
+        .topk(k, 1, true, false)
+        .0
+        .mean_dim(1, false, None)
+        * &energy;
+    let bank_norm = bank
+        .norm_scalaropt_dim(2, [1i64].as_slice(), false)
+        .max()
+        .double_value(&[]);
+    let e_max = energy.abs().max().double_value(&[]);
+    let tol = 2.0 * d as f64 * f64::from(f32::EPSILON) * bank_norm * e_max;
+    let worst = (&got - &want).abs().max().double_value(&[]);
+    assert_eq!(got.size(), [n]);
+    assert!(
+        worst <= tol,
+        "NNGuide in blocks differs by {worst} (tolerance {tol})"
+    );
+    // The guidance really varies between rows, so a swapped or dropped block shows.
+    let spread = (&want - want.roll([1i64].as_slice(), [0i64].as_slice()))
+        .abs()
+        .max();
+    assert!(spread.double_value(&[]) > 100.0 * tol);
+}
+
 #[test]
 fn bad_settings_and_small_fits_are_named_errors() {
     let x = inputs(Kind::Float);

@@ -9,7 +9,8 @@
 use tch::{Kind, Tensor};
 
 use super::posthoc::{
-    ash_keep, check_features, check_percentile, residual_space, scatter_matrix, vim_origin, Head,
+    ash_keep, blockwise_top_k, check_features, check_percentile, residual_space, scatter_matrix,
+    vim_origin, Head, KnnBlocks,
 };
 use super::{check_matrix, to_score_kind, OodError, Result};
 
@@ -190,8 +191,9 @@ pub fn nnguide_bank(
 /// NNGuide: the mean of the k largest inner products of the normalised feature
 /// with the guide bank ([`nnguide_bank`]), times the image's energy. With `clip`
 /// (its ResNet-50 model), h is clipped at it first and the logits are the head's
-/// on the clipped h, for bank and queries alike. Exact, in blocks of the bank
-/// (memory `queries × (k + 16384)`). features [N, D], logits [N, C] -> [N].
+/// on the clipped h, for bank and queries alike. Exact, in blocks of queries and
+/// of the bank (memory `2048 × (k + 16384)` values for the similarities).
+/// features [N, D], logits [N, C] -> [N].
 pub fn nnguide(
     features: &Tensor,
     logits: &Tensor,
@@ -213,22 +215,10 @@ pub fn nnguide(
             x.size()[1]
         )));
     }
-    let x = x.to_device(bank.device()).to_kind(bank.kind());
-    let mut best: Option<Tensor> = None;
-    let mut start = 0;
-    while start < m {
-        let len = 16384.min(m - start);
-        let sim = x.matmul(&bank.narrow(0, start, len).tr());
-        let cand = match &best {
-            Some(b) => Tensor::cat(&[b, &sim], 1),
-            None => sim,
-        };
-        let keep = k.min(cand.size()[1]);
-        best = Some(cand.topk(keep, 1, true, false).0);
-        start += len;
-    }
+    let best = blockwise_top_k(&x, bank, k, KnnBlocks::default(), true, |q, start, len| {
+        q.matmul(&bank.narrow(0, start, len).tr())
+    })?;
     let guidance = best
-        .expect("a non-empty bank")
         .mean_dim(1, false, None)
         .to_device(energy.device())
         .to_kind(energy.kind());

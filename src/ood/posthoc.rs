@@ -333,42 +333,68 @@ pub fn knn(queries: &Tensor, bank: &Tensor, k: i64, blocks: KnnBlocks) -> Result
             "KNN: k = {k} must be in 1..={m} (the bank's size)"
         )));
     }
-    if blocks.queries < 1 || blocks.bank < 1 {
-        return Err(OodError::Invalid("KNN: blocks must be at least 1".into()));
-    }
-    let device = bank.device();
-    let kind = bank.kind();
     let bank_sq = bank.square().sum_dim_intlist(1, false, None);
+    // ‖q‖² is the same for a whole row, so the ranking needs only ‖x‖² − 2 q·x,
+    // one matrix product with -2q (beta = 1 adds ‖x‖²); ‖q‖² and the clamp at 0
+    // are applied to the k-th value at the end.
+    blockwise_top_k(queries, bank, k, blocks, false, |q, start, len| {
+        let x_sq = bank_sq.narrow(0, start, len).unsqueeze(0);
+        x_sq.addmm(&(q * -2.0), &bank.narrow(0, start, len).tr())
+    })
+    .map(|best| {
+        let q_sq = queries
+            .to_kind(bank.kind())
+            .square()
+            .sum_dim_intlist(1, false, None)
+            .to_device(bank.device());
+        (-(best.amax(1, false) + q_sq).clamp_min(0.0)).to_device(queries.device())
+    })
+}
+
+/// The k best values of `score(q, start, len)` (the [Nq, len] scores of a block of
+/// queries against rows `start..start + len` of a bank of M rows) for every query:
+/// the largest when `largest`, else the smallest, in no particular order, as
+/// [N, k] on the bank's device and in its kind. Queries go in blocks of
+/// `blocks.queries` and the bank in blocks of `blocks.bank`, merged into a running
+/// top-k, so memory stays within `blocks.queries × (k + blocks.bank)` values.
+/// Shared by [`knn`] and NNGuide. Needs 1 ≤ k ≤ M (checked by the callers).
+pub(crate) fn blockwise_top_k(
+    queries: &Tensor,
+    bank: &Tensor,
+    k: i64,
+    blocks: KnnBlocks,
+    largest: bool,
+    score: impl Fn(&Tensor, i64, i64) -> Tensor,
+) -> Result<Tensor> {
+    if blocks.queries < 1 || blocks.bank < 1 {
+        return Err(OodError::Invalid(
+            "KNN/NNGuide: blocks must be at least 1 row".into(),
+        ));
+    }
+    let m = bank.size()[0];
+    let (device, kind) = (bank.device(), bank.kind());
     let mut out = Vec::new();
     for q in queries.split(blocks.queries, 0) {
         let q = q.to_device(device).to_kind(kind);
-        let q_sq = q.square().sum_dim_intlist(1, false, None);
-        // ‖q‖² is the same for a whole row, so the ranking needs only
-        // ‖x‖² − 2 q·x, one matrix product with -2q (beta = 1 adds ‖x‖²);
-        // ‖q‖² and the clamp at 0 are applied to the k-th value at the end.
-        let q2 = &q * -2.0;
         let mut best: Option<Tensor> = None;
         let mut start = 0;
         while start < m {
             let len = blocks.bank.min(m - start);
-            let x = bank.narrow(0, start, len);
-            let x_sq = bank_sq.narrow(0, start, len).unsqueeze(0);
-            let dist = x_sq.addmm(&q2, &x.tr());
+            let s = score(&q, start, len);
             let cand = match &best {
-                Some(b) => Tensor::cat(&[b, &dist], 1),
-                None => dist,
+                Some(b) => Tensor::cat(&[b, &s], 1),
+                None => s,
             };
             let keep = k.min(cand.size()[1]);
-            best = Some(cand.topk(keep, 1, false, false).0);
+            best = Some(cand.topk(keep, 1, largest, false).0);
             start += len;
         }
-        let best = best.expect("a non-empty bank");
-        out.push(-(best.amax(1, false) + q_sq).clamp_min(0.0));
+        out.push(best.expect("a non-empty bank"));
     }
     if out.is_empty() {
-        return Ok(Tensor::zeros([0], (kind, queries.device())));
+        return Ok(Tensor::zeros([0, k], (kind, device)));
     }
-    Ok(Tensor::cat(&out, 0).to_device(queries.device()))
+    Ok(Tensor::cat(&out, 0))
 }
 
 /// ViM's principal dimension for features of width d: 1000 when d >= 2048, 512
