@@ -12,6 +12,7 @@
 //!   `src/dist/gloo_decl`. The NCCL part (`src/dist/shim_nccl.cpp`) is compiled only
 //!   when `libtorch_cuda.so`, `nccl.h` and the CUDA runtime headers are found (then
 //!   the `mos_nccl` cfg is set).
+//! * cuDNN's float32 setting (`src/runtime_tf32.cpp`), compiled the same way.
 use std::path::{Path, PathBuf};
 
 fn main() {
@@ -42,6 +43,7 @@ fn build_shim(lib_dir: &Path) {
     for f in ["shim.h", "shim.cpp", "shim_nccl.cpp"] {
         println!("cargo:rerun-if-changed=src/dist/{f}");
     }
+    println!("cargo:rerun-if-changed=src/runtime_tf32.cpp");
     println!("cargo:rerun-if-changed=src/dist/gloo_decl");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     println!("cargo:rerun-if-env-changed=MOS_CUDA_INCLUDE");
@@ -127,6 +129,9 @@ fn build_shim(lib_dir: &Path) {
         println!("cargo:rustc-cfg=mos_nccl");
     }
     gloo.file("src/dist/shim.cpp").compile("mos_c10d");
+    base()
+        .file("src/runtime_tf32.cpp")
+        .compile("mos_runtime_tf32");
     if nccl.is_some() {
         // The NCCL shim's calls into libc10_cuda resolve through libtorch_cuda's
         // dependencies; name it so the linker sees it.

@@ -3,8 +3,9 @@
 # Rust toolchain: runs the carried target/release/mos against that torch's
 # library directory, fails unless CUDA is available, and compares forward passes
 # on CUDA against the CPU and against PyTorch, runs the pipeline and a 1-GPU NCCL
-# process group, and measures Table 1's cost at paper scale (set
-# MOS_GPU_CHECK_PAPER_SCALE=0 to skip that). Prints a report (keep it in
+# process group, measures torchvision ResNet-50 and ViT-B/16 extraction against
+# torchvision (MOS_GPU_CHECK_EXTRACT_TV=0 skips it) and Table 1's cost at paper scale
+# (set MOS_GPU_CHECK_PAPER_SCALE=0 to skip that). Prints a report (keep it in
 # docs/GPU.md). Usage: scripts/gpu_check.sh [OUTPUT_DIR]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -106,6 +107,15 @@ n[1]=plain1
 "$mos" finetune-flat "${n[@]}" 2>&1 | grep -E "done" || fail=1
 # One rank: NCCL's all-reduce is a copy, so only cuDNN's nondeterminism separates them.
 python3 $py compare "$d/nccl1/checkpoint.safetensors" "$d/plain1/checkpoint.safetensors" --tol 1e-3 | tail -1 || fail=1
+echo
+echo "### torchvision's ResNet-50 and ViT-B/16 end to end on CUDA: scripts/bench.sh extract-tv"
+# 1,024 and 512 JPEGs with ImageNet validation's sizes, batch 64, mos vs torchvision's
+# DataLoader + model on the same device, and a whole ResNet-50 table's time at mos's rate.
+if [ "${MOS_GPU_CHECK_EXTRACT_TV:-1}" = 1 ]; then
+    MOS_BIN="$mos" MOS_PYTHON=python3 MOS_DEVICE=cuda scripts/bench.sh extract-tv --rounds 1 || fail=1
+else
+    echo "skipped (MOS_GPU_CHECK_EXTRACT_TV=0)"
+fi
 echo
 echo "### Table 1 at paper scale (docs/benchmark.md): scripts/bench.sh paper-scale on CUDA"
 # The carried binary and this machine's python3 (torch, scikit-learn, Pillow): no

@@ -12,15 +12,18 @@ forward pre-hook on `fc` / `heads`). Subcommands:
                                           initialised head drawn N(0, 0.02), bias
                                           N(0, 0.01), so that logits are not all 0);
                                           state_dict saved with torch.save to PATH
-  extract MODEL WEIGHTS DATADIR BATCH WORKERS THREADS OUT
+  extract MODEL WEIGHTS DATADIR BATCH WORKERS THREADS OUT [DEVICE]
                                           the extraction above over DATADIR (batch
                                           BATCH, WORKERS DataLoader workers,
-                                          torch.set_num_threads(THREADS)): images/s of
-                                          the loop (decoding, transform, forward;
-                                          not the model's creation), logits and
-                                          features to OUT (safetensors)
-  forward MODEL WEIGHTS N BATCH THREADS   the model alone on N random 224 x 224
-                                          inputs made beforehand, in batches of
+                                          torch.set_num_threads(THREADS)) on DEVICE
+                                          (cpu, default, or cuda[:N]: pinned batches,
+                                          no TF32): images/s of the loop (decoding,
+                                          transform, forward; not the model's
+                                          creation), logits and features to OUT
+                                          (safetensors)
+  forward MODEL WEIGHTS N BATCH THREADS [DEVICE]
+                                          the model alone on N random 224 x 224
+                                          inputs made beforehand (on DEVICE), in batches of
                                           BATCH (one batch of warm-up first): the
                                           images/s of the forward passes, the ceiling
                                           of any extraction with this model
@@ -38,6 +41,17 @@ import time
 import torch
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def on(device):
+    """The torch device, with float32 kept exact on CUDA (no TF32), and a function
+    that waits for its queued work (for timing)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        return dev, lambda: torch.cuda.synchronize(dev)
+    return dev, lambda: None
 
 
 def build(model):
@@ -60,47 +74,53 @@ def head_of(net):
     return net.heads if hasattr(net, "heads") else net.fc
 
 
-def extract(model, weights, datadir, batch, workers, threads, out):
+def extract(model, weights, datadir, batch, workers, threads, out, device="cpu"):
     import torchvision.datasets as datasets
     import torchvision.transforms as T
     from safetensors.torch import save_file
 
     torch.set_num_threads(threads)
+    dev, sync = on(device)
     net = build(model)
     net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    net.eval()
+    net.eval().to(dev)
     feats = []
     head_of(net).register_forward_pre_hook(lambda _m, inp: feats.append(inp[0].clone()))
     tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(MEAN, STD)])
     ds = datasets.ImageFolder(datadir, tf)
-    dl = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, shuffle=False)
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, shuffle=False,
+                                     pin_memory=dev.type == "cuda")
     logits = []
     t = time.time()
     with torch.inference_mode():
         for x, _ in dl:
-            logits.append(net(x))
+            logits.append(net(x.to(dev, non_blocking=True)))
+        sync()
     secs = time.time() - t
     n = sum(x.shape[0] for x in logits)
-    save_file({"logits": torch.cat(logits).contiguous(), "features": torch.cat(feats).contiguous()}, out)
+    save_file({"logits": torch.cat(logits).cpu().contiguous(), "features": torch.cat(feats).cpu().contiguous()}, out)
     with open(out + ".paths", "w") as f:
         f.write("".join(os.path.relpath(p, datadir) + "\n" for p, _ in ds.samples))
-    print(f"torchvision extract ({model}, {torch.get_num_threads()} threads, {workers} workers, batch {batch}): "
+    print(f"torchvision extract ({model}, {device}, {torch.get_num_threads()} threads, {workers} workers, batch {batch}): "
           f"{n / secs:.3f} images/s ({n} images, {secs:.2f} s)")
 
 
-def forward(model, weights, n, batch, threads):
+def forward(model, weights, n, batch, threads, device="cpu"):
     torch.set_num_threads(threads)
+    dev, sync = on(device)
     net = build(model)
     net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    net.eval()
-    x = torch.randn(n, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    net.eval().to(dev)
+    x = torch.randn(n, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(dev)
     with torch.inference_mode():
         net(x[:batch])
+        sync()
         t = time.time()
         for start in range(0, n, batch):
             net(x[start:start + batch])
+        sync()
         secs = time.time() - t
-    print(f"torchvision forward alone ({model}, {torch.get_num_threads()} threads, batch {batch}): "
+    print(f"torchvision forward alone ({model}, {device}, {torch.get_num_threads()} threads, batch {batch}): "
           f"{n / secs:.3f} images/s ({n} images, {secs:.2f} s)")
 
 
@@ -137,9 +157,9 @@ if __name__ == "__main__":
     if cmd == "make-model":
         make_model(args[0], args[1], *(int(a) for a in args[2:3]))
     elif cmd == "extract":
-        extract(args[0], args[1], args[2], int(args[3]), int(args[4]), int(args[5]), args[6])
+        extract(args[0], args[1], args[2], int(args[3]), int(args[4]), int(args[5]), args[6], *args[7:8])
     elif cmd == "forward":
-        forward(args[0], args[1], int(args[2]), int(args[3]), int(args[4]))
+        forward(args[0], args[1], int(args[2]), int(args[3]), int(args[4]), *args[5:6])
     elif cmd == "compare":
         sys.exit(0 if compare(args[0], args[1]) else 1)
     else:

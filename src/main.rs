@@ -42,6 +42,7 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     runtime::tune_malloc();
+    runtime::float32_convolutions();
     let cli = mos::cli::Cli::parse();
     let memory = memory_hint(&cli.command);
     runtime::install_panic_hook();

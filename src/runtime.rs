@@ -58,6 +58,28 @@ fn set_malloc_thresholds() -> bool {
     false
 }
 
+extern "C" {
+    fn mos_cudnn_set_allow_tf32(allow: i32);
+    fn mos_cudnn_allow_tf32() -> i32;
+}
+
+/// Makes cuDNN compute float32 convolutions in float32 for the rest of the
+/// process: libtorch's default runs them in TF32 on GPUs that have it (10 bits of
+/// mantissa), which would change every model's numbers on such a GPU without a
+/// word. BiT's `--precision tf32` still asks for TF32 explicitly per convolution;
+/// torchvision's ResNets, ViTs and TorchScript modules follow this setting. The
+/// same as `torch.backends.cudnn.allow_tf32 = False`. Call it first in `main`.
+pub fn float32_convolutions() {
+    // SAFETY: sets one flag of libtorch's global context; no other thread runs yet.
+    unsafe { mos_cudnn_set_allow_tf32(0) }
+}
+
+/// Whether cuDNN may run float32 convolutions in TF32 (see [`float32_convolutions`]).
+pub fn cudnn_allows_tf32() -> bool {
+    // SAFETY: reads one flag of libtorch's global context.
+    unsafe { mos_cudnn_allow_tf32() != 0 }
+}
+
 /// What [`tune_malloc`] did in this process ("C library default" if it was not
 /// called, as in a library user's program).
 pub fn malloc_setting() -> String {
@@ -373,6 +395,13 @@ pub fn catch_torch<T>(f: impl FnOnce() -> T) -> anyhow::Result<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn float32_convolutions_turns_cudnn_tf32_off() {
+        assert!(cudnn_allows_tf32(), "libtorch's default allows TF32");
+        float32_convolutions();
+        assert!(!cudnn_allows_tf32());
+    }
 
     #[test]
     fn a_torch_failure_is_reported_as_a_libtorch_error() {

@@ -64,6 +64,8 @@ fn env_json_is_complete() {
     assert_eq!(v["models"]["torchvision"][2], "resnet50");
     assert_eq!(v["models"]["torchscript"][0], "torchscript");
     assert_eq!(v["models"]["bit"][0], "BiT-S-R50x1");
+    // mos turns libtorch's default (TF32 cuDNN convolutions) off at start.
+    assert_eq!(v["cudnn_tf32"], false);
 }
 
 #[test]

@@ -16,6 +16,9 @@ pub struct EnvReport {
     pub cuda_devices: Option<Vec<String>>,
     pub cudnn_available: bool,
     pub cudnn_version: Option<i64>,
+    /// Whether cuDNN may run float32 convolutions in TF32 (off in mos: see
+    /// `runtime::float32_convolutions`).
+    pub cudnn_tf32: bool,
     pub cpu_threads: i32,
     /// How CPU memory is allocated: see `runtime::tune_malloc`.
     pub malloc: String,
@@ -49,6 +52,7 @@ pub fn collect(args: &EnvArgs) -> anyhow::Result<EnvReport> {
         cuda_devices: runtime::cuda_device_names(count),
         cudnn_available,
         cudnn_version: cudnn_available.then(tch::utils::version_cudnn),
+        cudnn_tf32: runtime::cudnn_allows_tf32(),
         cpu_threads: tch::get_num_threads(),
         malloc: runtime::malloc_setting(),
         selected_device: runtime::device_name(selected),
@@ -97,6 +101,15 @@ pub fn render(r: &EnvReport) -> String {
                 Some(v) => v.to_string(),
                 None => "not available".to_string(),
             },
+        ),
+        (
+            "cuDNN float32 convs",
+            if r.cudnn_tf32 {
+                "TF32 allowed"
+            } else {
+                "float32 (TF32 off)"
+            }
+            .to_string(),
         ),
         ("CPU threads", r.cpu_threads.to_string()),
         ("malloc", r.malloc.clone()),
