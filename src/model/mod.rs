@@ -2,6 +2,7 @@
 //! ([`resnet`]) and Vision Transformers ([`vit`]), and their weight files.
 pub mod bit;
 pub mod checkpoint;
+mod inplace;
 pub mod input;
 pub mod network;
 pub mod resnet;

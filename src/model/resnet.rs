@@ -16,6 +16,8 @@ use std::str::FromStr;
 use tch::nn::{self, Module, ModuleT};
 use tch::Tensor;
 
+use super::inplace;
+
 /// The residual block of an architecture.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockKind {
@@ -177,14 +179,14 @@ impl ResBlock {
         for (i, (c, b)) in self.convs.iter().enumerate() {
             out = b.forward_t(&c.forward(&out), train);
             if i != last {
-                out = out.relu();
+                out = inplace::relu(out);
             }
         }
         let identity = match &self.downsample {
             Some((c, b)) => b.forward_t(&c.forward(x), train),
             None => x.shallow_clone(),
         };
-        (out + identity).relu()
+        inplace::relu(inplace::add(out, &identity))
     }
 }
 
@@ -248,11 +250,13 @@ impl TorchvisionResNet {
     /// the batch's statistics, updating the running ones).
     pub fn stage_t(&self, k: usize, x: &Tensor, train: bool) -> Tensor {
         match k {
-            0 => self
-                .bn1
-                .forward_t(&self.conv1.forward(x), train)
-                .relu()
-                .max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false),
+            0 => inplace::relu(self.bn1.forward_t(&self.conv1.forward(x), train)).max_pool2d(
+                [3, 3],
+                [2, 2],
+                [1, 1],
+                [1, 1],
+                false,
+            ),
             _ => self.layers[k - 1]
                 .iter()
                 .fold(x.shallow_clone(), |out, b| b.forward_t(&out, train)),

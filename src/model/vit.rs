@@ -25,6 +25,8 @@ use anyhow::{bail, Result};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
+use super::inplace;
+
 /// One torchvision ViT architecture.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ViTArch {
@@ -232,13 +234,12 @@ impl EncoderBlock {
         }
     }
 
-    /// x + attention(ln_1(x)), then that + mlp(ln_2(that)); GELU with erf.
+    /// x + attention(ln_1(x)), then that + mlp(ln_2(that)); GELU with erf. In
+    /// inference the sums and the GELU are written in place ([`inplace`]).
     fn forward(&self, x: &Tensor) -> Tensor {
-        let x = self.self_attention.forward(&self.ln_1.forward(x)) + x;
-        let y = self
-            .mlp_3
-            .forward(&self.mlp_0.forward(&self.ln_2.forward(&x)).gelu("none"));
-        x + y
+        let x = inplace::add(self.self_attention.forward(&self.ln_1.forward(x)), x);
+        let hidden = inplace::gelu(self.mlp_0.forward(&self.ln_2.forward(&x)));
+        inplace::add(self.mlp_3.forward(&hidden), &x)
     }
 }
 
