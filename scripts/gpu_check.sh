@@ -107,25 +107,27 @@ n[1]=plain1
 "$mos" finetune-flat "${n[@]}" 2>&1 | grep -E "done" || fail=1
 # One rank: NCCL's all-reduce is a copy, so only cuDNN's nondeterminism separates them.
 python3 $py compare "$d/nccl1/checkpoint.safetensors" "$d/plain1/checkpoint.safetensors" --tol 1e-3 | tail -1 || fail=1
+# scripts/bench.sh SECTION on CUDA, one round, with the carried binary and this
+# machine's python3 (torch, torchvision, scikit-learn, Pillow; no build, no reference
+# venv), unless the variable named VAR is 0.
+cuda_bench() {
+    local section=$1 var=$2
+    if [ "${!var:-1}" = 1 ]; then
+        MOS_BIN="$mos" MOS_PYTHON=python3 MOS_DEVICE=cuda scripts/bench.sh "$section" --rounds 1 || fail=1
+    else
+        echo "skipped ($var=0)"
+    fi
+}
 echo
 echo "### torchvision's ResNet-50 and ViT-B/16 end to end on CUDA: scripts/bench.sh extract-tv"
 # 1,024 and 512 JPEGs with ImageNet validation's sizes, batch 64, mos vs torchvision's
 # DataLoader + model on the same device, and a whole ResNet-50 table's time at mos's rate.
-if [ "${MOS_GPU_CHECK_EXTRACT_TV:-1}" = 1 ]; then
-    MOS_BIN="$mos" MOS_PYTHON=python3 MOS_DEVICE=cuda scripts/bench.sh extract-tv --rounds 1 || fail=1
-else
-    echo "skipped (MOS_GPU_CHECK_EXTRACT_TV=0)"
-fi
+cuda_bench extract-tv MOS_GPU_CHECK_EXTRACT_TV
 echo
 echo "### Table 1 at paper scale (docs/benchmark.md): scripts/bench.sh paper-scale on CUDA"
-# The carried binary and this machine's python3 (torch, scikit-learn, Pillow): no
-# build, no reference venv. 2,048 JPEGs with ImageNet validation's sizes through
-# BiT-S-R101x1 at 480x480, then the image passes of ODIN and Mahalanobis on 2 x 256.
-if [ "${MOS_GPU_CHECK_PAPER_SCALE:-1}" = 1 ]; then
-    MOS_BIN="$mos" MOS_PYTHON=python3 MOS_DEVICE=cuda scripts/bench.sh paper-scale --rounds 1 || fail=1
-else
-    echo "skipped (MOS_GPU_CHECK_PAPER_SCALE=0)"
-fi
+# 2,048 JPEGs with ImageNet validation's sizes through BiT-S-R101x1 at 480x480, then the
+# image passes of ODIN and Mahalanobis on 2 x 256.
+cuda_bench paper-scale MOS_GPU_CHECK_PAPER_SCALE
 echo
 echo "gpu_check: $SECONDS s in all"
 if [ "$fail" = 0 ]; then echo "RESULT: PASS"; else echo "RESULT: FAIL"; exit 1; fi
