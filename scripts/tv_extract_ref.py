@@ -43,15 +43,6 @@ import torch
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def on(device):
-    """The torch device, with float32 kept exact on CUDA (no TF32), and a function
-    that waits for its queued work (for timing)."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-        return dev, lambda: torch.cuda.synchronize(dev)
-    return dev, lambda: None
 
 
 def build(model):
@@ -70,6 +61,22 @@ def make_model(model, path, seed=0):
     torch.save(net.state_dict(), path)
 
 
+def load(model, weights, threads, device):
+    """MODEL with WEIGHTS in eval mode on DEVICE after torch.set_num_threads(THREADS),
+    float32 kept exact on CUDA (no TF32): (net, torch device, a function that waits
+    for the device's queued work, for timing)."""
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    sync = lambda: None  # noqa: E731
+    if dev.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        sync = lambda: torch.cuda.synchronize(dev)  # noqa: E731
+    net = build(model)
+    net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return net.eval().to(dev), dev, sync
+
+
 def head_of(net):
     return net.heads if hasattr(net, "heads") else net.fc
 
@@ -79,11 +86,7 @@ def extract(model, weights, datadir, batch, workers, threads, out, device="cpu")
     import torchvision.transforms as T
     from safetensors.torch import save_file
 
-    torch.set_num_threads(threads)
-    dev, sync = on(device)
-    net = build(model)
-    net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    net.eval().to(dev)
+    net, dev, sync = load(model, weights, threads, device)
     feats = []
     head_of(net).register_forward_pre_hook(lambda _m, inp: feats.append(inp[0].clone()))
     tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(MEAN, STD)])
@@ -106,11 +109,7 @@ def extract(model, weights, datadir, batch, workers, threads, out, device="cpu")
 
 
 def forward(model, weights, n, batch, threads, device="cpu"):
-    torch.set_num_threads(threads)
-    dev, sync = on(device)
-    net = build(model)
-    net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    net.eval().to(dev)
+    net, dev, sync = load(model, weights, threads, device)
     x = torch.randn(n, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(dev)
     with torch.inference_mode():
         net(x[:batch])

@@ -87,7 +87,7 @@ fn class_mismatch(s: &StoreData, method: &str) -> String {
 }
 
 /// Checks that the in-distribution store fits the methods: its classes and head
-/// size for the kind of model, the Mahalanobis layers.
+/// size for the kind of model, and its layers ([`check_layers`]).
 fn check_store(s: &StoreData, methods: &[Method], group_config: Option<&Path>) -> Result<()> {
     let m = &s.manifest;
     let manifest = s.dir.join(MANIFEST);
@@ -118,17 +118,26 @@ fn check_store(s: &StoreData, methods: &[Method], group_config: Option<&Path>) -
                 if m.head_size != m.num_classes {
                     bail!(class_mismatch(s, method.name()));
                 }
-                if matches!(method, Method::Mahalanobis(_)) && s.layers.is_empty() {
-                    bail!(
-                        "{}: no Mahalanobis feature layers; extract with --layers mahalanobis",
-                        manifest.display()
-                    );
-                }
-                if matches!(method, Method::PostHoc(PostHoc::RankFeat)) {
-                    s.rankfeat_layer()?;
-                }
             }
         }
+    }
+    check_layers(s, methods)
+}
+
+/// Checks that a store (in- or out-of-distribution) holds the layers the methods
+/// read: Mahalanobis' feature layers, RankFeat's fused logits.
+fn check_layers(s: &StoreData, methods: &[Method]) -> Result<()> {
+    if methods.iter().any(|m| matches!(m, Method::Mahalanobis(_))) && s.layers.is_empty() {
+        bail!(
+            "{}: no Mahalanobis feature layers; extract with --layers mahalanobis",
+            s.dir.join(MANIFEST).display()
+        );
+    }
+    if methods
+        .iter()
+        .any(|m| matches!(m, Method::PostHoc(PostHoc::RankFeat)))
+    {
+        s.rankfeat_layer()?;
     }
     Ok(())
 }
@@ -158,18 +167,7 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
     let mut oods = Vec::new();
     for path in &args.ood {
         let s = store::load(path).with_context(|| format!("--ood {}", path.display()))?;
-        if methods
-            .iter()
-            .any(|m| matches!(m, Method::PostHoc(PostHoc::RankFeat)))
-        {
-            s.rankfeat_layer()?;
-        }
-        if methods.iter().any(|m| matches!(m, Method::Mahalanobis(_))) && s.layers.is_empty() {
-            bail!(
-                "{}: no Mahalanobis feature layers; extract with --layers mahalanobis",
-                path.join(MANIFEST).display()
-            );
-        }
+        check_layers(&s, methods.as_slice())?;
         if let Some(r) = &request {
             if s.features.is_none() && r.methods.iter().any(|p| p.needs_features()) {
                 bail!(
